@@ -1,0 +1,34 @@
+"""Packaging for meshrelay.
+
+``twisted.plugins`` is listed explicitly so ``twistd`` finds the ``meshrelay``
+plugin after a plain ``pip install .``; ``twisted/`` and ``twisted/plugins/``
+must never get an ``__init__.py`` of their own.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="meshrelay",
+    version="0.1.0",
+    description="Store-and-forward relay for end-to-end-encrypted direct messages, run as a mesh",
+    python_requires=">=3.11",
+    packages=find_packages(include=["meshrelay", "meshrelay.*"]) + ["twisted.plugins"],
+    package_data={"twisted.plugins": ["meshrelay_plugin.py"], "meshrelay": ["py.typed"]},
+    install_requires=[
+        "Twisted>=24.7",
+        "klein>=24.8",
+        "treq>=24.9",
+        "cryptography>=42",
+        "prometheus_client>=0.20",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "mypy>=1.11",
+        ],
+    },
+    entry_points={},
+)
