@@ -25,6 +25,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            "pytest-timeout>=2.3",
             "hypothesis>=6.100",
             "ruff>=0.6",
             "mypy>=1.11",

@@ -1,0 +1,308 @@
+"""TOML configuration -> a frozen, validated :class:`Config`.
+
+Every key has a default (the embedded defaults of PROTOCOL.md section 7) and a
+type; a bad file raises :class:`ConfigError` whose message is one line naming
+the key, e.g. ``limits.clock_skew: expected an integer, got 'five'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+MIN_SECRET_LEN = 16
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str(e)`` is one line that names the key."""
+
+
+def normalize_url(url: str) -> str:
+    """Normalise a node URL as the protocol says (section 4).
+
+    Lower-case scheme and host, drop the default port, strip a trailing ``/``,
+    drop query and fragment.  Raises ``ValueError`` for a URL that is not
+    ``http``/``https`` with a host.
+    """
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port  # raises ValueError for a bad port
+    default = 80 if scheme == "http" else 443
+    netloc = host if port in (None, default) else f"{host}:{port}"
+    return urlunsplit((scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"lo": lo, "hi": hi}
+
+
+def _choice(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    public_url: str = "http://127.0.0.1:8080"
+    listen: str = "tcp:8080:interface=127.0.0.1"
+    admin_listen: str = "tcp:9090:interface=127.0.0.1"
+    data_dir: str = "./meshrelay-data"
+    durability: str = field(default="normal", metadata=_choice("normal", "full"))
+    access_log: bool = False
+    log_format: str = field(default="text", metadata=_choice("text", "json"))
+    #: seconds between expiry sweeps
+    sweep_interval: int = field(default=60, metadata=_range(1, 86400))
+    #: worker threads that verify Ed25519 signatures off the reactor (0 = on the reactor)
+    verify_threads: int = field(default=1, metadata=_range(0, 64))
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_bytes: int = field(default=8192, metadata=_range(1, 16 * 1024 * 1024))
+    max_body_bytes: int = field(default=65536, metadata=_range(256, 64 * 1024 * 1024))
+    max_replicate_body_bytes: int = field(default=65536, metadata=_range(256, 64 * 1024 * 1024))
+    min_ttl: int = field(default=60, metadata=_range(1))
+    max_ttl: int = field(default=259200, metadata=_range(1))
+    clock_skew: int = field(default=300, metadata=_range(1, 86400))
+    per_sender_pending: int = field(default=8, metadata=_range(1))
+    per_mailbox_pending: int = field(default=256, metadata=_range(1))
+    max_stored_bytes: int = field(default=1073741824, metadata=_range(1))
+    max_waiting_polls: int = field(default=10000, metadata=_range(0))
+    #: bound on remembered poll/peer nonces (each cache); when full, the
+    #: oldest are dropped and requests at or before their ts answer ``stale``
+    max_nonces: int = field(default=200000, metadata=_range(100))
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    backend: str = field(default="sqlite", metadata=_choice("sqlite", "postgresql"))
+    dsn: str = ""
+    dsn_file: str = ""
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    interval: int = field(default=30, metadata=_range(1, 86400))
+    push_timeout: int = field(default=10, metadata=_range(1, 3600))
+    #: items waiting per peer before the queue is dropped (sync repairs)
+    push_queue_max: int = field(default=10000, metadata=_range(1))
+    #: concurrent push requests per peer
+    push_inflight_max: int = field(default=4, metadata=_range(1, 256))
+    #: items per changes page requested by the puller (protocol max 500)
+    page_limit: int = field(default=500, metadata=_range(1, 500))
+    #: seconds a poll with fetch_remote waits for peers
+    fetch_remote_timeout: int = field(default=2, metadata=_range(1, 30))
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    url: str
+    secret: str = field(default="", repr=False)
+    connect: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    peers: tuple[PeerConfig, ...] = ()
+    #: the path the file was read from, or "" for the embedded defaults
+    source: str = ""
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeConfig,
+    "limits": LimitsConfig,
+    "store": StoreConfig,
+    "sync": SyncConfig,
+}
+
+#: command-line option -> (section, key)
+CLI_OVERRIDES = {
+    "listen": ("node", "listen"),
+    "admin-listen": ("node", "admin_listen"),
+    "data-dir": ("node", "data_dir"),
+    "public-url": ("node", "public_url"),
+}
+
+_TYPE_NAMES = {int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_value(where: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    want = {"int": int, "bool": bool, "str": str}[str(f.type)]
+    if type(value) is not want:
+        raise ConfigError(f"{where}: expected {_TYPE_NAMES[want]}, got {_describe(value)}")
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = " or ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{where}: expected {allowed}, got {_describe(value)}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where}: must be at least {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where}: must be at most {hi}, got {value}")
+    return value
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}: unknown key")
+        values[key] = _check_value(f"{name}.{key}", fields[key], value)
+    return cls(**values)
+
+
+def _read_secret_file(where: str, path: str, base_dir: str) -> str:
+    full = os.path.join(base_dir, os.path.expanduser(path))
+    try:
+        with open(full, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise ConfigError(f"{where}: cannot read {full}: {reason}") from None
+
+
+def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
+    where = f"peers[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    allowed = {"url", "secret", "secret_file", "connect"}
+    for key, value in raw.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}: unknown key")
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}.{key}: expected a string, got {_describe(value)}")
+    if "url" not in raw:
+        raise ConfigError(f"{where}.url: missing")
+    try:
+        url = normalize_url(raw["url"])
+    except ValueError as e:
+        raise ConfigError(f"{where}.url: {e}") from None
+    if "secret" in raw and "secret_file" in raw:
+        raise ConfigError(f"{where}.secret: give secret or secret_file, not both")
+    if "secret" in raw:
+        secret = raw["secret"]
+        key = "secret"
+    elif "secret_file" in raw:
+        secret = _read_secret_file(f"{where}.secret_file", raw["secret_file"], base_dir)
+        key = "secret_file"
+    else:
+        raise ConfigError(f"{where}.secret: missing (give secret or secret_file)")
+    if len(secret) < MIN_SECRET_LEN:
+        raise ConfigError(f"{where}.{key}: the secret must be at least {MIN_SECRET_LEN} characters")
+    connect = raw.get("connect", "")
+    if connect:
+        parts = urlsplit(connect)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}.connect: expected scheme://host:port, got {_describe(connect)}")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ConfigError(f"{where}.connect: bad port in {_describe(connect)}") from None
+    return PeerConfig(url=url, secret=secret, connect=connect)
+
+
+def build_config(raw: dict[str, Any], source: str = "", base_dir: str = ".") -> Config:
+    """Validate a parsed TOML document and return the :class:`Config`."""
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            sections[key] = _build_section(key, _SECTIONS[key], value)
+        elif key == "peers":
+            if not isinstance(value, list):
+                raise ConfigError("peers: expected an array of tables ([[peers]])")
+            sections["peers"] = tuple(_build_peer(i, p, base_dir) for i, p in enumerate(value))
+        else:
+            raise ConfigError(f"{key}: unknown key")
+    cfg = Config(source=source, **sections)
+    return _cross_check(cfg, base_dir)
+
+
+def _cross_check(cfg: Config, base_dir: str) -> Config:
+    try:
+        public_url = normalize_url(cfg.node.public_url)
+    except ValueError as e:
+        raise ConfigError(f"node.public_url: {e}") from None
+    cfg = cfg.replace(node=dataclasses.replace(cfg.node, public_url=public_url))
+    lim = cfg.limits
+    if lim.min_ttl > lim.max_ttl:
+        raise ConfigError(f"limits.min_ttl: must not exceed limits.max_ttl ({lim.max_ttl})")
+    seen: set[str] = set()
+    for i, peer in enumerate(cfg.peers):
+        if peer.url == public_url:
+            raise ConfigError(f"peers[{i}].url: is this node's own node.public_url")
+        if peer.url in seen:
+            raise ConfigError(f"peers[{i}].url: {peer.url} is listed twice")
+        seen.add(peer.url)
+    store = cfg.store
+    if store.dsn and store.dsn_file:
+        raise ConfigError("store.dsn: give dsn or dsn_file, not both")
+    if store.dsn_file:
+        dsn = _read_secret_file("store.dsn_file", store.dsn_file, base_dir)
+        cfg = cfg.replace(store=dataclasses.replace(store, dsn=dsn, dsn_file=""))
+    if cfg.store.backend == "postgresql" and not cfg.store.dsn:
+        raise ConfigError("store.dsn: required when store.backend is 'postgresql'")
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: dict[str, str] | None = None) -> Config:
+    """Read ``path`` (or the embedded defaults when None), apply CLI ``overrides``.
+
+    ``overrides`` maps command-line option names (``listen``, ``data-dir``...)
+    to values; they win over the file.
+    """
+    raw: dict[str, Any] = {}
+    base_dir = "."
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {path}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config: {path} is not UTF-8") from None
+        base_dir = os.path.dirname(os.path.abspath(path))
+    for option, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, key = CLI_OVERRIDES[option]
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table")
+        table[key] = value
+    return build_config(raw, source=path or "", base_dir=base_dir)
+
+
+def effective_values(cfg: Config) -> dict[str, Any]:
+    """The config as plain data with secrets masked (for ``check-config`` and logs)."""
+    out: dict[str, Any] = {}
+    for name in _SECTIONS:
+        out[name] = dataclasses.asdict(getattr(cfg, name))
+    if out["store"].get("dsn"):
+        out["store"]["dsn"] = "***"
+    out["peers"] = [{"url": p.url, "secret": "***", **({"connect": p.connect} if p.connect else {})} for p in cfg.peers]
+    return out

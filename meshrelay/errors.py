@@ -1,0 +1,124 @@
+"""Domain errors and the one table that maps them to HTTP statuses.
+
+Core code raises a :class:`MeshError` subclass; the web layer turns it into
+``{"ok": false, "error": code, "detail": ...}`` with the status below.  The
+codes and statuses are the protocol's (PROTOCOL.md section 3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: error code -> HTTP status, exactly the protocol's table.
+STATUS_BY_CODE: dict[str, int] = {
+    "bad_json": 400,
+    "bad_envelope": 400,
+    "bad_signature": 400,
+    "bad_request": 400,
+    "replayed": 403,
+    "stale": 403,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "too_large": 413,
+    "unsupported_media_type": 415,
+    "bad_timestamp": 422,
+    "bad_ttl": 422,
+    "sender_cap": 429,
+    "mailbox_full": 429,
+    "rate_limited": 429,
+    "storage_full": 429,
+    "unavailable": 503,
+    "internal": 500,
+}
+
+
+class MeshError(Exception):
+    """A refusal with a protocol error code; ``extra`` is merged into the body."""
+
+    code = "bad_request"
+
+    def __init__(self, detail: str = "", code: str | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        if code is not None:
+            self.code = code
+        self.detail = detail
+        self.extra = extra
+
+    @property
+    def status(self) -> int:
+        return STATUS_BY_CODE[self.code]
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ok": False, "error": self.code, "detail": self.detail}
+        out.update(self.extra)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code!r}, {self.detail!r})"
+
+
+class BadJSON(MeshError):
+    code = "bad_json"
+
+
+class BadEnvelope(MeshError):
+    code = "bad_envelope"
+
+
+class BadSignature(MeshError):
+    code = "bad_signature"
+
+
+class BadRequest(MeshError):
+    code = "bad_request"
+
+
+class Replayed(MeshError):
+    code = "replayed"
+
+
+class Stale(MeshError):
+    code = "stale"
+
+
+class Forbidden(MeshError):
+    code = "forbidden"
+
+
+class TooLarge(MeshError):
+    code = "too_large"
+
+
+class UnsupportedMediaType(MeshError):
+    code = "unsupported_media_type"
+
+
+class BadTimestamp(MeshError):
+    code = "bad_timestamp"
+
+
+class BadTTL(MeshError):
+    code = "bad_ttl"
+
+
+class SenderCap(MeshError):
+    code = "sender_cap"
+
+
+class MailboxFull(MeshError):
+    code = "mailbox_full"
+
+
+class RateLimited(MeshError):
+    code = "rate_limited"
+
+
+class StorageFull(MeshError):
+    code = "storage_full"
+
+
+class Unavailable(MeshError):
+    """The node cannot serve the request right now (store failure, shutting down)."""
+
+    code = "unavailable"

@@ -1,0 +1,106 @@
+"""The node's metrics: one object with its own ``CollectorRegistry``.
+
+No module globals: every node (and every test) makes its own :class:`Metrics`
+and passes it in, so several nodes can live in one process.  Names follow
+PROTOCOL.md section 6.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    """Counters, gauges and histograms of one node."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.deposit_total = Counter("meshrelay_dm_deposit", "Client deposits by outcome", ["outcome"], registry=r)
+        self.replica_total = Counter(
+            "meshrelay_dm_replica", "Replicas received (push or sync) by outcome", ["outcome"], registry=r
+        )
+        self.acks_total = Counter(
+            "meshrelay_dm_acks", "Envelopes acked (deleted and tombstoned) on this node", registry=r
+        )
+        self.ack_intake_total = Counter(
+            "meshrelay_dm_ack_intake", "Signed acks received from peers by outcome", ["outcome"], registry=r
+        )
+        self.polls_total = Counter("meshrelay_dm_poll", "Polls and counts by outcome", ["outcome"], registry=r)
+        self.push_total = Counter(
+            "meshrelay_dm_replication_push",
+            "Items pushed to peers by outcome",
+            ["peer", "outcome"],
+            registry=r,
+        )
+        self.push_dropped_total = Counter(
+            "meshrelay_dm_replication_dropped",
+            "Items dropped from a full per-peer push queue (sync repairs them)",
+            ["peer"],
+            registry=r,
+        )
+        self.push_queue_depth = Gauge(
+            "meshrelay_dm_replication_queue_depth", "Items waiting to be pushed", ["peer"], registry=r
+        )
+        self.sync_pull_total = Counter(
+            "meshrelay_sync_pull", "Changes pages pulled from peers by outcome", ["peer", "outcome"], registry=r
+        )
+        self.sync_items_total = Counter(
+            "meshrelay_sync_items", "Items received through sync", ["peer", "kind"], registry=r
+        )
+        self.peer_sync_lag = Gauge(
+            "meshrelay_peer_sync_lag_seconds",
+            "Seconds since the last pull from a peer that reached more: false",
+            ["peer"],
+            registry=r,
+        )
+        self.peer_auth_failures = Counter(
+            "meshrelay_peer_auth_failures", "Peer requests refused by authentication", ["reason"], registry=r
+        )
+        self.stored_envelopes = Gauge("meshrelay_stored_envelopes", "Envelopes stored", registry=r)
+        self.stored_bytes = Gauge("meshrelay_stored_bytes", "Bytes of envelopes stored", registry=r)
+        self.tombstones = Gauge("meshrelay_stored_tombstones", "Live tombstones", registry=r)
+        self.waiting_polls = Gauge("meshrelay_waiting_polls", "Long-polls waiting", registry=r)
+        self.expired_total = Counter("meshrelay_expired", "Rows removed by the expiry sweeper", ["kind"], registry=r)
+        self.refused_total = Counter(
+            "meshrelay_http_refused", "Requests refused before routing", ["reason"], registry=r
+        )
+        self.store_errors_total = Counter("meshrelay_store_errors", "Store operations that failed", registry=r)
+        self.deposit_latency = Histogram(
+            "meshrelay_dm_deposit_latency_seconds",
+            "Time from a parsed deposit to its committed answer",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.commit_batch_size = Histogram(
+            "meshrelay_store_commit_batch_size",
+            "Operations per store transaction (group commit)",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.replication_lag = Histogram(
+            "meshrelay_dm_replication_lag_seconds",
+            "Envelope age (now - ts) when a replica is accepted",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """Shortcut for tests: the value of one sample, or None."""
+        return self.registry.get_sample_value(name, labels or {})
+
+    def as_json(self) -> dict[str, Any]:
+        """Every sample as ``{"name": [{"labels": {...}, "value": v}, ...]}``."""
+        out: dict[str, Any] = {}
+        for family in self.registry.collect():
+            for s in family.samples:
+                if s.name.endswith("_created"):
+                    continue
+                out.setdefault(s.name, []).append({"labels": dict(s.labels), "value": s.value})
+        return out

@@ -1,0 +1,422 @@
+"""The relay core: deposits, replicas, polls, acks, caps and long-poll waiters.
+
+Routes call one method here and encode its result; nothing here knows about
+HTTP.  Every refusal is a :class:`~meshrelay.errors.MeshError`.  Work that must
+happen once a write has committed (waking long-polls, queueing pushes) is
+chained on the store's Deferred itself, so a client that disconnects cannot
+cancel it: callers only ever see a :func:`~meshrelay.deferutil.shield`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from meshrelay import envelope as E
+from meshrelay.config import Config
+from meshrelay.deferutil import shield
+from meshrelay.errors import (
+    BadRequest,
+    BadSignature,
+    MailboxFull,
+    MeshError,
+    RateLimited,
+    Replayed,
+    SenderCap,
+    Stale,
+    StorageFull,
+)
+from meshrelay.metrics import Metrics
+from meshrelay.replay import OK, REPLAYED, ReplayCache
+from meshrelay.store.base import (
+    ACCEPTED,
+    DUPLICATE,
+    MAILBOX_FULL,
+    SENDER_CAP,
+    STORAGE_FULL,
+    AckResult,
+    AddResult,
+    ChangesPage,
+    Store,
+    SweepResult,
+)
+from meshrelay.verifier import Verifier
+
+T = TypeVar("T")
+
+#: add_envelope status -> replica metric outcome
+_REPLICA_OUTCOME = {
+    ACCEPTED: "accepted",
+    DUPLICATE: "duplicate",
+    SENDER_CAP: "drop_per_sender_cap",
+    MAILBOX_FULL: "drop_full",
+    STORAGE_FULL: "drop_storage_full",
+}
+#: error code -> deposit metric outcome
+_DEPOSIT_OUTCOME = {"too_large": "oversize"}
+
+EnvelopeListener = Callable[[E.Envelope], None]
+AckListener = Callable[[E.SignedAck], None]
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> Deferred[T]:
+    return Deferred.fromCoroutine(coro)
+
+
+class _Waiter:
+    """One waiting long-poll.  Woken (at most once) by an arrival or its timeout."""
+
+    __slots__ = ("mailbox", "woken", "_d", "_timer")
+
+    def __init__(self, mailbox: str) -> None:
+        self.mailbox = mailbox
+        self.woken = False
+        self._d: Deferred[None] | None = None
+        self._timer: Any | None = None
+
+    def wake(self) -> None:
+        if self.woken:
+            return
+        self.woken = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._d is not None and not self._d.called:
+            self._d.callback(None)
+
+    def wait(self, clock: Any, timeout: float) -> Deferred[None]:
+        """Fire after a wake or ``timeout`` seconds; cancelling stops the timer."""
+
+        def cancel(_: Deferred[None]) -> None:
+            self.woken = True
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+
+        self._d = Deferred(cancel)
+        if self.woken:
+            self._d.callback(None)
+        else:
+            self._timer = clock.callLater(timeout, self.wake)
+        return self._d
+
+
+class Relay:
+    """The domain core of one node."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        clock: Any,
+        metrics: Metrics | None = None,
+        verifier: Verifier | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.limits = config.limits
+        self.clock = clock
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.verifier = verifier if verifier is not None else Verifier()
+        skew = self.limits.clock_skew
+        self.poll_nonces = ReplayCache(2 * skew, self.limits.max_nonces)
+        #: mailbox -> waiters; the values are insertion-ordered dicts used as sets
+        self._waiters: dict[str, dict[_Waiter, None]] = {}
+        self._waiting = 0
+        #: called after a *client* deposit / client ack commits (replication pushes these)
+        self.envelope_listeners: list[EnvelopeListener] = []
+        self.ack_listeners: list[AckListener] = []
+        #: set by replication: pull one mailbox from the peers (poll fetch_remote)
+        self.remote_fetch: Callable[[str], Deferred[None]] | None = None
+        self._update_gauges()
+
+    # ------------------------------------------------------------------ helpers
+
+    def now(self) -> int:
+        return int(self.clock.seconds())
+
+    def _update_gauges(self) -> None:
+        stats = self.store.stats()
+        self.metrics.stored_envelopes.set(stats.envelopes)
+        self.metrics.stored_bytes.set(stats.bytes)
+
+    def _notify(self, listeners: list[Callable[[Any], None]], item: Any) -> None:
+        for listener in listeners:
+            try:
+                listener(item)
+            except Exception:
+                self.log.failure("a replication listener failed")
+
+    async def _verify(self, key: bytes, sig: bytes, msg: bytes) -> None:
+        if not await shield(self.verifier.verify(key, sig, msg)):
+            raise BadSignature("signature does not verify")
+
+    # ------------------------------------------------------------------ envelopes
+
+    def _store_envelope(self, env: E.Envelope, origin: str) -> Deferred[AddResult]:
+        """Add ``env``; on commit wake its mailbox's long-polls (and push a client deposit)."""
+        now = self.now()
+
+        def committed(result: AddResult) -> AddResult:
+            if result.status == ACCEPTED:
+                self._update_gauges()
+                self.wake(env.mailbox)
+                if origin == "client":
+                    self._notify(self.envelope_listeners, env)
+                else:
+                    self.metrics.replication_lag.observe(max(0, now - env.ts))
+            return result
+
+        return self.store.add_envelope(env, now).addCallback(committed)
+
+    def deposit(self, obj: Any) -> Deferred[dict[str, Any]]:
+        """A client deposit (3.1): size, shape, msg_id, signature, time, dedup, caps."""
+        return _run(self._deposit(obj))
+
+    async def _deposit(self, obj: Any) -> dict[str, Any]:
+        started = self.clock.seconds()
+        try:
+            env = E.parse_envelope(obj, self.limits.max_message_bytes)
+            await self._verify(env.sender_key, env.sig_bytes, env.signed)
+            lim = self.limits
+            E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
+            result = await shield(self._store_envelope(env, "client"))
+        except MeshError as e:
+            self.metrics.deposit_total.labels(_DEPOSIT_OUTCOME.get(e.code, e.code)).inc()
+            raise
+        status = result.status
+        if status == ACCEPTED or status == DUPLICATE:
+            self.metrics.deposit_total.labels(status).inc()
+            self.metrics.deposit_latency.observe(self.clock.seconds() - started)
+            return {"ok": True, "msg_id": env.msg_id, "duplicate": status == DUPLICATE}
+        self.metrics.deposit_total.labels(status).inc()
+        if status == SENDER_CAP:
+            self.log.info(
+                "per-sender cap reached for a mailbox ({pending}/{limit})", pending=result.pending, limit=result.limit
+            )
+            raise SenderCap("too many pending envelopes from this sender", pending=result.pending, limit=result.limit)
+        if status == MAILBOX_FULL:
+            self.log.info("mailbox cap reached ({limit})", limit=result.limit)
+            raise MailboxFull("the mailbox is full")
+        self.log.warn("storage cap reached: refusing deposits until acks or expiry free space")
+        raise StorageFull("the node's storage is full")
+
+    def accept_replicas(self, objs: list[Any]) -> Deferred[list[dict[str, Any]]]:
+        """Replicas from a peer (push or sync): per-envelope results, never pushed on."""
+        return _run(self._accept_replicas(objs))
+
+    async def _accept_replicas(self, objs: list[Any]) -> list[dict[str, Any]]:
+        lim = self.limits
+        results: list[dict[str, Any] | None] = [None] * len(objs)
+        parsed: list[tuple[int, E.Envelope]] = []
+        for i, obj in enumerate(objs):
+            try:
+                parsed.append((i, E.parse_envelope(obj, lim.max_message_bytes)))
+            except MeshError as e:
+                results[i] = self._replica_rejected(obj, e)
+        checks = [self.verifier.verify(env.sender_key, env.sig_bytes, env.signed) for _, env in parsed]
+        verdicts = await shield(gatherResults(checks)) if checks else []
+        now = self.now()
+        adds: list[tuple[int, E.Envelope, Deferred[AddResult]]] = []
+        for (i, env), ok in zip(parsed, verdicts):
+            try:
+                if not ok:
+                    raise BadSignature("signature does not verify")
+                E.check_replica_time(env, now, lim.clock_skew, lim.min_ttl, lim.max_ttl)
+            except MeshError as e:
+                results[i] = self._replica_rejected(env.to_json(), e)
+                continue
+            adds.append((i, env, self._store_envelope(env, "peer")))
+        done = await shield(gatherResults([d for _, _, d in adds])) if adds else []
+        for (i, env, _), res in zip(adds, done):
+            self.metrics.replica_total.labels(_REPLICA_OUTCOME[res.status]).inc()
+            if res.status in (ACCEPTED, DUPLICATE):
+                results[i] = {"msg_id": env.msg_id, "status": res.status}
+            else:
+                results[i] = {"msg_id": env.msg_id, "status": "rejected", "error": res.status}
+        return [r for r in results if r is not None]
+
+    def _replica_rejected(self, obj: Any, e: MeshError) -> dict[str, Any]:
+        self.metrics.replica_total.labels(e.code).inc()
+        msg_id = obj.get("msg_id") if isinstance(obj, dict) else None
+        return {"msg_id": msg_id if isinstance(msg_id, str) else None, "status": "rejected", "error": e.code}
+
+    # ------------------------------------------------------------------ acks
+
+    def _store_ack(self, ack: E.SignedAck, origin: str) -> Deferred[AckResult]:
+        lim = self.limits
+        expires = E.tombstone_expiry(ack.ts, lim.max_ttl, lim.clock_skew)
+
+        def committed(result: AckResult) -> AckResult:
+            if result.deleted:
+                self.metrics.acks_total.inc(len(result.deleted))
+                self._update_gauges()
+            if origin == "client" and result.new:
+                self._notify(self.ack_listeners, ack)
+            return result
+
+        return self.store.apply_ack(ack, expires).addCallback(committed)
+
+    def accept_acks(self, objs: list[Any]) -> Deferred[list[dict[str, Any]]]:
+        """Signed acks from a peer (5.2): verified against the mailbox key, never pushed on."""
+        return _run(self._accept_acks(objs))
+
+    async def _accept_acks(self, objs: list[Any]) -> list[dict[str, Any]]:
+        lim = self.limits
+        out: list[dict[str, Any]] = []
+        for obj in objs:
+            try:
+                ack = E.parse_signed_ack(obj)
+                if not ack.ack:
+                    raise BadRequest("a signed ack must list at least one msg_id")
+                await self._verify(ack.mailbox_key, ack.sig_bytes, ack.signed)
+                E.check_ack_replica_time(ack, self.now(), lim.clock_skew, lim.max_ttl)
+                await shield(self._store_ack(ack, "peer"))
+            except MeshError as e:
+                self.metrics.ack_intake_total.labels(e.code).inc()
+                out.append({"status": "rejected", "error": e.code})
+                continue
+            self.metrics.ack_intake_total.labels("applied").inc()
+            out.append({"status": "applied"})
+        return out
+
+    # ------------------------------------------------------------------ polls
+
+    async def _authorize(self, req: E.PollRequest) -> None:
+        """Signature, time and nonce of a poll/count; the nonce is used up on success."""
+        auth = req.auth
+        await self._verify(auth.mailbox_key, auth.sig_bytes, auth.signed)
+        now = self.now()
+        E.check_poll_time(auth, now, self.limits.clock_skew)
+        verdict = self.poll_nonces.check((auth.mailbox, auth.nonce), auth.ts, now)
+        if verdict != OK:
+            raise Replayed("nonce already used") if verdict == REPLAYED else Stale("request too old")
+        expires = now + 2 * self.limits.clock_skew
+        fresh = await shield(self.store.claim_nonce("poll:" + auth.mailbox, auth.nonce, expires))
+        verdict = self.poll_nonces.add((auth.mailbox, auth.nonce), auth.ts, self.now())
+        if not fresh or verdict == REPLAYED:
+            raise Replayed("nonce already used")
+        if verdict != OK:
+            raise Stale("request too old")
+
+    def poll(self, obj: Any) -> Deferred[dict[str, Any]]:
+        """A poll (3.2): acks first, then up to ``limit`` messages; long-polls when asked."""
+        return _run(self._counted(self._poll(obj)))
+
+    def count(self, obj: Any) -> Deferred[dict[str, Any]]:
+        """A count (3.3): a read-only poll that still uses up its nonce."""
+        return _run(self._counted(self._count(obj)))
+
+    async def _counted(self, coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+        try:
+            result = await coro
+        except MeshError as e:
+            self.metrics.polls_total.labels(e.code).inc()
+            raise
+        self.metrics.polls_total.labels("ok").inc()
+        return result
+
+    async def _count(self, obj: Any) -> dict[str, Any]:
+        req = E.parse_poll(obj, count=True)
+        await self._authorize(req)
+        n = await shield(self.store.count(req.auth.mailbox, self.now()))
+        return {"ok": True, "count": n}
+
+    async def _poll(self, obj: Any) -> dict[str, Any]:
+        req = E.parse_poll(obj)
+        await self._authorize(req)
+        auth = req.auth
+        if auth.ack:
+            await shield(self._store_ack(auth, "client"))
+        if req.fetch_remote and self.remote_fetch is not None:
+            await self._fetch_remote(auth.mailbox)
+        if req.wait == 0:
+            return await self._messages(auth.mailbox, req.limit)
+        waiter = self._register(auth.mailbox)
+        try:
+            result = await self._messages(auth.mailbox, req.limit)
+            if result["messages"]:
+                return result
+            await waiter.wait(self.clock, req.wait)
+            return await self._messages(auth.mailbox, req.limit)
+        finally:
+            self._unregister(waiter)
+
+    async def _messages(self, mailbox: str, limit: int) -> dict[str, Any]:
+        bodies, more = await shield(self.store.fetch(mailbox, self.now(), limit))
+        return {"ok": True, "messages": [E.RawJSON(b) for b in bodies], "has_more": more}
+
+    async def _fetch_remote(self, mailbox: str) -> None:
+        assert self.remote_fetch is not None
+        d = self.remote_fetch(mailbox)
+        d.addTimeout(self.config.sync.fetch_remote_timeout, self.clock)
+        try:
+            await d
+        except Exception as e:
+            # Best effort: whatever arrived in time is served; the rest comes by sync.
+            self.log.debug("fetch_remote for a mailbox ended early: {err}", err=e)
+
+    # ------------------------------------------------------------------ waiters
+
+    def _register(self, mailbox: str) -> _Waiter:
+        if self._waiting >= self.limits.max_waiting_polls:
+            raise RateLimited("too many waiting polls on this node")
+        waiter = _Waiter(mailbox)
+        self._waiters.setdefault(mailbox, {})[waiter] = None
+        self._waiting += 1
+        self.metrics.waiting_polls.set(self._waiting)
+        return waiter
+
+    def _unregister(self, waiter: _Waiter) -> None:
+        group = self._waiters.get(waiter.mailbox)
+        if group is None or waiter not in group:
+            return
+        del group[waiter]
+        if not group:
+            del self._waiters[waiter.mailbox]
+        self._waiting -= 1
+        self.metrics.waiting_polls.set(self._waiting)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def wake(self, mailbox: str) -> None:
+        """Wake every long-poll waiting on ``mailbox`` (an envelope arrived for it)."""
+        group = self._waiters.get(mailbox)
+        if group:
+            for waiter in list(group):
+                waiter.wake()
+
+    # ------------------------------------------------------------------ feed and upkeep
+
+    def changes(self, since: int, limit: int, mailbox: str | None = None) -> Deferred[ChangesPage]:
+        """One page of this node's feed (5.3)."""
+        return shield(self.store.changes(since, limit, self.now(), mailbox))
+
+    def sweep(self) -> Deferred[SweepResult | None]:
+        """Delete expired envelopes, tombstones, acks and nonces (the sweeper's tick)."""
+
+        def done(result: SweepResult) -> SweepResult:
+            for kind in ("envelopes", "tombstones", "acks", "nonces"):
+                n = getattr(result, kind)
+                if n:
+                    self.metrics.expired_total.labels(kind).inc(n)
+            if result.envelopes:
+                self._update_gauges()
+                self.log.info(
+                    "expiry sweep removed {envelopes} envelopes, {tombstones} tombstones",
+                    envelopes=result.envelopes,
+                    tombstones=result.tombstones,
+                )
+            return result
+
+        def failed(f: Failure) -> None:
+            self.log.failure("expiry sweep failed", f)
+            return None
+
+        return self.store.sweep(self.now()).addCallbacks(done, failed)

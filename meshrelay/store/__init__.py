@@ -1,0 +1,45 @@
+"""Storage backends behind one interface (:mod:`meshrelay.store.base`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshrelay.config import Config
+from meshrelay.executor import InlineExecutor, ThreadExecutor
+from meshrelay.store.base import Caps, Store, StoreError
+
+
+def caps_from(config: Config) -> Caps:
+    lim = config.limits
+    return Caps(
+        per_sender_pending=lim.per_sender_pending,
+        per_mailbox_pending=lim.per_mailbox_pending,
+        max_stored_bytes=lim.max_stored_bytes,
+    )
+
+
+def open_store(config: Config, reactor: Any, threaded: bool = True, metrics: Any = None) -> Store:
+    """Open (creating and migrating as needed) the configured backend.
+
+    Raises :class:`StoreError` with a one-line reason when it cannot be opened.
+    """
+    if config.store.backend == "sqlite":
+        from meshrelay.store.sqlite import SQLiteStore
+
+        if threaded:
+            return SQLiteStore(
+                config.node.data_dir,
+                caps_from(config),
+                durability=config.node.durability,
+                writer=ThreadExecutor(reactor, 1, "meshrelay-writer"),
+                readers=ThreadExecutor(reactor, 2, "meshrelay-readers"),
+                metrics=metrics,
+            )
+        return SQLiteStore(
+            config.node.data_dir,
+            caps_from(config),
+            durability=config.node.durability,
+            writer=InlineExecutor(),
+            metrics=metrics,
+        )
+    raise StoreError(f"store.backend {config.store.backend!r} is not available in this build")

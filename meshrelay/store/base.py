@@ -1,0 +1,138 @@
+"""The storage interface every backend implements, and its result types.
+
+The relay core talks only to :class:`Store`.  Every method that touches disk
+returns a Deferred and never blocks the reactor; writes resolve only after
+their transaction has committed.  A backend raises :class:`StoreError` (or
+fails the Deferred with it) when the disk or database fails; the web layer
+answers 503 ``unavailable`` and nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+from meshrelay.envelope import Envelope, SignedAck
+
+#: add_envelope outcomes
+ACCEPTED = "accepted"
+DUPLICATE = "duplicate"
+SENDER_CAP = "sender_cap"
+MAILBOX_FULL = "mailbox_full"
+STORAGE_FULL = "storage_full"
+
+
+class StoreError(Exception):
+    """The backend could not complete an operation (I/O error, disk full, read-only)."""
+
+
+@dataclass(frozen=True)
+class Caps:
+    """The bounds a store enforces inside its write transaction."""
+
+    per_sender_pending: int = 8
+    per_mailbox_pending: int = 256
+    max_stored_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class AddResult:
+    status: str
+    seq: int = 0
+    #: for ``sender_cap``: the sender's pending count and the cap
+    pending: int = 0
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class AckResult:
+    #: msg_ids of this mailbox that were stored and are now deleted
+    deleted: tuple[str, ...] = ()
+    #: False when this signed ack (mailbox, nonce) was already recorded
+    new: bool = True
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class FeedItem:
+    seq: int
+    #: "envelope" or "ack"
+    kind: str
+    #: the canonical JSON text of the envelope or signed ack
+    body: str
+
+
+@dataclass(frozen=True)
+class ChangesPage:
+    feed: str
+    items: list[FeedItem] = field(default_factory=list)
+    next: int = 0
+    more: bool = False
+
+
+@dataclass(frozen=True)
+class Cursor:
+    peer: str
+    feed_id: str
+    since: int
+    #: Unix time of the last pull that reached ``more: false`` (0 = never)
+    synced_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    envelopes: int = 0
+    tombstones: int = 0
+    acks: int = 0
+    nonces: int = 0
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    envelopes: int = 0
+    bytes: int = 0
+
+
+class Store(Protocol):
+    """What the relay core needs from a backend."""
+
+    #: random id fixed when the store was created (the ``changes`` feed id)
+    feed_id: str
+
+    def start(self) -> None:
+        """Start worker threads or connection pools; called once by the node service."""
+
+    def close(self) -> Deferred[None]:
+        """Finish queued writes and release every resource."""
+
+    def stats(self) -> StoreStats:
+        """Stored envelope count and bytes as of the last commit (no I/O)."""
+
+    def add_envelope(self, env: Envelope, now: int) -> Deferred[AddResult]:
+        """Store ``env`` after dedup, the tombstone check and the caps, in that order."""
+
+    def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
+        """Delete the listed envelopes of ``ack.mailbox``, tombstone them, record the ack."""
+
+    def fetch(self, mailbox: str, now: int, limit: int) -> Deferred[tuple[list[str], bool]]:
+        """Up to ``limit`` live envelopes of ``mailbox`` in arrival order, and has_more."""
+
+    def count(self, mailbox: str, now: int) -> Deferred[int]:
+        """Live envelopes pending in ``mailbox``."""
+
+    def changes(self, since: int, limit: int, now: int, mailbox: str | None = None) -> Deferred[ChangesPage]:
+        """Live envelopes and acks with ``seq > since``, ascending."""
+
+    def claim_nonce(self, scope: str, nonce: str, expires: int) -> Deferred[bool]:
+        """Record a nonce; False when ``(scope, nonce)`` is already recorded."""
+
+    def sweep(self, now: int) -> Deferred[SweepResult]:
+        """Delete expired envelopes, tombstones, acks and nonces."""
+
+    def get_cursor(self, peer: str) -> Deferred[Cursor | None]:
+        """The stored sync cursor for ``peer``."""
+
+    def set_cursor(self, cursor: Cursor) -> Deferred[None]:
+        """Durably store a sync cursor."""

@@ -1,0 +1,90 @@
+"""``twistd meshrelay``: command-line options and the service tree.
+
+::
+
+    MultiService("meshrelay")
+    +-- Node                         store, relay core, sweeper (replication when peered)
+    +-- StreamServerEndpointService  public listener: client + peer API
+    +-- StreamServerEndpointService  admin listener (loopback by default)
+
+A bad config or a store that cannot be opened ends the process with one line
+on stderr naming the key or the path, before anything listens.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+from twisted.web.server import Site
+
+from meshrelay.admin import AdminAPI
+from meshrelay.config import CLI_OVERRIDES, Config, ConfigError, load_config
+from meshrelay.node import Node
+from meshrelay.store.base import StoreError
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--listen ENDPOINT] [--admin-listen ENDPOINT] [--data-dir DIR] [--public-url URL]"
+    longdesc = "Run a meshrelay node. Command-line options override the config file."
+    optParameters = [
+        ["config", "c", None, "TOML config file (default: the embedded defaults)"],
+        ["listen", None, None, "public listener endpoint, e.g. tcp:8080:interface=127.0.0.1"],
+        ["admin-listen", None, None, "admin listener endpoint, e.g. tcp:9090:interface=127.0.0.1"],
+        ["data-dir", None, None, "directory of the node's store"],
+        ["public-url", None, None, "the URL peers know this node by"],
+    ]
+
+    def load(self) -> Config:
+        """The effective config: the file (if any) with the command-line overrides."""
+        return load_config(self["config"], {opt: self[opt] for opt in CLI_OVERRIDES})
+
+
+def _die(message: str) -> None:
+    sys.stderr.write(f"meshrelay: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def build_service(config: Config, reactor: Any) -> MultiService:
+    """The whole service tree for ``config`` (opens the store)."""
+    top = MultiService()
+    top.setName("meshrelay")
+    try:
+        node = Node(config, reactor)
+    except StoreError as e:
+        _die(str(e))
+    node.setServiceParent(top)
+    public = StreamServerEndpointService(serverFromString(reactor, config.node.listen), node.site())
+    public.setName("public")
+    public.setServiceParent(top)
+    admin_site = Site(AdminAPI(node.metrics).resource())
+    admin_site.log = lambda request: None  # type: ignore[method-assign]
+    admin = StreamServerEndpointService(serverFromString(reactor, config.node.admin_listen), admin_site)
+    admin.setName("admin")
+    admin.setServiceParent(top)
+    # A port that cannot be bound must stop twistd, not leave a half-started node.
+    public._raiseSynchronously = True
+    admin._raiseSynchronously = True
+    return top
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    try:
+        config = options.load()
+    except ConfigError as e:
+        _die(f"config error: {e}")
+    for endpoint_key in ("listen", "admin_listen"):
+        try:
+            serverFromString(reactor, getattr(config.node, endpoint_key))
+        except (ValueError, TypeError, KeyError) as e:
+            _die(f"config error: node.{endpoint_key}: not a valid endpoint ({e})")
+    return build_service(config, reactor)
