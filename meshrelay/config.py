@@ -306,3 +306,31 @@ def effective_values(cfg: Config) -> dict[str, Any]:
         out["store"]["dsn"] = "***"
     out["peers"] = [{"url": p.url, "secret": "***", **({"connect": p.connect} if p.connect else {})} for p in cfg.peers]
     return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def to_toml(raw: dict[str, Any]) -> str:
+    """Write a config-shaped dict (tables of scalars, plus ``peers`` as an array of tables) as TOML."""
+    lines: list[str] = []
+    for section, table in raw.items():
+        if section == "peers":
+            continue
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+        lines.append("")
+    for peer in raw.get("peers", ()):
+        lines.append("[[peers]]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in peer.items())
+        lines.append("")
+    return "\n".join(lines)
