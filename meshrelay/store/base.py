@@ -136,3 +136,11 @@ class Store(Protocol):
 
     def set_cursor(self, cursor: Cursor) -> Deferred[None]:
         """Durably store a sync cursor."""
+
+    def acquire_lease(self, name: str, holder: str, ttl: float) -> Deferred[bool]:
+        """Hold the lease ``name`` for ``ttl`` seconds (or renew it); False if another holder has it.
+
+        Several processes sharing one database use this so that exactly one of
+        them runs each peer's sync puller.  A single-process backend always
+        grants it.
+        """
