@@ -69,6 +69,7 @@ class Node(Service):
             body_caps_for(lim.max_body_bytes, lim.max_replicate_body_bytes),
             access_log=self.config.node.access_log,
             metrics=self.metrics,
+            reactor=self.clock,
         )
 
     def startService(self) -> None:

@@ -56,6 +56,7 @@ class MeshRequest(server.Request):
     """A ``Request`` that refuses oversize bodies before buffering them."""
 
     _refused = False
+    _closing = False
     _discarded = 0
     body_cap = 65536
 
@@ -93,7 +94,12 @@ class MeshRequest(server.Request):
         # Read and drop a bounded excess so the client sees the 413 rather
         # than a reset; past that, close.
         self._discarded += n
-        if self._discarded > max(self.body_cap, 65536) and self.channel is not None:
+        if self._discarded > max(self.body_cap, 65536):
+            self._close()
+
+    def _close(self) -> None:
+        if not self._closing and self.channel is not None:
+            self._closing = True
             self.channel.loseConnection()
 
     def _refuse_too_large(self) -> None:
@@ -114,8 +120,7 @@ class MeshRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             # Already answered 413; the whole (oversize) body has now been read.
-            if self.channel is not None:
-                self.channel.loseConnection()
+            self._close()
             return
         super().requestReceived(command, path, version)
 
@@ -133,8 +138,9 @@ class MeshSite(server.Site):
         access_log: bool = False,
         metrics: Any = None,
         timeout: float = 60.0,
+        reactor: Any = None,
     ) -> None:
-        super().__init__(resource, timeout=timeout)
+        super().__init__(resource, timeout=timeout, reactor=reactor)
         self.body_caps = body_caps
         self.access_log = access_log
         self.metrics = metrics

@@ -1,0 +1,94 @@
+"""The twistd plugin and makeService, driven with a MemoryReactor."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshrelay.tap import Options, makeService
+
+
+class TapTests(SynchronousTestCase):
+    def options(self, *argv: str) -> Options:
+        opts = Options()
+        opts.parseOptions(list(argv))
+        return opts
+
+    def listen(self, svc: object) -> None:
+        # Start only the listeners: the node's worker threads need a real reactor.
+        for name in ("public", "admin"):
+            child = svc.getServiceNamed(name)  # type: ignore[attr-defined]
+            child.startService()
+            self.addCleanup(child.stopService)
+        node = svc.getServiceNamed("meshrelay-node")  # type: ignore[attr-defined]
+        self.addCleanup(node.store._wconn.close)
+
+    def config_file(self, text: str) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as fh:
+            fh.write(text)
+        return path
+
+    def test_plugin_is_found(self) -> None:
+        """twistd finds a service maker called meshrelay."""
+        names = [p.tapname for p in getPlugins(IServiceMaker)]
+        self.assertIn("meshrelay", names)
+
+    def test_defaults_listen_on_loopback(self) -> None:
+        """With no options the node listens on 127.0.0.1:8080 and the admin on 127.0.0.1:9090."""
+        reactor = MemoryReactorClock()
+        data = os.path.abspath(self.mktemp())
+        svc = makeService(self.options("--data-dir", data), reactor)
+        self.listen(svc)
+        ports = sorted((port, iface) for port, _factory, _backlog, iface in reactor.tcpServers)
+        self.assertEqual(ports, [(8080, "127.0.0.1"), (9090, "127.0.0.1")])
+        self.assertTrue(os.path.exists(os.path.join(data, "meshrelay.sqlite3")))
+
+    def test_file_and_overrides(self) -> None:
+        """--config reads the file; --listen and --admin-listen override it."""
+        data = os.path.abspath(self.mktemp())
+        path = self.config_file(
+            f'[node]\nlisten = "tcp:7001:interface=127.0.0.1"\nadmin_listen = "tcp:7002:interface=127.0.0.1"\n'
+            f'data_dir = "{data}"\n'
+        )
+        reactor = MemoryReactorClock()
+        svc = makeService(self.options("--config", path, "--listen", "tcp:7003:interface=127.0.0.1"), reactor)
+        self.listen(svc)
+        self.assertEqual(sorted(p[0] for p in reactor.tcpServers), [7002, 7003])
+
+    def assertExitsWithOneLine(self, opts: Options, needle: str) -> None:
+        err = io.StringIO()
+        old, sys.stderr = sys.stderr, err
+        try:
+            with self.assertRaises(SystemExit) as cm:
+                makeService(opts, MemoryReactorClock())
+        finally:
+            sys.stderr = old
+        self.assertEqual(cm.exception.code, 1)
+        lines = err.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(needle, lines[0])
+
+    def test_bad_config_exits_with_one_line(self) -> None:
+        """An unknown key, a wrong type or a missing secret ends makeService with one line naming the key."""
+        self.assertExitsWithOneLine(self.options("--config", self.config_file("[node]\nbogus = 1\n")), "node.bogus")
+        self.assertExitsWithOneLine(
+            self.options("--config", self.config_file("[sync]\ninterval = 'x'\n")), "sync.interval"
+        )
+        self.assertExitsWithOneLine(
+            self.options("--config", self.config_file('[[peers]]\nurl = "http://b.test"\n')), "peers[0].secret"
+        )
+        self.assertExitsWithOneLine(self.options("--config", "/nonexistent.toml"), "/nonexistent.toml")
+        self.assertExitsWithOneLine(self.options("--listen", "nonsense:1"), "node.listen")
+
+    def test_unusable_data_dir_exits_with_one_line(self) -> None:
+        """A data dir that cannot be created ends makeService with one line naming it."""
+        blocker = os.path.abspath(self.mktemp())
+        open(blocker, "w").close()
+        self.assertExitsWithOneLine(self.options("--data-dir", os.path.join(blocker, "sub")), "sub")
