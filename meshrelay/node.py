@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.application.service import Service
@@ -16,7 +17,7 @@ from twisted.web.resource import Resource
 
 from meshrelay import __version__
 from meshrelay.api import ClientAPI
-from meshrelay.config import Config
+from meshrelay.config import Config, effective_values
 from meshrelay.executor import ThreadExecutor
 from meshrelay.metrics import Metrics
 from meshrelay.relay import Relay
@@ -87,6 +88,11 @@ class Node(Service):
             bytes=stats.bytes,
             peers=len(self.config.peers),
             durability=self.config.node.durability,
+        )
+        self.log.info(
+            "effective config ({source}): {values}",
+            source=self.config.source or "embedded defaults",
+            values=json.dumps(effective_values(self.config), sort_keys=True),
         )
 
     def stopService(self) -> Deferred[None]:
