@@ -79,6 +79,20 @@ class LimitsConfig:
     #: bound on remembered poll/peer nonces (each cache); when full, the
     #: oldest are dropped and requests at or before their ts answer ``stale``
     max_nonces: int = field(default=200000, metadata=_range(100))
+    #: open connections on the public listener; more are closed at once
+    max_connections: int = field(default=10240, metadata=_range(1))
+    #: seconds a connection may sit idle between requests
+    idle_timeout: int = field(default=60, metadata=_range(1, 3600))
+    #: seconds from a request's first byte to its last (headers and body): slowloris guard
+    read_timeout: int = field(default=20, metadata=_range(1, 3600))
+    #: client API requests per second per client IP (0 = unlimited), and the burst allowed
+    client_rate: int = field(default=100, metadata=_range(0))
+    client_burst: int = field(default=200, metadata=_range(1))
+    #: peer API requests per second per authenticated peer (0 = unlimited), and the burst
+    peer_rate: int = field(default=200, metadata=_range(0))
+    peer_burst: int = field(default=400, metadata=_range(1))
+    #: comma-separated addresses of reverse proxies whose X-Forwarded-For names the client
+    trusted_proxies: str = ""
 
 
 @dataclass(frozen=True)

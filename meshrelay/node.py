@@ -20,6 +20,7 @@ from meshrelay.api import ClientAPI
 from meshrelay.config import Config, effective_values
 from meshrelay.executor import ThreadExecutor
 from meshrelay.metrics import Metrics
+from meshrelay.ratelimit import RateLimiter
 from meshrelay.relay import Relay
 from meshrelay.store import open_store
 from meshrelay.store.base import Store
@@ -56,12 +57,15 @@ class Node(Service):
         self.relay = Relay(self.store, config, reactor, self.metrics, self.verifier)
         self.client_api = ClientAPI(self.relay, peer_count=lambda: len(config.peers))
         self.peer_resource: Resource | None = None
+        lim = config.limits
+        self.client_limiter = RateLimiter(lim.client_rate, lim.client_burst, reactor)
         self.sweeper = LoopingCall(self.relay.sweep)
         self.sweeper.clock = reactor
 
     def resource(self) -> Resource:
         """The public listener's resource: client API plus the peer API when present."""
-        return NodeRoot(self.client_api.resource(), self.peer_resource)
+        proxies = frozenset(p.strip() for p in self.config.limits.trusted_proxies.split(",") if p.strip())
+        return NodeRoot(self.client_api.resource(), self.peer_resource, self.client_limiter, proxies)
 
     def site(self) -> MeshSite:
         lim = self.config.limits
@@ -71,6 +75,9 @@ class Node(Service):
             access_log=self.config.node.access_log,
             metrics=self.metrics,
             reactor=self.clock,
+            timeout=lim.idle_timeout,
+            read_timeout=lim.read_timeout,
+            max_connections=lim.max_connections,
         )
 
     def startService(self) -> None:

@@ -17,9 +17,10 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -125,10 +126,57 @@ class MeshRequest(server.Request):
         super().requestReceived(command, path, version)
 
 
+class MeshChannel(http.HTTPChannel):
+    """An ``HTTPChannel`` with a deadline for reading each request (slowloris guard).
+
+    The idle timeout (``timeOut``) is reset by every byte received, so a client
+    dripping one byte at a time would hold a connection for ever.  A request
+    must arrive whole, headers and body, within ``read_timeout`` seconds of
+    its first byte; otherwise the node answers 408 and closes.
+    """
+
+    read_timeout = 20.0
+    _read_deadline: Any = None
+    site: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._read_deadline is None and not self._handlingRequest:
+            self._read_deadline = self.callLater(self.read_timeout, self._read_timed_out)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._cancel_read_deadline()
+        super().allContentReceived()
+
+    def _cancel_read_deadline(self) -> None:
+        if self._read_deadline is not None:
+            if self._read_deadline.active():
+                self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _read_timed_out(self) -> None:
+        self._read_deadline = None
+        metrics = getattr(self.site, "metrics", None)
+        if metrics is not None:
+            metrics.refused_total.labels("read_timeout").inc()
+        if self.transport is not None:
+            self.transport.write(  # type: ignore[call-arg, misc]
+                b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+        self.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_read_deadline()
+        if self.site is not None:
+            self.site.open_connections -= 1
+        super().connectionLost(reason)
+
+
 class MeshSite(server.Site):
-    """A ``Site`` with per-path body caps and an opt-in access log."""
+    """A ``Site`` with per-path body caps, connection and read limits, and an opt-in access log."""
 
     requestFactory = MeshRequest
+    protocol = MeshChannel  # type: ignore[assignment]
     displayTracebacks = False
 
     def __init__(
@@ -139,11 +187,27 @@ class MeshSite(server.Site):
         metrics: Any = None,
         timeout: float = 60.0,
         reactor: Any = None,
+        read_timeout: float = 20.0,
+        max_connections: int = 10240,
     ) -> None:
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self.body_caps = body_caps
         self.access_log = access_log
         self.metrics = metrics
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self.open_connections = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        if self.open_connections >= self.max_connections:
+            if self.metrics is not None:
+                self.metrics.refused_total.labels("max_connections").inc()
+            return None
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            channel.read_timeout = self.read_timeout
+            self.open_connections += 1
+        return channel
 
     def log(self, request: Any) -> None:
         if self.access_log:
@@ -242,16 +306,52 @@ def install_error_table(app: Klein) -> None:
 
 
 class NodeRoot(Resource):
-    """The public listener's root: peer paths to the peer API, the rest to the client API."""
+    """The public listener's root: peer paths to the peer API, the rest to the client API.
+
+    Client requests pass the per-IP rate limit first (``429 rate_limited``);
+    peer requests are limited per authenticated peer by the peer API.
+    """
 
     isLeaf = True
 
-    def __init__(self, client: Resource, peer: Resource | None = None) -> None:
+    def __init__(
+        self,
+        client: Resource,
+        peer: Resource | None = None,
+        client_limiter: Any = None,
+        trusted_proxies: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__()
         self.client = client
         self.peer = peer
+        self.client_limiter = client_limiter
+        self.trusted_proxies = trusted_proxies
 
     def render(self, request: Any) -> Any:
         if self.peer is not None and request_path(request) in PEER_PATHS:
             return self.peer.render(request)
+        limiter = self.client_limiter
+        if limiter is not None and limiter.enabled and not limiter.allow(client_ip(request, self.trusted_proxies)):
+            return json_response(request, 429, error_body("rate_limited", "too many requests from this address"))
         return self.client.render(request)
+
+
+def client_ip(request: Any, trusted_proxies: frozenset[str] = frozenset()) -> str:
+    """The client's address: the connecting host, or, behind a trusted proxy, X-Forwarded-For.
+
+    X-Forwarded-For is read right to left, skipping trusted proxies; the first
+    address that is not one of them is the client.  Without trusted proxies
+    the header is ignored (anyone can write it).
+    """
+    addr = request.getClientAddress()
+    host = str(getattr(addr, "host", addr))
+    if host not in trusted_proxies:
+        return host
+    header = request.getHeader(b"x-forwarded-for")
+    if not header:
+        return host
+    for hop in reversed(header.decode("latin-1").split(",")):
+        hop = hop.strip()
+        if hop and hop not in trusted_proxies:
+            return hop
+    return host

@@ -83,7 +83,9 @@ class NodeProcess:
                 "listen": f"tcp:{self.port}:interface=127.0.0.1",
                 "admin_listen": f"tcp:{self.admin_port}:interface=127.0.0.1",
                 "data_dir": self.data_dir,
-            }
+            },
+            # The test process is one client address generating all the load.
+            "limits": {"client_rate": 0},
         }
         for section, table in self.extra.items():
             raw.setdefault(section, {}).update(table)

@@ -50,6 +50,9 @@ class Identity:
 def make_config(
     tmpdir: str, peers: list[dict[str, Any]] | None = None, public_url: str = "http://a.test", **limits: Any
 ) -> Config:
+    # One test client generates all the load from one address: no per-IP limit
+    # unless a test asks for one.
+    limits.setdefault("client_rate", 0)
     raw: dict[str, Any] = {
         "node": {"data_dir": tmpdir, "public_url": public_url},
         "limits": limits,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -40,7 +41,7 @@ class BodyCapTests(SynchronousTestCase):
         self.assert413(transport)
         self.assertEqual(self.n.metrics.sample("meshrelay_http_refused_total", {"reason": "too_large"}), 1)
         # Body bytes that follow are discarded, not buffered; past a bounded excess the connection closes.
-        request = proto._channel.requests[0]  # type: ignore[attr-defined]
+        request = proto.requests[0]  # type: ignore[attr-defined]
         for _ in range(100):
             proto.dataReceived(b"x" * 1000)
         self.assertEqual(request.content.tell(), 0)
@@ -60,7 +61,7 @@ class BodyCapTests(SynchronousTestCase):
         for _ in range(3):
             proto.dataReceived(b"190\r\n" + b"x" * 400 + b"\r\n")
         self.assert413(transport)
-        request = proto._channel.requests[0]  # type: ignore[attr-defined]
+        request = proto.requests[0]  # type: ignore[attr-defined]
         self.assertLessEqual(request.content.tell(), 1000)
         proto.dataReceived(b"0\r\n\r\n")
         self.assertTrue(transport.disconnecting)
@@ -99,3 +100,97 @@ class BodyCapTests(SynchronousTestCase):
         proto.dataReceived(b"GET /api/mesh/health HTTP/1.1\r\nHost: a\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
         self.assertEqual(logged, [])
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.n = MemNode(
+            self.mktemp(), read_timeout=10, idle_timeout=30, max_connections=2, client_rate=2, client_burst=3
+        )
+        self.addCleanup(self.n.stop)
+        self.site = self.n.node.site()
+
+    def connect(self, port: int = 40000) -> tuple[object, StringTransport]:
+        proto = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_slow_headers_time_out(self) -> None:
+        """A request whose headers drip in slower than read_timeout gets 408 and is closed."""
+        proto, transport = self.connect()
+        for _ in range(9):
+            proto.dataReceived(b"X")
+            self.n.clock.advance(1)
+        self.assertFalse(transport.disconnecting)
+        self.n.clock.advance(1.5)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.n.metrics.sample("meshrelay_http_refused_total", {"reason": "read_timeout"}), 1)
+
+    def test_slow_body_times_out(self) -> None:
+        """A body dripping in slower than read_timeout is cut off too."""
+        proto, transport = self.connect()
+        proto.dataReceived(
+            b"POST /api/mesh/dm/send HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+        for _ in range(11):
+            proto.dataReceived(b"x")
+            self.n.clock.advance(1)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+
+    def test_idle_connection_times_out(self) -> None:
+        """A connection that sends nothing is closed after idle_timeout."""
+        proto, transport = self.connect()
+        self.n.clock.advance(29)
+        self.assertFalse(transport.disconnecting)
+        self.n.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_completed_request_clears_the_deadline(self) -> None:
+        """A whole request read in time is served and its read deadline does not fire later."""
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET /api/mesh/health HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        self.n.clock.advance(15)
+        self.assertNotIn(b"408", transport.value())
+
+    def test_connection_cap(self) -> None:
+        """Past max_connections new connections are refused; closing one frees a slot."""
+        first, t1 = self.connect()
+        self.connect()
+        self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40002)))
+        self.assertEqual(self.n.metrics.sample("meshrelay_http_refused_total", {"reason": "max_connections"}), 1)
+        first.connectionLost(ConnectionDone())  # type: ignore[attr-defined]
+        self.assertIsNotNone(self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40003)))
+
+    def test_client_rate_limit(self) -> None:
+        """Over the per-IP rate the client API answers 429 rate_limited; tokens refill over time."""
+        codes = [self.n.request("GET", "/api/mesh/health")[0] for _ in range(5)]
+        self.assertEqual(codes, [200, 200, 200, 429, 429])
+        status, body = self.n.request("GET", "/api/mesh/health")
+        self.assertEqual(body["error"], "rate_limited")
+        self.n.clock.advance(1)
+        self.assertEqual(self.n.request("GET", "/api/mesh/health")[0], 200)
+
+
+class ForwardedForTests(SynchronousTestCase):
+    def test_header_ignored_unless_from_a_trusted_proxy(self) -> None:
+        """X-Forwarded-For names the client only when the connection comes from a trusted proxy."""
+        from meshrelay.web import client_ip
+
+        class Req:
+            def __init__(self, host: str, xff: bytes | None) -> None:
+                self.host, self.xff = host, xff
+
+            def getClientAddress(self) -> IPv4Address:
+                return IPv4Address("TCP", self.host, 1)
+
+            def getHeader(self, name: bytes) -> bytes | None:
+                return self.xff
+
+        proxies = frozenset({"10.0.0.1", "10.0.0.2"})
+        self.assertEqual(client_ip(Req("192.0.2.7", b"1.2.3.4"), proxies), "192.0.2.7")
+        self.assertEqual(client_ip(Req("10.0.0.1", b"1.2.3.4, 10.0.0.2"), proxies), "1.2.3.4")
+        self.assertEqual(client_ip(Req("10.0.0.1", b"6.6.6.6, 1.2.3.4"), proxies), "1.2.3.4")
+        self.assertEqual(client_ip(Req("10.0.0.1", None), proxies), "10.0.0.1")

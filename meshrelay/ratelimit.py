@@ -1,0 +1,49 @@
+"""A bounded set of token buckets, one per key (client IP, peer URL).
+
+Each key may make ``rate`` requests a second on average with bursts of up
+to ``burst``.  At most ``max_keys`` buckets are kept; the least recently used
+is forgotten first (a forgotten key starts again with a full bucket, which
+only ever errs toward serving).  ``rate <= 0`` disables the limiter.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any
+
+
+class RateLimiter:
+    def __init__(self, rate: float, burst: float, clock: Any, max_keys: int = 100_000) -> None:
+        self.rate = float(rate)
+        self.burst = float(max(burst, 1))
+        self.clock = clock
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[Hashable, list[float]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def allow(self, key: Hashable, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens from ``key``'s bucket; False when it has too few."""
+        if self.rate <= 0:
+            return True
+        now = self.clock.seconds()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = [self.burst, now]
+            self._buckets[key] = bucket
+            if len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] < cost:
+            return False
+        bucket[0] -= cost
+        return True
+
+    def __len__(self) -> int:
+        return len(self._buckets)
