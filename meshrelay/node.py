@@ -44,6 +44,8 @@ class Node(Service):
         self.config = config
         self.clock: Any = reactor
         self.metrics = metrics if metrics is not None else Metrics()
+        for peer in config.peers:
+            self.metrics.init_peer(peer.url)
         self.started_at = reactor.seconds()
         self.store = store if store is not None else open_store(config, reactor, threaded, self.metrics)
         threads = config.node.verify_threads if threaded else 0
