@@ -331,9 +331,10 @@ class Identity:
                 text = fh.read(64 * 1024)
         except FileNotFoundError:
             raise KeyFileError(f"no key file at {path} (create one with: meshrelay keygen)") from None
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-            raise KeyFileError(f"cannot read key file {path}: {reason}") from None
+        except UnicodeDecodeError:
+            raise KeyFileError(f"{path} is not a meshrelay key file (not UTF-8 text)") from None
+        except OSError as e:
+            raise KeyFileError(f"cannot read key file {path}: {e.strerror or e}") from None
         try:
             doc = json.loads(text)
         except ValueError:
