@@ -22,6 +22,7 @@ from meshrelay.metrics import Metrics
 from meshrelay.relay import Relay
 from meshrelay.store import open_store
 from meshrelay.store.base import Store
+from meshrelay.store.migrations import LATEST_VERSION
 from meshrelay.verifier import Verifier
 from meshrelay.web import MeshSite, NodeRoot, body_caps_for
 
@@ -89,6 +90,15 @@ class Node(Service):
             peers=len(self.config.peers),
             durability=self.config.node.durability,
         )
+        migrated_from = getattr(self.store, "migrated_from", None)
+        if isinstance(migrated_from, int) and migrated_from < LATEST_VERSION:
+            self.log.info(
+                "store schema migrated from version {old} to {new}"
+                if migrated_from
+                else "new store created (schema version {new})",
+                old=migrated_from,
+                new=LATEST_VERSION,
+            )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
