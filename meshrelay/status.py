@@ -191,9 +191,10 @@ def _outcome_cell(outcome: Any, at: Any, now: float, running: bool = True) -> st
     return f'<td><span class="badge {kind}">{_e(outcome)}</span>{age}</td>'
 
 
-def _num_cell(value: Any, fmt: Callable[[float], str] = lambda v: f"{v:.0f}") -> str:
+def _num_cell(value: Any, fmt: Callable[[float], str] = lambda v: f"{v:.0f}", warn_above: float | None = None) -> str:
     v = _number(value)
-    return f'<td class="num">{_e(fmt(v)) if v is not None else chr(0x2014)}</td>'
+    cls = "num warn" if v is not None and warn_above is not None and v > warn_above else "num"
+    return f'<td class="{cls}">{_e(fmt(v)) if v is not None else chr(0x2014)}</td>'
 
 
 _CSS = """
@@ -208,7 +209,7 @@ h2{font-size:15px;margin:0 0 8px;color:#34405a}
 .cards{display:flex;gap:12px;flex-wrap:wrap}
 .card{flex:1 1 150px;border:1px solid #e4e7ee;border-radius:5px;padding:8px 12px;background:#fafbfc}
 .card .v{font-size:22px;font-weight:600}
-.card .k{font-size:12px;color:#5d6881;text-transform:uppercase;letter-spacing:.03em}
+.card .k{font-size:13px;color:#5d6881}
 table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #eceef3;vertical-align:middle}
 th{font-size:12px;color:#5d6881;text-transform:uppercase;letter-spacing:.03em;font-weight:600}
@@ -218,6 +219,7 @@ td.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;word-br
 .badge.ok{background:#dff3e4;color:#17692f}
 .badge.bad{background:#fbe3e3;color:#a0202a}
 .badge.none{background:#eceef3;color:#5d6881}
+td.warn{color:#a0202a;font-weight:600}
 .age{color:#5d6881;font-size:12px;margin-left:6px}
 .note{color:#5d6881;font-size:13px;margin:6px 0 0}
 footer{color:#7a849b;font-size:12px;padding:0 24px 18px}
@@ -306,6 +308,8 @@ def _peers_html(cfg: Any, peers: list[dict[str, Any]] | None, now: float) -> str
         rows_src = peers
         note = "" if peers else '<p class="note">No peers.</p>'
         running = True
+    #: a sync lag over three sync intervals is shown in red
+    lag_warn = 3 * cfg.sync.interval
     rows = []
     for p in rows_src:
         rows.append(
@@ -313,7 +317,7 @@ def _peers_html(cfg: Any, peers: list[dict[str, Any]] | None, now: float) -> str
             f'<td class="mono">{_e(p.get("url", "?"))}</td>'
             + _outcome_cell(p.get("last_push_outcome"), p.get("last_push_at"), now, running)
             + _outcome_cell(p.get("last_sync_outcome"), p.get("last_sync_at"), now, running)
-            + _num_cell(p.get("sync_lag_seconds"), fmt_duration)
+            + _num_cell(p.get("sync_lag_seconds"), fmt_duration, warn_above=lag_warn)
             + _num_cell(p.get("queue_depth"))
             + _num_cell(p.get("inflight"))
             + _num_cell(p.get("backoff_seconds"), fmt_duration)
