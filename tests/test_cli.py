@@ -40,20 +40,12 @@ def run_cli(*args: str, stdin: bytes | None = None, timeout: float = 60.0) -> su
 
 
 class CLIAgainstNodeTests(SynchronousTestCase):
-    node: NodeProcess
-    base: str
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.base = tempfile.mkdtemp(prefix="meshrelay-cli-")
-        cls.node = NodeProcess(cls.base, "node", config={"limits": {"per_sender_pending": 3}}).start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.node.stop()
-        shutil.rmtree(cls.base, ignore_errors=True)
-
     def setUp(self) -> None:
+        # One node per test (trial has no setUpClass); it starts in well under a second.
+        self.base = tempfile.mkdtemp(prefix="meshrelay-cli-")
+        self.addCleanup(shutil.rmtree, self.base, True)
+        self.node = NodeProcess(self.base, "node", config={"limits": {"per_sender_pending": 3}}).start()
+        self.addCleanup(self.node.stop)
         self.dir = tempfile.mkdtemp(dir=self.base)
 
     def keygen(self, name: str) -> tuple[str, str]:

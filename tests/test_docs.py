@@ -158,18 +158,11 @@ def _openssl_3() -> bool:
 
 @pytest.mark.integration
 class AgainstNodeDocsTests(SynchronousTestCase):
-    node: NodeProcess
-    base: str
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.base = tempfile.mkdtemp(prefix="meshrelay-docs-")
-        cls.node = NodeProcess(cls.base, "node").start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.node.stop()
-        shutil.rmtree(cls.base, ignore_errors=True)
+    def setUp(self) -> None:
+        self.base = tempfile.mkdtemp(prefix="meshrelay-docs-")
+        self.addCleanup(shutil.rmtree, self.base, True)
+        self.node = NodeProcess(self.base, "node").start()
+        self.addCleanup(self.node.stop)
 
     def test_curl_client_script(self) -> None:
         """docs/examples/curl_client.sh deposits, polls and acks against a real node with curl and openssl."""

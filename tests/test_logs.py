@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from typing import Any
 
+import pytest
 from twisted.application.service import Application
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -18,6 +20,7 @@ from meshrelay import logs
 from meshrelay.config import to_toml
 from meshrelay.status import RateSampler
 from meshrelay.tap import Options, makeService
+from tests.harness import NodeProcess
 from tests.helpers import Identity, MemNode
 
 
@@ -156,3 +159,30 @@ class CapLogTests(SynchronousTestCase):
         mem.send(alice.envelope(bob, b"late", ts=int(mem.clock.seconds())))
         caps = [e for e in events if e.get("cap") == "per_sender_pending"]
         self.assertEqual([e["folded"] for e in caps], [0, 4])
+
+
+@pytest.mark.integration
+class JSONLogsOfARealNodeTests(SynchronousTestCase):
+    def test_twistd_writes_json_lines(self) -> None:
+        """A node run by twistd with log_format = "json" writes only JSON lines, secrets masked."""
+        node = NodeProcess(
+            os.path.abspath(self.mktemp()),
+            "n",
+            config={"node": {"log_format": "json"}},
+            peers=[{"url": "http://127.0.0.1:9", "secret": "do-not-log-this-secret"}],
+        )
+        node.start()
+        try:
+            status, _ = node.send(Identity().envelope(Identity(), ts=int(time.time())))
+            self.assertEqual(status, 200)
+        finally:
+            node.stop()
+        with open(node.log_path, encoding="utf-8") as fh:
+            text = fh.read()
+        self.assertNotIn("do-not-log-this-secret", text)
+        lines = [json.loads(line) for line in text.splitlines()]
+        messages = [line["message"] for line in lines]
+        self.assertTrue(any(m.startswith("config ") and "http://127.0.0.1:9" in m for m in messages), messages)
+        self.assertTrue(any("node http://127.0.0.1:" in m and "started" in m for m in messages), messages)
+        self.assertTrue(any(m.startswith("new store created") for m in messages), messages)
+        self.assertTrue(all({"time", "level", "namespace", "message"} <= set(line) for line in lines))
