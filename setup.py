@@ -20,6 +20,7 @@ setup(
         "treq>=24.9",
         "cryptography>=42",
         "prometheus_client>=0.20",
+        "PyNaCl>=1.5",
     ],
     extras_require={
         "test": [
@@ -31,5 +32,5 @@ setup(
             "mypy>=1.11",
         ],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["meshrelay = meshrelay.cli:main"]},
 )

@@ -91,6 +91,19 @@ class Metrics:
             registry=r,
         )
 
+    def init_peer(self, peer: str) -> None:
+        """Create a configured peer's push/sync series at zero, so they exist before the first event.
+
+        ``rate()`` and absence alerts need a series to exist; ``peer`` is the
+        peer's normalized URL (the value of every ``peer`` label).
+        """
+        for outcome in ("ok", "rejected", "error"):
+            self.push_total.labels(peer, outcome)
+        for outcome in ("ok", "error"):
+            self.sync_pull_total.labels(peer, outcome)
+        self.push_dropped_total.labels(peer)
+        self.push_queue_depth.labels(peer).set(0)
+
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         """Shortcut for tests: the value of one sample, or None."""
         return self.registry.get_sample_value(name, labels or {})

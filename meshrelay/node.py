@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.application.service import Service
@@ -17,13 +16,14 @@ from twisted.web.resource import Resource
 
 from meshrelay import __version__
 from meshrelay.api import ClientAPI
-from meshrelay.config import Config, effective_values
+from meshrelay.config import Config
 from meshrelay.executor import ThreadExecutor
 from meshrelay.metrics import Metrics
 from meshrelay.ratelimit import RateLimiter
 from meshrelay.relay import Relay
 from meshrelay.store import open_store
 from meshrelay.store.base import Store
+from meshrelay.store.migrations import LATEST_VERSION
 from meshrelay.verifier import Verifier
 from meshrelay.web import MeshSite, NodeRoot, body_caps_for
 
@@ -46,6 +46,8 @@ class Node(Service):
         self.config = config
         self.clock: Any = reactor
         self.metrics = metrics if metrics is not None else Metrics()
+        for peer in config.peers:
+            self.metrics.init_peer(peer.url)
         self.started_at = reactor.seconds()
         self.store = store if store is not None else open_store(config, reactor, threaded, self.metrics)
         threads = config.node.verify_threads if threaded else 0
@@ -96,11 +98,15 @@ class Node(Service):
             peers=len(self.config.peers),
             durability=self.config.node.durability,
         )
-        self.log.info(
-            "effective config ({source}): {values}",
-            source=self.config.source or "embedded defaults",
-            values=json.dumps(effective_values(self.config), sort_keys=True),
-        )
+        migrated_from = getattr(self.store, "migrated_from", None)
+        if isinstance(migrated_from, int) and migrated_from < LATEST_VERSION:
+            self.log.info(
+                "store schema migrated from version {old} to {new}"
+                if migrated_from
+                else "new store created (schema version {new})",
+                old=migrated_from,
+                new=LATEST_VERSION,
+            )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

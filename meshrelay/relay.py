@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from meshrelay import envelope as E
@@ -30,6 +30,7 @@ from meshrelay.errors import (
     Stale,
     StorageFull,
 )
+from meshrelay.logs import Throttle
 from meshrelay.metrics import Metrics
 from meshrelay.replay import OK, REPLAYED, ReplayCache
 from meshrelay.store.base import (
@@ -132,6 +133,8 @@ class Relay:
         self.ack_listeners: list[AckListener] = []
         #: set by replication: pull one mailbox from the peers (poll fetch_remote)
         self.remote_fetch: Callable[[str], Deferred[None]] | None = None
+        #: one "cap hit" log line per cap per minute, with a count of the ones folded in
+        self._cap_log = Throttle(clock, 60.0)
         self._update_gauges()
 
     # ------------------------------------------------------------------ helpers
@@ -143,6 +146,13 @@ class Relay:
         stats = self.store.stats()
         self.metrics.stored_envelopes.set(stats.envelopes)
         self.metrics.stored_bytes.set(stats.bytes)
+
+    def _cap_hit(self, cap: str, fmt: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:
+        folded = self._cap_log.allow(cap)
+        if folded is None:
+            return
+        suffix = " (and {folded} more since the last such line)" if folded else ""
+        self.log.emit(level, "cap hit: " + fmt + suffix, cap=cap, folded=folded, **fields)
 
     def _notify(self, listeners: list[Callable[[Any], None]], item: Any) -> None:
         for listener in listeners:
@@ -195,14 +205,21 @@ class Relay:
             return {"ok": True, "msg_id": env.msg_id, "duplicate": status == DUPLICATE}
         self.metrics.deposit_total.labels(status).inc()
         if status == SENDER_CAP:
-            self.log.info(
-                "per-sender cap reached for a mailbox ({pending}/{limit})", pending=result.pending, limit=result.limit
+            self._cap_hit(
+                "per_sender_pending",
+                "per-sender cap reached for a mailbox ({pending}/{limit}); deposit refused",
+                pending=result.pending,
+                limit=result.limit,
             )
             raise SenderCap("too many pending envelopes from this sender", pending=result.pending, limit=result.limit)
         if status == MAILBOX_FULL:
-            self.log.info("mailbox cap reached ({limit})", limit=result.limit)
+            self._cap_hit("per_mailbox_pending", "mailbox cap reached ({limit}); deposit refused", limit=result.limit)
             raise MailboxFull("the mailbox is full")
-        self.log.warn("storage cap reached: refusing deposits until acks or expiry free space")
+        self._cap_hit(
+            "max_stored_bytes",
+            "storage cap reached: refusing deposits until acks or expiry free space",
+            LogLevel.warn,
+        )
         raise StorageFull("the node's storage is full")
 
     def accept_replicas(self, objs: list[Any]) -> Deferred[list[dict[str, Any]]]:
@@ -232,12 +249,16 @@ class Relay:
                 continue
             adds.append((i, env, self._store_envelope(env, "peer")))
         done = await shield(gatherResults([d for _, _, d in adds])) if adds else []
+        refused: dict[str, int] = {}
         for (i, env, _), res in zip(adds, done):
             self.metrics.replica_total.labels(_REPLICA_OUTCOME[res.status]).inc()
             if res.status in (ACCEPTED, DUPLICATE):
                 results[i] = {"msg_id": env.msg_id, "status": res.status}
             else:
                 results[i] = {"msg_id": env.msg_id, "status": "rejected", "error": res.status}
+                refused[res.status] = refused.get(res.status, 0) + 1
+        for status, n in refused.items():
+            self._cap_hit("replica_" + status, "{n} replica(s) refused at a cap ({status})", n=n, status=status)
         return [r for r in results if r is not None]
 
     def _replica_rejected(self, obj: Any, e: MeshError) -> dict[str, Any]:
@@ -364,6 +385,11 @@ class Relay:
 
     def _register(self, mailbox: str) -> _Waiter:
         if self._waiting >= self.limits.max_waiting_polls:
+            self._cap_hit(
+                "max_waiting_polls",
+                "{limit} long-polls already waiting; refusing more with rate_limited",
+                limit=self.limits.max_waiting_polls,
+            )
             raise RateLimited("too many waiting polls on this node")
         waiter = _Waiter(mailbox)
         self._waiters.setdefault(mailbox, {})[waiter] = None

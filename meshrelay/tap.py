@@ -19,11 +19,13 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
+from meshrelay import logs
 from meshrelay.admin import AdminAPI
-from meshrelay.config import CLI_OVERRIDES, Config, ConfigError, load_config
+from meshrelay.config import CLI_OVERRIDES, Config, ConfigError, effective_values, load_config
 from meshrelay.node import Node
 from meshrelay.store.base import StoreError
 
@@ -44,6 +46,53 @@ class Options(usage.Options):
         return load_config(self["config"], {opt: self[opt] for opt in CLI_OVERRIDES})
 
 
+log = Logger(namespace="meshrelay.tap")
+
+
+class MeshrelayService(MultiService):
+    """The top of the service tree; installs the configured log observer on the twistd application."""
+
+    #: set by makeService for ``log_format = "json"``; None keeps twistd's own observer
+    log_observer: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        observer = self.log_observer
+        if observer is not None and hasattr(parent, "setComponent"):
+            # twistd's AppLogger uses an ILogObserver component of the application
+            # unless --logger was given.
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, observer)
+        super().setServiceParent(parent)
+
+
+def check_endpoints(config: Config, reactor: Any) -> None:
+    """Raise ConfigError unless node.listen and node.admin_listen are endpoint strings."""
+    for endpoint_key in ("listen", "admin_listen"):
+        try:
+            serverFromString(reactor, getattr(config.node, endpoint_key))
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"node.{endpoint_key}: not a valid endpoint ({e})") from None
+
+
+def log_config_summary(config: Config) -> None:
+    """One line naming what this node runs with (secrets masked; the full values as a field)."""
+    n = config.node
+    log.info(
+        "config {source}: public_url={public_url} listen={listen} admin_listen={admin_listen} "
+        "data_dir={data_dir} store={backend} durability={durability} log_format={log_format} peers={peers}",
+        source=config.source or "(embedded defaults)",
+        public_url=n.public_url,
+        listen=n.listen,
+        admin_listen=n.admin_listen,
+        data_dir=n.data_dir,
+        backend=config.store.backend,
+        durability=n.durability,
+        log_format=n.log_format,
+        peers=", ".join(p.url for p in config.peers) or "none",
+        config=effective_values(config),
+    )
+
+
 def _die(message: str) -> None:
     sys.stderr.write(f"meshrelay: {message}\n")
     sys.stderr.flush()
@@ -52,7 +101,7 @@ def _die(message: str) -> None:
 
 def build_service(config: Config, reactor: Any) -> MultiService:
     """The whole service tree for ``config`` (opens the store)."""
-    top = MultiService()
+    top = MeshrelayService()
     top.setName("meshrelay")
     try:
         node = Node(config, reactor)
@@ -62,7 +111,10 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     public = StreamServerEndpointService(serverFromString(reactor, config.node.listen), node.site())
     public.setName("public")
     public.setServiceParent(top)
-    admin_site = Site(AdminAPI(node.metrics).resource())
+    admin_api = AdminAPI(node.metrics, node=node)
+    if admin_api.sampler is not None:
+        admin_api.sampler.setServiceParent(top)
+    admin_site = Site(admin_api.resource())
     admin_site.log = lambda request: None  # type: ignore[method-assign]
     admin = StreamServerEndpointService(serverFromString(reactor, config.node.admin_listen), admin_site)
     admin.setName("admin")
@@ -82,9 +134,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         config = options.load()
     except ConfigError as e:
         _die(f"config error: {e}")
-    for endpoint_key in ("listen", "admin_listen"):
-        try:
-            serverFromString(reactor, getattr(config.node, endpoint_key))
-        except (ValueError, TypeError, KeyError) as e:
-            _die(f"config error: node.{endpoint_key}: not a valid endpoint ({e})")
-    return build_service(config, reactor)
+    try:
+        check_endpoints(config, reactor)
+    except ConfigError as e:
+        _die(f"config error: {e}")
+    logs.select_format(config.node.log_format)
+    top = build_service(config, reactor)
+    assert isinstance(top, MeshrelayService)
+    top.log_observer = logs.observer_for_twistd(config.node.log_format, getattr(options, "parent", None))
+    log_config_summary(config)
+    return top

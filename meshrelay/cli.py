@@ -1,0 +1,506 @@
+"""The ``meshrelay`` command: keys, end-to-end-encrypted messages, config checks, a local mesh.
+
+::
+
+    meshrelay keygen [--key FILE] [--force]
+    meshrelay address [--key FILE]
+    meshrelay send --node URL --to ADDRESS [--ttl S] [TEXT | -]
+    meshrelay poll --node URL [--wait S] [--ack] [--json]
+    meshrelay watch --node URL
+    meshrelay gen-secret [--out FILE]
+    meshrelay check-config FILE
+    meshrelay demo-mesh [--dir DIR] [--base-port PORT]
+
+Every user mistake (bad key file, unreachable node, a refusal by the node, a
+bad address, a bad config) is one line on stderr and a non-zero exit code:
+1 for errors, 2 for bad usage, 130 when interrupted.
+
+Subcommands live in :data:`COMMANDS` (parsed here with argparse) and
+:data:`RAW_COMMANDS` (handed their own argv, for tools with their own parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import secrets
+import signal
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TextIO
+
+from meshrelay import __version__
+from meshrelay.client import (
+    DEFAULT_TTL,
+    ClientError,
+    Identity,
+    MessageError,
+    NodeClient,
+    NodeUnreachable,
+    RateLimitedError,
+    UnavailableError,
+    parse_address,
+)
+
+#: exit codes
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+#: control characters other than tab and newline, shown escaped on a terminal
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
+
+
+def default_key_path() -> str:
+    """``$MESHRELAY_KEY``, else ``$XDG_CONFIG_HOME/meshrelay/identity.key`` (``~/.config``)."""
+    env = os.environ.get("MESHRELAY_KEY")
+    if env:
+        return env
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "meshrelay", "identity.key")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: {message} (see: {self.prog} --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _say(stream: TextIO, text: str) -> None:
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def _fail(message: str) -> int:
+    _say(sys.stderr, f"meshrelay: {message}")
+    return EXIT_ERROR
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Write a new identity key file (mode 0600) and print its address."""
+    ident = Identity.generate()
+    ident.save(args.key, force=args.force)
+    _say(sys.stderr, f"wrote {args.key}")
+    _say(sys.stdout, ident.address)
+    return EXIT_OK
+
+
+def cmd_address(args: argparse.Namespace) -> int:
+    """Print the mailbox address of the key file."""
+    _say(sys.stdout, Identity.load(args.key).address)
+    return EXIT_OK
+
+
+def cmd_gen_secret(args: argparse.Namespace) -> int:
+    """Print (or write, mode 0600) a new random peer secret."""
+    secret = secrets.token_urlsafe(32)
+    if not args.out:
+        _say(sys.stdout, secret)
+        return EXIT_OK
+    write_private_file(args.out, secret + "\n", force=args.force)
+    _say(sys.stderr, f"wrote {args.out}")
+    return EXIT_OK
+
+
+def write_private_file(path: str, text: str, force: bool = False) -> None:
+    """Create ``path`` with mode 0600 (refusing an existing one unless ``force``)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise ClientError(f"{path} already exists (use --force to replace it)") from None
+    except OSError as e:
+        raise ClientError(f"cannot write {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(text)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Encrypt TEXT (or stdin) to ADDRESS, sign the envelope, deposit it at the node."""
+    parse_address(args.to)
+    ident = Identity.load(args.key)
+    client = NodeClient(args.node, timeout=args.timeout)
+    if args.text is None or args.text == "-":
+        if args.text is None and sys.stdin.isatty():
+            return _fail("give the message TEXT, or - to read it from stdin")
+        text = sys.stdin.buffer.read()
+    else:
+        text = args.text.encode("utf-8")
+    env = ident.envelope(args.to, ident.seal_text(args.to, text), ttl=args.ttl)
+    result = client.send(env)
+    msg_id = result.get("msg_id", env["msg_id"])
+    _say(sys.stdout, f"{msg_id}{' (duplicate: already stored)' if result.get('duplicate') else ''}")
+    return EXIT_OK
+
+
+def _utc(ts: int) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _for_terminal(text: str) -> str:
+    """Escape control characters so a message cannot drive the user's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class Printer:
+    """Writes verified messages to stdout, as text or as JSON lines."""
+
+    def __init__(self, as_json: bool, stream: Any = None) -> None:
+        self.as_json = as_json
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def show(self, msg: Any) -> None:
+        if self.as_json:
+            try:
+                body: dict[str, Any] = {"text": msg.text.decode("utf-8")}
+            except UnicodeDecodeError:
+                from meshrelay.envelope import b64u_encode
+
+                body = {"data_b64u": b64u_encode(msg.text)}
+            line = {"msg_id": msg.msg_id, "from": msg.sender, "ts": msg.ts, **body}
+            self.stream.write(json.dumps(line, ensure_ascii=False) + "\n")
+        else:
+            text = msg.text.decode("utf-8", errors="replace")
+            if self.tty:
+                text = _for_terminal(text)
+            header = f"--- from {msg.sender} at {_utc(msg.ts)} [{msg.msg_id[:12]}]"
+            self.stream.write(header + "\n" + text + ("" if text.endswith("\n") else "\n"))
+        self.stream.flush()
+
+
+class Reader:
+    """Verifies, decrypts and prints envelopes, remembering what it printed."""
+
+    def __init__(self, ident: Identity, printer: Printer, discard_bad: bool, remember: int = 10000) -> None:
+        self.ident = ident
+        self.printer = printer
+        self.discard_bad = discard_bad
+        self.remember = remember
+        #: msg_ids handled (printed, or reported as bad), oldest first
+        self.seen: OrderedDict[str, bool] = OrderedDict()
+        self.bad = 0
+
+    def handle(self, envelopes: list[Any]) -> tuple[list[str], int]:
+        """Process one page; returns (msg_ids to ack, number of envelopes not seen before)."""
+        to_ack: list[str] = []
+        fresh = 0
+        for obj in envelopes:
+            msg_id = obj.get("msg_id") if isinstance(obj, dict) else None
+            key = msg_id if isinstance(msg_id, str) else repr(obj)[:80]
+            if key in self.seen:
+                # Printed (or reported) before: at-least-once delivery; ack again, do not reprint.
+                if self.seen[key] or self.discard_bad:
+                    to_ack.append(key)
+                continue
+            fresh += 1
+            try:
+                msg = self.ident.open_envelope(obj)
+            except MessageError as e:
+                self.bad += 1
+                what = "acked and dropped" if self.discard_bad else "not acked (--discard-bad drops it)"
+                _say(sys.stderr, f"meshrelay: {e}; {what}")
+                self._remember(key, False)
+                if self.discard_bad and isinstance(msg_id, str):
+                    to_ack.append(msg_id)
+                continue
+            self.printer.show(msg)
+            self._remember(key, True)
+            to_ack.append(msg.msg_id)
+        return to_ack, fresh
+
+    def _remember(self, key: str, printed: bool) -> None:
+        self.seen[key] = printed
+        while len(self.seen) > self.remember:
+            self.seen.popitem(last=False)
+
+
+#: how many pages one ``poll --ack`` reads at most
+MAX_POLL_PAGES = 100
+
+
+def cmd_poll(args: argparse.Namespace) -> int:
+    """Fetch pending messages, verify, decrypt and print them; with --ack, ack what was printed."""
+    ident = Identity.load(args.key)
+    client = NodeClient(args.node, timeout=args.timeout)
+    reader = Reader(ident, Printer(args.json), args.discard_bad)
+    acks: list[str] = []
+    for page in range(MAX_POLL_PAGES):
+        result = client.poll(
+            ident, ack=acks, limit=args.limit, wait=args.wait if page == 0 else 0, fetch_remote=args.fetch_remote
+        )
+        acks = []
+        to_ack, fresh = reader.handle(result.messages)
+        if args.ack:
+            acks = to_ack
+        if not (args.ack and result.has_more and fresh):
+            break
+    if acks:
+        client.ack(ident, acks)
+    # Each unreadable message was reported on its own line; the exit code says so too.
+    return EXIT_ERROR if reader.bad else EXIT_OK
+
+
+class _Stop(Exception):
+    """SIGTERM during watch."""
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Follow the mailbox with long-polls until Ctrl-C, printing and acking each new message."""
+    ident = Identity.load(args.key)
+    client = NodeClient(args.node, timeout=args.timeout)
+    reader = Reader(ident, Printer(args.json), args.discard_bad)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    acks: list[str] = []
+    backoff = 1.0
+    try:
+        while True:
+            try:
+                result = client.poll(ident, ack=acks, limit=args.limit, wait=args.wait, fetch_remote=args.fetch_remote)
+            except (NodeUnreachable, UnavailableError, RateLimitedError) as e:
+                _say(sys.stderr, f"meshrelay: {e}; retrying in {backoff:.0f}s")
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                continue
+            backoff = 1.0
+            acks, fresh = reader.handle(result.messages)
+            if result.messages and not fresh and not acks:
+                # Only messages already reported as bad are pending: a long-poll
+                # would return at once, so wait before asking again.
+                time.sleep(args.idle_interval)
+    except (KeyboardInterrupt, _Stop):
+        if acks:
+            try:
+                NodeClient(args.node, timeout=5.0).ack(ident, acks)
+            except ClientError as e:
+                _say(sys.stderr, f"meshrelay: could not ack the last {len(acks)} message(s): {e}")
+        return EXIT_OK
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a config file; print the effective values with secrets masked."""
+    from meshrelay.config import ConfigError, effective_values, load_config, to_toml
+
+    try:
+        cfg = load_config(args.file)
+        check_endpoints(cfg)
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    _say(sys.stdout, f"# {args.file}: OK; effective values (secrets masked)")
+    sys.stdout.write(to_toml(effective_values(cfg)))
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def check_endpoints(cfg: Any) -> None:
+    """Raise ConfigError for a listen/admin_listen that is not a Twisted endpoint string."""
+    from twisted.internet.testing import MemoryReactor
+
+    from meshrelay.tap import check_endpoints as tap_check
+
+    tap_check(cfg, MemoryReactor())
+
+
+def cmd_demo_mesh(args: argparse.Namespace) -> int:
+    """Run three peered nodes on loopback until Ctrl-C (see meshrelay.demo)."""
+    from meshrelay.demo import run_demo
+
+    return run_demo(args.dir, args.base_port)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key", default=default_key_path(), metavar="FILE", help="identity key file (default: %(default)s)")
+
+
+def _node_options(p: argparse.ArgumentParser) -> None:
+    _key_option(p)
+    p.add_argument(
+        "--node",
+        default=os.environ.get("MESHRELAY_NODE"),
+        required="MESHRELAY_NODE" not in os.environ,
+        metavar="URL",
+        help="the node's public URL, e.g. http://127.0.0.1:8080 (default: $MESHRELAY_NODE)",
+    )
+    p.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S", help="HTTP timeout (default 30)")
+
+
+def _reader_options(p: argparse.ArgumentParser, wait_default: int) -> None:
+    _node_options(p)
+    p.add_argument(
+        "--wait", type=_int_range(0, 30), default=wait_default, metavar="S", help="long-poll up to S seconds (0-30)"
+    )
+    p.add_argument("--limit", type=_int_range(1, 100), default=100, metavar="N", help="messages per request (1-100)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per message")
+    p.add_argument("--fetch-remote", action="store_true", help="ask the node to pull this mailbox from its peers first")
+    p.add_argument(
+        "--discard-bad", action="store_true", help="ack messages that fail verification or decryption (drop them)"
+    )
+
+
+def _conf_keygen(p: argparse.ArgumentParser) -> None:
+    _key_option(p)
+    p.add_argument("--force", action="store_true", help="replace an existing key file (the old identity is lost)")
+
+
+def _conf_send(p: argparse.ArgumentParser) -> None:
+    _node_options(p)
+    p.add_argument("--to", required=True, metavar="ADDRESS", help="the recipient's mailbox address")
+    p.add_argument("--ttl", type=_int_range(1, 2**31), default=DEFAULT_TTL, metavar="S", help="seconds to keep it")
+    p.add_argument("text", nargs="?", metavar="TEXT", help="the message, or - to read it from stdin")
+
+
+def _conf_poll(p: argparse.ArgumentParser) -> None:
+    _reader_options(p, wait_default=0)
+    p.add_argument("--ack", action="store_true", help="ack the messages that were printed (deletes them mesh-wide)")
+
+
+def _conf_watch(p: argparse.ArgumentParser) -> None:
+    _reader_options(p, wait_default=30)
+    p.add_argument("--idle-interval", type=_positive_float, default=5.0, help=argparse.SUPPRESS)
+
+
+def _conf_gen_secret(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="FILE", help="write it to FILE (mode 0600) instead of printing it")
+    p.add_argument("--force", action="store_true", help="replace an existing FILE")
+
+
+def _conf_check_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="TOML config file")
+
+
+def _conf_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", metavar="DIR", help="where to write configs, keys and data (default: a new temp dir)")
+    p.add_argument(
+        "--base-port",
+        type=_int_range(0, 65500),
+        default=18080,
+        metavar="PORT",
+        help="public ports PORT..PORT+2, admin ports PORT+10..PORT+12 (0: any free ports; default 18080)",
+    )
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+COMMANDS: dict[str, Command] = {
+    "keygen": Command("create an identity key file (mode 0600)", _conf_keygen, cmd_keygen),
+    "address": Command("print the mailbox address of a key file", _key_option, cmd_address),
+    "send": Command("encrypt, sign and deposit a message", _conf_send, cmd_send),
+    "poll": Command("fetch, verify, decrypt and print messages", _conf_poll, cmd_poll),
+    "watch": Command("follow the mailbox with long-polls until Ctrl-C", _conf_watch, cmd_watch),
+    "gen-secret": Command("print a new peer secret", _conf_gen_secret, cmd_gen_secret),
+    "check-config": Command(
+        "validate a node config and print its effective values", _conf_check_config, cmd_check_config
+    ),
+    "demo-mesh": Command("run three peered nodes on loopback until Ctrl-C", _conf_demo, cmd_demo_mesh),
+}
+
+#: subcommands with their own argument parsing: name -> (help, main(argv) -> exit code)
+RAW_COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="meshrelay",
+        description="meshrelay client and operator tools. Run a node with: twistd -n meshrelay",
+    )
+    parser.add_argument("--version", action="version", version=f"meshrelay {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.configure(p)
+        p.set_defaults(run=command.run)
+    for name, (help_text, _) in RAW_COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in RAW_COMMANDS:
+            return RAW_COMMANDS[argv[0]][1](argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "run", None):
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        result: int = args.run(args)
+        return result
+    except ClientError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        _say(sys.stderr, "meshrelay: interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout closed early (| head): not an error worth a traceback.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_ERROR
+
+
+def run() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    run()

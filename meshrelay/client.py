@@ -1,0 +1,529 @@
+"""A small client library for meshrelay nodes: keys, envelopes, encryption, HTTP.
+
+The ``meshrelay`` command (:mod:`meshrelay.cli`) and the integration tests use
+it; client developers can use it as a reference.  What it does:
+
+- **Identity** (:class:`Identity`): one Ed25519 key.  Its public key is the
+  mailbox address (b64u, 43 characters) and the sender key of what it sends.
+  The X25519 key used for encryption is *derived* from it with libsodium's
+  Ed25519 -> Curve25519 conversion (PyNaCl), so an address is all a sender
+  needs to encrypt to someone.
+- **Key files**: JSON, mode 0600, written atomically; loading refuses a file
+  that others can read.
+- **Messages**: :func:`seal_text` encrypts ``MAGIC || sender public key ||
+  text`` to the recipient with a libsodium sealed box; :meth:`Identity.open_envelope`
+  checks an envelope's ``msg_id`` and signature, decrypts it and checks that
+  the sender inside matches the sender who signed (so nobody can re-sign
+  someone else's ciphertext under their own name).
+- **Signing**: envelopes and poll/count bodies are built with the same helpers
+  the node's tests use (:func:`meshrelay.envelope.make_envelope`,
+  :func:`meshrelay.envelope.make_signed_request`), each request with a fresh
+  16-byte nonce.
+- **HTTP** (:class:`NodeClient`): synchronous, standard library only; every
+  protocol error code becomes its own exception class (:data:`ERROR_CLASSES`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import nacl.exceptions
+import nacl.public
+import nacl.signing
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshrelay import envelope as E
+from meshrelay.errors import MeshError
+
+#: the first bytes of every plaintext the CLI seals (version of the payload convention)
+MAGIC = b"MRT1"
+#: key file format marker
+KEY_FILE_FORMAT = "meshrelay-identity-v1"
+#: the protocol's default ttl for messages sent by the CLI (one day)
+DEFAULT_TTL = 86400
+#: parse_envelope size cap on the client side (the node enforces its own, smaller limit)
+_CLIENT_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ClientError(Exception):
+    """A problem a user can act on; ``str(e)`` is one line."""
+
+
+class KeyFileError(ClientError):
+    """The key file is missing, unreadable, malformed or too widely readable."""
+
+
+class BadAddress(ClientError):
+    """Not a mailbox address (b64u of a 32-byte Ed25519 public key)."""
+
+
+class NodeUnreachable(ClientError):
+    """The node could not be reached (refused, DNS, timeout, TLS)."""
+
+
+class ProtocolError(ClientError):
+    """The node answered something that is not the protocol (not JSON, wrong shape)."""
+
+
+class MessageError(ClientError):
+    """A received envelope that could not be accepted; ``msg_id`` names it."""
+
+    def __init__(self, msg_id: str, reason: str) -> None:
+        super().__init__(f"message {msg_id[:16]}: {reason}")
+        self.msg_id = msg_id
+        self.reason = reason
+
+
+class BadMessage(MessageError):
+    """The envelope's shape, ``msg_id``, signature or mailbox is wrong."""
+
+
+class DecryptError(MessageError):
+    """The ciphertext does not open with this identity (wrong key or tampered)."""
+
+
+class SenderMismatch(MessageError):
+    """The sender sealed inside the message is not the one who signed the envelope."""
+
+
+class RemoteError(ClientError):
+    """The node refused a request with a protocol error code."""
+
+    code = ""
+
+    def __init__(self, status: int, code: str, detail: str, body: dict[str, Any] | None = None) -> None:
+        text = f"{code}: {detail}" if detail else code
+        super().__init__(f"node refused the request ({status} {text})")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.body = body or {}
+
+
+class BadJSONError(RemoteError):
+    code = "bad_json"
+
+
+class BadEnvelopeError(RemoteError):
+    code = "bad_envelope"
+
+
+class BadSignatureError(RemoteError):
+    code = "bad_signature"
+
+
+class BadRequestError(RemoteError):
+    code = "bad_request"
+
+
+class ReplayedError(RemoteError):
+    code = "replayed"
+
+
+class StaleError(RemoteError):
+    code = "stale"
+
+
+class ForbiddenError(RemoteError):
+    code = "forbidden"
+
+
+class NotFoundError(RemoteError):
+    code = "not_found"
+
+
+class MethodNotAllowedError(RemoteError):
+    code = "method_not_allowed"
+
+
+class TooLargeError(RemoteError):
+    code = "too_large"
+
+
+class UnsupportedMediaTypeError(RemoteError):
+    code = "unsupported_media_type"
+
+
+class BadTimestampError(RemoteError):
+    code = "bad_timestamp"
+
+
+class BadTTLError(RemoteError):
+    code = "bad_ttl"
+
+
+class SenderCapError(RemoteError):
+    """Too many unacked envelopes from this sender in this mailbox (``pending`` of ``limit``)."""
+
+    code = "sender_cap"
+
+    def __init__(self, status: int, code: str, detail: str, body: dict[str, Any] | None = None) -> None:
+        super().__init__(status, code, detail, body)
+        pending, limit = self.body.get("pending"), self.body.get("limit")
+        self.pending: int | None = pending if type(pending) is int else None
+        self.limit: int | None = limit if type(limit) is int else None
+        if self.pending is not None and self.limit is not None:
+            self.args = (
+                f"node refused the request ({status} sender_cap: {self.pending} of {self.limit} "
+                "messages from you are still unread in that mailbox)",
+            )
+
+
+class MailboxFullError(RemoteError):
+    code = "mailbox_full"
+
+
+class RateLimitedError(RemoteError):
+    code = "rate_limited"
+
+
+class StorageFullError(RemoteError):
+    code = "storage_full"
+
+
+class UnavailableError(RemoteError):
+    code = "unavailable"
+
+
+class InternalError(RemoteError):
+    code = "internal"
+
+
+#: protocol error code -> exception class (one per code in meshrelay.errors.STATUS_BY_CODE)
+ERROR_CLASSES: dict[str, type[RemoteError]] = {
+    cls.code: cls
+    for cls in (
+        BadJSONError,
+        BadEnvelopeError,
+        BadSignatureError,
+        BadRequestError,
+        ReplayedError,
+        StaleError,
+        ForbiddenError,
+        NotFoundError,
+        MethodNotAllowedError,
+        TooLargeError,
+        UnsupportedMediaTypeError,
+        BadTimestampError,
+        BadTTLError,
+        SenderCapError,
+        MailboxFullError,
+        RateLimitedError,
+        StorageFullError,
+        UnavailableError,
+        InternalError,
+    )
+}
+
+
+def error_from_response(status: int, body: Any) -> ClientError:
+    """The exception for a non-2xx answer: the code's class, or a ProtocolError."""
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        code = body["error"]
+        detail = body.get("detail")
+        cls = ERROR_CLASSES.get(code, RemoteError)
+        return cls(status, code, detail if isinstance(detail, str) else "", body)
+    return ProtocolError(f"node answered HTTP {status} without a protocol error body")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def parse_address(address: str) -> bytes:
+    """The 32 raw bytes of a mailbox address; raise :class:`BadAddress` otherwise."""
+    try:
+        raw = E.b64u_decode(address.strip())
+    except ValueError:
+        raise BadAddress(f"not a mailbox address (43 base64url characters expected): {address[:60]!r}") from None
+    if len(raw) != E.KEY_LEN:
+        raise BadAddress(f"not a mailbox address (must decode to 32 bytes, got {len(raw)}): {address[:60]!r}")
+    return raw
+
+
+def encryption_key_for(address: str) -> nacl.public.PublicKey:
+    """The X25519 key derived from a mailbox address (for sealing to it)."""
+    raw = parse_address(address)
+    try:
+        return nacl.signing.VerifyKey(raw).to_curve25519_public_key()
+    except (nacl.exceptions.CryptoError, nacl.exceptions.RuntimeError, ValueError):
+        raise BadAddress(f"not a mailbox address (not an Ed25519 public key): {address[:60]!r}") from None
+
+
+class Identity:
+    """An Ed25519 identity: a mailbox address and a sender key, plus its derived X25519 key."""
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != 32:
+            raise ValueError("an Ed25519 seed is 32 bytes")
+        self.seed = seed
+        self.signing_key = Ed25519PrivateKey.from_private_bytes(seed)
+        self.address = E.public_key_b64u(self.signing_key)
+        self._box_key = nacl.signing.SigningKey(seed).to_curve25519_private_key()
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(os.urandom(32))
+
+    def __repr__(self) -> str:
+        return f"Identity({self.address})"
+
+    # ---------------------------------------------------------------- key files
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": KEY_FILE_FORMAT, "ed25519_seed": E.b64u_encode(self.seed), "address": self.address}
+
+    def save(self, path: str, force: bool = False) -> None:
+        """Write the key file with mode 0600; refuse to replace one unless ``force``."""
+        path = os.path.expanduser(path)
+        if os.path.lexists(path) and not force:
+            raise KeyFileError(f"{path} already exists (use --force to replace it)")
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".meshrelay-key-", dir=directory)
+        except OSError as e:
+            raise KeyFileError(f"cannot write {path}: {e.strerror or e}") from None
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(self.to_json(), indent=2) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            if force:
+                os.replace(tmp, path)
+            else:
+                # link() fails if the name appeared meanwhile: never replace silently.
+                os.link(tmp, path)
+                os.unlink(tmp)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if isinstance(e, FileExistsError):
+                raise KeyFileError(f"{path} already exists (use --force to replace it)") from None
+            raise KeyFileError(f"cannot write {path}: {e.strerror or e}") from None
+
+    @classmethod
+    def load(cls, path: str) -> Identity:
+        """Read a key file; any problem is a one-line :class:`KeyFileError`."""
+        path = os.path.expanduser(path)
+        try:
+            st = os.stat(path)
+            if os.name == "posix" and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise KeyFileError(
+                    f"{path} is accessible by other users (mode {stat.S_IMODE(st.st_mode):o}); run: chmod 600 {path}"
+                )
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read(64 * 1024)
+        except FileNotFoundError:
+            raise KeyFileError(f"no key file at {path} (create one with: meshrelay keygen)") from None
+        except UnicodeDecodeError:
+            raise KeyFileError(f"{path} is not a meshrelay key file (not UTF-8 text)") from None
+        except OSError as e:
+            raise KeyFileError(f"cannot read key file {path}: {e.strerror or e}") from None
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise KeyFileError(f"{path} is not a meshrelay key file (not JSON)") from None
+        if not isinstance(doc, dict) or doc.get("format") != KEY_FILE_FORMAT:
+            raise KeyFileError(f"{path} is not a meshrelay key file (format is not {KEY_FILE_FORMAT!r})")
+        try:
+            seed = E.b64u_decode(doc.get("ed25519_seed", ""))
+        except ValueError:
+            seed = b""
+        if len(seed) != 32:
+            raise KeyFileError(f"{path}: ed25519_seed must be base64url of 32 bytes")
+        ident = cls(seed)
+        if doc.get("address", ident.address) != ident.address:
+            raise KeyFileError(f"{path}: the address does not belong to the seed (the file is damaged)")
+        return ident
+
+    # ---------------------------------------------------------------- signing
+
+    def envelope(self, to: str, ciphertext: bytes, ttl: int = DEFAULT_TTL, now: int | None = None) -> dict[str, Any]:
+        """A signed envelope from this identity to mailbox ``to``."""
+        parse_address(to)
+        ts = int(time.time()) if now is None else now
+        return E.make_envelope(self.signing_key, to, ciphertext, ts, ttl)
+
+    def signed_request(
+        self, ack: Sequence[str] = (), now: int | None = None, nonce: bytes | None = None
+    ) -> dict[str, Any]:
+        """The signed part of a poll or count body, with a fresh 16-byte nonce."""
+        ts = int(time.time()) if now is None else now
+        return E.make_signed_request(self.signing_key, ts, nonce if nonce is not None else os.urandom(16), list(ack))
+
+    # ---------------------------------------------------------------- encryption
+
+    def seal_text(self, to: str, text: bytes) -> bytes:
+        """Encrypt ``text`` to ``to``'s derived X25519 key, with this identity as the sealed sender."""
+        return seal_text(to, self.address, text)
+
+    def decrypt(self, ciphertext: bytes) -> bytes:
+        """Open a sealed box addressed to this identity; raises ``nacl`` CryptoError."""
+        return bytes(nacl.public.SealedBox(self._box_key).decrypt(ciphertext))
+
+    def open_envelope(self, obj: Any) -> Message:
+        """Verify an envelope (shape, ``msg_id``, signature, mailbox), decrypt it, check its sender."""
+        msg_id = obj.get("msg_id") if isinstance(obj, dict) else None
+        label = msg_id if isinstance(msg_id, str) else "(no msg_id)"
+        try:
+            env = E.parse_envelope(obj, _CLIENT_MAX_MESSAGE)
+        except MeshError as e:
+            raise BadMessage(label, f"malformed envelope ({e.detail})") from None
+        if not E.verify_envelope(env):
+            raise BadMessage(env.msg_id, "the sender's signature does not verify")
+        if env.mailbox != self.address:
+            raise BadMessage(env.msg_id, "addressed to another mailbox")
+        try:
+            plain = self.decrypt(E.b64u_decode(env.ciphertext))
+        except (nacl.exceptions.CryptoError, ValueError):
+            raise DecryptError(
+                env.msg_id, "cannot decrypt (not encrypted to this key, or the ciphertext was altered)"
+            ) from None
+        if not plain.startswith(MAGIC) or len(plain) < len(MAGIC) + E.KEY_LEN:
+            raise BadMessage(env.msg_id, "not a meshrelay text message")
+        inner_sender = E.b64u_encode(plain[len(MAGIC) : len(MAGIC) + E.KEY_LEN])
+        if inner_sender != env.sender:
+            raise SenderMismatch(env.msg_id, "the sender inside the message is not the one who signed it")
+        return Message(
+            msg_id=env.msg_id, sender=env.sender, ts=env.ts, ttl=env.ttl, text=plain[len(MAGIC) + E.KEY_LEN :]
+        )
+
+
+def seal_text(to: str, sender: str, text: bytes) -> bytes:
+    """``SealedBox(to's X25519 key).encrypt(MAGIC || sender public key || text)``."""
+    box = nacl.public.SealedBox(encryption_key_for(to))
+    return bytes(box.encrypt(MAGIC + parse_address(sender) + text))
+
+
+@dataclass(frozen=True)
+class Message:
+    """A verified, decrypted message."""
+
+    msg_id: str
+    sender: str
+    ts: int
+    ttl: int
+    text: bytes
+
+
+@dataclass(frozen=True)
+class PollResult:
+    messages: list[dict[str, Any]]
+    has_more: bool
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def check_node_url(url: str) -> str:
+    """The node's base URL without a trailing ``/``; raise :class:`ClientError` if it is not http(s)."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ClientError(f"not a node URL (expected http://host:port): {url!r}")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ClientError(f"not a node URL (bad port): {url!r}") from None
+    return url.strip().rstrip("/")
+
+
+class NodeClient:
+    """Blocking JSON-over-HTTP access to one node's client API."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+        self.base_url = check_node_url(base_url)
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> dict[str, Any]:
+        """One request; the decoded ``{"ok": true, ...}`` body, else a :class:`ClientError`."""
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode("utf-8")
+        req = urllib.request.Request(self.base_url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        req.add_header("Accept", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            try:
+                raw_err = e.read()
+            except OSError:
+                raw_err = b""
+            finally:
+                e.close()
+            raise error_from_response(e.code, _json_or_none(raw_err)) from None
+        except urllib.error.URLError as e:
+            raise NodeUnreachable(f"cannot reach the node at {self.base_url}: {_reason(e.reason)}") from None
+        except TimeoutError:
+            raise NodeUnreachable(f"the node at {self.base_url} did not answer in time") from None
+        except OSError as e:
+            raise NodeUnreachable(f"connection to {self.base_url} failed: {_reason(e)}") from None
+        doc = _json_or_none(raw)
+        if not isinstance(doc, dict) or doc.get("ok") is not True:
+            raise ProtocolError(f"node answered HTTP {status} with an unexpected body")
+        return doc
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/api/mesh/health")
+
+    def send(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        """Deposit a signed envelope; ``{"ok", "msg_id", "duplicate"}``."""
+        return self.request("POST", "/api/mesh/dm/send", envelope)
+
+    def poll(
+        self,
+        identity: Identity,
+        ack: Sequence[str] = (),
+        limit: int = 100,
+        wait: int = 0,
+        fetch_remote: bool = False,
+    ) -> PollResult:
+        """Ack ``ack`` and fetch up to ``limit`` pending envelopes (long-polling ``wait`` s)."""
+        body = identity.signed_request(ack)
+        body.update(limit=limit, wait=wait, fetch_remote=fetch_remote)
+        doc = self.request("POST", "/api/mesh/dm/poll", body, timeout=self.timeout + wait)
+        messages, more = doc.get("messages"), doc.get("has_more", False)
+        if not isinstance(messages, list) or not isinstance(more, bool):
+            raise ProtocolError("poll answer has no messages list")
+        return PollResult(messages=messages, has_more=more)
+
+    def ack(self, identity: Identity, ids: Sequence[str]) -> None:
+        """Ack ``ids`` (a poll with limit 1 whose messages are ignored)."""
+        for start in range(0, len(ids), E.MAX_ACK_IDS):
+            self.poll(identity, ack=ids[start : start + E.MAX_ACK_IDS], limit=1)
+
+    def count(self, identity: Identity) -> int:
+        doc = self.request("POST", "/api/mesh/dm/count", identity.signed_request())
+        n = doc.get("count")
+        if type(n) is not int:
+            raise ProtocolError("count answer has no integer count")
+        return n
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _reason(reason: Any) -> str:
+    if isinstance(reason, OSError) and reason.strerror:
+        return str(reason.strerror)
+    return str(reason) or type(reason).__name__

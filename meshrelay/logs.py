@@ -1,0 +1,158 @@
+"""Log output for operators: text or JSON lines, and a throttle for noisy events.
+
+meshrelay logs with :mod:`twisted.logger` everywhere.  ``twistd`` decides where
+the lines go; this module decides their shape:
+
+- ``[node] log_format = "json"`` makes ``twistd meshrelay`` write one JSON object
+  per line (``time``, ``level``, ``namespace``, ``message``, the event's own
+  fields, and ``failure`` with the traceback when there is one) to the same
+  place twistd would write text: stdout with ``-n``, else ``--logfile``
+  (default ``twistd.log``).  ``makeService`` installs it as the application's
+  log observer (:class:`~meshrelay.tap.MeshrelayService`).
+- ``twistd --logger meshrelay.logs.observer ...`` uses :func:`observer`: stdout,
+  in the format the config selects (makeService runs before twistd starts
+  logging, so the choice is known by then), or ``$MESHRELAY_LOG_FORMAT``.
+- :class:`Throttle` keeps a flood (a sender hammering a cap, thousands of
+  long-polls refused) to one line per key per interval, with a count of what
+  was folded into it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from typing import IO, Any
+
+from twisted.logger import ILogObserver, LogEvent, formatEvent, textFileLogObserver
+from zope.interface import implementer
+
+FORMATS = ("text", "json")
+
+_selected_format: str | None = None
+
+#: event keys that are plumbing, not fields
+_SKIP = frozenset(("format", "message", "isError", "printed", "time", "system", "failure", "why", "log_trace"))
+
+
+def select_format(fmt: str) -> None:
+    """Remember the configured format for :func:`observer` (called by ``makeService``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {FORMATS}, got {fmt!r}")
+    global _selected_format
+    _selected_format = fmt
+
+
+def selected_format() -> str:
+    env = os.environ.get("MESHRELAY_LOG_FORMAT", "").strip().lower()
+    return _selected_format or (env if env in FORMATS else "text")
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if depth < 4 and isinstance(value, list | tuple):
+        return [_jsonable(v, depth + 1) for v in value[:100]]
+    if depth < 4 and isinstance(value, dict):
+        return {str(k): _jsonable(v, depth + 1) for k, v in list(value.items())[:100]}
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def event_as_json(event: LogEvent) -> dict[str, Any]:
+    """One log event as a flat JSON-able object."""
+    ts = event.get("log_time") or 0.0
+    level = event.get("log_level")
+    out: dict[str, Any] = {
+        "time": datetime.datetime.fromtimestamp(ts, datetime.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        "level": getattr(level, "name", "info"),
+        "namespace": event.get("log_namespace", "-"),
+        "message": (formatEvent(event) or "").strip(),
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in _SKIP or key in out:
+            continue
+        out[key] = _jsonable(value)
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            out["failure"] = failure.getTraceback()
+        except Exception:
+            out["failure"] = repr(failure)
+    return out
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """Writes each event as one line of JSON to a text stream."""
+
+    def __init__(self, stream: IO[str] | Any) -> None:
+        self.stream = stream
+
+    def __call__(self, event: LogEvent) -> None:
+        try:
+            line = json.dumps(event_as_json(event), ensure_ascii=False, separators=(",", ":"), default=str)
+        except Exception as e:  # a log line must never break the caller
+            line = json.dumps({"level": "error", "message": f"unloggable event: {e!r}"})
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def make_observer(fmt: str, stream: IO[str] | Any) -> Any:
+    """An observer writing ``fmt`` ("text" or "json") to ``stream``."""
+    return JSONLinesObserver(stream) if fmt == "json" else textFileLogObserver(stream)
+
+
+def observer() -> Any:
+    """Observer factory for ``twistd --logger meshrelay.logs.observer``: stdout, configured format."""
+    return make_observer(selected_format(), sys.stdout)
+
+
+def twistd_destination(twistd_options: Any) -> Any:
+    """Where twistd itself would send text logs, given its ServerOptions: a stream or LogFile."""
+    get = getattr(twistd_options, "get", None)
+    logfile = (get("logfile") if get else None) or ""
+    nodaemon = bool(get("nodaemon")) if get else True
+    if logfile == "-" or (nodaemon and not logfile):
+        return sys.stdout
+    from twisted.python.logfile import LogFile
+
+    return LogFile.fromFullPath(logfile or "twistd.log")
+
+
+def observer_for_twistd(fmt: str, twistd_options: Any) -> Any | None:
+    """The observer to install for ``fmt`` under twistd, or None to keep twistd's own.
+
+    Text keeps twistd's default observer; so does ``--syslog`` (twistd's syslog
+    observer is used as configured).
+    """
+    if fmt != "json":
+        return None
+    get = getattr(twistd_options, "get", None)
+    if get is not None and get("syslog"):
+        return None
+    return JSONLinesObserver(twistd_destination(twistd_options))
+
+
+class Throttle:
+    """At most one log line per key per ``interval`` seconds (on the injected clock)."""
+
+    def __init__(self, clock: Any, interval: float = 60.0) -> None:
+        self.clock = clock
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._folded: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None to stay quiet; else the number of events folded since the last line."""
+        now = self.clock.seconds()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._folded[key] = self._folded.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._folded.pop(key, 0)

@@ -1,0 +1,214 @@
+"""The docs stay true: config keys documented, the worked example, the curl client, backup and restore."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import tomllib
+from typing import Any
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshrelay import client as C
+from meshrelay import config as cfg_mod
+from meshrelay import envelope as E
+from meshrelay.config import load_config
+from tests.harness import REPO, NodeProcess
+
+DOCS = os.path.join(REPO, "docs")
+EXAMPLE_TOML = os.path.join(REPO, "etc", "meshrelay.example.toml")
+PEER_KEYS = ("url", "secret", "secret_file", "connect")
+
+
+def read(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def config_keys() -> dict[str, list[str]]:
+    """Every key config.py accepts: section -> keys (peers included)."""
+    keys = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in cfg_mod._SECTIONS.items()}
+    keys["peers"] = list(PEER_KEYS)
+    return keys
+
+
+def load_worked_example() -> Any:
+    spec = importlib.util.spec_from_file_location("worked_example", os.path.join(DOCS, "examples", "worked_example.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ConfigDocsTests(SynchronousTestCase):
+    def test_every_key_in_operator_guide(self) -> None:
+        """docs/operator.md has a table row for every config key, under its section's heading."""
+        text = read(os.path.join(DOCS, "operator.md"))
+        for section, keys in config_keys().items():
+            heading = "### `[[peers]]`" if section == "peers" else f"### `[{section}]`"
+            self.assertIn(heading, text)
+            part = text.split(heading, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+            for key in keys:
+                self.assertIn(f"| `{key}` |", part, f"{section}.{key} is not documented")
+
+    def test_every_key_in_example_toml(self) -> None:
+        """etc/meshrelay.example.toml has every key (set or as a #key = line) under its section, with a comment."""
+        text = read(EXAMPLE_TOML)
+        # Uncomment the "#key = value" lines: the result must be TOML with every key.
+        uncommented = re.sub(r"(?m)^#(\[\[peers\]\]|[a-z_]+ = )", r"\1", text)
+        doc = tomllib.loads(uncommented.replace('secret = "use', 'secret_x = "use'))
+        doc["peers"][0]["secret"] = "x"
+        for section, keys in config_keys().items():
+            table = doc[section][0] if section == "peers" else doc[section]
+            for key in keys:
+                self.assertIn(key, table, f"{section}.{key} missing from the example")
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            if re.match(r"^#?[a-z_]+ = ", line):
+                self.assertTrue(lines[i - 1].startswith("#"), f"no comment above: {line}")
+
+    def test_example_toml_is_valid(self) -> None:
+        """The example config loads as is, and with its peer uncommented."""
+        cfg = load_config(EXAMPLE_TOML)
+        self.assertEqual(cfg.peers, ())
+        d = self.mktemp()
+        os.makedirs(d)
+        with open(os.path.join(d, "peer-b.secret"), "w") as fh:
+            fh.write("a-long-enough-secret\n")
+        text = read(EXAMPLE_TOML)
+        text = re.sub(r"(?m)^#(\[\[peers\]\]|url = |connect = )", r"\1", text)
+        text = text.replace("#secret_file = ", "secret_file = ").replace(
+            "/etc/meshrelay/peer-b.secret", "peer-b.secret"
+        )
+        path = os.path.join(d, "n.toml")
+        with open(path, "w") as fh:
+            fh.write(text)
+        cfg = load_config(path)
+        self.assertEqual([p.url for p in cfg.peers], ["http://127.0.0.1:8081"])
+        self.assertEqual(cfg.peers[0].secret, "a-long-enough-secret")
+
+    def test_defaults_in_example_match_config(self) -> None:
+        """Each value set in the example is the default of config.py."""
+        doc = tomllib.loads(read(EXAMPLE_TOML))
+        for name, cls in cfg_mod._SECTIONS.items():
+            defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+            for key, value in doc.get(name, {}).items():
+                self.assertEqual(value, defaults[key], f"{name}.{key}")
+
+    def test_systemd_unit(self) -> None:
+        """The systemd unit runs twistd in the foreground with the meshrelay plugin and a config."""
+        unit = read(os.path.join(REPO, "etc", "meshrelay.service"))
+        exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+        self.assertIn("twistd --nodaemon", exec_start)
+        self.assertIn(" meshrelay --config ", exec_start)
+        self.assertIn("KillSignal=SIGTERM", unit)
+
+
+class WorkedExampleTests(SynchronousTestCase):
+    def test_doc_values_match_the_code(self) -> None:
+        """Every value of the worked example in docs/client.md is what the code computes."""
+        values = load_worked_example().example()
+        doc = read(os.path.join(DOCS, "client.md"))
+        for key in (
+            "sender_seed_hex",
+            "mailbox_seed_hex",
+            "sender",
+            "mailbox",
+            "ciphertext_b64u",
+            "ciphertext_sha256",
+            "envelope_signed",
+            "msg_id",
+            "envelope_sig",
+            "envelope_json",
+            "nonce_b64u",
+            "poll_signed",
+            "poll_sig",
+        ):
+            self.assertIn(values[key], doc, key)
+        # The poll body in the doc is the computed one plus limit and wait.
+        block = doc.split('"nonce": "AAECAwQFBgcICQoLDA0ODw"', 1)[0].rsplit("```json", 1)[1]
+        block += doc.split('"nonce": "AAECAwQFBgcICQoLDA0ODw"', 1)[1].split("```", 1)[0]
+        poll = json.loads(block.replace('"ts": 1795000100,', '"ts": 1795000100, "nonce": "AAECAwQFBgcICQoLDA0ODw"'))
+        self.assertEqual({k: v for k, v in poll.items() if k not in ("limit", "wait")}, json.loads(values["poll_json"]))
+
+    def test_example_verifies(self) -> None:
+        """The worked envelope and poll pass the node's own parsing and signature checks."""
+        values = load_worked_example().example()
+        env = E.parse_envelope(json.loads(values["envelope_json"]), 8192)
+        self.assertTrue(E.verify_envelope(env))
+        poll = E.parse_poll(json.loads(values["poll_json"]))
+        self.assertTrue(E.verify_signed(poll.auth))
+        self.assertEqual(poll.auth.ack, (values["msg_id"],))
+
+
+def _openssl_3() -> bool:
+    if not (shutil.which("openssl") and shutil.which("curl")):
+        return False
+    out = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout
+    return bool(re.match(r"OpenSSL [3-9]\.", out))
+
+
+@pytest.mark.integration
+class AgainstNodeDocsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.base = tempfile.mkdtemp(prefix="meshrelay-docs-")
+        self.addCleanup(shutil.rmtree, self.base, True)
+        self.node = NodeProcess(self.base, "node").start()
+        self.addCleanup(self.node.stop)
+
+    def test_curl_client_script(self) -> None:
+        """docs/examples/curl_client.sh deposits, polls and acks against a real node with curl and openssl."""
+        if not _openssl_3():
+            raise self.skipTest("needs curl and OpenSSL >= 3")
+        r = subprocess.run(
+            ["bash", os.path.join(DOCS, "examples", "curl_client.sh"), self.node.url], capture_output=True, timeout=120
+        )
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = r.stdout.decode().splitlines()
+        msg_id = next(line for line in out if line.startswith("msg_id ")).split()[1]
+        sent, polled, acked = (json.loads(line) for line in out if line.startswith("{"))
+        self.assertEqual(sent, {"ok": True, "msg_id": msg_id, "duplicate": False})
+        self.assertEqual([m["msg_id"] for m in polled["messages"]], [msg_id])
+        self.assertEqual(acked, {"ok": True, "messages": [], "has_more": False})
+
+    def test_online_backup_and_restore(self) -> None:
+        """The operator guide's online backup (Python API) and restore with a new feed id keep every envelope."""
+        alice, bob = C.Identity.generate(), C.Identity.generate()
+        ids = []
+        for i in range(3):
+            env = alice.envelope(bob.address, alice.seal_text(bob.address, b"m%d" % i))
+            self.assertEqual(self.node.send(env)[0], 200)
+            ids.append(env["msg_id"])
+        backup = os.path.join(self.base, "backup.sqlite3")
+        script = read(os.path.join(DOCS, "operator.md")).split("python3 - ", 1)[1].split("<<'PY'\n", 1)[1]
+        script = script.split("\nPY\n", 1)[0]
+        src_db = os.path.join(self.node.data_dir, "meshrelay.sqlite3")
+        r = subprocess.run(["python3", "-", src_db, backup], input=script.encode(), capture_output=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+
+        restored = NodeProcess(self.base, "restored")
+        os.makedirs(restored.data_dir)
+        shutil.copy(backup, os.path.join(restored.data_dir, "meshrelay.sqlite3"))
+        conn = sqlite3.connect(os.path.join(restored.data_dir, "meshrelay.sqlite3"))
+        old_feed = conn.execute("SELECT value FROM meta WHERE key = 'feed_id'").fetchone()[0]
+        with conn:
+            conn.execute("UPDATE meta SET value = lower(hex(randomblob(16))) WHERE key = 'feed_id'")
+        new_feed = conn.execute("SELECT value FROM meta WHERE key = 'feed_id'").fetchone()[0]
+        conn.close()
+        self.assertNotEqual(old_feed, new_feed)
+        self.assertEqual(len(new_feed), 32)
+        restored.start()
+        try:
+            result = C.NodeClient(restored.url).poll(bob)
+            self.assertEqual([m["msg_id"] for m in result.messages], ids)
+            self.assertEqual(bob.open_envelope(result.messages[2]).text, b"m2")
+        finally:
+            restored.stop()
