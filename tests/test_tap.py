@@ -92,3 +92,18 @@ class TapTests(SynchronousTestCase):
         blocker = os.path.abspath(self.mktemp())
         open(blocker, "w").close()
         self.assertExitsWithOneLine(self.options("--data-dir", os.path.join(blocker, "sub")), "sub")
+
+
+class SchemaVersionTests(SynchronousTestCase):
+    def test_newer_schema_refuses_to_start(self) -> None:
+        """A store whose schema is newer than this code is refused with one line, not run."""
+        from meshrelay.store.base import Caps, StoreError
+        from meshrelay.store.sqlite import SQLiteStore
+
+        data = os.path.abspath(self.mktemp())
+        store = SQLiteStore(data, Caps())
+        store._wconn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+        store._wconn.close()
+        with self.assertRaises(StoreError) as cm:
+            SQLiteStore(data, Caps())
+        self.assertIn("newer than this meshrelay knows", str(cm.exception))
