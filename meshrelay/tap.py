@@ -17,7 +17,8 @@ import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -50,7 +51,12 @@ log = Logger(namespace="meshrelay.tap")
 
 
 class MeshrelayService(MultiService):
-    """The top of the service tree; installs the configured log observer on the twistd application."""
+    """The top of the service tree; installs the configured log observer on the twistd application.
+
+    It stops in order: first the listeners (no new requests; in-flight ones
+    are answered or cut), then the node, which lets queued writes commit
+    before it closes the store.
+    """
 
     #: set by makeService for ``log_format = "json"``; None keeps twistd's own observer
     log_observer: Any = None
@@ -63,6 +69,15 @@ class MeshrelayService(MultiService):
             if parent.getComponent(ILogObserver, None) is None:
                 parent.setComponent(ILogObserver, observer)
         super().setServiceParent(parent)
+
+    def stopService(self) -> Deferred[Any]:
+        node = self.namedServices.get(Node.name)
+        others = [s for s in reversed(list(self)) if s is not node]
+        Service.stopService(self)
+        first = DeferredList([maybeDeferred(s.stopService) for s in others])
+        if node is None:
+            return first
+        return first.addCallback(lambda _: node.stopService())
 
 
 def check_endpoints(config: Config, reactor: Any) -> None:

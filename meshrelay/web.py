@@ -60,6 +60,9 @@ class MeshRequest(server.Request):
     _closing = False
     _discarded = 0
     body_cap = 65536
+    # No API takes HTML form posts; skip Twisted's Content-Type parsing for
+    # them (it builds an email.message per POST: tens of microseconds).
+    _parsePOSTFormSubmission = False
 
     def _cap(self) -> int:
         site = getattr(self.channel, "site", None)
