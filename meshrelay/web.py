@@ -60,9 +60,6 @@ class MeshRequest(server.Request):
     _closing = False
     _discarded = 0
     body_cap = 65536
-    # No API takes HTML form posts; skip Twisted's Content-Type parsing for
-    # them (it builds an email.message per POST: tens of microseconds).
-    _parsePOSTFormSubmission = False
 
     def _cap(self) -> int:
         site = getattr(self.channel, "site", None)
@@ -197,6 +194,9 @@ class MeshSite(server.Site):
         max_connections: int = 10240,
     ) -> None:
         super().__init__(resource, timeout=timeout, reactor=reactor)
+        # No API takes HTML form posts: skip Twisted's Content-Type parsing of
+        # every POST (it builds an email.message each time: tens of microseconds).
+        self._parsePOSTFormSubmission = False
         self.body_caps = body_caps
         self.access_log = access_log
         self.metrics = metrics
