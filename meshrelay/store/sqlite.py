@@ -55,6 +55,16 @@ DB_NAME = "meshrelay.sqlite3"
 #: rows deleted per sweeper transaction, so deposits interleave with a big sweep
 SWEEP_CHUNK = 5000
 
+#: dedup, tombstone and both cap counts of a deposit in one statement
+#: (parameters: msg_id, mailbox, now, sender)
+_ADD_CHECKS = """
+SELECT
+    EXISTS (SELECT 1 FROM envelopes WHERE msg_id = ?1),
+    EXISTS (SELECT 1 FROM tombstones WHERE mailbox = ?2 AND msg_id = ?1 AND expires > ?3),
+    (SELECT COUNT(*) FROM envelopes WHERE mailbox = ?2 AND expires > ?3),
+    (SELECT COUNT(*) FROM envelopes WHERE mailbox = ?2 AND sender = ?4 AND expires > ?3)
+"""
+
 
 def _connect(path: str, durability: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -202,15 +212,21 @@ class SQLiteStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for op in ops:
-                conn.execute("SAVEPOINT op")
+                # An op whose only write is its last statement needs no
+                # savepoint: SQLite undoes a failed statement by itself.
+                guarded = not getattr(op, "single_write", False)
+                if guarded:
+                    conn.execute("SAVEPOINT op")
+                saved = (state.seq, state.count, state.bytes)
                 try:
-                    saved = (state.seq, state.count, state.bytes)
                     results.append((True, op(conn, state)))
                 except Exception as e:
-                    conn.execute("ROLLBACK TO op")
+                    if guarded:
+                        conn.execute("ROLLBACK TO op")
                     state.seq, state.count, state.bytes = saved
                     results.append((False, e))
-                conn.execute("RELEASE op")
+                if guarded:
+                    conn.execute("RELEASE op")
             if (state.seq, state.count, state.bytes) != (self._seq, self._count, self._bytes):
                 conn.executemany(
                     "UPDATE meta SET value = ? WHERE key = ?",
@@ -284,37 +300,30 @@ class SQLiteStore:
         caps = self.caps
         body = env.raw
         size = len(body)
+        keys = (env.msg_id, env.mailbox, now, env.sender)
 
         def op(conn: sqlite3.Connection, st: _Batch) -> AddResult:
-            if conn.execute("SELECT 1 FROM envelopes WHERE msg_id = ?", (env.msg_id,)).fetchone():
-                return AddResult(DUPLICATE)
-            if conn.execute(
-                "SELECT 1 FROM tombstones WHERE mailbox = ? AND msg_id = ? AND expires > ?",
-                (env.mailbox, env.msg_id, now),
-            ).fetchone():
+            # One statement for every check (each statement costs the writer
+            # thread a GIL round trip), then the insert.
+            stored, tombstoned, in_mailbox, from_sender = conn.execute(_ADD_CHECKS, keys).fetchone()
+            if stored or tombstoned:
                 return AddResult(DUPLICATE)
             if st.bytes + size > caps.max_stored_bytes:
                 return AddResult(STORAGE_FULL)
-            (in_mailbox,) = conn.execute(
-                "SELECT COUNT(*) FROM envelopes WHERE mailbox = ? AND expires > ?", (env.mailbox, now)
-            ).fetchone()
             if in_mailbox >= caps.per_mailbox_pending:
                 return AddResult(MAILBOX_FULL, pending=in_mailbox, limit=caps.per_mailbox_pending)
-            (from_sender,) = conn.execute(
-                "SELECT COUNT(*) FROM envelopes WHERE mailbox = ? AND sender = ? AND expires > ?",
-                (env.mailbox, env.sender, now),
-            ).fetchone()
             if from_sender >= caps.per_sender_pending:
                 return AddResult(SENDER_CAP, pending=from_sender, limit=caps.per_sender_pending)
-            st.seq += 1
             conn.execute(
                 "INSERT INTO envelopes (seq, msg_id, mailbox, sender, expires, size, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (st.seq, env.msg_id, env.mailbox, env.sender, env.expires, size, body),
+                (st.seq + 1, env.msg_id, env.mailbox, env.sender, env.expires, size, body),
             )
+            st.seq += 1
             st.count += 1
             st.bytes += size
             return AddResult(ACCEPTED, seq=st.seq)
 
+        op.single_write = True  # type: ignore[attr-defined]
         return self._write(op)
 
     def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
@@ -355,6 +364,7 @@ class SQLiteStore:
             )
             return cur.rowcount == 1
 
+        op.single_write = True  # type: ignore[attr-defined]
         return self._write(op)
 
     def set_cursor(self, cursor: Cursor) -> Deferred[None]:
@@ -366,6 +376,7 @@ class SQLiteStore:
                 (cursor.peer, cursor.feed_id, cursor.since, cursor.synced_at),
             )
 
+        op.single_write = True  # type: ignore[attr-defined]
         return self._write(op)
 
     def acquire_lease(self, name: str, holder: str, ttl: float) -> Deferred[bool]:
