@@ -216,6 +216,7 @@ SWITCH_INTERVAL: float | None = None
 
 def twistd_command(config_path: str, workdir: str) -> list[str]:
     prelude = "" if SWITCH_INTERVAL is None else f"import sys; sys.setswitchinterval({SWITCH_INTERVAL!r}); "
+    # experiments: Python statements run in the node before twistd (instrumentation, monkeypatches)
     if os.environ.get("MESHRELAY_BENCH_PRELUDE"):
         prelude += os.environ["MESHRELAY_BENCH_PRELUDE"] + "; "
     return [
