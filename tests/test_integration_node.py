@@ -53,8 +53,9 @@ def stop_cleanly(node: NodeProcess) -> None:
     """
     code = node.stop()
     assert code in (0, -signal.SIGTERM), code
-    log = node.tail_log(400)
-    assert "meshrelay node stopped" in log and "Server Shut Down." in log, log
+    with open(node.log_path, encoding="utf-8", errors="replace") as fh:
+        last_run = fh.read().rsplit("starting up.", 1)[-1]
+    assert "meshrelay node stopped" in last_run and "Server Shut Down." in last_run, last_run[-3000:]
 
 
 def wait_for(predicate: Any, what: str, guard: float = GUARD) -> None:
