@@ -240,6 +240,41 @@ class LongPollTests(SynchronousTestCase):
         self.assertEqual(self.waiting(), 0.0)
 
 
+class WaitingBoundTests(SynchronousTestCase):
+    """limits.max_waiting_polls bounds polls that wait, and only those."""
+
+    def setUp(self) -> None:
+        self.node = NodeProcess(os.path.abspath(self.mktemp()), "bound", config={"limits": {"max_waiting_polls": 1}})
+        self.addCleanup(self.node.kill)
+        self.node.start()
+
+    def hold_the_only_waiting_slot(self) -> threading.Thread:
+        idle = Identity()
+        thread = threading.Thread(
+            target=lambda: self.node.poll(idle.poll_body(ts=now(), wait=5), timeout=GUARD), daemon=True
+        )
+        thread.start()
+        wait_for(lambda: metric(self.node, "meshrelay_waiting_polls") == 1.0, "the first poll to be waiting")
+        self.addCleanup(thread.join, GUARD)
+        return thread
+
+    def test_long_poll_over_the_bound_is_refused(self) -> None:
+        """A long-poll that would wait while the bound is reached answers 429 rate_limited."""
+        self.hold_the_only_waiting_slot()
+        status, body = self.node.poll(Identity().poll_body(ts=now(), wait=30))
+        self.assertEqual((status, body["error"]), (429, "rate_limited"))
+
+    def test_long_poll_with_mail_pending_is_served_when_the_bound_is_reached(self) -> None:
+        """A long-poll whose mailbox has mail never waits, so the waiting bound must not refuse it."""
+        box, sender = Identity(), Identity()
+        env = sender.envelope(box, b"already here", ts=now())
+        self.assertEqual(self.node.send(env)[0], 200)
+        self.hold_the_only_waiting_slot()
+        status, body = self.node.poll(box.poll_body(ts=now(), wait=30))
+        self.assertEqual(status, 200, body)
+        self.assertEqual([m["msg_id"] for m in body["messages"]], [env["msg_id"]])
+
+
 class _OverriddenNode(NodeProcess):
     """A node whose command line gives --listen and --data-dir over different values in its file."""
 
