@@ -31,6 +31,8 @@ setup(
             "ruff>=0.6",
             "mypy>=1.11",
         ],
+        # bench/deposit.py --profile; the deposit load generator is wrk (apt-get install -y wrk)
+        "bench": ["py-spy>=0.3"],
     },
     entry_points={"console_scripts": ["meshrelay = meshrelay.cli:main"]},
 )

@@ -64,7 +64,8 @@ class NodeProcess:
         peers: list[dict[str, Any]] | None = None,
     ) -> None:
         self.name = name
-        self.dir = os.path.join(base_dir, name)
+        # absolute: the child runs with cwd=self.dir, so relative config/data paths would break
+        self.dir = os.path.abspath(os.path.join(base_dir, name))
         os.makedirs(self.dir, exist_ok=True)
         self.port = port or free_port()
         self.admin_port = admin_port or free_port()
