@@ -51,7 +51,7 @@ from meshrelay.metrics import Metrics
 from meshrelay.peer_api import MAX_BATCH, MAX_CHANGES_LIMIT
 from meshrelay.peers import PeerSigner, url_path
 from meshrelay.relay import Relay
-from meshrelay.store.base import Cursor, Store
+from meshrelay.store.base import Cursor, Store, StoreError
 
 REPLICATE_PATH = "/api/mesh/dm/replicate-envelope"
 ACK_PATH = "/api/mesh/dm/ack"
@@ -424,8 +424,10 @@ class PeerClient:
         self.last_sync_outcome = "error"
         self.last_sync_at = self.clock.seconds()
         self.backoff = min(float(self.interval), max(MIN_BACKOFF, self.backoff * 2))
-        if f.check(PeerError, TimeoutError, ConnectionError, OSError) or not f.check(Exception):
+        if f.check(PeerError):
             self._mark(False, f"sync failed: {_describe(f)}")
+        elif f.check(StoreError):
+            self.log.error("sync from peer {peer} stopped: {err}", peer=self.url, err=f.value)
         else:
             self.log.failure("sync from peer {peer} failed", f, peer=self.url)
         self._schedule_sync(self.backoff)
@@ -479,9 +481,13 @@ class PeerClient:
             if status != 200:
                 raise PeerError(f"HTTP {status}")
             page = parse_page(loads_json(body), since, limit)
-        except Exception:
-            self.metrics.sync_pull_total.labels(self.url, "error").inc()
+        except CancelledError:
             raise
+        except Exception as e:
+            self.metrics.sync_pull_total.labels(self.url, "error").inc()
+            if isinstance(e, PeerError):
+                raise
+            raise PeerError(_describe(Failure(e))) from e
         self.metrics.sync_pull_total.labels(self.url, "ok").inc()
         self._mark(True)
         return page

@@ -159,6 +159,8 @@ class Link:
         self.dst = dst
         self.mode = "up"
         self.requests: list[tuple[str, str]] = []
+        #: (method, url, body length) of every request
+        self.sizes: list[tuple[str, str, int]] = []
         self.held: list[tuple[str, str, dict[str, Any], Deferred[Any]]] = []
         self._stub: StubTreq | None = None
         self._stub_node: Any = None
@@ -176,6 +178,7 @@ class Link:
 
     def request(self, method: str, url: str, **kw: Any) -> Deferred[Any]:
         self.requests.append((method, url))
+        self.sizes.append((method, url, len(kw.get("data") or b"")))
         if self.mode == "down":
             return fail(ConnectionRefusedError(string=f"{self.dst} is down"))
         if self.mode == "hang":
@@ -331,7 +334,8 @@ class Mesh:
 
     def stop(self) -> None:
         for n in self.nodes.values():
-            n.stop()
+            if n.node.running:
+                n.stop()
         self.settle()
 
 
