@@ -96,9 +96,11 @@ class PeerAPI:
     app = Klein()
     install_error_table(app)
 
-    def __init__(self, relay: Relay, auth: PeerAuthenticator) -> None:
+    def __init__(self, relay: Relay, auth: PeerAuthenticator, limiter: Any = None) -> None:
         self.relay = relay
         self.auth = auth
+        #: optional per-peer request limiter (``allow(peer_url) -> bool``)
+        self.limiter = limiter
 
     def resource(self) -> Any:
         return self.app.resource()

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from meshrelay.config import Config
 from meshrelay.deferutil import shield
 from meshrelay.envelope import NONCE_LEN, b64u_decode, b64u_encode
-from meshrelay.errors import Forbidden
+from meshrelay.errors import Forbidden, RateLimited
 from meshrelay.metrics import Metrics
 from meshrelay.replay import OK, REPLAYED, ReplayCache
 from meshrelay.store.base import Store
@@ -211,8 +211,10 @@ Handler = Callable[[Any, Any, str], Coroutine[Any, Any, T]]
 def peer_route(app: Klein, path: str, methods: list[str]) -> Callable[[Handler[T]], Handler[T]]:
     """Register ``handler(self, request, peer_url)`` on ``app`` behind peer authentication.
 
-    The instance must have an ``auth`` attribute (a :class:`PeerAuthenticator`).
-    The handler runs only for an authenticated request, so it never sees, and
+    The instance must have an ``auth`` attribute (a :class:`PeerAuthenticator`)
+    and may have a ``limiter`` (anything with ``allow(key) -> bool``, keyed by
+    the authenticated peer URL; a refusal is ``429 rate_limited``).  The
+    handler runs only for an authenticated request, so it never sees, and
     never parses, an unauthenticated body.
     """
 
@@ -220,6 +222,9 @@ def peer_route(app: Klein, path: str, methods: list[str]) -> Callable[[Handler[T
         @functools.wraps(handler)
         async def gated(self: Any, request: Any) -> T:
             peer = await self.auth.authenticate(request)
+            limiter = getattr(self, "limiter", None)
+            if limiter is not None and not limiter.allow(peer):
+                raise RateLimited("too many requests from this peer; slow down")
             return await handler(self, request, peer)
 
         app.route(path, methods=methods, branch=False)(cast(Any, gated))

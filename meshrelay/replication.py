@@ -68,6 +68,8 @@ MAX_FETCH_PAGES = 4
 MAX_PUSH_RESPONSE = 1 << 20
 #: first back-off step after a failed sync run (doubles up to sync.interval)
 MIN_BACKOFF = 1.0
+#: pause after a peer answers a push with 429 (rate limited) before pushing again
+THROTTLE_PAUSE = 0.2
 
 _BATCH_OPEN = {ENVELOPE: '{"envelopes":[', ACK: '{"acks":['}
 _BATCH_CLOSE = "]}"
@@ -89,6 +91,10 @@ class PeerError(Exception):
 
 class ResponseTooLarge(PeerError):
     pass
+
+
+class Throttled(PeerError):
+    """The peer answered 429: slow down and send the same items again."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,9 @@ class PeerClient:
         self.max_page_response = MAX_CHANGES_LIMIT * per_item + 4096
         # push state
         self.queues: dict[str, deque[str]] = {ENVELOPE: deque(), ACK: deque()}
+        self.queued_bytes = {ENVELOPE: 0, ACK: 0}
         self.inflight = 0
+        self.paused_until = 0.0
         self._turn = ACK
         self._pump_call: Any = None
         # sync state
@@ -218,8 +226,7 @@ class PeerClient:
         self._pump_call = self._sync_call = None
         for d in list(self._outstanding):
             d.cancel()
-        for q in self.queues.values():
-            q.clear()
+        self._clear_queues()
         self.metrics.push_queue_depth.labels(self.url).set(0)
 
     def _track(self, d: Deferred[Any]) -> Deferred[Any]:
@@ -285,8 +292,7 @@ class PeerClient:
         depth = self.queue_depth
         if depth >= self.queue_max:
             dropped = depth + 1
-            for q in self.queues.values():
-                q.clear()
+            self._clear_queues()
             self.metrics.push_dropped_total.labels(self.url).inc(dropped)
             self.metrics.push_queue_depth.labels(self.url).set(0)
             self.last_push_outcome = "dropped"
@@ -296,17 +302,51 @@ class PeerClient:
             )
             return
         self.queues[kind].append(text)
+        self.queued_bytes[kind] += len(text)
         self.metrics.push_queue_depth.labels(self.url).set(depth + 1)
-        if self._pump_call is None and self.inflight < self.inflight_max:
+        self._schedule_pump()
+
+    def _schedule_pump(self) -> None:
+        if self._pump_call is not None or self._stopped or not self.queue_depth:
+            return
+        pause = self.paused_until - self.clock.seconds()
+        if pause > 0:
+            self._pump_call = self.clock.callLater(pause, self._pump)
+        elif self._may_send():
             self._pump_call = self.clock.callLater(0, self._pump)
+
+    def _clear_queues(self) -> None:
+        for kind, q in self.queues.items():
+            q.clear()
+            self.queued_bytes[kind] = 0
+
+    def _may_send(self) -> bool:
+        """Whether to start a request now.
+
+        With nothing in flight, always.  While requests are in flight, a new one
+        starts only for a full batch: small items wait for the answer and
+        coalesce into the next batch (fewer, bigger requests under load), and
+        a backlog still gets up to ``push_inflight_max`` requests at once.
+        """
+        if self._stopped or not self.queue_depth or self.inflight >= self.inflight_max:
+            return False
+        if self.clock.seconds() < self.paused_until:
+            return False
+        if self.inflight == 0:
+            return True
+        for kind, q in self.queues.items():
+            if len(q) >= MAX_BATCH or self.queued_bytes[kind] + len(q) + 16 >= self.max_body:
+                return True
+        return False
 
     def _pump(self) -> None:
         self._pump_call = None
-        while not self._stopped and self.inflight < self.inflight_max and self.queue_depth:
+        while self._may_send():
             kind = self._next_kind()
             items, body = self._take_batch(kind)
             self._send(kind, items, body)
         self.metrics.push_queue_depth.labels(self.url).set(self.queue_depth)
+        self._schedule_pump()
 
     def _next_kind(self) -> str:
         # Alternate between acks and envelopes when both wait.
@@ -315,7 +355,7 @@ class PeerClient:
             self._turn = other
         return self._turn if self.queues[self._turn] else other
 
-    def _take_batch(self, kind: str) -> tuple[int, bytes]:
+    def _take_batch(self, kind: str) -> tuple[list[str], bytes]:
         """Pop as many items as fit in one request body; at least one."""
         q = self.queues[kind]
         opening, closing = _BATCH_OPEN[kind], _BATCH_CLOSE
@@ -325,19 +365,22 @@ class PeerClient:
             item = q.popleft()
             size += 1 + len(item)
             parts.append(item)
-        return len(parts), (opening + ",".join(parts) + closing).encode("utf-8")
+        self.queued_bytes[kind] -= sum(len(p) for p in parts)
+        return parts, (opening + ",".join(parts) + closing).encode("utf-8")
 
-    def _send(self, kind: str, n: int, body: bytes) -> None:
+    def _send(self, kind: str, items: list[str], body: bytes) -> None:
         self.inflight += 1
         path = REPLICATE_PATH if kind == ENVELOPE else ACK_PATH
         d = self._request("POST", path, body=body)
-        d.addCallback(self._push_answered, kind, n)
-        d.addErrback(self._push_failed, n)
+        d.addCallback(self._push_answered, kind, len(items))
+        d.addErrback(self._push_failed, kind, items)
         d.addBoth(self._push_done)
         self._track(d)
 
     def _push_answered(self, answer: tuple[int, bytes], kind: str, n: int) -> None:
         status, body = answer
+        if status == 429:
+            raise Throttled("HTTP 429")
         if status != 200:
             raise PeerError(f"HTTP {status}")
         obj = loads_json(body)
@@ -364,18 +407,36 @@ class PeerClient:
         self.last_push_at = self.clock.seconds()
         self._mark(True)
 
-    def _push_failed(self, f: Failure, n: int) -> None:
+    def _push_failed(self, f: Failure, kind: str, items: list[str]) -> None:
         if self._stopped and f.check(CancelledError):
             return
+        if f.check(Throttled):
+            self._requeue(kind, items)
+            return
+        n = len(items)
         self.metrics.push_total.labels(self.url, "error").inc(n)
         self.last_push_outcome = "error"
         self.last_push_at = self.clock.seconds()
         self._mark(False, f"push failed: {_describe(f)}")
 
+    def _requeue(self, kind: str, items: list[str]) -> None:
+        """A rate-limited batch goes back to the head of its queue; pushing pauses briefly."""
+        self.paused_until = self.clock.seconds() + THROTTLE_PAUSE
+        self.last_push_outcome = "throttled"
+        self.last_push_at = self.clock.seconds()
+        if self.queue_depth + len(items) > self.queue_max:
+            self.metrics.push_dropped_total.labels(self.url).inc(len(items))
+            self.log.warn(
+                "push queue for peer {peer} full: dropped {n} items; sync will repair", peer=self.url, n=len(items)
+            )
+            return
+        self.queues[kind].extendleft(reversed(items))
+        self.queued_bytes[kind] += sum(len(i) for i in items)
+        self.metrics.push_queue_depth.labels(self.url).set(self.queue_depth)
+
     def _push_done(self, _: Any) -> None:
         self.inflight -= 1
-        if not self._stopped and self.queue_depth and self._pump_call is None:
-            self._pump_call = self.clock.callLater(0, self._pump)
+        self._schedule_pump()
 
     # ------------------------------------------------------------------ sync
 
@@ -445,33 +506,64 @@ class PeerClient:
         synced_at = cursor.synced_at if cursor is not None else 0.0
         if synced_at and (self.synced_at is None or synced_at > self.synced_at):
             self.synced_at = synced_at
+        # A pipeline two pages deep: while page N is verified and stored, page
+        # N+1 is already being fetched (the peer builds it meanwhile) and then
+        # parsed.  The durable cursor only ever moves past a page whose items
+        # are all applied, in order.
+        prefetch: Deferred[Page] | None = None
+        applying: tuple[Deferred[None], Page] | None = None
         pages = 0
-        while True:
-            if pages and not await self._lease():
-                return "skipped"
-            page = await self._pull(since, self.page_limit)
-            if feed and page.feed != feed and since:
-                self.log.info(
-                    "peer {peer} has a new feed id ({old} -> {new}): syncing again from 0",
-                    peer=self.url,
-                    old=feed,
-                    new=page.feed,
-                )
-                feed, since = page.feed, 0
-                continue
-            feed = page.feed
-            await self._apply(page)
-            since = page.next
-            now = self.clock.seconds()
-            if not page.more:
-                synced_at = now
-            await shield(self.store.set_cursor(Cursor(self.url, feed, since, synced_at)))
-            if not page.more:
-                self.synced_at = now
-                return "ok"
-            pages += 1
-            if pages >= MAX_PAGES_PER_RUN:
-                return "partial"
+        try:
+            while True:
+                if pages and not await self._lease():
+                    if applying is not None:
+                        synced_at = await self._finish(applying, synced_at)
+                        applying = None
+                    return "skipped"
+                if prefetch is None:
+                    prefetch = self._pull_page(since)
+                page = await prefetch
+                prefetch = None
+                if feed and page.feed != feed and since:
+                    self.log.info(
+                        "peer {peer} has a new feed id ({old} -> {new}): syncing again from 0",
+                        peer=self.url,
+                        old=feed,
+                        new=page.feed,
+                    )
+                    feed, since = page.feed, 0
+                    continue
+                feed, since = page.feed, page.next
+                pages += 1
+                last = not page.more or pages >= MAX_PAGES_PER_RUN
+                if not last:
+                    prefetch = self._pull_page(since)
+                started = (Deferred.fromCoroutine(self._apply(page)), page)
+                if applying is not None:
+                    synced_at = await self._finish(applying, synced_at)
+                applying = started
+                if last:
+                    synced_at = await self._finish(applying, synced_at)
+                    applying = None
+                    return "ok" if not page.more else "partial"
+        finally:
+            for pending in (prefetch, applying[0] if applying is not None else None):
+                if pending is not None:
+                    pending.addErrback(lambda _: None)
+                    pending.cancel()
+
+    async def _finish(self, applying: tuple[Deferred[None], Page], synced_at: float) -> float:
+        """Wait for a page's items to be applied, then move the durable cursor past it."""
+        done, page = applying
+        await done
+        if not page.more:
+            synced_at = self.clock.seconds()
+            self.synced_at = synced_at
+        await shield(self.store.set_cursor(Cursor(self.url, page.feed, page.next, synced_at)))
+        return synced_at
+
+    def _pull_page(self, since: int) -> Deferred[Page]:
+        return Deferred.fromCoroutine(self._pull(since, self.page_limit))
 
     async def _pull(self, since: int, limit: int, mailbox: str | None = None) -> Page:
         """GET one changes page; counts ``sync_pull_total`` (ok/error)."""
@@ -616,9 +708,14 @@ class PooledHTTPClients:
     """The production client factory: one ``treq.HTTPClient`` on a persistent pool."""
 
     def __init__(self, reactor: Any, config: Config) -> None:
-        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+
+        class QuietClientFactory(_HTTP11ClientFactory):
+            # No "Starting factory" log line for every new peer connection.
+            noisy = False
 
         self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool._factory = QuietClientFactory
         # Pushes in flight plus the sync puller and a fetch_remote, per peer.
         self.pool.maxPersistentPerHost = config.sync.push_inflight_max + 2
         self.pool.cachedConnectionTimeout = 120

@@ -133,15 +133,20 @@ def replace_limits(config: Config, **kw: Any) -> Config:
 # --------------------------------------------------------------------------- in-memory meshes
 
 
-class _Answer500(Resource):
-    """A peer that answers every request with 500."""
+class _Answer(Resource):
+    """A peer that answers every request with one error status."""
 
     isLeaf = True
 
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__()
+        self.status = status
+        self.body = json.dumps({"ok": False, "error": code, "detail": "test peer"}).encode()
+
     def render(self, request: Any) -> bytes:
-        request.setResponseCode(500)
+        request.setResponseCode(self.status)
         request.setHeader(b"Content-Type", b"application/json")
-        return b'{"ok":false,"error":"internal","detail":"broken peer"}'
+        return self.body
 
 
 class Link:
@@ -149,8 +154,8 @@ class Link:
 
     ``mode`` is ``"up"`` (requests reach ``dst``'s real resource through a
     StubTreq), ``"down"`` (connection refused), ``"500"`` (an error answer),
-    ``"hang"`` (never answers; only the caller's timeout ends it) or ``"hold"``
-    (requests wait until :meth:`release`).
+    ``"429"`` (rate limited), ``"hang"`` (never answers; only the caller's
+    timeout ends it) or ``"hold"`` (requests wait until :meth:`release`).
     """
 
     def __init__(self, mesh: Mesh, src: str, dst: str) -> None:
@@ -164,7 +169,8 @@ class Link:
         self.held: list[tuple[str, str, dict[str, Any], Deferred[Any]]] = []
         self._stub: StubTreq | None = None
         self._stub_node: Any = None
-        self._broken = StubTreq(_Answer500())
+        self._broken = StubTreq(_Answer(500, "internal"))
+        self._throttled = StubTreq(_Answer(429, "rate_limited"))
 
     def stub(self) -> StubTreq:
         target = self.mesh.nodes[self.dst]
@@ -174,7 +180,7 @@ class Link:
         return self._stub
 
     def stubs(self) -> list[StubTreq]:
-        return [s for s in (self._stub, self._broken) if s is not None]
+        return [s for s in (self._stub, self._broken, self._throttled) if s is not None]
 
     def request(self, method: str, url: str, **kw: Any) -> Deferred[Any]:
         self.requests.append((method, url))
@@ -185,6 +191,8 @@ class Link:
             return Deferred()
         if self.mode == "500":
             return self._broken.request(method, url, **kw)  # type: ignore[no-any-return]
+        if self.mode == "429":
+            return self._throttled.request(method, url, **kw)  # type: ignore[no-any-return]
         if self.mode == "hold":
             d: Deferred[Any] = Deferred()
             self.held.append((method, url, kw, d))

@@ -538,6 +538,27 @@ class PeerAuthTests(PeerAPITestCase):
         self.assertEqual(self.failures("malformed_header"), 1.0)
 
 
+class PeerRateLimitTests(PeerAPITestCase):
+    """The optional per-peer limiter runs after authentication, keyed by the peer URL."""
+
+    def test_limited_peer_gets_429_after_auth(self) -> None:
+        """An authenticated peer over its limit is 429 rate_limited; others and forgers are not counted."""
+        seen: list[str] = []
+
+        class OnlyC:
+            def allow(self, key: str) -> bool:
+                seen.append(key)
+                return key == C_URL
+
+        self.node.node.peer_api.limiter = OnlyC()
+        status, body = self.peer("GET", CHANGES)
+        self.assertEqual((status, body["error"]), (429, "rate_limited"))
+        self.assertEqual(self.peer("GET", CHANGES, caller=C_URL, secret=SECRET_C)[0], 200)
+        status, _ = self.peer("GET", CHANGES, caller=C_URL, secret=SECRET_B)
+        self.assertEqual(status, 403)
+        self.assertEqual(seen, [B_URL, C_URL])
+
+
 class BodyCapTests(PeerAPITestCase):
     """Oversize peer bodies are cut off by the request itself (max_replicate_body_bytes)."""
 

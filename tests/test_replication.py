@@ -190,22 +190,57 @@ class PushTests(MeshTestCase):
         self.assertEqual(self.peer_client("a", "b").inflight, 0)
         self.assertEqual(self.peer_client("a", "b").reachable, False)
 
-    def test_inflight_is_bounded(self) -> None:
-        """At most push_inflight_max requests are outstanding per peer; the rest wait in the queue."""
+    def test_small_items_wait_for_the_request_in_flight_and_coalesce(self) -> None:
+        """While one push is in flight, small items queue up and go together in the next batch."""
         self.mesh.set_mode("a", "b", "hold")
         client = self.peer_client("a", "b")
-        for i in range(8):
+        self.send("a", b"first")
+        self.mesh.settle()
+        for i in range(5):
             self.send("a", b"m%d" % i, sender=Identity())
             self.mesh.settle()
-        self.assertEqual(client.inflight, 4)
-        self.assertEqual(len(self.mesh.link("a", "b").held), 4)
-        self.assertEqual(client.queue_depth, 4)
+        self.assertEqual((client.inflight, client.queue_depth), (1, 5))
         self.mesh.set_mode("a", "b", "up")
         self.mesh.link("a", "b").release()
         self.mesh.settle()
-        self.assertEqual(len(self.live("b")), 8)
+        pushes = [r for r in self.mesh.link("a", "b").requests if r[1].endswith(REPLICATE)]
+        self.assertEqual(len(pushes), 2)
+        self.assertEqual(len(self.live("b")), 6)
+
+    def test_inflight_is_bounded(self) -> None:
+        """A backlog of full batches gets at most push_inflight_max requests at once; the rest waits."""
+        self.mesh.set_mode("a", "b", "hold")
+        client = self.peer_client("a", "b")
+        client.max_body = 2048  # about two envelopes per batch
+        envs = []
+        for i in range(20):
+            envs.append(self.send("a", b"x" * 300 + b"%d" % i, sender=Identity()))
+            self.mesh.settle()
+        self.assertEqual(client.inflight, 4)
+        self.assertEqual(len(self.mesh.link("a", "b").held), 4)
+        self.assertGreater(client.queue_depth, 0)
+        self.mesh.set_mode("a", "b", "up")
+        self.mesh.link("a", "b").release()
+        self.mesh.settle()
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
         self.assertEqual((client.inflight, client.queue_depth), (0, 0))
-        self.assertEqual(self.push_count("a", "b", "ok"), 8)
+        self.assertEqual(self.push_count("a", "b", "ok"), 20)
+
+    def test_rate_limited_push_is_retried_not_lost(self) -> None:
+        """A 429 answer puts the batch back and pauses pushing; nothing is counted as error or dropped."""
+        self.mesh.set_mode("a", "b", "429")
+        client = self.peer_client("a", "b")
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual((client.queue_depth, client.last_push_outcome), (1, "throttled"))
+        self.assertEqual(self.push_count("a", "b", "error"), 0)
+        self.mesh.advance(0.2, step=0.1)  # still limited: retried once more, requeued again
+        self.assertEqual(client.queue_depth, 1)
+        self.mesh.set_mode("a", "b", "up")
+        self.mesh.advance(0.2, step=0.1)
+        self.assertEqual(self.live("b"), [env["msg_id"]])
+        self.assertEqual((self.push_count("a", "b", "ok"), self.push_count("a", "b", "error")), (1, 0))
+        self.assertEqual(self.metric("a", "meshrelay_dm_replication_dropped_total", peer=Mesh.url("b")), 0)
 
     def test_push_never_raises_a_listener_error_into_the_deposit(self) -> None:
         """Deposits answer 200 even when a peer client has been stopped."""
