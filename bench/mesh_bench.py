@@ -40,13 +40,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import treq  # noqa: E402
-from twisted.internet import defer, task  # noqa: E402
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory  # noqa: E402
+import treq
+from twisted.internet import defer, task
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-from meshrelay import envelope as E  # noqa: E402
-from tests.harness import NodeProcess  # noqa: E402
-from tests.helpers import Identity, link_secret  # noqa: E402
+from meshrelay import envelope as E
+from tests.harness import NodeProcess
+from tests.helpers import Identity, link_secret
 
 SEND = "/api/mesh/dm/send"
 POLL = "/api/mesh/dm/poll"
@@ -183,9 +183,13 @@ async def throughput(reactor: Any, args: argparse.Namespace) -> None:
                 if name == "a":
                     # Let the pushes drain before the next round.
                     target = cluster.gauge("a", "meshrelay_stored_envelopes")
-                    await wait_until(
-                        reactor, lambda: cluster.gauge("c", "meshrelay_stored_envelopes") >= target, 120, 0.2
-                    )
+                    for peer in ("b", "c"):
+                        await wait_until(
+                            reactor,
+                            lambda p=peer, t=target: cluster.gauge(p, "meshrelay_stored_envelopes") >= t,  # type: ignore[misc]
+                            120,
+                            0.2,
+                        )
         solo, mesh = statistics.median(results["solo"]), statistics.median(results["a"])
         print(f"median no peers: {solo:.0f}/s, median with 2 peers: {mesh:.0f}/s, ratio {mesh / solo:.2f}")
     finally:
@@ -273,12 +277,12 @@ async def catchup(reactor: Any, args: argparse.Namespace) -> None:
             done += n
         launched = time.perf_counter()
         cluster["b"].start(wait=False)
-        await wait_until(
-            reactor, lambda: cluster.gauge("b", "meshrelay_stored_envelopes") >= args.backlog, 3600, 0.1
-        )
+        await wait_until(reactor, lambda: cluster.gauge("b", "meshrelay_stored_envelopes") >= args.backlog, 3600, 0.1)
         seconds = time.perf_counter() - launched
-        print(f"  fresh node B holds all {args.backlog} after {seconds:.1f} s (from its launch): "
-              f"{args.backlog / seconds:.0f} envelopes/s")
+        print(
+            f"  fresh node B holds all {args.backlog} after {seconds:.1f} s (from its launch): "
+            f"{args.backlog / seconds:.0f} envelopes/s"
+        )
     finally:
         await pool.closeCachedConnections()
         cluster.stop()
@@ -303,8 +307,12 @@ async def ackprop(reactor: Any, args: argparse.Namespace) -> None:
             client, cluster["a"].url + SEND, [E.dumps_json(env) for _, env in items], 16
         )
         assert failures == 0
-        for n in ("b", "c"):
-            await wait_until(reactor, lambda: cluster.gauge(n, "meshrelay_stored_envelopes") >= args.count, 60)
+        for peer in ("b", "c"):
+            await wait_until(
+                reactor,
+                lambda p=peer: cluster.gauge(p, "meshrelay_stored_envelopes") >= args.count,
+                60,  # type: ignore[misc]
+            )
         print(f"ackprop: {args.count} acks at A, {args.concurrency} at a time; sync off (push only)")
         times: list[float] = []
 
@@ -318,7 +326,11 @@ async def ackprop(reactor: Any, args: argparse.Namespace) -> None:
 
         async def one(box: Identity, env: dict[str, Any]) -> None:
             t0 = time.perf_counter()
-            status, _ = await post(client, cluster["a"].url + POLL, E.dumps_json(box.poll_body(ts=int(time.time()), ack=[env["msg_id"]], limit=1)))
+            status, _ = await post(
+                client,
+                cluster["a"].url + POLL,
+                E.dumps_json(box.poll_body(ts=int(time.time()), ack=[env["msg_id"]], limit=1)),
+            )
             assert status == 200
             await defer.gatherResults([defer.Deferred.fromCoroutine(gone(n, box)) for n in ("b", "c")])
             times.append(time.perf_counter() - t0)
@@ -330,7 +342,9 @@ async def ackprop(reactor: Any, args: argparse.Namespace) -> None:
                 await one(box, env)
 
         await defer.gatherResults([defer.Deferred.fromCoroutine(worker()) for _ in range(args.concurrency)])
-        print(f"  ack at A -> gone at B and C: p50 {ms(pct(times, 50))}, p99 {ms(pct(times, 99))}, max {ms(max(times))}")
+        print(
+            f"  ack at A -> gone at B and C: p50 {ms(pct(times, 50))}, p99 {ms(pct(times, 99))}, max {ms(max(times))}"
+        )
     finally:
         await pool.closeCachedConnections()
         cluster.stop()

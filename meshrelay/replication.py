@@ -208,8 +208,12 @@ class PeerClient:
         self.reachable: bool | None = None
         self._stopped = True
         self._outstanding: set[Deferred[Any]] = set()
-        self.metrics.push_queue_depth.labels(self.url).set(0)
-        self.metrics.peer_sync_lag.labels(self.url).set_function(self.lag_gauge_value)
+        # This peer's metric children, looked up once (enqueue runs per item).
+        self._depth = metrics.push_queue_depth.labels(self.url)
+        self._pushed = {o: metrics.push_total.labels(self.url, o) for o in ("ok", "rejected", "error")}
+        self._dropped = metrics.push_dropped_total.labels(self.url)
+        self._depth.set(0)
+        metrics.peer_sync_lag.labels(self.url).set_function(self.lag_gauge_value)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -227,7 +231,7 @@ class PeerClient:
         for d in list(self._outstanding):
             d.cancel()
         self._clear_queues()
-        self.metrics.push_queue_depth.labels(self.url).set(0)
+        self._depth.set(0)
 
     def _track(self, d: Deferred[Any]) -> Deferred[Any]:
         self._outstanding.add(d)
@@ -293,8 +297,8 @@ class PeerClient:
         if depth >= self.queue_max:
             dropped = depth + 1
             self._clear_queues()
-            self.metrics.push_dropped_total.labels(self.url).inc(dropped)
-            self.metrics.push_queue_depth.labels(self.url).set(0)
+            self._dropped.inc(dropped)
+            self._depth.set(0)
             self.last_push_outcome = "dropped"
             self.last_push_at = self.clock.seconds()
             self.log.warn(
@@ -303,7 +307,7 @@ class PeerClient:
             return
         self.queues[kind].append(text)
         self.queued_bytes[kind] += len(text)
-        self.metrics.push_queue_depth.labels(self.url).set(depth + 1)
+        self._depth.set(depth + 1)
         self._schedule_pump()
 
     def _schedule_pump(self) -> None:
@@ -345,7 +349,7 @@ class PeerClient:
             kind = self._next_kind()
             items, body = self._take_batch(kind)
             self._send(kind, items, body)
-        self.metrics.push_queue_depth.labels(self.url).set(self.queue_depth)
+        self._depth.set(self.queue_depth)
         self._schedule_pump()
 
     def _next_kind(self) -> str:
@@ -397,10 +401,9 @@ class PeerClient:
                 rejected += 1
             else:
                 errors += 1
-        counter = self.metrics.push_total
         for outcome, count in (("ok", ok), ("rejected", rejected), ("error", errors)):
             if count:
-                counter.labels(self.url, outcome).inc(count)
+                self._pushed[outcome].inc(count)
         if rejected:
             self.log.debug("peer {peer} rejected {n} pushed items", peer=self.url, n=rejected)
         self.last_push_outcome = "error" if errors else "rejected" if rejected else "ok"
@@ -414,7 +417,7 @@ class PeerClient:
             self._requeue(kind, items)
             return
         n = len(items)
-        self.metrics.push_total.labels(self.url, "error").inc(n)
+        self._pushed["error"].inc(n)
         self.last_push_outcome = "error"
         self.last_push_at = self.clock.seconds()
         self._mark(False, f"push failed: {_describe(f)}")
@@ -425,14 +428,14 @@ class PeerClient:
         self.last_push_outcome = "throttled"
         self.last_push_at = self.clock.seconds()
         if self.queue_depth + len(items) > self.queue_max:
-            self.metrics.push_dropped_total.labels(self.url).inc(len(items))
+            self._dropped.inc(len(items))
             self.log.warn(
                 "push queue for peer {peer} full: dropped {n} items; sync will repair", peer=self.url, n=len(items)
             )
             return
         self.queues[kind].extendleft(reversed(items))
         self.queued_bytes[kind] += sum(len(i) for i in items)
-        self.metrics.push_queue_depth.labels(self.url).set(self.queue_depth)
+        self._depth.set(self.queue_depth)
 
     def _push_done(self, _: Any) -> None:
         self.inflight -= 1
@@ -684,7 +687,7 @@ class Replication:
     def update_gauges(self) -> None:
         """Refresh the per-peer gauges (the lag gauge is also computed at scrape time)."""
         for peer in self.peers:
-            peer.metrics.push_queue_depth.labels(peer.url).set(peer.queue_depth)
+            peer._depth.set(peer.queue_depth)
 
     def peer_status(self) -> list[dict[str, Any]]:
         """One dict per peer for the status page (None where unknown)."""
