@@ -89,8 +89,8 @@ class LimitsConfig:
     client_rate: int = field(default=100, metadata=_range(0))
     client_burst: int = field(default=200, metadata=_range(1))
     #: peer API requests per second per authenticated peer (0 = unlimited), and the burst
-    peer_rate: int = field(default=200, metadata=_range(0))
-    peer_burst: int = field(default=400, metadata=_range(1))
+    peer_rate: int = field(default=1000, metadata=_range(0))
+    peer_burst: int = field(default=2000, metadata=_range(1))
     #: comma-separated addresses of reverse proxies whose X-Forwarded-For names the client
     trusted_proxies: str = ""
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -16,11 +17,14 @@ from twisted.web.resource import Resource
 
 from meshrelay import __version__
 from meshrelay.api import ClientAPI
-from meshrelay.config import Config
+from meshrelay.config import Config, PeerConfig
 from meshrelay.executor import ThreadExecutor
 from meshrelay.metrics import Metrics
+from meshrelay.peer_api import PeerAPI
+from meshrelay.peers import PeerAuthenticator
 from meshrelay.ratelimit import RateLimiter
 from meshrelay.relay import Relay
+from meshrelay.replication import HTTPClient, PooledHTTPClients, Replication
 from meshrelay.store import open_store
 from meshrelay.store.base import Store
 from meshrelay.store.migrations import LATEST_VERSION
@@ -42,6 +46,7 @@ class Node(Service):
         threaded: bool = True,
         metrics: Metrics | None = None,
         store: Store | None = None,
+        peer_client_factory: Callable[[PeerConfig], HTTPClient] | None = None,
     ) -> None:
         self.config = config
         self.clock: Any = reactor
@@ -58,9 +63,20 @@ class Node(Service):
         )
         self.relay = Relay(self.store, config, reactor, self.metrics, self.verifier)
         self.client_api = ClientAPI(self.relay, peer_count=lambda: len(config.peers))
-        self.peer_resource: Resource | None = None
         lim = config.limits
         self.client_limiter = RateLimiter(lim.client_rate, lim.client_burst, reactor)
+        self.peer_limiter = RateLimiter(lim.peer_rate, lim.peer_burst, reactor)
+        self.peer_auth = PeerAuthenticator(config, self.store, self.metrics, reactor)
+        self.peer_api = PeerAPI(self.relay, self.peer_auth, limiter=self.peer_limiter)
+        self.peer_resource: Resource | None = self.peer_api.resource()
+        #: push and sync with the peers; None when there are none
+        self.replication: Replication | None = None
+        self._http_pool: PooledHTTPClients | None = None
+        if config.peers:
+            if peer_client_factory is None:
+                self._http_pool = PooledHTTPClients(reactor, config)
+                peer_client_factory = self._http_pool
+            self.replication = Replication(config, self.relay, self.store, self.metrics, reactor, peer_client_factory)
         self.sweeper = LoopingCall(self.relay.sweep)
         self.sweeper.clock = reactor
 
@@ -87,6 +103,8 @@ class Node(Service):
         self.store.start()
         self.verifier.start()
         self.sweeper.start(self.config.node.sweep_interval, now=True)
+        if self.replication is not None:
+            self.replication.start()
         stats = self.store.stats()
         self.log.info(
             "meshrelay {version} node {url} started: {envelopes} envelopes ({bytes} bytes) stored, "
@@ -110,8 +128,13 @@ class Node(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self.replication is not None:
+            self.replication.stop()
         if self.sweeper.running:
             self.sweeper.stop()
         self.verifier.stop()
         d = self.store.close() if self.store is not None else succeed(None)
+        if self._http_pool is not None:
+            pool = self._http_pool
+            d.addCallback(lambda _: pool.close())
         return d.addCallback(lambda _: self.log.info("meshrelay node stopped"))

@@ -355,8 +355,13 @@ class Relay:
             await shield(self._store_ack(auth, "client"))
         if req.fetch_remote and self.remote_fetch is not None:
             await self._fetch_remote(auth.mailbox)
-        if req.wait == 0:
-            return await self._messages(auth.mailbox, req.limit)
+        result = await self._messages(auth.mailbox, req.limit)
+        if result["messages"] or req.wait == 0:
+            return result
+        # Register, then look again: an envelope that committed between the
+        # first read and the registration is found by the second read, one
+        # that commits later wakes the waiter.  Only a poll that really waits
+        # counts toward max_waiting_polls.
         waiter = self._register(auth.mailbox)
         try:
             result = await self._messages(auth.mailbox, req.limit)

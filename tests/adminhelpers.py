@@ -32,6 +32,12 @@ class FakeReplication:
     def peer_status(self) -> list[dict[str, Any]]:
         return [dict(p) for p in self.peers]
 
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
     def update_gauges(self) -> None:
         self.updates += 1
         for p in self.peers:

@@ -15,7 +15,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
 
 from meshrelay import envelope as E
 from meshrelay.config import Config, LimitsConfig, NodeConfig, build_config
@@ -62,15 +65,36 @@ def make_config(
     return build_config(raw)
 
 
+class _Unreachable:
+    """An HTTP client for a peer that is not there: every request is refused."""
+
+    def request(self, method: str, url: str, **kw: Any) -> Deferred[Any]:
+        return fail(ConnectionRefusedError(string="no such peer in this test"))
+
+
+def _unreachable(peer: Any) -> _Unreachable:
+    return _Unreachable()
+
+
 class MemNode:
     """A real node, in memory: Clock, inline store, StubTreq client."""
 
-    def __init__(self, tmpdir: str, clock: Clock | None = None, config: Config | None = None, **limits: Any) -> None:
+    def __init__(
+        self,
+        tmpdir: str,
+        clock: Clock | None = None,
+        config: Config | None = None,
+        peer_client_factory: Any = None,
+        **limits: Any,
+    ) -> None:
         self.clock = clock or Clock()
         if self.clock.seconds() == 0:
             self.clock.advance(T0)
         self.config = config or make_config(tmpdir, **limits)
-        self.node = Node(self.config, self.clock, threaded=False)
+        if peer_client_factory is None and self.config.peers:
+            # Peers that nobody wired up are unreachable (never a real socket).
+            peer_client_factory = _unreachable
+        self.node = Node(self.config, self.clock, threaded=False, peer_client_factory=peer_client_factory)
         self.node.startService()
         self.relay = self.node.relay
         self.store = self.node.store
@@ -123,4 +147,231 @@ def replace_limits(config: Config, **kw: Any) -> Config:
     return config.replace(limits=dataclasses.replace(config.limits, **kw))
 
 
-__all__ = ["Identity", "MemNode", "T0", "make_config", "replace_limits", "LimitsConfig", "NodeConfig"]
+# --------------------------------------------------------------------------- in-memory meshes
+
+
+class _Answer(Resource):
+    """A peer that answers every request with one error status."""
+
+    isLeaf = True
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__()
+        self.status = status
+        self.body = json.dumps({"ok": False, "error": code, "detail": "test peer"}).encode()
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(self.status)
+        request.setHeader(b"Content-Type", b"application/json")
+        return self.body
+
+
+class Link:
+    """One direction of a peer link: what node ``src`` uses as its HTTP client for ``dst``.
+
+    ``mode`` is ``"up"`` (requests reach ``dst``'s real resource through a
+    StubTreq), ``"down"`` (connection refused), ``"500"`` (an error answer),
+    ``"429"`` (rate limited), ``"hang"`` (never answers; only the caller's
+    timeout ends it) or ``"hold"`` (requests wait until :meth:`release`).
+    """
+
+    def __init__(self, mesh: Mesh, src: str, dst: str) -> None:
+        self.mesh = mesh
+        self.src = src
+        self.dst = dst
+        self.mode = "up"
+        self.requests: list[tuple[str, str]] = []
+        #: (method, url, body length) of every request
+        self.sizes: list[tuple[str, str, int]] = []
+        self.held: list[tuple[str, str, dict[str, Any], Deferred[Any]]] = []
+        self._stub: StubTreq | None = None
+        self._stub_node: Any = None
+        self._broken = StubTreq(_Answer(500, "internal"))
+        self._throttled = StubTreq(_Answer(429, "rate_limited"))
+
+    def stub(self) -> StubTreq:
+        target = self.mesh.nodes[self.dst]
+        if self._stub is None or self._stub_node is not target:
+            self._stub = StubTreq(target.node.resource())
+            self._stub_node = target
+        return self._stub
+
+    def stubs(self) -> list[StubTreq]:
+        return [s for s in (self._stub, self._broken, self._throttled) if s is not None]
+
+    def request(self, method: str, url: str, **kw: Any) -> Deferred[Any]:
+        self.requests.append((method, url))
+        self.sizes.append((method, url, len(kw.get("data") or b"")))
+        if self.mode == "down":
+            return fail(ConnectionRefusedError(string=f"{self.dst} is down"))
+        if self.mode == "hang":
+            return Deferred()
+        if self.mode == "500":
+            return self._broken.request(method, url, **kw)  # type: ignore[no-any-return]
+        if self.mode == "429":
+            return self._throttled.request(method, url, **kw)  # type: ignore[no-any-return]
+        if self.mode == "hold":
+            d: Deferred[Any] = Deferred()
+            self.held.append((method, url, kw, d))
+            return d
+        return self.stub().request(method, url, **kw)  # type: ignore[no-any-return]
+
+    def release(self) -> None:
+        """Deliver the held requests (those whose caller has not given up)."""
+        held, self.held = self.held, []
+        for method, url, kw, d in held:
+            if not d.called:
+                self.stub().request(method, url, **kw).chainDeferred(d)
+
+
+def link_secret(a: str, b: str) -> str:
+    return "secret-" + "-".join(sorted((a, b))) + "-0123456789abcdef"
+
+
+class Mesh:
+    """N in-memory nodes sharing one Clock, peered per a topology, wired by StubTreq.
+
+    ``links`` is ``"full"`` or a list of ``(a, b)`` pairs (each a two-way peer
+    link).  ``sync`` and ``limits`` apply to every node; ``overrides`` maps a
+    node name to ``{section: {key: value}}`` for that node only.
+    """
+
+    def __init__(
+        self,
+        base_dir: str,
+        names: tuple[str, ...] = ("a", "b", "c"),
+        links: str | list[tuple[str, str]] = "full",
+        sync: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+        overrides: dict[str, dict[str, dict[str, Any]]] | None = None,
+    ) -> None:
+        self.base_dir = base_dir
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.names = names
+        if links == "full":
+            pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+        else:
+            assert isinstance(links, list)
+            pairs = links
+        self.neighbours: dict[str, list[str]] = {n: [] for n in names}
+        for a, b in pairs:
+            self.neighbours[a].append(b)
+            self.neighbours[b].append(a)
+        self.sync = {"interval": 30, "push_timeout": 10, **(sync or {})}
+        self.limits = limits or {}
+        self.overrides = overrides or {}
+        self.links: dict[tuple[str, str], Link] = {}
+        self.nodes: dict[str, MemNode] = {}
+        self._generation: dict[str, int] = {}
+        for name in names:
+            self.nodes[name] = self._make(name)
+
+    @staticmethod
+    def url(name: str) -> str:
+        return f"http://{name}.test"
+
+    def name_of(self, url: str) -> str:
+        return url.split("//", 1)[1].split(".", 1)[0]
+
+    def config(self, name: str, data_dir: str) -> Config:
+        raw: dict[str, Any] = {
+            "node": {"data_dir": data_dir, "public_url": self.url(name)},
+            "limits": dict(self.limits),
+            "sync": dict(self.sync),
+            "peers": [{"url": self.url(o), "secret": link_secret(name, o)} for o in self.neighbours[name]],
+        }
+        for section, table in self.overrides.get(name, {}).items():
+            raw.setdefault(section, {}).update(table)
+        if not raw["peers"]:
+            del raw["peers"]
+        return build_config(raw)
+
+    def link(self, src: str, dst: str) -> Link:
+        key = (src, dst)
+        if key not in self.links:
+            self.links[key] = Link(self, src, dst)
+        return self.links[key]
+
+    def _make(self, name: str) -> MemNode:
+        gen = self._generation.get(name, 0)
+        self._generation[name] = gen + 1
+        data_dir = os.path.join(self.base_dir, f"{name}{gen}")
+        return MemNode(
+            data_dir,
+            clock=self.clock,
+            config=self.config(name, data_dir),
+            peer_client_factory=lambda peer: self.link(name, self.name_of(peer.url)),
+        )
+
+    def replace(self, name: str) -> MemNode:
+        """Stop ``name`` and start a fresh node (new, empty store) at the same URL."""
+        self.nodes[name].stop()
+        self.nodes[name] = self._make(name)
+        return self.nodes[name]
+
+    def __getitem__(self, name: str) -> MemNode:
+        return self.nodes[name]
+
+    def set_mode(self, src: str, dst: str, mode: str, both: bool = False) -> None:
+        self.link(src, dst).mode = mode
+        if both:
+            self.link(dst, src).mode = mode
+
+    def _stubs(self) -> list[StubTreq]:
+        out = [n.http for n in self.nodes.values()]
+        for link in self.links.values():
+            out.extend(link.stubs())
+        return out
+
+    def settle(self, max_rounds: int = 10000) -> None:
+        """Run every due call and move every byte between nodes until nothing moves."""
+        for _ in range(max_rounds):
+            moved = False
+            for stub in self._stubs():
+                for pump in list(stub._agent._pumps):
+                    moved = pump.flush() or moved
+                stub.flush()
+            now = self.clock.seconds()
+            due = any(c.getTime() <= now for c in self.clock.getDelayedCalls())
+            if due:
+                self.clock.advance(0)
+            if not moved and not due:
+                return
+        raise AssertionError("the mesh did not settle")
+
+    def advance(self, seconds: float, step: float = 1.0) -> None:
+        """Move the shared clock forward in steps, settling after each."""
+        self.settle()
+        remaining = seconds
+        while remaining > 0:
+            dt = min(step, remaining)
+            self.clock.advance(dt)
+            remaining -= dt
+            self.settle()
+
+    def sync_all(self) -> None:
+        """Run one sync pass on every node now and settle."""
+        for n in self.nodes.values():
+            if n.node.replication is not None:
+                n.node.replication.sync_now()
+        self.settle()
+
+    def stop(self) -> None:
+        for n in self.nodes.values():
+            if n.node.running:
+                n.stop()
+        self.settle()
+
+
+__all__ = [
+    "Identity",
+    "Link",
+    "MemNode",
+    "Mesh",
+    "T0",
+    "make_config",
+    "replace_limits",
+    "LimitsConfig",
+    "NodeConfig",
+]

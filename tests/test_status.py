@@ -113,7 +113,8 @@ class StatusPageTests(SynchronousTestCase):
 
     def test_configured_peers_without_replication(self) -> None:
         """Configured peers are listed, marked n/a, when replication is not running."""
-        _, admin = self.make([{"url": "http://b.test", "secret": "s" * 16}])
+        mem, admin = self.make([{"url": "http://b.test", "secret": "s" * 16}])
+        mem.node.replication = None  # e.g. not started yet
         _, _, page = admin.get("/status")
         self.assertIn("http://b.test", page)
         self.assertIn("Replication is not running", page)

@@ -1,0 +1,374 @@
+"""Mesh replication benchmarks: real ``twistd meshrelay`` nodes on loopback, a treq load generator.
+
+Run from the repository root (the nodes run this checkout's code)::
+
+    python bench/mesh_bench.py throughput [--rounds 3] [--count 3000] [--concurrency 32]
+    python bench/mesh_bench.py latency    [--count 2000] [--rate R]   (default: half the measured max)
+    python bench/mesh_bench.py catchup    [--backlog 100000]
+    python bench/mesh_bench.py ackprop    [--count 300] [--concurrency 4]
+
+Each prints its figures (medians and percentiles) and the exact setup.  Every
+load is bounded by a count and stops by itself; nodes listen on 127.0.0.1 only
+and are stopped at the end.  Envelopes are signed before the timed phase, so the
+client's signing cost is not measured.
+
+- ``throughput``: deposits/s at a node with no peers (the baseline) and at a node
+  with 2 peers (a full mesh of 3), alternating rounds in the same run; the
+  figure is median(mesh) / median(baseline).
+- ``latency``: deposits at A at a fixed open-loop rate (half the sustainable
+  rate measured first in the same run unless ``--rate``); for each envelope a
+  long-poll waits at B on its own mailbox; latency = B's answer - deposit start.
+- ``catchup``: A holds a backlog of ``--backlog`` envelopes; a fresh node B
+  peered with A starts and pulls it by sync; rate = backlog / (time B holds all
+  of it - B's launch).
+- ``ackprop``: envelopes already on A, B and C (sync interval 3600, so only push
+  moves acks); the recipient acks at A; propagation = time until the envelope
+  is gone at both B and C (count polled every ms) - ack request start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import treq
+from twisted.internet import defer, task
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+
+from meshrelay import envelope as E
+from tests.harness import NodeProcess
+from tests.helpers import Identity, link_secret
+
+SEND = "/api/mesh/dm/send"
+POLL = "/api/mesh/dm/poll"
+COUNT = "/api/mesh/dm/count"
+JSON = {"Content-Type": ["application/json"]}
+
+#: limits that keep the caps out of the way of a benchmark (they are measured elsewhere)
+BENCH_LIMITS = {"per_mailbox_pending": 100000, "per_sender_pending": 100000, "max_waiting_polls": 100000}
+
+
+class _Quiet(_HTTP11ClientFactory):
+    noisy = False
+
+
+def make_client(reactor: Any, per_host: int) -> Any:
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = per_host
+    pool._factory = _Quiet
+    return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[k]
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.1f} ms"
+
+
+class Cluster:
+    """Node processes in a temporary directory; peers are two-way links between named nodes."""
+
+    def __init__(self, names: list[str], links: list[tuple[str, str]], config: dict[str, Any]) -> None:
+        self.base = tempfile.mkdtemp(prefix="meshbench-")
+        self.procs = {n: NodeProcess(self.base, n, config=config) for n in names}
+        for a, b in links:
+            self.procs[a].peers.append({"url": self.procs[b].url, "secret": link_secret(a, b)})
+            self.procs[b].peers.append({"url": self.procs[a].url, "secret": link_secret(a, b)})
+
+    def __getitem__(self, name: str) -> NodeProcess:
+        return self.procs[name]
+
+    def start(self, *names: str) -> None:
+        for n in names or self.procs:
+            self.procs[n].start(wait=False)
+        for n in names or self.procs:
+            self.procs[n].wait_ready(60)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def gauge(self, name: str, metric: str) -> float:
+        """A metric's value (summed over labels); -1 while the node is not answering yet."""
+        try:
+            status, body = self.procs[name].admin("/api/mesh/metrics")
+        except OSError:
+            return -1.0
+        assert status == 200, body
+        return float(sum(s["value"] for s in body["metrics"].get(metric, [])))
+
+
+def make_envelopes(n: int, mailboxes: int = 1000) -> list[bytes]:
+    """``n`` signed deposit bodies: a fresh sender each, spread over ``mailboxes`` mailboxes."""
+    boxes = [Identity().pub for _ in range(mailboxes)]
+    now = int(time.time())
+    out = []
+    for i in range(n):
+        env = E.make_envelope(Identity().key, boxes[i % mailboxes], os.urandom(200), now, 3600)
+        out.append(E.dumps_json(env))
+    return out
+
+
+async def post(client: Any, url: str, body: bytes) -> tuple[int, bytes]:
+    resp = await client.post(url, data=body, headers=JSON)
+    content = await resp.content()
+    return int(resp.code), content
+
+
+async def closed_loop(client: Any, url: str, bodies: list[bytes], concurrency: int) -> tuple[float, int]:
+    """POST every body with ``concurrency`` workers; returns (seconds, failures)."""
+    it = iter(bodies)
+    failures = 0
+
+    async def worker() -> None:
+        nonlocal failures
+        for body in it:
+            try:
+                status, _ = await post(client, url, body)
+            except Exception:
+                status = 0
+            if status != 200:
+                failures += 1
+
+    started = time.perf_counter()
+    await defer.gatherResults([defer.Deferred.fromCoroutine(worker()) for _ in range(concurrency)])
+    return time.perf_counter() - started, failures
+
+
+async def wait_until(reactor: Any, predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out waiting for the mesh")
+        await task.deferLater(reactor, step, lambda: None)
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+async def throughput(reactor: Any, args: argparse.Namespace) -> None:
+    cluster = Cluster(["solo", "a", "b", "c"], [("a", "b"), ("a", "c"), ("b", "c")], {"limits": BENCH_LIMITS})
+    client, pool = make_client(reactor, args.concurrency)
+    try:
+        cluster.start()
+        results: dict[str, list[float]] = {"solo": [], "a": []}
+        print(f"throughput: {args.rounds} rounds x {args.count} deposits, concurrency {args.concurrency}")
+        await closed_loop(client, cluster["solo"].url + SEND, make_envelopes(200), args.concurrency)  # warm-up
+        await closed_loop(client, cluster["a"].url + SEND, make_envelopes(200), args.concurrency)
+        for r in range(args.rounds):
+            for name in ("solo", "a"):
+                bodies = make_envelopes(args.count)
+                seconds, failures = await closed_loop(client, cluster[name].url + SEND, bodies, args.concurrency)
+                rate = (args.count - failures) / seconds
+                results[name].append(rate)
+                label = "no peers " if name == "solo" else "2 peers  "
+                print(f"  round {r + 1} {label}: {rate:8.0f} deposits/s ({failures} failed)")
+                if name == "a":
+                    # Let the pushes drain before the next round.
+                    target = cluster.gauge("a", "meshrelay_stored_envelopes")
+                    for peer in ("b", "c"):
+                        await wait_until(
+                            reactor,
+                            lambda p=peer, t=target: cluster.gauge(p, "meshrelay_stored_envelopes") >= t,  # type: ignore[misc]
+                            120,
+                            0.2,
+                        )
+        solo, mesh = statistics.median(results["solo"]), statistics.median(results["a"])
+        print(f"median no peers: {solo:.0f}/s, median with 2 peers: {mesh:.0f}/s, ratio {mesh / solo:.2f}")
+    finally:
+        await pool.closeCachedConnections()
+        cluster.stop()
+
+
+# --------------------------------------------------------------------------- latency
+
+
+async def latency(reactor: Any, args: argparse.Namespace) -> None:
+    cluster = Cluster(["a", "b", "c"], [("a", "b"), ("a", "c"), ("b", "c")], {"limits": BENCH_LIMITS})
+    client, pool = make_client(reactor, 1000)
+    try:
+        cluster.start()
+        rate = args.rate
+        if not rate:
+            n = 3000
+            seconds, failures = await closed_loop(client, cluster["a"].url + SEND, make_envelopes(n), 32)
+            sustainable = (n - failures) / seconds
+            rate = sustainable / 2
+            print(f"latency: sustainable deposit rate at A measured {sustainable:.0f}/s; running at {rate:.0f}/s")
+            await task.deferLater(reactor, 3, lambda: None)
+        else:
+            print(f"latency: running at {rate:.0f}/s")
+        lead = 0.2
+        now = int(time.time())
+        plan = []
+        for _ in range(args.count):
+            box, sender = Identity(), Identity()
+            env = E.dumps_json(E.make_envelope(sender.key, box.pub, os.urandom(200), now, 3600))
+            poll = E.dumps_json(box.poll_body(ts=now, wait=30))
+            plan.append((env, poll))
+        lat: list[float] = []
+        local: list[float] = []
+        errors = 0
+
+        async def one(env: bytes, poll: bytes) -> None:
+            nonlocal errors
+            waiter = defer.Deferred.fromCoroutine(post(client, cluster["b"].url + POLL, poll))
+            await task.deferLater(reactor, lead, lambda: None)
+            t0 = time.perf_counter()
+            status, _ = await post(client, cluster["a"].url + SEND, env)
+            local.append(time.perf_counter() - t0)
+            pstatus, body = await waiter
+            t1 = time.perf_counter()
+            if status != 200 or pstatus != 200 or b'"messages":[]' in body:
+                errors += 1
+                return
+            lat.append(t1 - t0)
+
+        running = []
+        interval = 1.0 / rate
+        started = time.perf_counter()
+        for i, (env, poll) in enumerate(plan):
+            delay = started + i * interval - lead - time.perf_counter()
+            if delay > 0:
+                await task.deferLater(reactor, delay, lambda: None)
+            running.append(defer.Deferred.fromCoroutine(one(env, poll)))
+        await defer.gatherResults(running)
+        print(
+            f"  {len(lat)} envelopes: deposit at A -> available at B: p50 {ms(pct(lat, 50))}, p99 {ms(pct(lat, 99))}"
+            f" (A's own answer p50 {ms(pct(local, 50))}); {errors} errors"
+        )
+    finally:
+        await pool.closeCachedConnections()
+        cluster.stop()
+
+
+# --------------------------------------------------------------------------- catch-up
+
+
+async def catchup(reactor: Any, args: argparse.Namespace) -> None:
+    config = {"limits": BENCH_LIMITS, "sync": {"interval": 3600}}
+    cluster = Cluster(["a", "b"], [("a", "b")], config)
+    client, pool = make_client(reactor, 32)
+    try:
+        cluster.start("a")
+        print(f"catchup: building a backlog of {args.backlog} envelopes at A ...")
+        done = 0
+        while done < args.backlog:
+            n = min(10000, args.backlog - done)
+            seconds, failures = await closed_loop(client, cluster["a"].url + SEND, make_envelopes(n), 32)
+            assert failures == 0, failures
+            done += n
+        launched = time.perf_counter()
+        cluster["b"].start(wait=False)
+        await wait_until(reactor, lambda: cluster.gauge("b", "meshrelay_stored_envelopes") >= args.backlog, 3600, 0.1)
+        seconds = time.perf_counter() - launched
+        print(
+            f"  fresh node B holds all {args.backlog} after {seconds:.1f} s (from its launch): "
+            f"{args.backlog / seconds:.0f} envelopes/s"
+        )
+    finally:
+        await pool.closeCachedConnections()
+        cluster.stop()
+
+
+# --------------------------------------------------------------------------- ack propagation
+
+
+async def ackprop(reactor: Any, args: argparse.Namespace) -> None:
+    config = {"limits": BENCH_LIMITS, "sync": {"interval": 3600}}
+    cluster = Cluster(["a", "b", "c"], [("a", "b"), ("a", "c"), ("b", "c")], config)
+    client, pool = make_client(reactor, 64)
+    try:
+        cluster.start()
+        now = int(time.time())
+        items = []
+        for _ in range(args.count):
+            box = Identity()
+            env = E.make_envelope(Identity().key, box.pub, os.urandom(200), now, 3600)
+            items.append((box, env))
+        seconds, failures = await closed_loop(
+            client, cluster["a"].url + SEND, [E.dumps_json(env) for _, env in items], 16
+        )
+        assert failures == 0
+        for peer in ("b", "c"):
+            await wait_until(
+                reactor,
+                lambda p=peer: cluster.gauge(p, "meshrelay_stored_envelopes") >= args.count,
+                60,  # type: ignore[misc]
+            )
+        print(f"ackprop: {args.count} acks at A, {args.concurrency} at a time; sync off (push only)")
+        times: list[float] = []
+
+        async def gone(node: str, box: Identity) -> None:
+            while True:
+                body = E.dumps_json(box.poll_body(ts=int(time.time())))
+                status, answer = await post(client, cluster[node].url + COUNT, body)
+                if status == 200 and b'"count":0' in answer:
+                    return
+                await task.deferLater(reactor, 0.001, lambda: None)
+
+        async def one(box: Identity, env: dict[str, Any]) -> None:
+            t0 = time.perf_counter()
+            status, _ = await post(
+                client,
+                cluster["a"].url + POLL,
+                E.dumps_json(box.poll_body(ts=int(time.time()), ack=[env["msg_id"]], limit=1)),
+            )
+            assert status == 200
+            await defer.gatherResults([defer.Deferred.fromCoroutine(gone(n, box)) for n in ("b", "c")])
+            times.append(time.perf_counter() - t0)
+
+        it = iter(items)
+
+        async def worker() -> None:
+            for box, env in it:
+                await one(box, env)
+
+        await defer.gatherResults([defer.Deferred.fromCoroutine(worker()) for _ in range(args.concurrency)])
+        print(
+            f"  ack at A -> gone at B and C: p50 {ms(pct(times, 50))}, p99 {ms(pct(times, 99))}, max {ms(max(times))}"
+        )
+    finally:
+        await pool.closeCachedConnections()
+        cluster.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("throughput")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--count", type=int, default=3000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p = sub.add_parser("latency")
+    p.add_argument("--count", type=int, default=2000)
+    p.add_argument("--rate", type=float, default=0.0)
+    p = sub.add_parser("catchup")
+    p.add_argument("--backlog", type=int, default=100000)
+    p = sub.add_parser("ackprop")
+    p.add_argument("--count", type=int, default=300)
+    p.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+    fn = {"throughput": throughput, "latency": latency, "catchup": catchup, "ackprop": ackprop}[args.cmd]
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(fn(reactor, args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Three real ``twistd meshrelay`` nodes on loopback ports: push, catch-up by sync, and a SIGKILL under load."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshrelay import envelope as E
+from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
+from tests.harness import NodeProcess, http_request
+from tests.helpers import Identity, link_secret
+
+NAMES = ("a", "b", "c")
+
+
+def start_mesh(base: str, config: dict[str, Any]) -> dict[str, NodeProcess]:
+    """A full mesh of three nodes, started in parallel."""
+    procs = {n: NodeProcess(base, n, config=config) for n in NAMES}
+    for n, p in procs.items():
+        p.peers = [{"url": procs[o].url, "secret": link_secret(n, o)} for o in NAMES if o != n]
+    for p in procs.values():
+        p.start(wait=False)
+    for p in procs.values():
+        p.wait_ready()
+    return procs
+
+
+def feed_ids(node: NodeProcess, as_peer: NodeProcess) -> tuple[set[str], set[tuple[str, str]]]:
+    """Every live envelope id and signed ack (mailbox, nonce) in ``node``'s changes feed, read as a peer."""
+    key = derive_key(link_secret(node.name, as_peer.name), as_peer.url)
+    envelopes: set[str] = set()
+    acks: set[tuple[str, str]] = set()
+    since = 0
+    while True:
+        target = f"/api/mesh/dm/changes?since={since}&limit=500"
+        ts = int(time.time())
+        nonce = E.b64u_encode(os.urandom(16))
+        headers = {
+            H_URL: as_peer.url,
+            H_TS: str(ts),
+            H_NONCE: nonce,
+            H_HMAC: compute_mac(key, "GET", target, ts, nonce, b""),
+        }
+        status, page = http_request(node.port, "GET", target, headers=headers, timeout=30)
+        assert status == 200, (status, page)
+        for item in page["items"]:
+            if "envelope" in item:
+                envelopes.add(item["envelope"]["msg_id"])
+            else:
+                acks.add((item["ack"]["mailbox"], item["ack"]["nonce"]))
+        since = page["next"]
+        if not page["more"]:
+            return envelopes, acks
+
+
+def count(node: NodeProcess, who: Identity) -> int:
+    status, body = node.request("POST", "/api/mesh/dm/count", who.poll_body(ts=int(time.time())))
+    assert status == 200, (status, body)
+    return int(body["count"])
+
+
+def metric(node: NodeProcess, name: str, **labels: str) -> float:
+    status, body = node.admin("/api/mesh/metrics")
+    assert status == 200
+    return sum(
+        s["value"] for s in body["metrics"].get(name, []) if all(s["labels"].get(k) == v for k, v in labels.items())
+    )
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:
+    """Poll ``predicate`` until true; fail after ``timeout`` seconds (a guard, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting: {what}")
+        time.sleep(interval)
+
+
+class MeshIntegrationTestCase(SynchronousTestCase):
+    config: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.procs = start_mesh(os.path.abspath(self.mktemp()), self.config)
+        self.addCleanup(self.check_logs)  # runs last, after every node has stopped
+        for p in self.procs.values():
+            self.addCleanup(p.stop)
+
+    def check_logs(self) -> None:
+        """No node logged a traceback or an unhandled Deferred error, even around a SIGKILL."""
+        for name, p in self.procs.items():
+            with open(p.log_path, "rb") as fh:
+                text = fh.read().decode(errors="replace")
+            for marker in ("Traceback", "Unhandled error", "Unhandled Error"):
+                self.assertNotIn(marker, text, f"node {name} logged {marker!r}:\n{p.tail_log(60)}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n{p.tail_log(15)}" for n, p in self.procs.items())
+
+
+class PushIntegrationTests(MeshIntegrationTestCase):
+    # Sync only at start-up: a message sent afterwards can only arrive by push.
+    config = {"sync": {"interval": 3600}}
+
+    def test_send_at_a_long_poll_at_c_receives_it_by_push(self) -> None:
+        """Full mesh: a long-poll at C (wait=30) receives what is sent at A, delivered by push."""
+        a, c = self.procs["a"], self.procs["c"]
+        bob, alice = Identity(), Identity()
+        result: dict[str, Any] = {}
+
+        def long_poll() -> None:
+            started = time.monotonic()
+            result["answer"] = c.poll(bob.poll_body(ts=int(time.time()), wait=30), timeout=45)
+            result["seconds"] = time.monotonic() - started
+
+        poller = threading.Thread(target=long_poll)
+        poller.start()
+        wait_for(lambda: metric(c, "meshrelay_waiting_polls") == 1, 20, "C to hold the long-poll")
+        env = alice.envelope(bob, b"over the mesh", ts=int(time.time()))
+        self.assertEqual(a.send(env)[0], 200)
+        poller.join(60)
+        self.assertFalse(poller.is_alive())
+        status, body = result["answer"]
+        self.assertEqual((status, body["messages"]), (200, [env]), self.logs())
+        self.assertEqual(metric(c, "meshrelay_sync_items_total"), 0)
+        wait_for(lambda: metric(a, "meshrelay_dm_replication_push_total", outcome="ok") == 2, 20, "both pushes")
+
+
+class CatchUpIntegrationTests(MeshIntegrationTestCase):
+    config = {"sync": {"interval": 3600}, "limits": {"per_mailbox_pending": 1000}}
+
+    def test_stopped_node_converges_by_sync_after_restart(self) -> None:
+        """Stop C, send 1,000 messages at A, restart C: C's start-up pull brings all of them."""
+        a, c = self.procs["a"], self.procs["c"]
+        self.assertIn(c.stop(), (0, -15))  # twistd re-raises the signal it stopped on
+        boxes = [Identity() for _ in range(4)]
+        now = int(time.time())
+        envs = [Identity().envelope(boxes[i % 4], b"m%d" % i, ts=now) for i in range(1000)]
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda env: a.send(env)[0], envs))
+        self.assertEqual(statuses, [200] * 1000)
+        self.assertEqual(metric(a, "meshrelay_dm_replication_push_total", peer=c.url, outcome="ok"), 0)
+        c.start()
+        wait_for(lambda: sum(count(c, box) for box in boxes) == 1000, 50, "C to catch up", interval=0.5)
+        self.assertEqual(feed_ids(c, a)[0], {e["msg_id"] for e in envs})
+        # Both feeds (A's own deposits, B's replicas of them) were pulled in full.
+        wait_for(lambda: metric(c, "meshrelay_sync_items_total", kind="envelope") == 2000, 30, "both pulls")
+
+
+class KillIntegrationTests(MeshIntegrationTestCase):
+    config = {"sync": {"interval": 2, "push_timeout": 2}}
+
+    def test_sigkill_under_load_converges_and_acks_stick(self) -> None:
+        """SIGKILL B during deposits and acks, restart it: identical live sets everywhere, nothing acked returns."""
+        procs = self.procs
+        boxes = [Identity() for _ in range(4)]
+        sent: set[str] = set()
+        acked: set[str] = set()
+        for i in range(450):
+            if i == 150:
+                procs["b"].kill()
+            if i == 300:
+                procs["b"].start()
+            node = procs[NAMES[i % 3]]
+            box = boxes[i % 4]
+            if not node.running:
+                continue
+            env = Identity().envelope(box, b"load %d" % i, ts=int(time.time()))
+            try:
+                status, _ = node.send(env)
+            except OSError:
+                continue
+            if status == 200:
+                sent.add(env["msg_id"])
+            if i % 15 == 14:
+                # The recipient reads at this node and acks half of what it got.
+                status, polled = node.poll(box.poll_body(ts=int(time.time()), limit=20))
+                if status != 200:
+                    continue
+                ids = [m["msg_id"] for m in polled["messages"]][::2]
+                status, _ = node.poll(box.poll_body(ts=int(time.time()), ack=ids, limit=1))
+                if status == 200:
+                    acked.update(ids)
+        self.assertTrue(procs["b"].running)
+        self.assertGreater(len(acked), 20)
+        a, b, c = procs["a"], procs["b"], procs["c"]
+
+        def converged() -> bool:
+            sets = [feed_ids(a, b), feed_ids(b, c), feed_ids(c, a)]
+            return all(s == sets[0] for s in sets)
+
+        wait_for(converged, 45, "the three nodes to converge", interval=0.5)
+        # Stay converged through more sync rounds, and never bring an acked message back.
+        time.sleep(5)
+        live = [feed_ids(a, b)[0], feed_ids(b, c)[0], feed_ids(c, a)[0]]
+        self.assertEqual(live[0], live[1])
+        self.assertEqual(live[0], live[2])
+        self.assertEqual(live[0] & acked, set())
+        self.assertEqual(live[0], sent - acked, self.logs())
+        for box in boxes:
+            for node in (a, b, c):
+                status, polled = node.poll(box.poll_body(ts=int(time.time())))
+                self.assertEqual(status, 200)
+                self.assertEqual({m["msg_id"] for m in polled["messages"]} & acked, set())

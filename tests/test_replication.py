@@ -1,0 +1,797 @@
+"""Mesh replication in one process: nodes on a shared Clock wired by StubTreq (push, sync, fetch_remote)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from meshrelay.config import build_config
+from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
+from meshrelay.replication import MAX_FETCH_PAGES, PeerError, parse_page
+from tests.helpers import Identity, MemNode, Mesh
+
+REPLICATE = "/api/mesh/dm/replicate-envelope"
+ACK = "/api/mesh/dm/ack"
+CHANGES = "/api/mesh/dm/changes"
+
+
+def answered(d: Deferred[Any]) -> bool:
+    """Whether a StubTreq response Deferred has its result (passing the result on)."""
+    box: list[Any] = []
+
+    def seen(result: Any) -> Any:
+        box.append(result)
+        return result
+
+    d.addBoth(seen)
+    return bool(box)
+
+
+class MeshTestCase(SynchronousTestCase):
+    names: tuple[str, ...] = ("a", "b", "c")
+    links: Any = "full"
+    sync: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.mesh = Mesh(
+            self.mktemp(),
+            names=self.names,
+            links=self.links,
+            sync=dict(self.sync),
+            limits=dict(self.limits),
+            overrides=self.overrides,
+        )
+        self.addCleanup(self.mesh.stop)
+        self.mesh.settle()  # the start-up sync of every node
+        self.bob = Identity()
+        self.alice = Identity()
+
+    def now(self) -> int:
+        return int(self.mesh.clock.seconds())
+
+    def send(
+        self, name: str, text: bytes = b"hi", sender: Identity | None = None, mailbox: Identity | None = None
+    ) -> dict[str, Any]:
+        env = (sender or self.alice).envelope(mailbox or self.bob, text, ts=self.now())
+        status, body = self.mesh[name].send(env)
+        self.assertEqual(status, 200, body)
+        return env
+
+    def live(self, name: str) -> list[str]:
+        return self.mesh[name].store.dump_live(self.now())["envelopes"]  # type: ignore[no-any-return]
+
+    def tombstones(self, name: str) -> list[tuple[str, str]]:
+        return self.mesh[name].store.dump_live(self.now())["tombstones"]  # type: ignore[no-any-return]
+
+    def call(self, name: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """A client request to node ``name`` that may need the mesh to move before it answers."""
+        node = self.mesh[name]
+        d = node.start_request(method, path, body)
+        self.mesh.settle()
+        return node.result(d)
+
+    def poll(self, name: str, who: Identity | None = None, **kw: Any) -> tuple[int, Any]:
+        who = who or self.bob
+        ack = kw.pop("ack", ())
+        return self.call(name, "POST", "/api/mesh/dm/poll", who.poll_body(ts=self.now(), ack=ack, **kw))
+
+    def metric(self, name: str, metric: str, **labels: str) -> float:
+        return self.mesh[name].metrics.sample(metric, labels) or 0.0
+
+    def push_count(self, src: str, dst: str, outcome: str) -> float:
+        return self.metric(src, "meshrelay_dm_replication_push_total", peer=Mesh.url(dst), outcome=outcome)
+
+    def replication(self, name: str) -> Any:
+        rep = self.mesh[name].node.replication
+        assert rep is not None
+        return rep
+
+    def peer_client(self, src: str, dst: str) -> Any:
+        return next(p for p in self.replication(src).peers if p.url == Mesh.url(dst))
+
+
+class PushTests(MeshTestCase):
+    sync = {"interval": 600}
+
+    def test_push_delivers_to_every_peer(self) -> None:
+        """A deposit at A reaches B and C by push, without waiting for sync."""
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual(self.live("b"), [env["msg_id"]])
+        self.assertEqual(self.live("c"), [env["msg_id"]])
+        self.assertEqual(self.push_count("a", "b", "ok"), 1)
+        self.assertEqual(self.push_count("a", "c", "ok"), 1)
+        self.assertEqual(self.metric("b", "meshrelay_sync_items_total", peer=Mesh.url("a"), kind="envelope"), 0)
+        _, polled = self.poll("c")
+        self.assertEqual(polled["messages"], [env])
+
+    def test_replicas_are_not_pushed_on(self) -> None:
+        """One hop: B and C do not push what they received from A."""
+        self.send("a")
+        self.mesh.settle()
+        for src in ("b", "c"):
+            for dst in self.mesh.names:
+                if dst != src:
+                    self.assertEqual(self.push_count(src, dst, "ok"), 0)
+        self.assertEqual([r for r in self.mesh.link("b", "c").requests if r[0] == "POST"], [])
+
+    def test_deposits_in_one_turn_are_coalesced_into_one_batch(self) -> None:
+        """Twenty deposits queued together go to a peer in one request."""
+        envs = [self.send("a", b"m%d" % i, sender=Identity()) for i in range(20)]
+        self.mesh.settle()
+        pushes = [r for r in self.mesh.link("a", "b").requests if r[1].endswith(REPLICATE)]
+        self.assertEqual(len(pushes), 1)
+        self.assertEqual(self.push_count("a", "b", "ok"), 20)
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
+
+    def test_batches_are_split_under_the_peer_body_cap(self) -> None:
+        """A queue bigger than max_replicate_body_bytes goes out in several bodies, each under the cap."""
+        rep = self.peer_client("a", "b")
+        rep.max_body = 2048
+        envs = [self.send("a", b"x" * 300, sender=Identity()) for i in range(12)]
+        self.mesh.settle()
+        sizes = [n for m, url, n in self.mesh.link("a", "b").sizes if url.endswith(REPLICATE)]
+        self.assertGreater(len(sizes), 2)
+        self.assertTrue(all(n <= 2048 for n in sizes), sizes)
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
+
+    def test_client_answer_does_not_wait_for_push(self) -> None:
+        """A deposit answers 200 while every peer hangs; nothing is pending on the client side."""
+        self.mesh.set_mode("a", "b", "hang")
+        self.mesh.set_mode("a", "c", "hang")
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual(self.peer_client("a", "b").inflight, 1)
+        self.assertEqual(self.live("a"), [env["msg_id"]])
+
+    def test_push_outcomes_ok_rejected_error(self) -> None:
+        """Accepted/duplicate/applied count ok, a per-envelope rejection counts rejected, a failure error."""
+        b = self.mesh["b"]
+        b.store.caps = dataclasses.replace(b.store.caps, per_sender_pending=1)
+        sender = Identity()
+        e1 = self.send("a", b"one", sender=sender)
+        e2 = self.send("a", b"two", sender=sender)
+        self.mesh.settle()
+        self.assertEqual(self.push_count("a", "b", "ok"), 1)
+        self.assertEqual(self.push_count("a", "b", "rejected"), 1)
+        self.assertEqual(self.push_count("a", "c", "ok"), 2)
+        self.assertEqual(self.peer_client("a", "b").last_push_outcome, "rejected")
+        self.mesh.set_mode("a", "b", "down")
+        self.send("a", b"three", sender=Identity())
+        self.mesh.settle()
+        self.assertEqual(self.push_count("a", "b", "error"), 1)
+        self.mesh.set_mode("a", "b", "500")
+        self.send("a", b"four", sender=Identity())
+        self.mesh.settle()
+        self.assertEqual(self.push_count("a", "b", "error"), 2)
+        self.mesh.set_mode("a", "b", "up")
+        # An ack pushed and applied counts ok; a re-sent duplicate counts ok too.
+        self.poll("a", ack=[e1["msg_id"], e2["msg_id"]])
+        self.assertEqual(self.push_count("a", "b", "ok"), 2)
+        self.assertEqual(self.push_count("a", "b", "rejected"), 1)
+        self.assertEqual(self.peer_client("a", "b").last_push_outcome, "ok")
+
+    def test_push_outcome_of_a_hanging_peer_is_a_timeout_error(self) -> None:
+        """A peer that never answers costs a timeout on the injected clock, counted as error."""
+        self.mesh.set_mode("a", "b", "hang")
+        self.send("a")
+        self.mesh.settle()
+        self.assertEqual(self.push_count("a", "b", "error"), 0)
+        self.mesh.advance(10)
+        self.assertEqual(self.push_count("a", "b", "error"), 1)
+        self.assertEqual(self.peer_client("a", "b").inflight, 0)
+        self.assertEqual(self.peer_client("a", "b").reachable, False)
+
+    def test_small_items_wait_for_the_request_in_flight_and_coalesce(self) -> None:
+        """While one push is in flight, small items queue up and go together in the next batch."""
+        self.mesh.set_mode("a", "b", "hold")
+        client = self.peer_client("a", "b")
+        self.send("a", b"first")
+        self.mesh.settle()
+        for i in range(5):
+            self.send("a", b"m%d" % i, sender=Identity())
+            self.mesh.settle()
+        self.assertEqual((client.inflight, client.queue_depth), (1, 5))
+        self.mesh.set_mode("a", "b", "up")
+        self.mesh.link("a", "b").release()
+        self.mesh.settle()
+        pushes = [r for r in self.mesh.link("a", "b").requests if r[1].endswith(REPLICATE)]
+        self.assertEqual(len(pushes), 2)
+        self.assertEqual(len(self.live("b")), 6)
+
+    def test_inflight_is_bounded(self) -> None:
+        """A backlog of full batches gets at most push_inflight_max requests at once; the rest waits."""
+        self.mesh.set_mode("a", "b", "hold")
+        client = self.peer_client("a", "b")
+        client.max_body = 2048  # about two envelopes per batch
+        envs = []
+        for i in range(20):
+            envs.append(self.send("a", b"x" * 300 + b"%d" % i, sender=Identity()))
+            self.mesh.settle()
+        self.assertEqual(client.inflight, 4)
+        self.assertEqual(len(self.mesh.link("a", "b").held), 4)
+        self.assertGreater(client.queue_depth, 0)
+        self.mesh.set_mode("a", "b", "up")
+        self.mesh.link("a", "b").release()
+        self.mesh.settle()
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
+        self.assertEqual((client.inflight, client.queue_depth), (0, 0))
+        self.assertEqual(self.push_count("a", "b", "ok"), 20)
+
+    def test_rate_limited_push_is_retried_not_lost(self) -> None:
+        """A 429 answer puts the batch back and pauses pushing; nothing is counted as error or dropped."""
+        self.mesh.set_mode("a", "b", "429")
+        client = self.peer_client("a", "b")
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual((client.queue_depth, client.last_push_outcome), (1, "throttled"))
+        self.assertEqual(self.push_count("a", "b", "error"), 0)
+        self.mesh.advance(0.2, step=0.1)  # still limited: retried once more, requeued again
+        self.assertEqual(client.queue_depth, 1)
+        self.mesh.set_mode("a", "b", "up")
+        self.mesh.advance(0.2, step=0.1)
+        self.assertEqual(self.live("b"), [env["msg_id"]])
+        self.assertEqual((self.push_count("a", "b", "ok"), self.push_count("a", "b", "error")), (1, 0))
+        self.assertEqual(self.metric("a", "meshrelay_dm_replication_dropped_total", peer=Mesh.url("b")), 0)
+
+    def test_push_never_raises_a_listener_error_into_the_deposit(self) -> None:
+        """Deposits answer 200 even when a peer client has been stopped."""
+        self.replication("a").stop()
+        self.send("a")
+        self.mesh.settle()
+        self.assertEqual(self.live("b"), [])
+
+
+class QueueFullTests(MeshTestCase):
+    names = ("a", "b")
+    sync = {"interval": 60, "push_queue_max": 3, "push_inflight_max": 1, "push_timeout": 120}
+
+    def test_full_queue_is_dropped_counted_and_repaired_by_sync(self) -> None:
+        """Past push_queue_max the queue is dropped and counted; the next sync brings everything."""
+        self.mesh.set_mode("a", "b", "hold")
+        envs = [self.send("a", b"first")]
+        self.mesh.settle()
+        self.assertEqual(self.peer_client("a", "b").inflight, 1)
+        for i in range(4):
+            envs.append(self.send("a", b"m%d" % i, sender=Identity()))
+        self.mesh.settle()
+        self.assertEqual(self.metric("a", "meshrelay_dm_replication_dropped_total", peer=Mesh.url("b")), 4)
+        self.assertEqual(self.peer_client("a", "b").queue_depth, 0)
+        self.mesh.set_mode("a", "b", "up")
+        self.mesh.link("a", "b").release()
+        self.mesh.settle()
+        self.assertEqual(self.live("b"), [envs[0]["msg_id"]])
+        self.mesh.advance(60, step=10)
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
+
+
+class RepairBySyncTests(MeshTestCase):
+    names = ("a", "b")
+    sync = {"interval": 30, "push_timeout": 5}
+
+    def test_peer_answering_500_is_repaired_by_sync(self) -> None:
+        """When B answers A's push with 500, B's next pull from A brings the envelope."""
+        self.mesh.set_mode("a", "b", "500")
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual(self.live("b"), [])
+        self.assertEqual(self.push_count("a", "b", "error"), 1)
+        self.mesh.advance(30, step=5)
+        self.assertEqual(self.live("b"), [env["msg_id"]])
+        self.assertEqual(self.metric("b", "meshrelay_sync_items_total", peer=Mesh.url("a"), kind="envelope"), 1)
+
+    def test_hanging_peer_is_repaired_by_sync(self) -> None:
+        """A push to a peer that hangs times out; the peer's next pull brings the envelope."""
+        self.mesh.set_mode("a", "b", "hang")
+        env = self.send("a")
+        self.mesh.advance(5)
+        self.assertEqual(self.push_count("a", "b", "error"), 1)
+        self.assertEqual(self.live("b"), [])
+        self.mesh.advance(30, step=5)
+        self.assertEqual(self.live("b"), [env["msg_id"]])
+
+    def test_node_that_was_down_catches_up_on_its_own_pull(self) -> None:
+        """A node whose links were both down catches up once its pulls succeed again."""
+        self.mesh.set_mode("a", "b", "down", both=True)
+        envs = [self.send("a", b"m%d" % i, sender=Identity()) for i in range(5)]
+        self.mesh.advance(30, step=5)
+        self.assertEqual(self.live("b"), [])
+        self.assertGreater(self.metric("b", "meshrelay_sync_pull_total", peer=Mesh.url("a"), outcome="error"), 0)
+        self.mesh.set_mode("a", "b", "up", both=True)
+        self.mesh.advance(30, step=5)
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
+
+    def test_sync_backs_off_after_failures_and_recovers(self) -> None:
+        """Failed pulls retry after 1, 2, 4... seconds, capped at the interval; success resets it."""
+        client = self.peer_client("b", "a")
+        self.mesh.set_mode("b", "a", "down")
+        client.sync_now()
+        self.mesh.settle()
+        backoffs = [client.backoff]
+        for _ in range(6):
+            self.mesh.clock.advance(client.backoff)
+            self.mesh.settle()
+            backoffs.append(client.backoff)
+        self.assertEqual(backoffs, [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0])
+        self.assertEqual(client.last_sync_outcome, "error")
+        self.mesh.set_mode("b", "a", "up")
+        self.mesh.clock.advance(client.backoff)
+        self.mesh.settle()
+        self.assertEqual((client.backoff, client.last_sync_outcome), (0.0, "ok"))
+
+    def test_cursor_is_durable_and_pulls_resume_from_it(self) -> None:
+        """The cursor is stored per peer; the next pull asks only for what is new."""
+        self.mesh.set_mode("a", "b", "down")
+        self.send("a", b"one")
+        self.mesh.advance(30, step=5)
+        cursor = self.mesh["b"].store.get_cursor(Mesh.url("a"))
+        got: list[Any] = []
+        cursor.addCallback(got.append)
+        self.assertEqual((got[0].feed_id, got[0].since), (self.mesh["a"].store.feed_id, 1))
+        self.send("a", b"two", sender=Identity())
+        self.mesh.link("b", "a").requests.clear()
+        self.mesh.advance(30, step=5)
+        pulls = [url for m, url in self.mesh.link("b", "a").requests if m == "GET"]
+        self.assertEqual(len(pulls), 1)
+        self.assertIn("since=1&", pulls[0])
+
+    def test_lag_gauge_and_status(self) -> None:
+        """peer_sync_lag_seconds counts from the last complete pull; peer_status reports it."""
+        self.assertEqual(self.metric("b", "meshrelay_peer_sync_lag_seconds", peer=Mesh.url("a")), 0.0)
+        self.mesh.set_mode("b", "a", "down")
+        self.mesh.advance(12, step=4)
+        self.assertEqual(self.metric("b", "meshrelay_peer_sync_lag_seconds", peer=Mesh.url("a")), 12.0)
+        (status,) = self.replication("b").peer_status()
+        self.assertEqual(
+            set(status),
+            {
+                "url",
+                "last_push_outcome",
+                "last_push_at",
+                "last_sync_outcome",
+                "last_sync_at",
+                "sync_lag_seconds",
+                "queue_depth",
+                "inflight",
+                "backoff_seconds",
+            },
+        )
+        self.assertEqual(status["url"], Mesh.url("a"))
+        self.assertEqual(status["sync_lag_seconds"], 12.0)
+        self.assertEqual(status["last_push_outcome"], None)
+        self.mesh.set_mode("b", "a", "up")
+        self.replication("b").sync_now()
+        self.mesh.settle()
+        self.assertEqual(self.metric("b", "meshrelay_peer_sync_lag_seconds", peer=Mesh.url("a")), 0.0)
+
+    def test_refused_lease_skips_the_run(self) -> None:
+        """When another process holds the sync lease, this one does not pull."""
+        store = self.mesh["b"].store
+        store.acquire_lease = lambda name, holder, ttl: succeed(False)  # type: ignore[method-assign]
+        self.mesh.link("b", "a").requests.clear()
+        self.replication("b").sync_now()
+        self.mesh.settle()
+        self.assertEqual(self.mesh.link("b", "a").requests, [])
+        self.assertEqual(self.metric("b", "meshrelay_sync_pull_total", peer=Mesh.url("a"), outcome="skipped"), 1)
+        self.assertEqual(self.peer_client("b", "a").last_sync_outcome, "skipped")
+
+    def test_sync_pages_until_more_is_false(self) -> None:
+        """A backlog bigger than a page is pulled page after page in one run."""
+        self.mesh.set_mode("a", "b", "down", both=True)
+        self.peer_client("b", "a").page_limit = 3
+        envs = [self.send("a", b"m%d" % i, sender=Identity()) for i in range(10)]
+        self.mesh.set_mode("a", "b", "up", both=True)
+        self.mesh.link("b", "a").requests.clear()
+        self.replication("b").sync_now()
+        self.mesh.settle()
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
+        self.assertEqual(len([r for r in self.mesh.link("b", "a").requests if r[0] == "GET"]), 4)
+
+
+class PartialMeshTests(MeshTestCase):
+    links = [("a", "b"), ("b", "c")]
+    sync = {"interval": 30}
+
+    def test_message_sent_at_a_is_polled_at_c(self) -> None:
+        """A-B, B-C: C gets A's envelope from B's feed, then the recipient polls it at C."""
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual(self.live("b"), [env["msg_id"]])
+        self.assertEqual(self.live("c"), [])
+        self.mesh.advance(30, step=5)
+        _, polled = self.poll("c")
+        self.assertEqual(polled["messages"], [env])
+
+    def test_ack_at_c_reaches_a_through_b(self) -> None:
+        """An ack at C reaches B by push and A by B's feed; every copy is gone."""
+        env = self.send("a")
+        self.mesh.advance(30, step=5)
+        self.assertEqual(self.live("c"), [env["msg_id"]])
+        self.poll("c", ack=[env["msg_id"]])
+        self.assertEqual(self.live("c"), [])
+        self.assertEqual(self.live("b"), [])
+        self.assertEqual(self.live("a"), [env["msg_id"]])
+        self.mesh.advance(30, step=5)
+        self.assertEqual(self.live("a"), [])
+        self.assertEqual(self.tombstones("a"), [(self.bob.pub, env["msg_id"])])
+        # And it never comes back, however often the nodes sync.
+        self.mesh.advance(90, step=10)
+        for n in "abc":
+            self.assertEqual(self.live(n), [])
+            _, polled = self.poll(n)
+            self.assertEqual(polled["messages"], [])
+
+
+class AckTests(MeshTestCase):
+    sync = {"interval": 600}
+
+    def test_ack_at_c_deletes_the_copies_at_a_and_b(self) -> None:
+        """A full mesh: the signed ack is pushed to every peer and deletes every copy."""
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual([self.live(n) for n in "abc"], [[env["msg_id"]]] * 3)
+        status, _ = self.poll("c", ack=[env["msg_id"]])
+        self.assertEqual(status, 200)
+        self.assertEqual([self.live(n) for n in "abc"], [[], [], []])
+        for n in "ab":
+            self.assertEqual(self.tombstones(n), [(self.bob.pub, env["msg_id"])])
+            self.assertEqual(self.metric(n, "meshrelay_dm_ack_intake_total", outcome="applied"), 1)
+        self.assertEqual(self.push_count("c", "a", "ok"), 1)
+
+    def test_repeated_ack_is_not_pushed_again(self) -> None:
+        """The same signed ack applied twice is pushed once."""
+        env = self.send("a")
+        self.mesh.settle()
+        body = self.bob.poll_body(ts=self.now(), ack=[env["msg_id"]])
+        self.call("c", "POST", "/api/mesh/dm/poll", body)
+        before = self.push_count("c", "a", "ok")
+        body2 = self.bob.poll_body(ts=self.now(), ack=[env["msg_id"]])
+        self.call("c", "POST", "/api/mesh/dm/poll", body2)
+        # A new signed ack (new nonce) is new, so it is pushed; a replayed one is refused by the poll nonce.
+        self.assertEqual(self.push_count("c", "a", "ok"), before + 1)
+        status, _ = self.call("c", "POST", "/api/mesh/dm/poll", body2)
+        self.assertEqual(status, 403)
+        self.assertEqual(self.push_count("c", "a", "ok"), before + 1)
+
+
+class TombstoneTests(MeshTestCase):
+    names = ("a", "b")
+    sync = {"interval": 30, "push_timeout": 120}
+
+    def test_tombstone_beats_a_late_push(self) -> None:
+        """An ack at B before A's push arrives: the late replica is a duplicate and stays deleted."""
+        self.mesh.set_mode("a", "b", "hold")
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual(len(self.mesh.link("a", "b").held), 1)
+        self.poll("b", ack=[env["msg_id"]])  # the recipient acks (it saw the message elsewhere)
+        self.assertEqual(self.live("a"), [])  # B pushed the ack to A
+        self.mesh.set_mode("a", "b", "up")
+        self.mesh.link("a", "b").release()
+        self.mesh.settle()
+        self.assertEqual(self.live("b"), [])
+        self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="duplicate"), 1)
+        self.assertEqual(self.push_count("a", "b", "ok"), 1)
+        _, polled = self.poll("b")
+        self.assertEqual(polled["messages"], [])
+
+    def test_tombstone_beats_a_late_sync(self) -> None:
+        """A and B partitioned: B's pull of A's envelope meets B's tombstone; A learns the ack by sync."""
+        self.mesh.set_mode("a", "b", "down", both=True)
+        env = self.send("a")
+        self.poll("b", ack=[env["msg_id"]])
+        self.mesh.settle()
+        self.assertEqual((self.live("a"), self.live("b")), ([env["msg_id"]], []))
+        self.mesh.set_mode("b", "a", "up")  # B can pull from A first; A still cannot reach B
+        self.mesh.advance(30, step=5)
+        self.assertEqual(self.metric("b", "meshrelay_sync_items_total", peer=Mesh.url("a"), kind="envelope"), 1)
+        self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="duplicate"), 1)
+        self.assertEqual((self.live("a"), self.live("b")), ([env["msg_id"]], []))
+        self.mesh.set_mode("a", "b", "up")
+        self.mesh.advance(30, step=5)
+        self.assertEqual((self.live("a"), self.live("b")), ([], []))
+        for n in "ab":
+            _, polled = self.poll(n)
+            self.assertEqual(polled["messages"], [])
+
+
+class CapTests(MeshTestCase):
+    names = ("a", "b")
+    sync = {"interval": 30}
+    overrides = {"b": {"limits": {"per_sender_pending": 2}}}
+
+    def test_per_sender_cap_holds_on_the_replica_path(self) -> None:
+        """B's per-sender cap refuses the third replica from one sender, by push and by sync."""
+        sender = Identity()
+        envs = [self.send("a", b"m%d" % i, sender=sender) for i in range(3)]
+        self.mesh.settle()
+        self.assertEqual(len(self.live("a")), 3)
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs[:2]))
+        self.assertEqual(self.push_count("a", "b", "rejected"), 1)
+        self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="drop_per_sender_cap"), 1)
+        self.mesh.advance(60, step=10)
+        self.assertEqual(len(self.live("b")), 2)
+        self.assertGreaterEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="drop_per_sender_cap"), 2)
+
+
+class LongPollTests(MeshTestCase):
+    names = ("a", "b")
+    sync = {"interval": 10}
+
+    def start_long_poll(self, name: str) -> Deferred[Any]:
+        node = self.mesh[name]
+        d = node.start_request("POST", "/api/mesh/dm/poll", self.bob.poll_body(ts=self.now(), wait=30))
+        self.mesh.settle()
+        self.assertEqual(node.relay.waiting, 1)
+        return d
+
+    def test_long_poll_wakes_on_push(self) -> None:
+        """A long-poll at B is answered as soon as A's push arrives."""
+        d = self.start_long_poll("b")
+        env = self.send("a")
+        self.mesh.settle()
+        status, body = self.mesh["b"].result(d)
+        self.assertEqual((status, body["messages"]), (200, [env]))
+
+    def test_long_poll_wakes_on_sync(self) -> None:
+        """A long-poll at B is answered when B's pull brings the envelope (push is down)."""
+        self.mesh.set_mode("a", "b", "down")
+        d = self.start_long_poll("b")
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertFalse(answered(d))
+        self.assertEqual(self.mesh["b"].relay.waiting, 1)
+        self.mesh.advance(10, step=2)
+        status, body = self.mesh["b"].result(d)
+        self.assertEqual((status, body["messages"]), (200, [env]))
+
+
+class FetchRemoteTests(MeshTestCase):
+    names = ("a", "b", "c")
+    sync = {"interval": 3600}
+
+    def test_fetch_remote_pulls_the_mailbox_from_peers(self) -> None:
+        """With push down, poll(fetch_remote) at B pulls the recipient's mail from A before answering."""
+        self.mesh.set_mode("a", "b", "down")
+        env = self.send("a")
+        other = self.send("a", mailbox=Identity(), sender=Identity())
+        self.mesh.settle()
+        self.assertEqual(self.live("b"), [])
+        _, polled = self.poll("b")
+        self.assertEqual(polled["messages"], [])
+        _, polled = self.poll("b", fetch_remote=True)
+        self.assertEqual(polled["messages"], [env])
+        self.assertNotIn(other["msg_id"], self.live("b"))
+
+    def test_fetch_remote_with_a_hanging_peer_answers_what_arrived(self) -> None:
+        """One peer hanging: the poll answers after fetch_remote_timeout with what the others gave."""
+        self.mesh.set_mode("a", "b", "down")
+        self.mesh.set_mode("b", "c", "hang")
+        env = self.send("a")
+        node = self.mesh["b"]
+        d = node.start_request("POST", "/api/mesh/dm/poll", self.bob.poll_body(ts=self.now(), fetch_remote=True))
+        self.mesh.settle()
+        self.assertFalse(answered(d))
+        self.mesh.advance(2)
+        status, body = node.result(d)
+        self.assertEqual((status, body["messages"]), (200, [env]))
+
+    def test_fetch_remote_pages_are_bounded(self) -> None:
+        """fetch_remote pulls at most MAX_FETCH_PAGES pages from a peer."""
+        self.mesh.set_mode("a", "b", "down")
+        self.peer_client("b", "a").page_limit = 1
+        for i in range(MAX_FETCH_PAGES + 2):
+            self.send("a", b"m%d" % i, sender=Identity())
+        self.mesh.link("b", "a").requests.clear()
+        self.poll("b", fetch_remote=True)
+        self.assertEqual(len(self.mesh.link("b", "a").requests), MAX_FETCH_PAGES)
+        self.assertEqual(len(self.live("b")), MAX_FETCH_PAGES)
+
+
+class FeedChangeTests(MeshTestCase):
+    names = ("a", "b")
+    sync = {"interval": 30}
+
+    def test_new_feed_id_restarts_from_zero(self) -> None:
+        """When B's store is replaced (new feed id), A pulls it again from since=0."""
+        for i in range(3):
+            self.send("b", b"old%d" % i, sender=Identity())
+        self.mesh.advance(30, step=5)
+        self.assertEqual(len(self.live("a")), 3)
+        self.mesh.set_mode("a", "b", "down", both=True)
+        fresh = self.mesh.replace("b")
+        self.mesh.settle()
+        new = [self.send("b", b"new%d" % i, sender=Identity()) for i in range(2)]
+        self.mesh.set_mode("a", "b", "up")  # A can pull from B; B still cannot reach A
+        self.mesh.advance(30, step=5)
+        for env in new:
+            self.assertIn(env["msg_id"], self.live("a"))
+        got: list[Any] = []
+        self.mesh["a"].store.get_cursor(Mesh.url("b")).addCallback(got.append)
+        self.assertEqual((got[0].feed_id, got[0].since), (fresh.store.feed_id, 2))
+
+
+class HostileFeedTests(MeshTestCase):
+    """A peer whose changes feed is malformed or forged cannot crash the puller or plant data."""
+
+    names = ("a", "b")
+    sync = {"interval": 30}
+
+    def serve_feed(self, answer: bytes) -> None:
+        class Feed(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                request.setHeader(b"Content-Type", b"application/json")
+                return answer
+
+        stub = StubTreq(Feed())
+        client = self.peer_client("b", "a")
+        client.http = stub
+        self.mesh.links[("b", "a")]._broken = stub  # flushed by settle()
+
+    def run_sync(self) -> Any:
+        client = self.peer_client("b", "a")
+        client.sync_now()
+        self.mesh.settle()
+        return client
+
+    def test_malformed_pages_are_errors(self) -> None:
+        """Garbage, wrong types, no progress with more: true: each is a counted error, nothing stored."""
+        feed = self.mesh["a"].store.feed_id
+        for answer in (
+            b"not json",
+            b"[]",
+            json.dumps({"ok": True, "feed": feed, "items": {}, "next": 0, "more": False}).encode(),
+            json.dumps({"ok": True, "feed": feed, "items": [], "next": 0, "more": True}).encode(),
+            json.dumps({"ok": True, "feed": feed, "items": [{"seq": 1}], "next": 1, "more": False}).encode(),
+            json.dumps({"ok": True, "feed": "", "items": [], "next": 0, "more": False}).encode(),
+            json.dumps({"ok": True, "feed": feed, "items": [], "next": -1, "more": False}).encode(),
+        ):
+            self.serve_feed(answer)
+            client = self.run_sync()
+            self.assertEqual(client.last_sync_outcome, "error", answer)
+        self.assertEqual(self.live("b"), [])
+
+    def test_forged_items_in_a_feed_are_rejected(self) -> None:
+        """Forged envelopes and acks in a peer's feed are verified like any replica and refused."""
+        env = self.send("b", b"mine")
+        forged_env = dict(self.alice.envelope(self.bob, b"forged", ts=self.now()), sig=env["sig"])
+        forged_ack = dict(Identity().signed(ts=self.now(), ack=[env["msg_id"]]), mailbox=self.bob.pub)
+        self.serve_feed(
+            json.dumps(
+                {
+                    "ok": True,
+                    "feed": "hostile",
+                    "items": [{"seq": 1, "envelope": forged_env}, {"seq": 2, "ack": forged_ack}],
+                    "next": 2,
+                    "more": False,
+                }
+            ).encode()
+        )
+        client = self.run_sync()
+        self.assertEqual(client.last_sync_outcome, "ok")
+        self.assertEqual(self.live("b"), [env["msg_id"]])
+        self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="bad_signature"), 1)
+        self.assertEqual(self.metric("b", "meshrelay_dm_ack_intake_total", outcome="bad_signature"), 1)
+
+    def test_page_parser(self) -> None:
+        """parse_page accepts a well-formed page and refuses more items than asked for."""
+        page = parse_page({"ok": True, "feed": "f", "items": [{"seq": 3, "ack": {}}], "next": 3, "more": True}, 0, 1)
+        self.assertEqual((page.acks, page.next, page.more), ([{}], 3, True))
+        with self.assertRaises(PeerError):
+            parse_page({"ok": True, "feed": "f", "items": [{"seq": 3, "ack": {}}] * 2, "next": 3, "more": False}, 0, 1)
+        with self.assertRaises(PeerError):
+            parse_page({"ok": True, "feed": "f", "items": [], "next": True, "more": False}, 0, 1)
+
+
+class ConnectOptionTests(SynchronousTestCase):
+    """``connect`` dials another host:port; the path prefix, identity and keys come from ``url``."""
+
+    def test_connect_and_path_prefix(self) -> None:
+        """A push to a peer behind a prefix-stripping proxy, dialled through connect, is accepted."""
+        secret = "secret-of-the-a-b-link-0123"
+        base = self.mktemp()
+        b = MemNode(
+            base + "/b",
+            config=build_config(
+                {
+                    "node": {"data_dir": base + "/b", "public_url": "http://b.test/mesh"},
+                    "sync": {"interval": 3600},
+                    "peers": [{"url": "http://a.test", "secret": secret}],
+                }
+            ),
+            peer_client_factory=lambda peer: _Recorder(None),
+        )
+        self.addCleanup(b.stop)
+
+        class StripPrefix(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                assert request.uri.startswith(b"/mesh/")
+                request.uri = request.uri[len(b"/mesh") :]
+                request.path = request.path[len(b"/mesh") :]
+                request.postpath = request.postpath[1:]
+                return b.node.resource().render(request)
+
+        recorder = _Recorder(StubTreq(StripPrefix()))
+        a = MemNode(
+            base + "/a",
+            clock=b.clock,
+            config=build_config(
+                {
+                    "node": {"data_dir": base + "/a", "public_url": "http://a.test"},
+                    "sync": {"interval": 3600},
+                    "peers": [{"url": "http://b.test/mesh", "secret": secret, "connect": "http://127.0.0.1:18081"}],
+                }
+            ),
+            peer_client_factory=lambda peer: recorder,
+        )
+        self.addCleanup(a.stop)
+        env = Identity().envelope(Identity(), ts=int(a.clock.seconds()))
+        self.assertEqual(a.send(env)[0], 200)
+        for _ in range(5):
+            a.clock.advance(0)
+            recorder.stub.flush()  # type: ignore[union-attr]
+        method, url, headers = recorder.calls[-1]
+        self.assertEqual(url, "http://127.0.0.1:18081/mesh" + REPLICATE)
+        self.assertEqual(headers["Host"], "b.test")
+        self.assertEqual(headers[H_URL], "http://a.test")
+        key = derive_key(secret, "http://a.test")
+        body = recorder.bodies[-1]
+        self.assertEqual(
+            headers[H_HMAC],
+            compute_mac(key, "POST", "/mesh" + REPLICATE, int(headers[H_TS]), headers[H_NONCE], body),
+        )
+        self.assertEqual(b.store.dump_live(int(b.clock.seconds()))["envelopes"], [env["msg_id"]])
+        self.assertEqual(
+            a.metrics.sample("meshrelay_dm_replication_push_total", {"peer": "http://b.test/mesh", "outcome": "ok"}), 1
+        )
+        # The initial pull also went through connect with the prefix and the query in the MAC.
+        gets = [c for c in recorder.calls if c[0] == "GET"]
+        self.assertTrue(gets and gets[0][1].startswith("http://127.0.0.1:18081/mesh" + CHANGES + "?since=0&limit="))
+
+
+class _Recorder:
+    """An HTTP client that records each call and forwards it (or refuses it when there is no stub)."""
+
+    def __init__(self, stub: StubTreq | None) -> None:
+        self.stub = stub
+        self.calls: list[tuple[str, str, dict[str, str]]] = []
+        self.bodies: list[bytes] = []
+
+    def request(self, method: str, url: str, **kw: Any) -> Deferred[Any]:
+        self.calls.append((method, url, dict(kw.get("headers") or {})))
+        self.bodies.append(kw.get("data") or b"")
+        if self.stub is None:
+            from twisted.internet.defer import fail
+            from twisted.internet.error import ConnectionRefusedError
+
+            return fail(ConnectionRefusedError())
+        return self.stub.request(method, url, **kw)  # type: ignore[no-any-return]
+
+
+class StopTests(MeshTestCase):
+    names = ("a", "b")
+
+    def test_stopping_a_node_cancels_pushes_and_pulls_quietly(self) -> None:
+        """stopService with a hanging push and pull in flight leaves no unhandled error and counts nothing."""
+        self.mesh.set_mode("a", "b", "hang")
+        self.send("a")
+        self.mesh.settle()
+        self.peer_client("a", "b").sync_now()
+        self.mesh.settle()
+        self.assertEqual(len(self.peer_client("a", "b")._outstanding), 2)
+        self.mesh["a"].stop()
+        self.mesh.settle()
+        self.assertEqual(self.push_count("a", "b", "error"), 0)
+        self.assertEqual(self.peer_client("a", "b")._outstanding, set())
