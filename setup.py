@@ -22,7 +22,10 @@ setup(
         "prometheus_client>=0.20",
     ],
     extras_require={
+        # the PostgreSQL store backend (several processes sharing one database)
+        "postgresql": ["psycopg[binary]>=3.2"],
         "test": [
+            "psycopg[binary]>=3.2",
             "pytest>=8",
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.3",

@@ -53,6 +53,8 @@ class Node(Service):
             else Verifier()
         )
         self.relay = Relay(self.store, config, reactor, self.metrics, self.verifier)
+        # Deposits committed by other processes sharing the store wake our long-polls too.
+        self.store.set_wake_callback(self.relay.wake, self.relay.waiting_mailboxes)
         self.client_api = ClientAPI(self.relay, peer_count=lambda: len(config.peers))
         self.peer_resource: Resource | None = None
         self.sweeper = LoopingCall(self.relay.sweep)

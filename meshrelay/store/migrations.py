@@ -8,6 +8,7 @@ in its ``meta`` table.  Never edit a released migration: append a new one.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 DIALECTS: dict[str, dict[str, str]] = {
@@ -85,7 +86,31 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "leases: one holder per named job across processes sharing a store",
+        (
+            # expires is Unix time of the database's clock (PostgreSQL) so that
+            # processes on several machines agree on when a lease runs out.
+            """CREATE TABLE leases (
+                name TEXT PRIMARY KEY,
+                holder TEXT NOT NULL,
+                expires DOUBLE PRECISION NOT NULL
+            )""",
+        ),
+    ),
 )
+
+#: meta rows that hold the store's counters (the feed position and the stored totals)
+COUNTER_KEYS = ("last_seq", "stored_count", "stored_bytes")
+
+
+def seed_meta(version: int) -> dict[str, str]:
+    """The ``meta`` rows a migration creates along with its tables (both dialects)."""
+    if version == 1:
+        return {"feed_id": secrets.token_hex(16), **{key: "0" for key in COUNTER_KEYS}}
+    return {}
+
 
 LATEST_VERSION = MIGRATIONS[-1].version
 

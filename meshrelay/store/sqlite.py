@@ -19,10 +19,9 @@ is loaded into memory.
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -86,11 +85,8 @@ def migrate(conn: sqlite3.Connection) -> int:
         try:
             for stmt in m.render("sqlite"):
                 conn.execute(stmt)
-            if m.version == 1:
-                _meta_set(conn, "feed_id", secrets.token_hex(16))
-                _meta_set(conn, "last_seq", 0)
-                _meta_set(conn, "stored_count", 0)
-                _meta_set(conn, "stored_bytes", 0)
+            for key, value in migrations.seed_meta(m.version).items():
+                _meta_set(conn, key, value)
             _meta_set(conn, "schema_version", m.version)
             conn.execute("COMMIT")
         except BaseException:
@@ -371,6 +367,12 @@ class SQLiteStore:
     def acquire_lease(self, name: str, holder: str, ttl: float) -> Deferred[bool]:
         # One process owns a SQLite store, so it holds every lease.
         return succeed(True)
+
+    def set_wake_callback(
+        self, wake: Callable[[str], None], waiting: Callable[[], Iterable[str]] | None = None
+    ) -> None:
+        # One process owns a SQLite store: the relay's own wake-ups are all there is.
+        return None
 
     def sweep(self, now: int) -> Deferred[SweepResult]:
         """Delete expired rows, a chunk per transaction, until none is left."""
