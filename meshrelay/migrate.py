@@ -310,7 +310,7 @@ class Migrator:
     def _finish(self, dst: Any, postgres: ModuleType, feed: str, src_last_seq: int) -> tuple[int, int, int]:
         with dst.transaction():
             # The lock every PostgreSQL node takes to number rows (none should be running yet).
-            dst.execute("SELECT pg_advisory_xact_lock(%s, %s)", (postgres.lock_class("meshrelay", "seq", feed), 1))
+            dst.execute(postgres.LOCK_COUNTERS, (list(migrations.COUNTER_KEYS),))
             current = int(dst.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()[0])
             top = dst.execute(
                 "SELECT greatest((SELECT max(seq) FROM envelopes), (SELECT max(seq) FROM acks))"

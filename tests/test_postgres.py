@@ -265,12 +265,8 @@ class FeedOrderTests(SynchronousTestCase):
         # The later writer is queued behind the sequence lock, not committed with a higher seq.
         wait_until(
             lambda: (
-                sql(
-                    self.dsn,
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND pid = %s",
-                    (fast.writer_pid,),
-                )[0][0]
-                == 1
+                sql(self.dsn, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (fast.writer_pid,))
+                == [("Lock",)]
             ),
             "the second writer to wait for the sequence lock",
         )

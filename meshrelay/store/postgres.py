@@ -24,14 +24,18 @@ Group commit, in two phases
        cursor and lease), then runs the operations in arrival order: dedup,
        tombstone and cap checks, ack deletions and tombstones, nonce claims.
        New envelopes and acks are *not inserted yet*: they wait in the batch.
-    2. right before COMMIT it takes the store's *sequence lock* (one advisory
-       lock), reads the counters (``last_seq``, ``stored_count``,
-       ``stored_bytes`` in ``meta``), applies the storage cap, numbers the new
-       rows, inserts them, updates the counters, NOTIFYs the mailboxes that
-       got mail, and commits.
+    2. right before COMMIT, one call of the server-side function
+       ``meshrelay_commit_rows`` (created by the migrations) takes the
+       store's *sequence lock* -- the row locks on the counters
+       (``last_seq``, ``stored_count``, ``stored_bytes`` in ``meta``) --,
+       applies the storage cap in operation order, numbers the new rows,
+       inserts them, updates the counters and NOTIFYs the mailboxes that got
+       mail; COMMIT is pipelined right behind it.  The lock is held for the
+       server's work and the commit only, never across a round trip to a
+       busy meshrelay process.
 
     Because every lock is taken in one global order (sorted advisory keys,
-    then the sequence lock, whose holder waits for nothing), batches of
+    then the counter rows, whose holder waits for nothing else), batches of
     different processes never deadlock.  The mailbox lock serializes
     deposits to one mailbox across processes, so the per-sender and
     per-mailbox caps can never be exceeded; the sequence lock makes the shared
@@ -103,8 +107,6 @@ Cur = psycopg.Cursor[Any]
 MAX_BATCH = 256
 #: rows deleted per table per sweeper transaction
 SWEEP_CHUNK = 5000
-#: NOTIFY payloads stay under PostgreSQL's 8000-byte limit
-NOTIFY_PAYLOAD_MAX = 7900
 #: seconds between wake re-checks while the listening connection is down
 FALLBACK_INTERVAL = 2.0
 #: the listener wakes this often to check for shutdown, and pings after LISTEN_PING idle seconds
@@ -320,6 +322,13 @@ SELECT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = %(id)s),
 """
 
 
+LOCK_COUNTERS = "SELECT key, value FROM meta WHERE key = ANY(%s) ORDER BY key FOR UPDATE"
+_COMMIT_ROWS = (
+    "SELECT meshrelay_commit_rows(%s, %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[], "
+    "%s::text[], %s::text[], %s::bigint[], %s::text[], %s, %s, %s, %s)"
+)
+
+
 def _sweep_sql(table: str) -> str:
     # SKIP LOCKED: the sweeper never waits for a row another transaction holds,
     # so it can never be part of a lock cycle; it gets that row next time.
@@ -366,7 +375,6 @@ class PostgresStore:
         self._wconn: Conn | None = conn
         #: backend pid of the writer connection: our own NOTIFYs are skipped (the relay woke locally)
         self.writer_pid = conn.info.backend_pid
-        self._seq_lock = (lock_class("meshrelay", "seq", self.feed_id), 1)
         self.channel = "meshrelay_" + hashlib.blake2b(self.feed_id.encode(), digest_size=8).hexdigest()
         self._writer = writer or InlineExecutor()
         self._readers = readers
@@ -657,9 +665,22 @@ class PostgresStore:
                 except Exception as e:
                     raise _OpFailed(i, e) from e
             self._hook("before_seq")
-            totals = self._number_and_insert(cur, tx)
-            self._hook("before_commit")
-        conn.commit()
+            call = self._phase2(tx)
+            if call is None:
+                conn.commit()
+                return values, None
+            if "before_commit" in self.hooks:
+                cur.execute(*call)  # numbered and locked, not committed: the tests look at this state
+                self._hook("before_commit")
+                conn.commit()
+            else:
+                # One round trip: the function and COMMIT, pipelined.
+                with conn.pipeline():
+                    cur.execute(*call)
+                    conn.commit()
+            row = cur.fetchone()
+        assert row is not None
+        totals = self._numbered(tx, row[0])
         return values, totals
 
     def _hook(self, name: str) -> None:
@@ -667,62 +688,41 @@ class PostgresStore:
         if hook is not None:
             hook()
 
-    def _number_and_insert(self, cur: Cur, tx: _Tx) -> Totals | None:
-        """Phase 2, under the sequence lock: storage cap, seq numbers, inserts, counters, NOTIFY."""
+    def _phase2(self, tx: _Tx) -> tuple[str, tuple[Any, ...]] | None:
+        """The call of ``meshrelay_commit_rows`` that numbers and inserts the batch's new rows.
+
+        The server runs the whole serial section (sequence lock, storage cap,
+        numbering, inserts, counters, NOTIFY) inside that one call, and the
+        lock is released by the COMMIT pipelined right after it, so no client
+        round trip ever happens while it is held.
+        """
         if not tx.order and not tx.d_count and not tx.d_bytes:
             return None
-        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", self._seq_lock)
-        seq, count, nbytes = self._read_totals(cur)
-        count += tx.d_count
-        nbytes += tx.d_bytes
-        max_bytes = self.caps.max_stored_bytes
-        env_rows: list[list[Any]] = [[] for _ in range(7)]
-        ack_rows: list[list[Any]] = [[] for _ in range(5)]
-        woken: dict[str, None] = {}
+        kinds: list[str] = []
+        env: list[list[Any]] = [[] for _ in range(6)]
+        ack: list[list[Any]] = [[] for _ in range(4)]
         for item in tx.order:
             if isinstance(item, _NewEnvelope):
-                if item.deleted:
-                    # Acked within its own batch: it existed, so it has a seq; nothing to insert.
-                    seq += 1
-                    item.result = AddResult(ACCEPTED, seq=seq)
-                    continue
-                if nbytes + item.size > max_bytes:
-                    item.result = AddResult(STORAGE_FULL)
-                    continue
-                seq += 1
-                count += 1
-                nbytes += item.size
-                for col, v in zip(
-                    env_rows, (seq, item.msg_id, item.mailbox, item.sender, item.expires, item.size, item.body)
-                ):
+                kinds.append("d" if item.deleted else "e")
+                for col, v in zip(env, (item.msg_id, item.mailbox, item.sender, item.expires, item.size, item.body)):
                     col.append(v)
-                woken[item.mailbox] = None
-                item.result = AddResult(ACCEPTED, seq=seq)
             else:
-                seq += 1
-                for col, v in zip(ack_rows, (seq, item.mailbox, item.nonce, item.expires, item.body)):
+                kinds.append("a")
+                for col, v in zip(ack, (item.mailbox, item.nonce, item.expires, item.body)):
                     col.append(v)
-                item.result = AckResult(deleted=item.deleted, new=True, seq=seq)
-        if env_rows[0]:
-            cur.execute(
-                "INSERT INTO envelopes (seq, msg_id, mailbox, sender, expires, size, body) "
-                "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[], "
-                "%s::bigint[], %s::text[])",
-                env_rows,
-            )
-        if ack_rows[0]:
-            cur.execute(
-                "INSERT INTO acks (seq, mailbox, nonce, expires, body) "
-                "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[], %s::text[])",
-                ack_rows,
-            )
-        cur.execute(
-            "UPDATE meta SET value = CASE key WHEN 'last_seq' THEN %s WHEN 'stored_count' THEN %s ELSE %s END "
-            "WHERE key = ANY(%s)",
-            (str(seq), str(count), str(nbytes), list(migrations.COUNTER_KEYS)),
-        )
-        if woken:
-            cur.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (self.channel, _payloads(woken)))
+        args = ("".join(kinds), *env, *ack, tx.d_count, tx.d_bytes, self.caps.max_stored_bytes, self.channel)
+        return _COMMIT_ROWS, args
+
+    def _numbered(self, tx: _Tx, out: list[int]) -> Totals:
+        """Give each new row of the batch its result from the numbers the server returned."""
+        seq, count, nbytes, held_us = out[:4]
+        for item, item_seq in zip(tx.order, out[4:]):
+            if isinstance(item, _NewEnvelope):
+                item.result = AddResult(ACCEPTED, seq=item_seq) if item_seq else AddResult(STORAGE_FULL)
+            else:
+                item.result = AckResult(deleted=item.deleted, new=True, seq=item_seq)
+        if self._metrics is not None:
+            self._metrics.store_seq_lock.observe(held_us / 1e6)
         return seq, count, nbytes
 
     # ------------------------------------------------------------------ writes
@@ -971,22 +971,6 @@ class PostgresStore:
                     (r[0], r[1]) for r in c.execute("SELECT mailbox, msg_id FROM tombstones WHERE expires > %s", (now,))
                 ),
             }
-
-
-def _payloads(mailboxes: Iterable[str]) -> list[str]:
-    """Comma-joined mailbox lists, each under the NOTIFY payload limit."""
-    out: list[str] = []
-    chunk: list[str] = []
-    size = 0
-    for mailbox in mailboxes:
-        if chunk and size + len(mailbox) + 1 > NOTIFY_PAYLOAD_MAX:
-            out.append(",".join(chunk))
-            chunk, size = [], 0
-        chunk.append(mailbox)
-        size += len(mailbox) + 1
-    if chunk:
-        out.append(",".join(chunk))
-    return out
 
 
 class _Listener:
