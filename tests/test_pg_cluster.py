@@ -126,6 +126,26 @@ class TwoProcessClusterTests(SynchronousTestCase):
             self.assertEqual(sorted(msg_ids(body)), accepted)
 
 
+@pytest.mark.integration
+class StartupErrorTests(SynchronousTestCase):
+    """A PostgreSQL store that cannot be opened stops twistd with one line (no database needed)."""
+
+    def test_unreachable_database_exits_with_one_line(self) -> None:
+        """twistd meshrelay with a DSN where nothing listens exits 1 with one meshrelay: line, before listening."""
+        base = os.path.abspath(self.mktemp())
+        node = NodeProcess(base, "bad")
+        node.extra = {"store": {"backend": "postgresql", "dsn": "postgresql://meshrelay:s3cret@127.0.0.1:1/x"}}
+        node.start(wait=False)
+        assert node.proc is not None
+        code = node.proc.wait(GUARD)
+        node.proc = None
+        self.assertEqual(code, 1)
+        lines = [ln for ln in node.tail_log().splitlines() if ln.startswith("meshrelay:")]
+        self.assertEqual(len(lines), 1, node.tail_log())
+        self.assertIn("127.0.0.1:1/x", lines[0])
+        self.assertNotIn("s3cret", node.tail_log())
+
+
 def waiting_polls(p: NodeProcess) -> int:
     status, text = p.admin("/metrics")
     if status != 200 or not isinstance(text, bytes):

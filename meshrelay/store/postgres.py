@@ -291,14 +291,35 @@ class _Tx:
         #: changes to the stored totals by deletions in this batch
         self.d_count = 0
         self.d_bytes = 0
+        #: deposit checks read for the whole batch at its start, by _Check
+        self.checked: dict[_Check, tuple[bool, bool, int, int]] = {}
+        #: mailboxes whose rows an earlier operation of this batch changed (their checks are re-read)
+        self.dirty: set[str] = set()
+        self.swept = False
+
+    def check(self, cur: Cur, key: _Check) -> tuple[bool, bool, int, int]:
+        """(stored, tombstoned, live in mailbox, live from sender) for a deposit, as of now in this batch."""
+        row = self.checked.get(key)
+        if row is None or self.swept or key[1] in self.dirty:
+            msg_id, mailbox, sender, now = key
+            cur.execute(_CHECK_ENVELOPE, {"id": msg_id, "mb": mailbox, "s": sender, "now": now})
+            row = cur.fetchone()
+            assert row is not None
+        return row
+
+
+#: (msg_id, mailbox, sender, now) of a deposit
+_Check = tuple[str, str, str, int]
 
 
 class _Write:
-    __slots__ = ("keys", "fn")
+    __slots__ = ("keys", "fn", "check")
 
-    def __init__(self, keys: tuple[int, ...], fn: Callable[[Cur, _Tx], Any]) -> None:
+    def __init__(self, keys: tuple[int, ...], fn: Callable[[Cur, _Tx], Any], check: _Check | None = None) -> None:
         self.keys = keys
         self.fn = fn
+        #: a deposit's check, read together with every other deposit's at the start of the batch
+        self.check = check
 
 
 class _OpFailed(Exception):
@@ -313,6 +334,16 @@ _RETRYABLE = (pg_errors.TransactionRollback, pg_errors.SerializationFailure, pg_
 
 #: (last_seq, stored_count, stored_bytes) as committed by a batch
 Totals = tuple[int, int, int]
+
+#: the same checks for every deposit of a batch, in one statement (run right after the locks)
+_CHECK_ENVELOPES = """
+SELECT t.id, t.mb, t.s, t.now,
+       EXISTS (SELECT 1 FROM envelopes e WHERE e.msg_id = t.id),
+       EXISTS (SELECT 1 FROM tombstones b WHERE b.mailbox = t.mb AND b.msg_id = t.id AND b.expires > t.now),
+       (SELECT count(*) FROM envelopes e WHERE e.mailbox = t.mb AND e.expires > t.now),
+       (SELECT count(*) FROM envelopes e WHERE e.mailbox = t.mb AND e.sender = t.s AND e.expires > t.now)
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[]) AS t(id, mb, s, now)
+"""
 
 _CHECK_ENVELOPE = """
 SELECT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = %(id)s),
@@ -393,6 +424,7 @@ class PostgresStore:
         self._fallback: LoopingCall | None = None
         #: True while the listening connection is up (None: no listener)
         self.listening: bool | None = None
+        self._recheck_failing = False
         #: test hooks run on the writer thread: "before_seq", "before_commit"
         self.hooks: dict[str, Callable[[], None]] = {}
 
@@ -515,22 +547,28 @@ class PostgresStore:
             return [r[0] for r in rows]
 
         def found(mailboxes: list[str]) -> None:
+            self._recheck_failing = False
             if self._wake is not None:
                 for mailbox in mailboxes:
                     self._wake(mailbox)
 
         def failed(f: Failure) -> None:
-            self.log.warn("wake re-check failed: {err}", err=f.getErrorMessage())
+            # Once per outage: the re-check runs every few seconds while the database is away.
+            if not self._recheck_failing:
+                self.log.warn("wake re-check failed: {err}", err=f.getErrorMessage())
+            self._recheck_failing = True
 
         return self._read(q).addCallbacks(found, failed)
 
     # ------------------------------------------------------------------ group commit (reactor side)
 
-    def _write(self, keys: tuple[int, ...], fn: Callable[[Cur, _Tx], Any]) -> Deferred[Any]:
+    def _write(
+        self, keys: tuple[int, ...], fn: Callable[[Cur, _Tx], Any], check: _Check | None = None
+    ) -> Deferred[Any]:
         if self._closed:
             return fail(StoreError("the store is closed"))
         d: Deferred[Any] = Deferred()
-        self._pending.append((_Write(keys, fn), d))
+        self._pending.append((_Write(keys, fn, check), d))
         if not self._busy and not self._firing:
             self._flush()
         return d
@@ -652,13 +690,22 @@ class PostgresStore:
         tx = _Tx()
         keys = sorted({k for w in writes for k in w.keys})
         values: list[Any] = []
+        checks = list(dict.fromkeys(w.check for w in writes if w.check is not None))
         with conn.cursor() as cur:
-            if keys:
-                # One statement, keys in ascending order: the global lock order.
-                cur.execute(
-                    "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i",
-                    (keys,),
-                )
+            # One round trip: the locks -- one statement, keys in ascending order: the global
+            # lock order -- then, once they are held, every deposit's checks.
+            with conn.pipeline():
+                if keys:
+                    cur.execute(
+                        "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) WITH ORDINALITY AS t(k, i) "
+                        "ORDER BY i",
+                        (keys,),
+                    )
+                if checks:
+                    cur.execute(_CHECK_ENVELOPES, [list(col) for col in zip(*checks)])
+            if checks:
+                for msg_id, mailbox, sender, now, *found in cur.fetchall():
+                    tx.checked[(msg_id, mailbox, sender, now)] = tuple(found)  # type: ignore[assignment]
             for i, w in enumerate(writes):
                 try:
                     values.append(w.fn(cur, tx))
@@ -735,10 +782,7 @@ class PostgresStore:
             earlier = tx.envelopes.get(env.msg_id)
             if earlier is not None:
                 return _SameAs(earlier)
-            cur.execute(_CHECK_ENVELOPE, {"id": env.msg_id, "mb": env.mailbox, "s": env.sender, "now": now})
-            row = cur.fetchone()
-            assert row is not None
-            stored, tombstoned, in_mailbox, from_sender = row
+            stored, tombstoned, in_mailbox, from_sender = tx.check(cur, check)
             if stored or tombstoned:
                 return AddResult(DUPLICATE)
             in_mailbox += tx.in_mailbox[env.mailbox]
@@ -754,7 +798,8 @@ class PostgresStore:
             tx.from_sender[(env.mailbox, env.sender)] += 1
             return new
 
-        return self._write((self._lock("m", env.mailbox),), op)
+        check = (env.msg_id, env.mailbox, env.sender, now)
+        return self._write((self._lock("m", env.mailbox),), op, check)
 
     def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
         body = dumps_json(ack.to_json()).decode("utf-8")
@@ -762,6 +807,7 @@ class PostgresStore:
 
         def op(cur: Cur, tx: _Tx) -> AckResult | _Pending:
             ids = list(dict.fromkeys(ack.ack))
+            tx.dirty.add(mailbox)
             gone: set[str] = set()
             stored: list[str] = []
             for msg_id in ids:
@@ -852,6 +898,7 @@ class PostgresStore:
                 (now, SWEEP_CHUNK),
             )
             sizes = [r[0] for r in cur.fetchall()]
+            tx.swept = True
             tx.d_count -= len(sizes)
             tx.d_bytes -= sum(sizes)
             counts = [len(sizes)]
