@@ -400,7 +400,7 @@ class PostgresStore:
             self.feed_id = meta_get(conn, "feed_id") or ""
             self._seq, self._count, self._bytes = self._read_totals(conn)
             conn.autocommit = False
-        except (psycopg.Error, ValueError) as e:
+        except (psycopg.Error, ValueError, KeyError) as e:
             conn.close()
             raise StoreError(f"cannot open the PostgreSQL store at {self.where}: {one_line(e)}") from e
         self._wconn: Conn | None = conn
