@@ -340,6 +340,14 @@ class StoreBehaviour:
         page = self.successResultOf(store.changes(0, 10, T0, mailbox=carol.pub))
         self.assertEqual([i.kind for i in page.items], ["envelope", "ack"])
 
+    def test_changes_after_a_huge_cursor_is_empty(self) -> None:
+        """A since beyond any seq (even past 64 bits) gives an empty page, not an error."""
+        store = self.make_store()
+        self.add(store, make_env(Identity(), Identity()))
+        for since in (2**53, 2**63 - 1, 2**64 + 5):
+            page = self.successResultOf(store.changes(since, 10, T0))
+            self.assertEqual((page.items, page.next, page.more), ([], since, False))
+
     def test_ack_leaves_the_feed_with_its_tombstone(self) -> None:
         """A signed ack stays in the feed until its tombstone expires."""
         store = self.make_store()

@@ -103,6 +103,8 @@ T = TypeVar("T")
 Conn = psycopg.Connection[Any]
 Cur = psycopg.Cursor[Any]
 
+#: the largest seq a BIGINT holds: a larger ``since`` simply has nothing after it
+MAX_SEQ = 2**63 - 1
 #: operations per transaction (each may hold an advisory lock until commit)
 MAX_BATCH = 256
 #: rows deleted per table per sweeper transaction
@@ -991,7 +993,7 @@ class PostgresStore:
             f"(SELECT seq, 'envelope', body FROM envelopes WHERE {where} ORDER BY seq LIMIT %(n)s) UNION ALL "
             f"(SELECT seq, 'ack', body FROM acks WHERE {where} ORDER BY seq LIMIT %(n)s) ORDER BY 1 LIMIT %(n)s"
         )
-        args = {"since": since, "now": now, "mb": mailbox, "n": limit + 1}
+        args = {"since": min(since, MAX_SEQ), "now": now, "mb": mailbox, "n": limit + 1}
 
         def q(conn: Conn) -> ChangesPage:
             merged = [FeedItem(int(s), k, b) for s, k, b in conn.execute(query, args).fetchall()]

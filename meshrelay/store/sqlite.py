@@ -51,6 +51,8 @@ from meshrelay.store.base import (
 T = TypeVar("T")
 
 DB_NAME = "meshrelay.sqlite3"
+#: the largest seq a 64-bit column holds: a larger ``since`` simply has nothing after it
+MAX_SEQ = 2**63 - 1
 #: rows deleted per sweeper transaction, so deposits interleave with a big sweep
 SWEEP_CHUNK = 5000
 
@@ -430,7 +432,7 @@ class SQLiteStore:
 
         def q(conn: sqlite3.Connection) -> ChangesPage:
             where = "seq > ? AND expires > ?"
-            args: tuple[Any, ...] = (since, now)
+            args: tuple[Any, ...] = (min(since, MAX_SEQ), now)
             if mailbox is not None:
                 where = "mailbox = ? AND " + where
                 args = (mailbox, *args)
