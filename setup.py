@@ -23,7 +23,10 @@ setup(
         "PyNaCl>=1.5",
     ],
     extras_require={
+        # the PostgreSQL store backend (several processes sharing one database)
+        "postgresql": ["psycopg[binary]>=3.2"],
         "test": [
+            "psycopg[binary]>=3.2",
             "pytest>=8",
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.3",

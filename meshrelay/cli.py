@@ -450,8 +450,17 @@ COMMANDS: dict[str, Command] = {
     "demo-mesh": Command("run three peered nodes on loopback until Ctrl-C", _conf_demo, cmd_demo_mesh),
 }
 
+
 #: subcommands with their own argument parsing: name -> (help, main(argv) -> exit code)
-RAW_COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
+def _migrate_store(argv: list[str]) -> int:
+    from meshrelay import migrate
+
+    return migrate.main(argv)
+
+
+RAW_COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "migrate-store": ("copy a SQLite node's store into PostgreSQL (resumable)", _migrate_store),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,6 +84,13 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.store_seq_lock = Histogram(
+            "meshrelay_store_seq_lock_seconds",
+            "Seconds a batch held the shared store's sequence lock (PostgreSQL: numbering, inserts, COMMIT); "
+            "the sum over all processes, per second of wall time, is how busy that one serial section is",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.replication_lag = Histogram(
             "meshrelay_dm_replication_lag_seconds",
             "Envelope age (now - ts) when a replica is accepted",

@@ -62,6 +62,8 @@ class Node(Service):
             else Verifier()
         )
         self.relay = Relay(self.store, config, reactor, self.metrics, self.verifier)
+        # Deposits committed by other processes sharing the store wake our long-polls too.
+        self.store.set_wake_callback(self.relay.wake, self.relay.waiting_mailboxes)
         self.client_api = ClientAPI(self.relay, peer_count=lambda: len(config.peers))
         lim = config.limits
         self.client_limiter = RateLimiter(lim.client_rate, lim.client_burst, reactor)

@@ -416,6 +416,10 @@ class Relay:
     def waiting(self) -> int:
         return self._waiting
 
+    def waiting_mailboxes(self) -> list[str]:
+        """The mailboxes that have long-polls waiting on this node (for a store's wake re-check)."""
+        return list(self._waiters)
+
     def wake(self, mailbox: str) -> None:
         """Wake every long-poll waiting on ``mailbox`` (an envelope arrived for it)."""
         group = self._waiters.get(mailbox)

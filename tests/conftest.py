@@ -1,7 +1,9 @@
-"""pytest glue: run each session in a scratch directory, as trial does with _trial_temp.
+"""pytest glue.
 
-trial's ``TestCase.mktemp()`` returns paths relative to the working directory;
-without this they would land in the checkout.
+- Each session runs in a scratch directory, as trial does with _trial_temp:
+  trial's ``TestCase.mktemp()`` returns paths relative to the working
+  directory, and without this they would land in the checkout.
+- Say whether the PostgreSQL tests run, and how to run them when they do not.
 """
 
 from __future__ import annotations
@@ -9,8 +11,13 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+
+from tests.pgtest import ENV, SKIP_REASON, base_dsn
+
+_skipped: list[int] = [0]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -22,3 +29,15 @@ def _scratch_cwd() -> Iterator[None]:
             yield
         finally:
             os.chdir(old)
+
+
+def pytest_report_header(config: Any) -> str:
+    if base_dsn() is None:
+        return f"PostgreSQL tests: SKIPPED ({ENV} is not set; the end of the run says how to run them)"
+    return f"PostgreSQL tests: on ({ENV} is set; one schema per test)"
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
+    _skipped[0] = sum(1 for r in terminalreporter.stats.get("skipped", []) if SKIP_REASON in str(r.longrepr))
+    if _skipped[0]:
+        terminalreporter.write_line(f"NOTE: {_skipped[0]} tests were skipped. {SKIP_REASON}", yellow=True, bold=True)

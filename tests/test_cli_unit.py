@@ -81,3 +81,15 @@ class PrinterTests(SynchronousTestCase):
         first, second = (json.loads(line) for line in out.getvalue().splitlines())
         self.assertEqual(first["text"], "hi\x1b[2J\x07 there\n\tok")
         self.assertEqual(second["data_b64u"], "__4")
+
+
+class MigrateStoreDispatchTests(SynchronousTestCase):
+    def test_migrate_store_is_a_subcommand(self) -> None:
+        """`meshrelay migrate-store` hands its argv to meshrelay.migrate.main."""
+        import meshrelay.migrate as migrate
+        from meshrelay import cli
+
+        seen: list[list[str]] = []
+        self.patch(migrate, "main", lambda argv: seen.append(argv) or 0)
+        self.assertEqual(cli.main(["migrate-store", "--from", "d", "--to", "postgresql://x/y"]), 0)
+        self.assertEqual(seen, [["--from", "d", "--to", "postgresql://x/y"]])

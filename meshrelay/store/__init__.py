@@ -8,6 +8,9 @@ from meshrelay.config import Config
 from meshrelay.executor import InlineExecutor, ThreadExecutor
 from meshrelay.store.base import Caps, Store, StoreError
 
+#: reader connections (and threads) per process for the PostgreSQL backend
+READER_THREADS = 3
+
 
 def caps_from(config: Config) -> Caps:
     lim = config.limits
@@ -42,4 +45,21 @@ def open_store(config: Config, reactor: Any, threaded: bool = True, metrics: Any
             writer=InlineExecutor(),
             metrics=metrics,
         )
+    if config.store.backend == "postgresql":
+        try:
+            from meshrelay.store.postgres import PostgresStore
+        except ImportError as e:
+            raise StoreError(
+                f"store.backend 'postgresql' needs psycopg 3 ({e}): pip install 'meshrelay[postgresql]'"
+            ) from e
+        if threaded:
+            return PostgresStore(
+                config.store.dsn,
+                caps_from(config),
+                reactor=reactor,
+                writer=ThreadExecutor(reactor, 1, "meshrelay-pg-writer"),
+                readers=ThreadExecutor(reactor, READER_THREADS, "meshrelay-pg-readers"),
+                metrics=metrics,
+            )
+        return PostgresStore(config.store.dsn, caps_from(config), reactor=reactor, metrics=metrics)
     raise StoreError(f"store.backend {config.store.backend!r} is not available in this build")

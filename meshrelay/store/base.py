@@ -9,6 +9,7 @@ answers 503 ``unavailable`` and nothing half-written is left behind.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -143,4 +144,14 @@ class Store(Protocol):
         Several processes sharing one database use this so that exactly one of
         them runs each peer's sync puller.  A single-process backend always
         grants it.
+        """
+
+    def set_wake_callback(
+        self, wake: Callable[[str], None], waiting: Callable[[], Iterable[str]] | None = None
+    ) -> None:
+        """Call ``wake(mailbox)`` when an envelope for ``mailbox`` commits through *another* process.
+
+        ``waiting()`` lists the mailboxes with long-polls held here; a backend
+        re-checks those when it may have missed notifications.  A store owned
+        by one process has nothing to report and ignores this.
         """

@@ -8,6 +8,7 @@ in its ``meta`` table.  Never edit a released migration: append a new one.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 DIALECTS: dict[str, dict[str, str]] = {
@@ -27,11 +28,86 @@ class Migration:
     version: int
     name: str
     statements: tuple[str, ...]
+    #: (dialect, statement) pairs run only on that dialect, after the common ones, verbatim
+    only: tuple[tuple[str, str], ...] = ()
 
     def render(self, dialect: str) -> list[str]:
         subst = DIALECTS[dialect]
-        return [s.format(**subst) for s in self.statements]
+        return [s.format(**subst) for s in self.statements] + [s for d, s in self.only if d == dialect]
 
+
+#: PostgreSQL: the serial end of a write batch, run by the server in one call so that the
+#: sequence lock is never held across a round trip to a (possibly busy) meshrelay process.
+#: Locks the counter rows (the sequence lock), applies the storage cap in operation order,
+#: numbers the new rows, inserts them, updates the counters and NOTIFYs the mailboxes that got
+#: mail.  ``kinds`` has one letter per new row in operation order: ``e`` an envelope, ``d`` an
+#: envelope acked within its own batch (numbered, not stored), ``a`` an ack.  Returns
+#: ``[last_seq, stored_count, stored_bytes, microseconds the lock was held, seq of each row
+#: (0: refused, storage full)...]``.  Tables resolve through the caller's search_path.
+COMMIT_ROWS_V1 = """
+CREATE OR REPLACE FUNCTION meshrelay_commit_rows(
+    kinds TEXT,
+    e_msg_id TEXT[], e_mailbox TEXT[], e_sender TEXT[], e_expires BIGINT[], e_size BIGINT[], e_body TEXT[],
+    a_mailbox TEXT[], a_nonce TEXT[], a_expires BIGINT[], a_body TEXT[],
+    d_count BIGINT, d_bytes BIGINT, max_bytes BIGINT, channel TEXT
+) RETURNS BIGINT[] LANGUAGE plpgsql AS $fn$
+DECLARE
+    locked_at TIMESTAMPTZ;
+    v_seq BIGINT;
+    v_count BIGINT;
+    v_bytes BIGINT;
+    seqs BIGINT[] := ARRAY[]::BIGINT[];
+    env_seq BIGINT[] := ARRAY[]::BIGINT[];
+    env_idx INT[] := ARRAY[]::INT[];
+    ack_seq BIGINT[] := ARRAY[]::BIGINT[];
+    ei INT := 0;
+    k TEXT;
+BEGIN
+    PERFORM 1 FROM meta WHERE key IN ('last_seq', 'stored_bytes', 'stored_count') ORDER BY key FOR UPDATE;
+    locked_at := clock_timestamp();
+    SELECT value::BIGINT INTO v_seq FROM meta WHERE key = 'last_seq';
+    SELECT value::BIGINT + d_count INTO v_count FROM meta WHERE key = 'stored_count';
+    SELECT value::BIGINT + d_bytes INTO v_bytes FROM meta WHERE key = 'stored_bytes';
+    FOR n IN 1 .. length(kinds) LOOP
+        k := substr(kinds, n, 1);
+        IF k = 'a' THEN
+            v_seq := v_seq + 1;
+            ack_seq := ack_seq || v_seq;
+            seqs := seqs || v_seq;
+        ELSE
+            ei := ei + 1;
+            IF k = 'd' THEN
+                v_seq := v_seq + 1;
+                seqs := seqs || v_seq;
+            ELSIF v_bytes + e_size[ei] > max_bytes THEN
+                seqs := seqs || 0::BIGINT;
+            ELSE
+                v_seq := v_seq + 1;
+                v_count := v_count + 1;
+                v_bytes := v_bytes + e_size[ei];
+                env_seq := env_seq || v_seq;
+                env_idx := env_idx || ei;
+                seqs := seqs || v_seq;
+            END IF;
+        END IF;
+    END LOOP;
+    INSERT INTO envelopes (seq, msg_id, mailbox, sender, expires, size, body)
+        SELECT t.s, e_msg_id[t.ix], e_mailbox[t.ix], e_sender[t.ix], e_expires[t.ix], e_size[t.ix], e_body[t.ix]
+        FROM unnest(env_seq, env_idx) AS t(s, ix);
+    INSERT INTO acks (seq, mailbox, nonce, expires, body)
+        SELECT * FROM unnest(ack_seq, a_mailbox, a_nonce, a_expires, a_body);
+    UPDATE meta SET value = (CASE key WHEN 'last_seq' THEN v_seq WHEN 'stored_count' THEN v_count ELSE v_bytes END)::TEXT
+        WHERE key IN ('last_seq', 'stored_count', 'stored_bytes');
+    -- mailboxes are 43 characters: 150 of them stay under NOTIFY's 8000-byte payload limit
+    PERFORM pg_notify(channel, string_agg(d.m, ','))
+        FROM (SELECT u.m, (row_number() OVER () - 1) / 150 AS g
+              FROM (SELECT DISTINCT e_mailbox[x.ix] AS m FROM unnest(env_idx) AS x(ix)) AS u) AS d
+        GROUP BY d.g;
+    RETURN ARRAY[v_seq, v_count, v_bytes, (extract(epoch FROM clock_timestamp() - locked_at) * 1000000)::BIGINT]
+        || seqs;
+END
+$fn$
+"""
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -85,7 +161,32 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "leases: one holder per named job across processes sharing a store",
+        (
+            # expires is Unix time of the database's clock (PostgreSQL) so that
+            # processes on several machines agree on when a lease runs out.
+            """CREATE TABLE leases (
+                name TEXT PRIMARY KEY,
+                holder TEXT NOT NULL,
+                expires DOUBLE PRECISION NOT NULL
+            )""",
+        ),
+        only=(("postgresql", COMMIT_ROWS_V1),),
+    ),
 )
+
+#: meta rows that hold the store's counters (the feed position and the stored totals)
+COUNTER_KEYS = ("last_seq", "stored_count", "stored_bytes")
+
+
+def seed_meta(version: int) -> dict[str, str]:
+    """The ``meta`` rows a migration creates along with its tables (both dialects)."""
+    if version == 1:
+        return {"feed_id": secrets.token_hex(16), **{key: "0" for key in COUNTER_KEYS}}
+    return {}
+
 
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -19,10 +19,9 @@ is loaded into memory.
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -52,6 +51,8 @@ from meshrelay.store.base import (
 T = TypeVar("T")
 
 DB_NAME = "meshrelay.sqlite3"
+#: the largest seq a 64-bit column holds: a larger ``since`` simply has nothing after it
+MAX_SEQ = 2**63 - 1
 #: rows deleted per sweeper transaction, so deposits interleave with a big sweep
 SWEEP_CHUNK = 5000
 
@@ -96,11 +97,8 @@ def migrate(conn: sqlite3.Connection) -> int:
         try:
             for stmt in m.render("sqlite"):
                 conn.execute(stmt)
-            if m.version == 1:
-                _meta_set(conn, "feed_id", secrets.token_hex(16))
-                _meta_set(conn, "last_seq", 0)
-                _meta_set(conn, "stored_count", 0)
-                _meta_set(conn, "stored_bytes", 0)
+            for key, value in migrations.seed_meta(m.version).items():
+                _meta_set(conn, key, value)
             _meta_set(conn, "schema_version", m.version)
             conn.execute("COMMIT")
         except BaseException:
@@ -383,6 +381,12 @@ class SQLiteStore:
         # One process owns a SQLite store, so it holds every lease.
         return succeed(True)
 
+    def set_wake_callback(
+        self, wake: Callable[[str], None], waiting: Callable[[], Iterable[str]] | None = None
+    ) -> None:
+        # One process owns a SQLite store: the relay's own wake-ups are all there is.
+        return None
+
     def sweep(self, now: int) -> Deferred[SweepResult]:
         """Delete expired rows, a chunk per transaction, until none is left."""
         totals = {"envelopes": 0, "tombstones": 0, "acks": 0, "nonces": 0}
@@ -439,7 +443,7 @@ class SQLiteStore:
 
         def q(conn: sqlite3.Connection) -> ChangesPage:
             where = "seq > ? AND expires > ?"
-            args: tuple[Any, ...] = (since, now)
+            args: tuple[Any, ...] = (min(since, MAX_SEQ), now)
             if mailbox is not None:
                 where = "mailbox = ? AND " + where
                 args = (mailbox, *args)

@@ -1,0 +1,533 @@
+"""The store behaviour suite, run against every backend.
+
+:class:`StoreBehaviour` holds the tests; each backend gets one subclass that
+only says how to open a store (SQLite always; PostgreSQL when
+``MESHRELAY_TEST_PG_DSN`` is set, see ``tests/pgtest.py``).  The tests drive
+the store synchronously: an inline (or hand-released) writer runs each batch
+on the test thread, and every Deferred has fired by the time it is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshrelay import envelope as E
+from meshrelay.executor import Executor, InlineExecutor
+from meshrelay.metrics import Metrics
+from meshrelay.store import migrations
+from meshrelay.store.base import (
+    ACCEPTED,
+    DUPLICATE,
+    MAILBOX_FULL,
+    SENDER_CAP,
+    STORAGE_FULL,
+    AckResult,
+    AddResult,
+    Caps,
+    Cursor,
+    Store,
+    StoreError,
+)
+from meshrelay.store.sqlite import SQLiteStore
+from tests.helpers import T0, Identity
+from tests.pgtest import create_schema, requires_pg
+
+MAX_MSG = 8192
+MAX_TTL = 259200
+SKEW = 300
+
+
+def make_env(
+    sender: Identity, mailbox: Identity | str, text: bytes = b"hello", ts: int = T0, ttl: int = 3600
+) -> E.Envelope:
+    return E.parse_envelope(sender.envelope(mailbox, text, ts=ts, ttl=ttl), MAX_MSG)
+
+
+def make_ack(owner: Identity, ids: list[str], ts: int = T0) -> E.SignedAck:
+    return E.parse_signed_ack(owner.signed(ts=ts, ack=ids))
+
+
+def tomb(ack: E.SignedAck) -> int:
+    return E.tombstone_expiry(ack.ts, MAX_TTL, SKEW)
+
+
+class ManualExecutor:
+    """A writer that holds each batch until :meth:`release`, so a test can queue several operations into one."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((fn, args, d))
+        return d
+
+    def release(self) -> int:
+        """Run the batches queued so far (a batch queued meanwhile waits for the next call)."""
+        jobs, self.jobs = self.jobs, []
+        for fn, args, d in jobs:
+            try:
+                result = fn(*args)
+            except BaseException:
+                d.errback(Failure())
+            else:
+                d.callback(result)
+        return len(jobs)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class StoreBehaviour:
+    """Behaviour every :class:`~meshrelay.store.base.Store` backend must show."""
+
+    #: does acquire_lease arbitrate between holders (a store shared by processes)?
+    shared = False
+
+    # supplied by the TestCase
+    successResultOf: Callable[..., Any]
+    failureResultOf: Callable[..., Any]
+    addCleanup: Callable[..., Any]
+    assertEqual: Callable[..., Any]
+    assertTrue: Callable[..., Any]
+    assertFalse: Callable[..., Any]
+    assertIsNone: Callable[..., Any]
+    assertGreater: Callable[..., Any]
+    assertIn: Callable[..., Any]
+    assertNotIn: Callable[..., Any]
+
+    def open_store(self, caps: Caps, writer: Executor | None, metrics: Metrics | None) -> Store:
+        raise NotImplementedError
+
+    def make_store(
+        self, caps: Caps | None = None, writer: Executor | None = None, metrics: Metrics | None = None
+    ) -> Any:
+        store = self.open_store(caps or Caps(), writer, metrics)
+        store.start()
+        self.addCleanup(lambda: store.close())
+        return store
+
+    def reopen(self, store: Any, caps: Caps | None = None) -> Any:
+        """Close ``store`` and open the same data again (a restart)."""
+        self.successResultOf(store.close())
+        return self.make_store(caps)
+
+    def add(self, store: Store, env: E.Envelope, now: int = T0) -> AddResult:
+        return self.successResultOf(store.add_envelope(env, now))
+
+    def ack(self, store: Store, ack: E.SignedAck) -> AckResult:
+        return self.successResultOf(store.apply_ack(ack, tomb(ack)))
+
+    def fetch_ids(self, store: Store, mailbox: Identity, now: int = T0, limit: int = 100) -> list[str]:
+        bodies, _ = self.successResultOf(store.fetch(mailbox.pub, now, limit))
+        return [E.loads_json(b.encode())["msg_id"] for b in bodies]
+
+    # ------------------------------------------------------------------ deposits and dedup
+
+    def test_add_then_fetch_in_arrival_order(self) -> None:
+        """Stored envelopes come back in arrival order, byte for byte, with growing seq."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        envs = [make_env(alice, bob, b"m%d" % i) for i in range(3)]
+        seqs = [self.add(store, e).seq for e in envs]
+        self.assertEqual(seqs, sorted(seqs))
+        self.assertEqual(len(set(seqs)), 3)
+        bodies, more = self.successResultOf(store.fetch(bob.pub, T0, 10))
+        self.assertEqual(bodies, [e.raw for e in envs])
+        self.assertFalse(more)
+        self.assertEqual(self.successResultOf(store.count(bob.pub, T0)), 3)
+
+    def test_fetch_limit_reports_has_more(self) -> None:
+        """fetch returns at most limit envelopes and says whether more are pending."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        for i in range(5):
+            self.add(store, make_env(alice, bob, b"%d" % i))
+        bodies, more = self.successResultOf(store.fetch(bob.pub, T0, 2))
+        self.assertEqual((len(bodies), more), (2, True))
+        bodies, more = self.successResultOf(store.fetch(bob.pub, T0, 5))
+        self.assertEqual((len(bodies), more), (5, False))
+
+    def test_duplicate_is_reported_and_changes_nothing(self) -> None:
+        """Adding a stored msg_id again answers duplicate, takes no seq and stores nothing."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        env = make_env(alice, bob)
+        first = self.add(store, env)
+        self.assertEqual(first.status, ACCEPTED)
+        self.assertEqual(self.add(store, env), AddResult(DUPLICATE))
+        self.assertEqual(store.stats().envelopes, 1)
+        later = self.add(store, make_env(alice, bob, b"next"))
+        self.assertEqual(later.seq, first.seq + 1)
+
+    def test_expired_envelopes_are_not_served(self) -> None:
+        """An envelope past ts + ttl is neither fetched, counted nor in the feed."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        self.add(store, make_env(alice, bob, ttl=60))
+        self.assertEqual(self.successResultOf(store.count(bob.pub, T0 + 60)), 0)
+        self.assertEqual(self.fetch_ids(store, bob, now=T0 + 60), [])
+        self.assertEqual(self.successResultOf(store.changes(0, 10, T0 + 60)).items, [])
+
+    # ------------------------------------------------------------------ acks and tombstones
+
+    def test_ack_deletes_and_tombstones(self) -> None:
+        """An ack deletes the listed envelopes of its mailbox; a later copy is a duplicate."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        e1, e2 = make_env(alice, bob, b"1"), make_env(alice, bob, b"2")
+        self.add(store, e1)
+        self.add(store, e2)
+        result = self.ack(store, make_ack(bob, [e1.msg_id, "0" * 64]))
+        self.assertEqual(result.deleted, (e1.msg_id,))
+        self.assertTrue(result.new)
+        self.assertEqual(self.fetch_ids(store, bob), [e2.msg_id])
+        self.assertEqual(self.add(store, e1).status, DUPLICATE)
+        self.assertEqual(store.stats().envelopes, 1)
+        self.assertEqual(store.stats().bytes, len(e2.raw))
+
+    def test_tombstone_before_envelope_blocks_it(self) -> None:
+        """An ack that arrives before its envelope still stops it (a late replica)."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        env = make_env(alice, bob)
+        self.assertEqual(self.ack(store, make_ack(bob, [env.msg_id])).deleted, ())
+        self.assertEqual(self.add(store, env), AddResult(DUPLICATE))
+        self.assertEqual(self.fetch_ids(store, bob), [])
+
+    def test_ack_by_another_mailbox_deletes_and_blocks_nothing(self) -> None:
+        """Acking a msg_id of another mailbox deletes nothing and does not stop that envelope."""
+        store = self.make_store()
+        bob, mallory, alice = Identity(), Identity(), Identity()
+        stored = make_env(alice, bob, b"stored")
+        later = make_env(alice, bob, b"later")
+        self.add(store, stored)
+        result = self.ack(store, make_ack(mallory, [stored.msg_id, later.msg_id]))
+        self.assertEqual(result.deleted, ())
+        self.assertEqual(self.add(store, later).status, ACCEPTED)
+        self.assertEqual(self.fetch_ids(store, bob), [stored.msg_id, later.msg_id])
+
+    def test_repeated_signed_ack_is_not_new(self) -> None:
+        """The same signed ack (mailbox, nonce) applied twice is recorded once."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        env = make_env(alice, bob)
+        self.add(store, env)
+        ack = make_ack(bob, [env.msg_id])
+        first = self.ack(store, ack)
+        again = self.ack(store, ack)
+        self.assertTrue(first.new)
+        self.assertEqual(again, AckResult(deleted=(), new=False))
+        acks = [i for i in self.successResultOf(store.changes(0, 10, T0)).items if i.kind == "ack"]
+        self.assertEqual([i.seq for i in acks], [first.seq])
+
+    # ------------------------------------------------------------------ caps
+
+    def test_sender_cap(self) -> None:
+        """A sender may have at most per_sender_pending envelopes pending in one mailbox."""
+        store = self.make_store(Caps(per_sender_pending=2))
+        bob, carol, alice, dave = Identity(), Identity(), Identity(), Identity()
+        self.add(store, make_env(alice, bob, b"1"))
+        self.add(store, make_env(alice, bob, b"2"))
+        self.assertEqual(self.add(store, make_env(alice, bob, b"3")), AddResult(SENDER_CAP, pending=2, limit=2))
+        # other senders and other mailboxes are not affected
+        self.assertEqual(self.add(store, make_env(dave, bob, b"4")).status, ACCEPTED)
+        self.assertEqual(self.add(store, make_env(alice, carol, b"5")).status, ACCEPTED)
+
+    def test_sender_cap_frees_on_ack_and_expiry(self) -> None:
+        """Acked or expired envelopes no longer count toward the sender cap."""
+        store = self.make_store(Caps(per_sender_pending=2))
+        bob, alice = Identity(), Identity()
+        e1 = make_env(alice, bob, b"1", ttl=60)
+        self.add(store, e1)
+        e2 = make_env(alice, bob, b"2")
+        self.add(store, e2)
+        self.ack(store, make_ack(bob, [e2.msg_id]))
+        self.assertEqual(self.add(store, make_env(alice, bob, b"3")).status, ACCEPTED)
+        self.assertEqual(self.add(store, make_env(alice, bob, b"4")).status, SENDER_CAP)
+        self.assertEqual(self.add(store, make_env(alice, bob, b"5", ts=T0 + 60), now=T0 + 60).status, ACCEPTED)
+
+    def test_mailbox_cap(self) -> None:
+        """A mailbox holds at most per_mailbox_pending envelopes, whoever sent them."""
+        store = self.make_store(Caps(per_mailbox_pending=3))
+        bob = Identity()
+        for i in range(3):
+            self.assertEqual(self.add(store, make_env(Identity(), bob, b"%d" % i)).status, ACCEPTED)
+        full = self.add(store, make_env(Identity(), bob, b"x"))
+        self.assertEqual((full.status, full.limit), (MAILBOX_FULL, 3))
+        self.assertEqual(self.add(store, make_env(Identity(), Identity(), b"y")).status, ACCEPTED)
+
+    def test_storage_cap(self) -> None:
+        """Deposits that would pass max_stored_bytes are refused until acks free space."""
+        bob, alice = Identity(), Identity()
+        e1 = make_env(alice, bob, b"1")
+        store = self.make_store(Caps(max_stored_bytes=2 * len(e1.raw) + 10))
+        self.add(store, e1)
+        self.add(store, make_env(alice, bob, b"2"))
+        self.assertEqual(self.add(store, make_env(alice, bob, b"3")).status, STORAGE_FULL)
+        self.assertEqual(store.stats().envelopes, 2)
+        self.ack(store, make_ack(bob, [e1.msg_id]))
+        self.assertEqual(self.add(store, make_env(alice, bob, b"3")).status, ACCEPTED)
+
+    # ------------------------------------------------------------------ seq and the feed
+
+    def test_seq_never_reused_after_deleting_the_highest(self) -> None:
+        """Deleting the newest row (or restarting) never hands its seq out again."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        top = make_env(alice, bob, b"top")
+        self.add(store, make_env(alice, bob, b"low"))
+        s_top = self.add(store, top).seq
+        s_ack = self.ack(store, make_ack(bob, [top.msg_id])).seq
+        self.assertGreater(s_ack, s_top)
+        store = self.reopen(store)
+        swept = make_env(alice, bob, b"expires", ttl=60)
+        s_swept = self.add(store, swept).seq
+        self.assertGreater(s_swept, s_ack)
+        self.successResultOf(store.sweep(T0 + 100_000_000))
+        store = self.reopen(store)
+        self.assertGreater(self.add(store, make_env(alice, bob, b"after", ts=T0), now=T0).seq, s_swept)
+
+    def test_changes_pages_in_seq_order(self) -> None:
+        """changes pages through envelopes and acks by seq, with next and more."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        envs = [make_env(alice, bob, b"%d" % i) for i in range(5)]
+        for e in envs:
+            self.add(store, e)
+        ack = make_ack(bob, [envs[0].msg_id])
+        self.ack(store, ack)
+        seen: list[Any] = []
+        since = 0
+        pages = 0
+        while True:
+            page = self.successResultOf(store.changes(since, 2, T0))
+            self.assertEqual(page.feed, store.feed_id)
+            pages += 1
+            seen.extend(page.items)
+            self.assertEqual(page.next, page.items[-1].seq if page.items else since)
+            since = page.next
+            if not page.more:
+                break
+        self.assertEqual(pages, 3)
+        self.assertEqual([i.seq for i in seen], sorted(i.seq for i in seen))
+        self.assertEqual([i.kind for i in seen], ["envelope"] * 4 + ["ack"])
+        self.assertEqual([i.body for i in seen[:4]], [e.raw for e in envs[1:]])
+        self.assertEqual(E.loads_json(seen[4].body.encode()), ack.to_json())
+        empty = self.successResultOf(store.changes(since, 2, T0))
+        self.assertEqual((empty.items, empty.next, empty.more), ([], since, False))
+
+    def test_changes_mailbox_filter(self) -> None:
+        """changes with a mailbox lists only that mailbox's envelopes and acks."""
+        store = self.make_store()
+        bob, carol, alice = Identity(), Identity(), Identity()
+        b1 = make_env(alice, bob, b"b1")
+        self.add(store, b1)
+        self.add(store, make_env(alice, carol, b"c1"))
+        b2 = make_env(alice, bob, b"b2")
+        self.add(store, b2)
+        self.ack(store, make_ack(carol, ["1" * 64]))
+        page = self.successResultOf(store.changes(0, 10, T0, mailbox=bob.pub))
+        self.assertEqual([i.body for i in page.items], [b1.raw, b2.raw])
+        page = self.successResultOf(store.changes(0, 10, T0, mailbox=carol.pub))
+        self.assertEqual([i.kind for i in page.items], ["envelope", "ack"])
+
+    def test_changes_after_a_huge_cursor_is_empty(self) -> None:
+        """A since beyond any seq (even past 64 bits) gives an empty page, not an error."""
+        store = self.make_store()
+        self.add(store, make_env(Identity(), Identity()))
+        for since in (2**53, 2**63 - 1, 2**64 + 5):
+            page = self.successResultOf(store.changes(since, 10, T0))
+            self.assertEqual((page.items, page.next, page.more), ([], since, False))
+
+    def test_ack_leaves_the_feed_with_its_tombstone(self) -> None:
+        """A signed ack stays in the feed until its tombstone expires."""
+        store = self.make_store()
+        bob = Identity()
+        ack = make_ack(bob, ["2" * 64])
+        self.ack(store, ack)
+        expires = tomb(ack)
+        self.assertEqual(len(self.successResultOf(store.changes(0, 10, expires - 1)).items), 1)
+        self.assertEqual(self.successResultOf(store.changes(0, 10, expires)).items, [])
+
+    # ------------------------------------------------------------------ nonces, cursors, leases
+
+    def test_claim_nonce_once_per_scope(self) -> None:
+        """A nonce can be claimed once per scope until it expires and is swept."""
+        store = self.make_store()
+        self.assertTrue(self.successResultOf(store.claim_nonce("poll:a", "n1", T0 + 600)))
+        self.assertFalse(self.successResultOf(store.claim_nonce("poll:a", "n1", T0 + 600)))
+        self.assertTrue(self.successResultOf(store.claim_nonce("poll:b", "n1", T0 + 600)))
+        self.assertTrue(self.successResultOf(store.claim_nonce("peer:x", "n1", T0 + 600)))
+        self.assertEqual(self.successResultOf(store.sweep(T0 + 600)).nonces, 3)
+        self.assertTrue(self.successResultOf(store.claim_nonce("poll:a", "n1", T0 + 1200)))
+
+    def test_cursor_round_trip(self) -> None:
+        """A sync cursor is stored durably and replaced by the next one."""
+        store = self.make_store()
+        self.assertIsNone(self.successResultOf(store.get_cursor("http://b.test")))
+        self.successResultOf(store.set_cursor(Cursor("http://b.test", "feed1", 17, 1234.5)))
+        self.successResultOf(store.set_cursor(Cursor("http://c.test", "feed2", 3, 0.0)))
+        self.successResultOf(store.set_cursor(Cursor("http://b.test", "feed9", 40, 99.0)))
+        store = self.reopen(store)
+        self.assertEqual(
+            self.successResultOf(store.get_cursor("http://b.test")), Cursor("http://b.test", "feed9", 40, 99.0)
+        )
+        self.assertEqual(
+            self.successResultOf(store.get_cursor("http://c.test")), Cursor("http://c.test", "feed2", 3, 0.0)
+        )
+
+    def test_lease_holder_can_renew(self) -> None:
+        """The holder of a lease gets it again when it renews."""
+        store = self.make_store()
+        self.assertTrue(self.successResultOf(store.acquire_lease("sync:http://b.test", "p1", 30)))
+        self.assertTrue(self.successResultOf(store.acquire_lease("sync:http://b.test", "p1", 30)))
+        other = self.successResultOf(store.acquire_lease("sync:http://b.test", "p2", 30))
+        # one process owns a SQLite store; a shared store arbitrates
+        self.assertEqual(other, not self.shared)
+
+    # ------------------------------------------------------------------ sweep and stats
+
+    def test_sweep_deletes_expired_rows_and_updates_stats(self) -> None:
+        """sweep removes expired envelopes, tombstones, acks and nonces, and the totals follow."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        short = make_env(alice, bob, b"short", ttl=60)
+        keep = make_env(alice, bob, b"keep", ttl=7200)
+        self.add(store, short)
+        self.add(store, keep)
+        ack = make_ack(bob, ["3" * 64])
+        self.ack(store, ack)
+        self.successResultOf(store.claim_nonce("poll:x", "n", T0 + 10))
+        self.assertEqual(store.stats().envelopes, 2)
+        result = self.successResultOf(store.sweep(T0 + 60))
+        self.assertEqual((result.envelopes, result.tombstones, result.acks, result.nonces), (1, 0, 0, 1))
+        self.assertEqual(store.stats().envelopes, 1)
+        self.assertEqual(store.stats().bytes, len(keep.raw))
+        result = self.successResultOf(store.sweep(tomb(ack)))
+        self.assertEqual((result.envelopes, result.tombstones, result.acks), (1, 1, 1))
+        self.assertEqual((store.stats().envelopes, store.stats().bytes), (0, 0))
+        self.assertEqual(self.successResultOf(store.sweep(tomb(ack))).envelopes, 0)
+
+    def test_stats_survive_a_restart(self) -> None:
+        """Stored count and bytes are kept in the store, not recomputed from memory."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        envs = [make_env(alice, bob, b"%d" % i) for i in range(3)]
+        for e in envs:
+            self.add(store, e)
+        self.ack(store, make_ack(bob, [envs[1].msg_id]))
+        store = self.reopen(store)
+        self.assertEqual(store.stats().envelopes, 2)
+        self.assertEqual(store.stats().bytes, len(envs[0].raw) + len(envs[2].raw))
+
+    def test_schema_is_at_the_latest_migration_and_feed_id_is_kept(self) -> None:
+        """A new store is migrated to the latest version; reopening keeps its feed id."""
+        store = self.make_store()
+        feed = store.feed_id
+        self.assertEqual(len(feed), 32)
+        store = self.reopen(store)
+        self.assertEqual(store.feed_id, feed)
+        self.assertEqual(store.migrated_from, migrations.LATEST_VERSION)
+
+    # ------------------------------------------------------------------ group commit
+
+    def test_batch_neighbours_survive_a_failing_operation(self) -> None:
+        """One operation failing in a group-commit batch fails alone; the others commit."""
+        writer = ManualExecutor()
+        metrics = Metrics()
+        store = self.make_store(writer=writer, metrics=metrics)
+        bob, alice = Identity(), Identity()
+        e0, e1, e2 = (make_env(alice, bob, b"%d" % i) for i in range(3))
+        first = store.add_envelope(e0, T0)  # occupies the writer
+        a = store.add_envelope(e1, T0)
+        bad = store.set_cursor(Cursor("http://b.test", "feed", 2**70, 0.0))  # out of range for the column
+        n = store.claim_nonce("poll:x", "n", T0 + 60)
+        b = store.add_envelope(e2, T0)
+        writer.release()
+        self.assertEqual(self.successResultOf(first).status, ACCEPTED)
+        writer.release()  # the four queued operations, as one batch
+        self.assertEqual(self.successResultOf(a).status, ACCEPTED)
+        self.assertEqual(self.successResultOf(b).status, ACCEPTED)
+        self.assertTrue(self.successResultOf(n))
+        self.failureResultOf(bad, StoreError)
+        self.assertEqual(metrics.registry.get_sample_value("meshrelay_store_commit_batch_size_count"), 2)
+        self.assertEqual(metrics.registry.get_sample_value("meshrelay_store_commit_batch_size_sum"), 5)
+        self.assertEqual(self.fetch_ids(store, bob), [e0.msg_id, e1.msg_id, e2.msg_id])
+        self.assertIsNone(self.successResultOf(store.get_cursor("http://b.test")))
+        self.assertEqual(store.stats().envelopes, 3)
+
+    def test_one_batch_sees_its_own_earlier_operations(self) -> None:
+        """Within one batch: a repeated deposit is a duplicate, caps count earlier deposits, an ack deletes them."""
+        writer = ManualExecutor()
+        store = self.make_store(Caps(per_sender_pending=2), writer=writer)
+        bob, alice = Identity(), Identity()
+        e1, e2, e3 = (make_env(alice, bob, b"%d" % i) for i in range(3))
+        hold = store.claim_nonce("x", "y", T0 + 60)
+        d1 = store.add_envelope(e1, T0)
+        d1again = store.add_envelope(e1, T0)
+        d2 = store.add_envelope(e2, T0)
+        d3 = store.add_envelope(e3, T0)  # over the sender cap
+        ack = make_ack(bob, [e2.msg_id])
+        dack = store.apply_ack(ack, tomb(ack))
+        d2again = store.add_envelope(e2, T0)  # tombstoned now
+        d3again = store.add_envelope(e3, T0)  # the ack freed a slot
+        writer.release()
+        self.assertTrue(self.successResultOf(hold))
+        writer.release()
+        r1 = self.successResultOf(d1)
+        self.assertEqual(r1.status, ACCEPTED)
+        self.assertEqual(self.successResultOf(d1again), AddResult(DUPLICATE))
+        r2 = self.successResultOf(d2)
+        self.assertEqual(r2.status, ACCEPTED)
+        self.assertEqual(self.successResultOf(d3), AddResult(SENDER_CAP, pending=2, limit=2))
+        ack_result = self.successResultOf(dack)
+        self.assertEqual(ack_result.deleted, (e2.msg_id,))
+        self.assertEqual(self.successResultOf(d2again), AddResult(DUPLICATE))
+        r3 = self.successResultOf(d3again)
+        self.assertEqual(r3.status, ACCEPTED)
+        self.assertEqual([r1.seq, r2.seq, ack_result.seq, r3.seq], sorted({r1.seq, r2.seq, ack_result.seq, r3.seq}))
+        self.assertEqual(self.fetch_ids(store, bob), [e1.msg_id, e3.msg_id])
+        self.assertEqual(store.stats().envelopes, 2)
+        self.assertEqual(self.successResultOf(store.count(bob.pub, T0)), 2)
+
+    def test_closed_store_refuses_writes(self) -> None:
+        """Writes after close fail with StoreError instead of hanging."""
+        store = self.make_store()
+        self.successResultOf(store.close())
+        self.failureResultOf(store.add_envelope(make_env(Identity(), Identity()), T0), StoreError)
+
+
+class SQLiteStoreTests(StoreBehaviour, SynchronousTestCase):
+    """The behaviour suite on the embedded SQLite store."""
+
+    shared = False
+
+    def setUp(self) -> None:
+        self.data_dir = self.mktemp()
+
+    def open_store(self, caps: Caps, writer: Executor | None, metrics: Metrics | None) -> Store:
+        return SQLiteStore(self.data_dir, caps, writer=writer or InlineExecutor(), metrics=metrics)
+
+
+@requires_pg
+class PostgresStoreTests(StoreBehaviour, SynchronousTestCase):
+    """The behaviour suite on the PostgreSQL store (its own schema per test)."""
+
+    shared = True
+
+    def setUp(self) -> None:
+        self.dsn = create_schema(self.addCleanup)
+
+    def open_store(self, caps: Caps, writer: Executor | None, metrics: Metrics | None) -> Store:
+        from meshrelay.store.postgres import PostgresStore
+
+        return PostgresStore(self.dsn, caps, writer=writer or InlineExecutor(), metrics=metrics)
