@@ -62,6 +62,9 @@ class NodeConfig:
     sweep_interval: int = field(default=60, metadata=_range(1, 86400))
     #: worker threads that verify Ed25519 signatures off the reactor (0 = on the reactor)
     verify_threads: int = field(default=1, metadata=_range(0, 64))
+    #: where SQLite writes (and deposit signature checks) run: a child process
+    #: (uses a second core) or a thread of the node's process
+    store_writer: str = field(default="process", metadata=_choice("process", "thread"))
 
 
 @dataclass(frozen=True)

@@ -57,10 +57,10 @@ MAX_WAIT = 30
 #: Integers on the wire are JSON-safe: 0 <= n <= 2**53 - 1.
 MAX_INT = 2**53 - 1
 
-_B64U_RE = re.compile(r"[A-Za-z0-9_-]*")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
-_TO_STD = str.maketrans("-_", "+/")
-_TO_URL = bytes.maketrans(b"+/", b"-_")
+_B64U_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_URL_TO_STD = bytes.maketrans(b"-_", b"+/")
+_STD_TO_URL = bytes.maketrans(b"+/", b"-_")
 
 
 # --------------------------------------------------------------------------- b64u
@@ -68,16 +68,22 @@ _TO_URL = bytes.maketrans(b"+/", b"-_")
 
 def b64u_encode(data: bytes) -> str:
     """Encode ``data`` as base64url without padding."""
-    return binascii.b2a_base64(data, newline=False).translate(_TO_URL).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(data, newline=False).translate(_STD_TO_URL).rstrip(b"=").decode("ascii")
 
 
 def b64u_decode(text: str) -> bytes:
     """Decode canonical base64url without padding; raise ``ValueError`` otherwise."""
-    if not isinstance(text, str) or _B64U_RE.fullmatch(text) is None or len(text) % 4 == 1:
+    if not isinstance(text, str):
         raise ValueError("not base64url")
-    padded = text.translate(_TO_STD) + "=" * (-len(text) % 4)
     try:
-        raw = binascii.a2b_base64(padded, strict_mode=True)
+        raw_text = text.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError("not base64url") from None
+    # translate(None, alphabet) deletes every valid character: anything left is foreign.
+    if raw_text.translate(None, _B64U_ALPHABET) or len(raw_text) % 4 == 1:
+        raise ValueError("not base64url")
+    try:
+        raw = binascii.a2b_base64(raw_text.translate(_URL_TO_STD) + b"=" * (-len(raw_text) % 4), strict_mode=True)
     except binascii.Error as e:
         raise ValueError("not base64url") from e
     # The last partial group (tail bytes -> tail + 1 chars) must re-encode to
@@ -142,18 +148,25 @@ class RawJSON(str):
     __slots__ = ()
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_CONTAINERS = (RawJSON, dict, list, tuple)
+
+
 def _encode(value: Any) -> str:
     if isinstance(value, RawJSON):
         return value
     if isinstance(value, dict):
-        return "{" + ",".join(json.dumps(str(k)) + ":" + _encode(v) for k, v in value.items()) + "}"
+        return "{" + ",".join(_ENCODER.encode(str(k)) + ":" + _encode(v) for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_encode(v) for v in value) + "]"
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 def dumps_json(value: Any) -> bytes:
     """Serialise ``value`` compactly as UTF-8 JSON, splicing in :class:`RawJSON` texts."""
+    if type(value) is dict and not any(isinstance(v, _CONTAINERS) for v in value.values()):
+        # The common flat answer: the C encoder in one call.
+        return _ENCODER.encode(value).encode("utf-8")
     return _encode(value).encode("utf-8")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
@@ -35,6 +35,7 @@ from meshrelay.metrics import Metrics
 from meshrelay.replay import OK, REPLAYED, ReplayCache
 from meshrelay.store.base import (
     ACCEPTED,
+    BAD_SIGNATURE,
     DUPLICATE,
     MAILBOX_FULL,
     SENDER_CAP,
@@ -56,6 +57,7 @@ _REPLICA_OUTCOME = {
     SENDER_CAP: "drop_per_sender_cap",
     MAILBOX_FULL: "drop_full",
     STORAGE_FULL: "drop_storage_full",
+    BAD_SIGNATURE: "bad_signature",
 }
 #: error code -> deposit metric outcome
 _DEPOSIT_OUTCOME = {"too_large": "oversize"}
@@ -66,6 +68,10 @@ AckListener = Callable[[E.SignedAck], None]
 
 def _run(coro: Coroutine[Any, Any, T]) -> Deferred[T]:
     return Deferred.fromCoroutine(coro)
+
+
+def _reraise(_: Any, e: BaseException) -> Any:
+    raise e
 
 
 class _Waiter:
@@ -167,8 +173,12 @@ class Relay:
 
     # ------------------------------------------------------------------ envelopes
 
-    def _store_envelope(self, env: E.Envelope, origin: str) -> Deferred[AddResult]:
-        """Add ``env``; on commit wake its mailbox's long-polls (and push a client deposit)."""
+    def _store_envelope(self, env: E.Envelope, origin: str, verify: str | None = None) -> Deferred[AddResult]:
+        """Add ``env``; on commit wake its mailbox's long-polls (and push a client deposit).
+
+        With ``verify`` the store checks the signature in its writer
+        (``verifies_signatures`` stores only).
+        """
         now = self.now()
 
         def committed(result: AddResult) -> AddResult:
@@ -181,29 +191,67 @@ class Relay:
                     self.metrics.replication_lag.observe(max(0, now - env.ts))
             return result
 
-        return self.store.add_envelope(env, now).addCallback(committed)
+        if verify is not None:
+            d = self.store.add_envelope(env, now, verify=verify)  # type: ignore[call-arg]
+        else:
+            d = self.store.add_envelope(env, now)
+        return d.addCallback(committed)
+
+    @property
+    def _store_verifies(self) -> bool:
+        return bool(getattr(self.store, "verifies_signatures", False))
 
     def deposit(self, obj: Any) -> Deferred[dict[str, Any]]:
-        """A client deposit (3.1): size, shape, msg_id, signature, time, dedup, caps."""
-        return _run(self._deposit(obj))
+        """A client deposit (3.1): size, shape, msg_id, signature, time, dedup, caps.
 
-    async def _deposit(self, obj: Any) -> dict[str, Any]:
+        The hot path: plain callbacks, no coroutine.  With a store that checks
+        signatures in its writer, the signature is verified there (off this
+        thread, before dedup); only a deposit the time rule refuses is verified
+        here first, so that a forged one still answers bad_signature, as the
+        order of 3.1 says.
+        """
         started = self.clock.seconds()
+        lim = self.limits
+        d: Deferred[Any]
         try:
-            env = E.parse_envelope(obj, self.limits.max_message_bytes)
-            await self._verify(env.sender_key, env.sig_bytes, env.signed)
-            lim = self.limits
-            E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
-            result = await shield(self._store_envelope(env, "client"))
+            env = E.parse_envelope(obj, lim.max_message_bytes)
+            if self._store_verifies:
+                E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
+                d = shield(self._store_envelope(env, "client", verify="deposit"))
+            else:
+                d = _run(self._verify_then_store(env))
         except MeshError as e:
-            self.metrics.deposit_total.labels(_DEPOSIT_OUTCOME.get(e.code, e.code)).inc()
-            raise
+            if not self._store_verifies or e.code in ("too_large", "bad_envelope"):
+                return fail(self._deposit_refused(e))
+            # Refused by the time rule: a forged envelope answers bad_signature instead.
+            d = _run(self._verify(env.sender_key, env.sig_bytes, env.signed))
+            d.addCallback(_reraise, e)
+        d.addErrback(self._deposit_error)
+        return d.addCallback(self._deposit_result, env, started)
+
+    async def _verify_then_store(self, env: E.Envelope) -> AddResult:
+        lim = self.limits
+        await self._verify(env.sender_key, env.sig_bytes, env.signed)
+        E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
+        return await shield(self._store_envelope(env, "client"))
+
+    def _deposit_refused(self, e: MeshError) -> MeshError:
+        self.metrics.deposit_total.labels(_DEPOSIT_OUTCOME.get(e.code, e.code)).inc()
+        return e
+
+    def _deposit_error(self, failure: Failure) -> Failure:
+        if isinstance(failure.value, MeshError):
+            self._deposit_refused(failure.value)
+        return failure
+
+    def _deposit_result(self, result: AddResult, env: E.Envelope, started: float) -> dict[str, Any]:
         status = result.status
+        self.metrics.deposit_total.labels(status).inc()
         if status == ACCEPTED or status == DUPLICATE:
-            self.metrics.deposit_total.labels(status).inc()
             self.metrics.deposit_latency.observe(self.clock.seconds() - started)
             return {"ok": True, "msg_id": env.msg_id, "duplicate": status == DUPLICATE}
-        self.metrics.deposit_total.labels(status).inc()
+        if status == BAD_SIGNATURE:
+            raise BadSignature("signature does not verify")
         if status == SENDER_CAP:
             self._cap_hit(
                 "per_sender_pending",
@@ -235,19 +283,43 @@ class Relay:
                 parsed.append((i, E.parse_envelope(obj, lim.max_message_bytes)))
             except MeshError as e:
                 results[i] = self._replica_rejected(obj, e)
-        checks = [self.verifier.verify(env.sender_key, env.sig_bytes, env.signed) for _, env in parsed]
-        verdicts = await shield(gatherResults(checks)) if checks else []
         now = self.now()
-        adds: list[tuple[int, E.Envelope, Deferred[AddResult]]] = []
-        for (i, env), ok in zip(parsed, verdicts):
-            try:
-                if not ok:
-                    raise BadSignature("signature does not verify")
-                E.check_replica_time(env, now, lim.clock_skew, lim.min_ttl, lim.max_ttl)
-            except MeshError as e:
-                results[i] = self._replica_rejected(env.to_json(), e)
-                continue
-            adds.append((i, env, self._store_envelope(env, "peer")))
+        in_store = self._store_verifies
+        if in_store:
+            # The store verifies in its writer; here only the replicas the
+            # time rule refuses, so a forged one reports bad_signature.
+            late: list[tuple[int, E.Envelope, MeshError]] = []
+            timely: list[tuple[int, E.Envelope]] = []
+            for i, env in parsed:
+                try:
+                    E.check_replica_time(env, now, lim.clock_skew, lim.min_ttl, lim.max_ttl)
+                    timely.append((i, env))
+                except MeshError as e:
+                    late.append((i, env, e))
+            checks = [self.verifier.verify(env.sender_key, env.sig_bytes, env.signed) for _, env, _ in late]
+            verdicts = await shield(gatherResults(checks)) if checks else []
+            for (i, env, err), ok in zip(late, verdicts):
+                results[i] = self._replica_rejected(
+                    env.to_json(), err if ok else BadSignature("signature does not verify")
+                )
+            parsed = timely
+        else:
+            checks = [self.verifier.verify(env.sender_key, env.sig_bytes, env.signed) for _, env in parsed]
+            verdicts = await shield(gatherResults(checks)) if checks else []
+            kept = []
+            for (i, env), ok in zip(parsed, verdicts):
+                try:
+                    if not ok:
+                        raise BadSignature("signature does not verify")
+                    E.check_replica_time(env, now, lim.clock_skew, lim.min_ttl, lim.max_ttl)
+                except MeshError as e:
+                    results[i] = self._replica_rejected(env.to_json(), e)
+                    continue
+                kept.append((i, env))
+            parsed = kept
+        adds: list[tuple[int, E.Envelope, Deferred[AddResult]]] = [
+            (i, env, self._store_envelope(env, "peer", verify="replica" if in_store else None)) for i, env in parsed
+        ]
         done = await shield(gatherResults([d for _, _, d in adds])) if adds else []
         refused: dict[str, int] = {}
         for (i, env, _), res in zip(adds, done):

@@ -58,14 +58,14 @@ class StoreFailureTests(SynchronousTestCase):
         store = self.n.store
         writable = store._wconn  # type: ignore[attr-defined]
         ro = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)  # type: ignore[attr-defined]
-        store._wconn = ro  # type: ignore[attr-defined]
+        store._core.conn = ro  # type: ignore[attr-defined]
         self.addCleanup(writable.close)
         status, body = self.send(b"refused")
         self.assertEqual((status, body["error"]), (503, "unavailable"))
         # A poll must record its nonce, which cannot be written: 503 too, never 500.
         status, body = self.n.poll(self.bob)
         self.assertEqual((status, body["error"]), (503, "unavailable"))
-        store._wconn = writable  # type: ignore[attr-defined]
+        store._core.conn = writable  # type: ignore[attr-defined]
         ro.close()
         status, body = self.n.poll(self.bob)
         self.assertEqual([m["msg_id"] for m in body["messages"]], [env["msg_id"]])

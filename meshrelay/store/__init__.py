@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from meshrelay.config import Config
@@ -30,6 +31,13 @@ def open_store(config: Config, reactor: Any, threaded: bool = True, metrics: Any
         from meshrelay.store.sqlite import SQLiteStore
 
         if threaded:
+            writer_process = None
+            if config.node.store_writer == "process":
+                from meshrelay.store.sqlite import DB_NAME
+                from meshrelay.store.writer_process import ProcessWriter
+
+                path = os.path.join(config.node.data_dir, DB_NAME)
+                writer_process = ProcessWriter(reactor, path, config.node.durability, caps_from(config))
             return SQLiteStore(
                 config.node.data_dir,
                 caps_from(config),
@@ -37,6 +45,7 @@ def open_store(config: Config, reactor: Any, threaded: bool = True, metrics: Any
                 writer=ThreadExecutor(reactor, 1, "meshrelay-writer"),
                 readers=ThreadExecutor(reactor, 2, "meshrelay-readers"),
                 metrics=metrics,
+                writer_process=writer_process,
             )
         return SQLiteStore(
             config.node.data_dir,

@@ -23,6 +23,8 @@ DUPLICATE = "duplicate"
 SENDER_CAP = "sender_cap"
 MAILBOX_FULL = "mailbox_full"
 STORAGE_FULL = "storage_full"
+#: only from a store that checks signatures itself (``verifies_signatures``)
+BAD_SIGNATURE = "bad_signature"
 
 
 class StoreError(Exception):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -28,11 +29,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from meshrelay.envelope import Envelope, SignedAck, dumps_json
+from meshrelay.envelope import Envelope, SignedAck, dumps_json, verify_signature
 from meshrelay.executor import Executor, InlineExecutor
 from meshrelay.store import migrations
 from meshrelay.store.base import (
     ACCEPTED,
+    BAD_SIGNATURE,
     DUPLICATE,
     MAILBOX_FULL,
     SENDER_CAP,
@@ -55,6 +57,9 @@ DB_NAME = "meshrelay.sqlite3"
 MAX_SEQ = 2**63 - 1
 #: rows deleted per sweeper transaction, so deposits interleave with a big sweep
 SWEEP_CHUNK = 5000
+#: WAL pages (4 KiB) after which the writer checkpoints by itself, should the
+#: checkpointer thread fall behind
+WAL_BACKSTOP_PAGES = 20000
 
 #: dedup, tombstone and both cap counts of a deposit in one statement
 #: (parameters: msg_id, mailbox, now, sender)
@@ -118,13 +123,236 @@ class _Batch:
         self.bytes = nbytes
 
 
-WriteOp = Callable[[sqlite3.Connection, _Batch], Any]
+# ---------------------------------------------------------------------- write operations
+#
+# A write operation is data: ``(name, args)``.  The same functions run in the
+# writer thread, inline (tests) or in the writer process, so the group commit
+# has one implementation whichever place it runs in.
+
+
+def _op_add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AddResult:
+    msg_id, mailbox, sender, expires, size, body, now, check = args
+    if check is not None:
+        key, sig, signed, replica = check
+        if replica:
+            # A replica of something already here (or tombstoned) is a
+            # duplicate whatever its signature says: nothing is stored either
+            # way, and sync re-sends such copies all the time.
+            stored, tombstoned, in_mailbox, from_sender = conn.execute(
+                _ADD_CHECKS, (msg_id, mailbox, now, sender)
+            ).fetchone()
+            if stored or tombstoned:
+                return AddResult(DUPLICATE)
+            if not verify_signature(key, sig, signed):
+                return AddResult(BAD_SIGNATURE)
+        else:
+            # A deposit's signature is checked before dedup (PROTOCOL.md 3.1).
+            if not verify_signature(key, sig, signed):
+                return AddResult(BAD_SIGNATURE)
+            stored, tombstoned, in_mailbox, from_sender = conn.execute(
+                _ADD_CHECKS, (msg_id, mailbox, now, sender)
+            ).fetchone()
+    else:
+        stored, tombstoned, in_mailbox, from_sender = conn.execute(
+            _ADD_CHECKS, (msg_id, mailbox, now, sender)
+        ).fetchone()
+    if stored or tombstoned:
+        return AddResult(DUPLICATE)
+    if st.bytes + size > caps.max_stored_bytes:
+        return AddResult(STORAGE_FULL)
+    if in_mailbox >= caps.per_mailbox_pending:
+        return AddResult(MAILBOX_FULL, pending=in_mailbox, limit=caps.per_mailbox_pending)
+    if from_sender >= caps.per_sender_pending:
+        return AddResult(SENDER_CAP, pending=from_sender, limit=caps.per_sender_pending)
+    conn.execute(
+        "INSERT INTO envelopes (seq, msg_id, mailbox, sender, expires, size, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (st.seq + 1, msg_id, mailbox, sender, expires, size, body),
+    )
+    st.seq += 1
+    st.count += 1
+    st.bytes += size
+    return AddResult(ACCEPTED, seq=st.seq)
+
+
+def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AckResult:
+    mailbox, nonce, ids, tombstone_expires, body = args
+    deleted = []
+    for msg_id in ids:
+        row = conn.execute(
+            "DELETE FROM envelopes WHERE msg_id = ? AND mailbox = ? RETURNING size", (msg_id, mailbox)
+        ).fetchall()
+        if row:
+            deleted.append(msg_id)
+            st.count -= 1
+            st.bytes -= row[0][0]
+        conn.execute(
+            "INSERT INTO tombstones (mailbox, msg_id, expires) VALUES (?, ?, ?) "
+            "ON CONFLICT (mailbox, msg_id) DO UPDATE SET expires = MAX(expires, excluded.expires)",
+            (mailbox, msg_id, tombstone_expires),
+        )
+    if conn.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (mailbox, nonce)).fetchone():
+        return AckResult(deleted=tuple(deleted), new=False)
+    st.seq += 1
+    conn.execute(
+        "INSERT INTO acks (seq, mailbox, nonce, expires, body) VALUES (?, ?, ?, ?, ?)",
+        (st.seq, mailbox, nonce, tombstone_expires, body),
+    )
+    return AckResult(deleted=tuple(deleted), new=True, seq=st.seq)
+
+
+def _op_nonce(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> bool:
+    cur = conn.execute("INSERT INTO nonces (scope, nonce, expires) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", args)
+    return cur.rowcount == 1
+
+
+def _op_cursor(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> None:
+    conn.execute(
+        "INSERT INTO peer_cursors (peer, feed_id, since, synced_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (peer) DO UPDATE SET feed_id = excluded.feed_id, since = excluded.since, "
+        "synced_at = excluded.synced_at",
+        args,
+    )
+
+
+def _op_sweep(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> dict[str, int]:
+    """One chunk of the expiry sweep; the counts it removed (``more`` when a chunk was full)."""
+    (now,) = args
+    rows = conn.execute(
+        "DELETE FROM envelopes WHERE seq IN (SELECT seq FROM envelopes WHERE expires <= ? LIMIT ?) RETURNING size",
+        (now, SWEEP_CHUNK),
+    ).fetchall()
+    st.count -= len(rows)
+    st.bytes -= sum(r[0] for r in rows)
+    out = {"envelopes": len(rows), "more": int(len(rows) == SWEEP_CHUNK)}
+    for table, key in (("tombstones", "mailbox, msg_id"), ("acks", "seq"), ("nonces", "scope, nonce")):
+        n = conn.execute(
+            f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE expires <= ? LIMIT ?)",
+            (now, SWEEP_CHUNK),
+        ).rowcount
+        out[table] = n
+        out["more"] |= int(n == SWEEP_CHUNK)
+    return out
+
+
+OpFunction = Callable[[sqlite3.Connection, _Batch, Caps, tuple[Any, ...]], Any]
+
+#: name -> (function, its only write is its last statement)
+OPS: dict[str, tuple[OpFunction, bool]] = {
+    "add": (_op_add, True),
+    "ack": (_op_ack, False),
+    "nonce": (_op_nonce, True),
+    "cursor": (_op_cursor, True),
+    "sweep": (_op_sweep, False),
+}
+
+#: an operation: ``(name, args)``, or (in-process writers only) a callable ``f(conn, batch)``
+WriteOp = tuple[str, tuple[Any, ...]] | Callable[[sqlite3.Connection, _Batch], Any]
+#: what one batch gives back: per-op ``(ok, value or exception)`` and the new (seq, count, bytes)
+BatchOutcome = tuple[list[tuple[bool, Any]], tuple[int, int, int]]
+
+
+class WriterCore:
+    """The group commit itself: runs a batch of operations in one transaction.
+
+    It owns the writing connection and the counters (last seq, stored count and
+    bytes), and runs wherever the writes run: the writer thread, the writer
+    process, or inline.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, caps: Caps) -> None:
+        self.conn = conn
+        self.caps = caps
+        self.seq = int(_meta_get(conn, "last_seq") or 0)
+        self.count = int(_meta_get(conn, "stored_count") or 0)
+        self.bytes = int(_meta_get(conn, "stored_bytes") or 0)
+
+    @property
+    def state(self) -> tuple[int, int, int]:
+        return (self.seq, self.count, self.bytes)
+
+    def run_checkpointer(self, path: str, durability: str, interval: float = 1.0) -> threading.Event:
+        """Checkpoint the WAL from a thread of its own; set the returned event to stop it.
+
+        A checkpoint syncs the database file.  Left to SQLite's automatic
+        checkpoints it would run inside a commit of the writer, and every write
+        waiting behind that commit would wait for the disk too.  A passive
+        checkpoint on another connection never blocks the writer; the writer's
+        own automatic checkpoint stays on, at a much larger WAL size, only as
+        a backstop if this thread falls behind.
+        """
+        self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
+        stop = threading.Event()
+
+        def loop() -> None:
+            conn = _connect(path, durability)
+            try:
+                while not stop.wait(interval):
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except sqlite3.Error as e:
+                        sys.stderr.write(f"wal checkpoint failed: {e}\n")
+            finally:
+                conn.close()
+
+        threading.Thread(target=loop, name="meshrelay-checkpointer", daemon=True).start()
+        return stop
+
+    def run_batch(self, ops: list[WriteOp]) -> BatchOutcome:
+        """Run ``ops`` in one transaction, each isolated from the others' failures."""
+        conn = self.conn
+        st = _Batch(self.seq, self.count, self.bytes)
+        results: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                if callable(op):
+                    guarded = not getattr(op, "single_write", False)
+                else:
+                    guarded = not OPS[op[0]][1]
+                # An op whose only write is its last statement needs no
+                # savepoint: SQLite undoes a failed statement by itself.
+                if guarded:
+                    conn.execute("SAVEPOINT op")
+                saved = (st.seq, st.count, st.bytes)
+                try:
+                    if callable(op):
+                        value = op(conn, st)
+                    else:
+                        value = OPS[op[0]][0](conn, st, self.caps, op[1])
+                    results.append((True, value))
+                except Exception as e:
+                    if guarded:
+                        conn.execute("ROLLBACK TO op")
+                    st.seq, st.count, st.bytes = saved
+                    results.append((False, e))
+                if guarded:
+                    conn.execute("RELEASE op")
+            if (st.seq, st.count, st.bytes) != self.state:
+                conn.executemany(
+                    "UPDATE meta SET value = ? WHERE key = ?",
+                    ((str(st.seq), "last_seq"), (str(st.count), "stored_count"), (str(st.bytes), "stored_bytes")),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.seq, self.count, self.bytes = st.seq, st.count, st.bytes
+        return results, self.state
 
 
 class SQLiteStore:
-    """A :class:`~meshrelay.store.base.Store` on one SQLite file in ``data_dir``."""
+    """A :class:`~meshrelay.store.base.Store` on one SQLite file in ``data_dir``.
+
+    Where the writes run is chosen at construction: on ``writer`` (an
+    executor: a thread, or inline for tests), or, with ``writer_process``, in
+    a child process (:mod:`meshrelay.store.writer_process`) that also verifies
+    deposit signatures, so neither holds this process's GIL.
+    """
 
     log = Logger()
+    #: deposits and replicas may pass their signature check to ``add_envelope``
+    verifies_signatures = True
 
     def __init__(
         self,
@@ -134,9 +362,9 @@ class SQLiteStore:
         writer: Executor | None = None,
         readers: Executor | None = None,
         metrics: Any = None,
+        writer_process: Any = None,
     ) -> None:
         self.path = os.path.join(data_dir, DB_NAME)
-        self.caps = caps
         self._metrics = metrics
         self._durability = durability
         try:
@@ -144,12 +372,13 @@ class SQLiteStore:
             self._wconn = _connect(self.path, durability)
             self.migrated_from = migrate(self._wconn)
             self.feed_id = _meta_get(self._wconn, "feed_id") or ""
-            self._seq = int(_meta_get(self._wconn, "last_seq") or 0)
-            self._count = int(_meta_get(self._wconn, "stored_count") or 0)
-            self._bytes = int(_meta_get(self._wconn, "stored_bytes") or 0)
+            self._core = WriterCore(self._wconn, caps)
         except (sqlite3.Error, OSError, ValueError) as e:
             raise StoreError(f"cannot open the store at {self.path}: {e}") from e
+        self._seq, self._count, self._bytes = self._core.state
         self._writer = writer or InlineExecutor()
+        #: a ProcessWriter (see writer_process.py) when writes run in a child process
+        self._process = writer_process
         self._readers = readers
         self._local = threading.local()
         self._pending: list[tuple[WriteOp, Deferred[Any]]] = []
@@ -157,16 +386,41 @@ class SQLiteStore:
         self._firing = False
         self._closed = False
         self._idle: list[Deferred[None]] = []
+        self._checkpointer: threading.Event | None = None
+        self._shut = False
+        self._closers: list[Deferred[None]] = []
+
+    @property
+    def caps(self) -> Caps:
+        return self._core.caps
+
+    @caps.setter
+    def caps(self, caps: Caps) -> None:
+        # In-process writers only: a writer process got its caps when it started.
+        self._core.caps = caps
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._writer.start()
+        if self._process is not None:
+            self._process.start()
+        else:
+            self._writer.start()
+            if self._readers is not None:
+                # A threaded node: checkpoints off the writer (tests run inline and skip this).
+                self._checkpointer = self._core.run_checkpointer(self.path, self._durability)
         if self._readers is not None:
             self._readers.start()
 
     def close(self) -> Deferred[None]:
-        """Let queued writes commit, then stop the threads and close the files."""
+        """Let queued writes commit, then stop the writer and readers and close the files."""
+        if self._closed:
+            # Already closing or closed: one shutdown, whoever asks.
+            done: Deferred[None] = Deferred()
+            self._closers.append(done)
+            if self._shut:
+                done.callback(None)
+            return done
         self._closed = True
         d: Deferred[None] = Deferred()
         if self._busy or self._pending:
@@ -174,13 +428,26 @@ class SQLiteStore:
         else:
             d.callback(None)
 
-        def shut(_: object) -> None:
-            self._writer.stop()
+        def shut(_: object) -> Deferred[None] | None:
+            if self._checkpointer is not None:
+                self._checkpointer.set()
             if self._readers is not None:
                 self._readers.stop()
+            if self._process is not None:
+                stopped: Deferred[None] = self._process.stop()
+                return stopped.addBoth(lambda _: self._wconn.close())
+            self._writer.stop()
             self._wconn.close()
+            return None
 
-        return d.addCallback(shut)
+        def finished(result: Any) -> Any:
+            self._shut = True
+            closers, self._closers = self._closers, []
+            for c in closers:
+                c.callback(None)
+            return result
+
+        return d.addCallback(shut).addBoth(finished)
 
     def stats(self) -> StoreStats:
         return StoreStats(envelopes=self._count, bytes=self._bytes)
@@ -200,49 +467,18 @@ class SQLiteStore:
         batch, self._pending = self._pending, []
         self._busy = True
         ops = [op for op, _ in batch]
-        self._writer.run(self._run_batch, ops).addBoth(self._batch_done, batch)
+        if self._process is not None:
+            d = self._process.run(ops)
+        else:
+            d = self._writer.run(self._core.run_batch, ops)
+        d.addBoth(self._batch_done, batch)
 
-    def _run_batch(self, ops: list[WriteOp]) -> tuple[list[tuple[bool, Any]], _Batch]:
-        """Writer thread: run ``ops`` in one transaction; one savepoint each."""
-        conn = self._wconn
-        state = _Batch(self._seq, self._count, self._bytes)
-        results: list[tuple[bool, Any]] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for op in ops:
-                # An op whose only write is its last statement needs no
-                # savepoint: SQLite undoes a failed statement by itself.
-                guarded = not getattr(op, "single_write", False)
-                if guarded:
-                    conn.execute("SAVEPOINT op")
-                saved = (state.seq, state.count, state.bytes)
-                try:
-                    results.append((True, op(conn, state)))
-                except Exception as e:
-                    if guarded:
-                        conn.execute("ROLLBACK TO op")
-                    state.seq, state.count, state.bytes = saved
-                    results.append((False, e))
-                if guarded:
-                    conn.execute("RELEASE op")
-            if (state.seq, state.count, state.bytes) != (self._seq, self._count, self._bytes):
-                conn.executemany(
-                    "UPDATE meta SET value = ? WHERE key = ?",
-                    (
-                        (str(state.seq), "last_seq"),
-                        (str(state.count), "stored_count"),
-                        (str(state.bytes), "stored_bytes"),
-                    ),
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return results, state
-
-    def _batch_done(self, outcome: Any, batch: list[tuple[WriteOp, Deferred[Any]]]) -> None:
+    def _batch_done(self, outcome: BatchOutcome | Failure, batch: list[tuple[WriteOp, Deferred[Any]]]) -> None:
         self._busy = False
+        # Send the next batch before answering this one, so the writer works
+        # while this thread runs the answers' callbacks.
+        if self._pending:
+            self._flush()
         self._firing = True
         try:
             if isinstance(outcome, Failure):
@@ -253,8 +489,7 @@ class SQLiteStore:
                 for _, d in batch:
                     d.errback(err)
             else:
-                results, state = outcome
-                self._seq, self._count, self._bytes = state.seq, state.count, state.bytes
+                results, (self._seq, self._count, self._bytes) = outcome
                 if self._metrics is not None:
                     self._metrics.commit_batch_size.observe(len(batch))
                 for (ok, value), (_, d) in zip(results, batch):
@@ -267,9 +502,9 @@ class SQLiteStore:
                         d.errback(value if isinstance(value, StoreError) else StoreError(str(value)))
         finally:
             self._firing = False
-        if self._pending:
+        if self._pending and not self._busy:
             self._flush()
-        elif self._idle:
+        elif not self._busy and self._idle:
             waiting, self._idle = self._idle, []
             for d in waiting:
                 d.callback(None)
@@ -294,88 +529,26 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ writes
 
-    def add_envelope(self, env: Envelope, now: int) -> Deferred[AddResult]:
-        caps = self.caps
+    def add_envelope(self, env: Envelope, now: int, verify: str | None = None) -> Deferred[AddResult]:
+        """Add ``env``; with ``verify`` ("deposit" or "replica") check its signature in the writer too.
+
+        A failed signature answers ``AddResult("bad_signature")``.  A deposit
+        is verified before dedup; a replica only when it is not a duplicate.
+        """
         body = env.raw
-        size = len(body)
-        keys = (env.msg_id, env.mailbox, now, env.sender)
-
-        def op(conn: sqlite3.Connection, st: _Batch) -> AddResult:
-            # One statement for every check (each statement costs the writer
-            # thread a GIL round trip), then the insert.
-            stored, tombstoned, in_mailbox, from_sender = conn.execute(_ADD_CHECKS, keys).fetchone()
-            if stored or tombstoned:
-                return AddResult(DUPLICATE)
-            if st.bytes + size > caps.max_stored_bytes:
-                return AddResult(STORAGE_FULL)
-            if in_mailbox >= caps.per_mailbox_pending:
-                return AddResult(MAILBOX_FULL, pending=in_mailbox, limit=caps.per_mailbox_pending)
-            if from_sender >= caps.per_sender_pending:
-                return AddResult(SENDER_CAP, pending=from_sender, limit=caps.per_sender_pending)
-            conn.execute(
-                "INSERT INTO envelopes (seq, msg_id, mailbox, sender, expires, size, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (st.seq + 1, env.msg_id, env.mailbox, env.sender, env.expires, size, body),
-            )
-            st.seq += 1
-            st.count += 1
-            st.bytes += size
-            return AddResult(ACCEPTED, seq=st.seq)
-
-        op.single_write = True  # type: ignore[attr-defined]
-        return self._write(op)
+        check = None if verify is None else (env.sender_key, env.sig_bytes, env.signed, verify == "replica")
+        return self._write(("add", (env.msg_id, env.mailbox, env.sender, env.expires, len(body), body, now, check)))
 
     def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
         body = dumps_json(ack.to_json()).decode("utf-8")
-
-        def op(conn: sqlite3.Connection, st: _Batch) -> AckResult:
-            deleted = []
-            for msg_id in dict.fromkeys(ack.ack):
-                row = conn.execute(
-                    "DELETE FROM envelopes WHERE msg_id = ? AND mailbox = ? RETURNING size",
-                    (msg_id, ack.mailbox),
-                ).fetchall()
-                if row:
-                    deleted.append(msg_id)
-                    st.count -= 1
-                    st.bytes -= row[0][0]
-                conn.execute(
-                    "INSERT INTO tombstones (mailbox, msg_id, expires) VALUES (?, ?, ?) "
-                    "ON CONFLICT (mailbox, msg_id) DO UPDATE SET expires = MAX(expires, excluded.expires)",
-                    (ack.mailbox, msg_id, tombstone_expires),
-                )
-            if conn.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (ack.mailbox, ack.nonce)).fetchone():
-                return AckResult(deleted=tuple(deleted), new=False)
-            st.seq += 1
-            conn.execute(
-                "INSERT INTO acks (seq, mailbox, nonce, expires, body) VALUES (?, ?, ?, ?, ?)",
-                (st.seq, ack.mailbox, ack.nonce, tombstone_expires, body),
-            )
-            return AckResult(deleted=tuple(deleted), new=True, seq=st.seq)
-
-        return self._write(op)
+        ids = tuple(dict.fromkeys(ack.ack))
+        return self._write(("ack", (ack.mailbox, ack.nonce, ids, tombstone_expires, body)))
 
     def claim_nonce(self, scope: str, nonce: str, expires: int) -> Deferred[bool]:
-        def op(conn: sqlite3.Connection, st: _Batch) -> bool:
-            cur = conn.execute(
-                "INSERT INTO nonces (scope, nonce, expires) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                (scope, nonce, expires),
-            )
-            return cur.rowcount == 1
-
-        op.single_write = True  # type: ignore[attr-defined]
-        return self._write(op)
+        return self._write(("nonce", (scope, nonce, expires)))
 
     def set_cursor(self, cursor: Cursor) -> Deferred[None]:
-        def op(conn: sqlite3.Connection, st: _Batch) -> None:
-            conn.execute(
-                "INSERT INTO peer_cursors (peer, feed_id, since, synced_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (peer) DO UPDATE SET feed_id = excluded.feed_id, since = excluded.since, "
-                "synced_at = excluded.synced_at",
-                (cursor.peer, cursor.feed_id, cursor.since, cursor.synced_at),
-            )
-
-        op.single_write = True  # type: ignore[attr-defined]
-        return self._write(op)
+        return self._write(("cursor", (cursor.peer, cursor.feed_id, cursor.since, cursor.synced_at)))
 
     def acquire_lease(self, name: str, holder: str, ttl: float) -> Deferred[bool]:
         # One process owns a SQLite store, so it holds every lease.
@@ -391,31 +564,14 @@ class SQLiteStore:
         """Delete expired rows, a chunk per transaction, until none is left."""
         totals = {"envelopes": 0, "tombstones": 0, "acks": 0, "nonces": 0}
 
-        def op(conn: sqlite3.Connection, st: _Batch) -> bool:
-            rows = conn.execute(
-                "DELETE FROM envelopes WHERE seq IN "
-                "(SELECT seq FROM envelopes WHERE expires <= ? LIMIT ?) RETURNING size",
-                (now, SWEEP_CHUNK),
-            ).fetchall()
-            st.count -= len(rows)
-            st.bytes -= sum(r[0] for r in rows)
-            totals["envelopes"] += len(rows)
-            more = len(rows) == SWEEP_CHUNK
-            for table, key in (("tombstones", "mailbox, msg_id"), ("acks", "seq"), ("nonces", "scope, nonce")):
-                n = conn.execute(
-                    f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE expires <= ? LIMIT ?)",
-                    (now, SWEEP_CHUNK),
-                ).rowcount
-                totals[table] += n
-                more = more or n == SWEEP_CHUNK
-            return more
-
-        def step(more: bool) -> Deferred[SweepResult] | SweepResult:
-            if more:
-                return self._write(op).addCallback(step)
+        def step(counts: dict[str, int]) -> Deferred[SweepResult] | SweepResult:
+            for key in totals:
+                totals[key] += counts[key]
+            if counts["more"]:
+                return self._write(("sweep", (now,))).addCallback(step)
             return SweepResult(**totals)
 
-        return self._write(op).addCallback(step)
+        return self._write(("sweep", (now,))).addCallback(step)
 
     # ------------------------------------------------------------------ reads
 

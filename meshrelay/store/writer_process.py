@@ -1,0 +1,224 @@
+"""The SQLite writer as a child process: group commit and signature checks off the GIL.
+
+A node's reactor thread parses HTTP and JSON; the writes and the Ed25519
+checks of deposits are the other half of its work.  In a thread they would
+share the interpreter lock with the reactor: every SQLite statement and every
+verification releases and re-takes it, and each re-take waits for the busy
+reactor thread, so a batch spends far longer waiting than working.  In a
+child process they run on the second core with a lock of their own.
+
+The parent (:class:`ProcessWriter`) sends one batch of operations at a time
+as a length-prefixed pickle on the child's stdin; the child runs it with the
+same :class:`~meshrelay.store.sqlite.WriterCore` an in-process writer uses,
+commits, and answers with the per-operation results and the new counters on
+stdout.  The pipe is private to the two processes, so pickle is safe here.
+
+If the child dies, the batch in flight fails with a ``StoreError`` (the
+clients get 503 and retry; dedup makes a retry of a committed deposit a
+``duplicate``), and the next batch starts a new child, which reads the
+counters back from the database.  When the parent dies, the child reads EOF
+and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+from collections import deque
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from meshrelay.store.base import Caps, StoreError
+
+_HEAD = struct.Struct(">I")
+#: seconds to wait before starting a new child after one died
+RESPAWN_DELAY = 1.0
+#: seconds a stopping child gets to finish before it is killed
+STOP_TIMEOUT = 30.0
+
+
+def _package_root() -> str:
+    import meshrelay
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(meshrelay.__file__)))
+
+
+class _WriterProtocol(ProcessProtocol):
+    def __init__(self, owner: ProcessWriter) -> None:
+        self.owner = owner
+        self._buf = bytearray()
+
+    def outReceived(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        while len(buf) >= 4:
+            (n,) = _HEAD.unpack_from(buf)
+            if len(buf) < 4 + n:
+                break
+            payload = bytes(buf[4 : 4 + n])
+            del buf[: 4 + n]
+            self.owner._answer(payload)
+
+    def errReceived(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                self.owner.log.error("writer process: {line}", line=line)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.owner._ended(self, reason)
+
+
+class ProcessWriter:
+    """Runs write batches in a child process; one batch in flight at a time."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, path: str, durability: str, caps: Caps) -> None:
+        self.reactor = reactor
+        self.argv = [
+            sys.executable,
+            "-m",
+            "meshrelay.store.writer_process",
+            path,
+            durability,
+            str(caps.per_sender_pending),
+            str(caps.per_mailbox_pending),
+            str(caps.max_stored_bytes),
+        ]
+        self._proto: _WriterProtocol | None = None
+        self._inflight: deque[Deferred[Any]] = deque()
+        self._stopping: Deferred[None] | None = None
+        self._next_spawn = 0.0
+        self.spawned = 0
+
+    @property
+    def pid(self) -> int | None:
+        proto = self._proto
+        return None if proto is None or proto.transport is None else proto.transport.pid
+
+    def start(self) -> None:
+        if self._proto is None:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        env = dict(os.environ)
+        root = _package_root()
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proto = _WriterProtocol(self)
+        self.reactor.spawnProcess(proto, sys.executable, self.argv, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        self._proto = proto
+        self.spawned += 1
+        self.log.info("store writer process started (pid {pid})", pid=self.pid)
+
+    def run(self, ops: list[Any]) -> Deferred[Any]:
+        """Send one batch; fires with ``(results, (seq, count, bytes))``."""
+        if self._stopping is not None:
+            return fail(StoreError("the store is closing"))
+        if self._proto is None:
+            if self.reactor.seconds() < self._next_spawn:
+                return fail(StoreError("the store writer process is restarting"))
+            self._spawn()
+        assert self._proto is not None and self._proto.transport is not None
+        try:
+            payload = pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            return fail(StoreError(f"cannot send this batch to the writer process: {e}"))
+        d: Deferred[Any] = Deferred()
+        self._inflight.append(d)
+        self._proto.transport.write(_HEAD.pack(len(payload)) + payload)  # type: ignore[call-arg, misc]
+        return d
+
+    def _answer(self, payload: bytes) -> None:
+        if not self._inflight:
+            self.log.error("writer process answered a batch nobody sent")
+            return
+        d = self._inflight.popleft()
+        kind, value = pickle.loads(payload)
+        if kind == "ok":
+            d.callback(value)
+        else:
+            d.errback(StoreError(value))
+
+    def _ended(self, proto: _WriterProtocol, reason: Failure) -> None:
+        if proto is not self._proto:
+            return
+        self._proto = None
+        inflight, self._inflight = self._inflight, deque()
+        if self._stopping is not None:
+            stopping, self._stopping = self._stopping, None
+            for d in inflight:
+                d.errback(StoreError("the store writer process stopped"))
+            stopping.callback(None)
+            return
+        self._next_spawn = self.reactor.seconds() + RESPAWN_DELAY
+        self.log.error("store writer process exited unexpectedly: {why}", why=reason.getErrorMessage())
+        for d in inflight:
+            d.errback(StoreError("the store writer process exited; the write may not have committed"))
+
+    def stop(self) -> Deferred[None]:
+        """Close the child's stdin (it finishes its batch and exits); kill it if it hangs."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._stopping = d
+        transport = proto.transport
+        transport.closeStdin()  # type: ignore[misc]
+        killer = self.reactor.callLater(STOP_TIMEOUT, _kill, transport)
+
+        def cancel_killer(result: Any) -> Any:
+            if killer.active():
+                killer.cancel()
+            return result
+
+        return d.addBoth(cancel_killer)
+
+
+def _kill(transport: Any) -> None:
+    try:
+        transport.signalProcess("KILL")
+    except Exception:
+        pass
+
+
+def child_main(argv: list[str]) -> int:
+    """The child: read batches on stdin, answer on stdout, until stdin closes."""
+    from meshrelay.store.sqlite import WriterCore, _connect
+
+    path, durability, per_sender, per_mailbox, max_bytes = argv
+    caps = Caps(int(per_sender), int(per_mailbox), int(max_bytes))
+    conn = _connect(path, durability)
+    core = WriterCore(conn, caps)
+    checkpointer = core.run_checkpointer(path, durability)
+    inp = sys.stdin.buffer
+    out = sys.stdout.buffer
+    while True:
+        head = inp.read(4)
+        if len(head) < 4:
+            break
+        (n,) = _HEAD.unpack(head)
+        ops = pickle.loads(inp.read(n))
+        outcome: tuple[str, Any]
+        try:
+            results, state = core.run_batch(ops)
+            # Exceptions travel as StoreErrors: any exception pickles that way.
+            results = [(ok, v if ok else StoreError(f"{type(v).__name__}: {v}")) for ok, v in results]
+            outcome = ("ok", (results, state))
+        except Exception as e:
+            outcome = ("error", f"{type(e).__name__}: {e}")
+        data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        out.write(_HEAD.pack(len(data)) + data)
+        out.flush()
+    checkpointer.set()
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

@@ -1,0 +1,120 @@
+"""The SQLite writer in a child process: same results as in-process, crash and restart, clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from meshrelay import envelope as E
+from meshrelay.store.base import Caps, StoreError
+from meshrelay.store.sqlite import DB_NAME, SQLiteStore
+from meshrelay.store.writer_process import ProcessWriter
+from tests.helpers import Identity
+
+
+class WriterProcessTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        self.caps = Caps(per_sender_pending=2, per_mailbox_pending=10, max_stored_bytes=1 << 20)
+        self.writer = ProcessWriter(reactor, os.path.join(self.dir, DB_NAME), "normal", self.caps)
+        os.makedirs(self.dir)
+        self.store = SQLiteStore(self.dir, self.caps, writer_process=self.writer)
+        self.store.start()
+        self.addCleanup(self.store.close)
+        self.alice, self.bob = Identity(), Identity()
+        self.now = int(time.time())
+
+    def env(self, text: bytes, sender: Identity | None = None) -> E.Envelope:
+        obj = (sender or self.alice).envelope(self.bob, text, ts=self.now)
+        return E.parse_envelope(obj, 8192)
+
+    @inlineCallbacks
+    def test_group_commit_results(self) -> Any:
+        """Deposits, duplicates, the sender cap and signature checks come back from the child."""
+        a, b, c = self.env(b"1"), self.env(b"2"), self.env(b"3")
+        results = yield gatherResults(
+            [
+                self.store.add_envelope(a, self.now, verify="deposit"),
+                self.store.add_envelope(a, self.now, verify="deposit"),
+                self.store.add_envelope(b, self.now, verify="deposit"),
+                self.store.add_envelope(c, self.now, verify="deposit"),
+            ]
+        )
+        self.assertEqual([r.status for r in results], ["accepted", "duplicate", "accepted", "sender_cap"])
+        self.assertEqual(self.store.stats().envelopes, 2)
+        forged_obj = self.bob.envelope(self.bob, b"x", ts=self.now)
+        forged_obj["sig"] = self.alice.envelope(self.bob, b"x", ts=self.now)["sig"]
+        forged = E.parse_envelope(forged_obj, 8192)
+        result = yield self.store.add_envelope(forged, self.now, verify="deposit")
+        self.assertEqual(result.status, "bad_signature")
+        bodies, more = yield self.store.fetch(self.bob.pub, self.now, 10)
+        self.assertEqual(len(bodies), 2)
+        fresh = yield self.store.claim_nonce("poll:x", "n1", self.now + 600)
+        again = yield self.store.claim_nonce("poll:x", "n1", self.now + 600)
+        self.assertEqual((fresh, again), (True, False))
+
+    @inlineCallbacks
+    def test_replica_duplicate_is_not_reverified(self) -> Any:
+        """A replica already stored is a duplicate even with a broken signature; a new forged one is refused."""
+        a = self.env(b"1")
+        yield self.store.add_envelope(a, self.now, verify="deposit")
+        obj = a.to_json()
+        sig = bytearray(E.b64u_decode(obj["sig"]))
+        sig[0] ^= 1
+        copy = E.parse_envelope(dict(obj, sig=E.b64u_encode(bytes(sig))), 8192)
+        result = yield self.store.add_envelope(copy, self.now, verify="replica")
+        self.assertEqual(result.status, "duplicate")
+        other = self.env(b"other", sender=Identity())
+        bad = E.parse_envelope(dict(other.to_json(), sig=E.b64u_encode(bytes(sig))), 8192)
+        result = yield self.store.add_envelope(bad, self.now, verify="replica")
+        self.assertEqual(result.status, "bad_signature")
+
+    @inlineCallbacks
+    def test_child_crash_fails_the_batch_and_a_new_child_takes_over(self) -> Any:
+        """A killed writer fails its in-flight writes with StoreError; later writes start a new child."""
+        yield self.store.add_envelope(self.env(b"1"), self.now, verify="deposit")
+        pid = self.writer.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        # Wait until the parent has seen the child end.
+        for _ in range(200):
+            if self.writer.pid is None:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertIsNone(self.writer.pid)
+        self.flushLoggedErrors()
+        # Within the restart delay writes fail cleanly ...
+        failed = yield self.store.claim_nonce("s", "n", self.now + 10).addErrback(lambda f: f.trap(StoreError))
+        self.assertEqual(failed, StoreError)
+        yield deferLater(reactor, 1.1, lambda: None)
+        # ... then a new child serves them, with the counters read back from the database.
+        result = yield self.store.add_envelope(self.env(b"2", sender=Identity()), self.now, verify="deposit")
+        self.assertEqual(result.status, "accepted")
+        self.assertEqual(self.writer.spawned, 2)
+        self.assertEqual(self.store.stats().envelopes, 2)
+
+    @inlineCallbacks
+    def test_close_lets_queued_writes_commit_and_stops_the_child(self) -> Any:
+        """close() waits for queued writes, then the child exits."""
+        envs = [E.parse_envelope(self.alice.envelope(Identity(), b"%d" % i, ts=self.now), 8192) for i in range(20)]
+        ds = [self.store.add_envelope(env, self.now) for env in envs]
+        pid = self.writer.pid
+        closing: Deferred[None] = self.store.close()
+        results = yield gatherResults(ds)
+        self.assertEqual({r.status for r in results}, {"accepted"})
+        yield closing
+        self.assertIsNone(self.writer.pid)
+        assert pid is not None
+        self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+        reopened = SQLiteStore(self.dir, self.caps)
+        self.assertEqual(reopened.stats().envelopes, 20)
+        reopened._wconn.close()
