@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             server, admin = common.meshrelay_node(workdir, f"node-{k}", data_dir, limits={"max_stored_bytes": 4 << 30})
             server.start(timeout=120)
             startups.append(server.startup_s)
-            rss_after_start.append(common.rss_mb(server.pid))
+            rss_after_start.append(common.tree_rss_mb(server.pid))
             samples = common.parse_metrics(common.metrics_text(admin))
             stored = samples.get("meshrelay_stored_envelopes")
             if stored != float(n):
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         expected = sum(min(100, len(range(i, n, len(mailboxes)))) for i in range(min(args.polls, len(mailboxes))))
         if got != expected:
             problems.append(f"polls returned {got} envelopes, expected {expected}")
-        rss_after_polls = common.rss_mb(server.pid)
+        rss_after_polls = common.tree_rss_mb(server.pid)
 
         # deposits: one new sender, distinct mailboxes (no cap is reached)
         sender = common.new_key()
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rss_after_polls_mb": round(rss_after_polls, 1),
                 "deposits": args.deposits,
                 "deposit_s": round(deposit_s, 2),
-                "rss_after_deposits_mb": round(status_after["VmRSS"] / 1024, 1),
+                "rss_after_deposits_mb": round(common.tree_rss_mb(server.pid), 1),
                 "peak_rss_mb": round(status_after["VmHWM"] / 1024, 1),
                 "problems": problems,
             }

@@ -78,6 +78,40 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (e.g. a node's store writer process)."""
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out.extend(int(c) for c in fh.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its living children (a node and its writer process)."""
+    total = cpu_seconds(pid)
+    for child in child_pids(pid):
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            continue
+    return total
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of ``pid`` plus its living children."""
+    total = rss_mb(pid)
+    for child in child_pids(pid):
+        try:
+            total += rss_mb(child)
+        except OSError:
+            continue
+    return total
+
+
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """utime + stime per thread (task id -> seconds); the main (reactor) thread's id is ``pid``."""
     ticks = os.sysconf("SC_CLK_TCK")

@@ -149,12 +149,13 @@ def measure(target: str, workdir: str, run_id: str, envelope_file: str, args: ar
     os.environ.pop("MESHRELAY_BENCH_PRELUDE", None)
     server_pid = server.pid
     try:
-        cpu0 = common.cpu_seconds(server.pid)
+        # The node's CPU includes its store writer process (a child).
+        cpu0 = common.tree_cpu_seconds(server.pid)
         threads0 = common.thread_cpu_seconds(server.pid)
         res = run_wrk(server.port, envelope_file, args)
-        cpu1 = common.cpu_seconds(server.pid)
+        cpu1 = common.tree_cpu_seconds(server.pid)
         threads1 = common.thread_cpu_seconds(server.pid)
-        res["rss_mb"] = round(common.rss_mb(server.pid), 1)
+        res["rss_mb"] = round(common.tree_rss_mb(server.pid), 1)
         problems = check_counts(target, server, admin, res, args.connections)
     finally:
         server.stop()

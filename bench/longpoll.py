@@ -205,7 +205,7 @@ async def run(reactor: Any, args: argparse.Namespace, server: common.Server, adm
         await task.deferLater(reactor, 0.1, lambda: None)
     open_s = time.monotonic() - t_open
     pstat = common.proc_status(server.pid)
-    rss_waiting = pstat["VmRSS"] / 1024
+    rss_waiting = common.tree_rss_mb(server.pid)  # the node and its store writer process
     client_rss = common.proc_status(os.getpid())["VmRSS"] / 1024
     print(
         f"{int(waiting)} long-polls waiting after {open_s:.1f}s (early answers {len(results)}, failures {len(failures)}); "
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     server.start(nofile=nofile)
     report: dict[str, Any] = {"benchmark": "longpoll", "machine": common.machine_info()}
     try:
-        rss_idle = common.rss_mb(server.pid)
+        rss_idle = common.tree_rss_mb(server.pid)
         out: dict[str, Any] = {}
         from twisted.internet import reactor
 
