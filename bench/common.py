@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat 
 
 from meshrelay import envelope as E  # noqa: E402
 from meshrelay.config import to_toml  # noqa: E402
+from tests.harness import http_request  # noqa: E402
 
 #: envelopes are ~1 KiB of JSON with this much ciphertext (about 1050 bytes on the wire)
 CIPHERTEXT_BYTES = 540
@@ -128,18 +129,7 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
 
 def request(port: int, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
     """One blocking request to 127.0.0.1:port; (status, JSON or raw bytes)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            return resp.status, json.loads(raw)
-        except ValueError:
-            return resp.status, raw
-    finally:
-        conn.close()
+    return http_request(port, method, path, body, timeout=timeout)
 
 
 def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float, path: str = "/api/mesh/health") -> None:
