@@ -119,6 +119,14 @@ class PushIntegrationTests(MeshIntegrationTestCase):
             result["answer"] = c.poll(bob.poll_body(ts=int(time.time()), wait=30), timeout=45)
             result["seconds"] = time.monotonic() - started
 
+        # C's start-up sync from each peer must be done (it retries with back-off
+        # while a peer is still starting), so the next pull is an hour away.
+        for peer in ("a", "b"):
+            wait_for(
+                lambda peer=peer: metric(c, "meshrelay_sync_pull_total", peer=self.procs[peer].url, outcome="ok") >= 1,
+                30,
+                f"C's start-up sync from {peer}",
+            )
         poller = threading.Thread(target=long_poll)
         poller.start()
         wait_for(lambda: metric(c, "meshrelay_waiting_polls") == 1, 20, "C to hold the long-poll")
