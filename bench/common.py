@@ -275,7 +275,8 @@ def meshrelay_node(
             "durability": durability,
             **(node or {}),
         },
-        "limits": dict(limits or {}),
+        # The load generator is one client address: no per-IP limit (a bench may set one).
+        "limits": {"client_rate": 0, **(limits or {})},
     }
     config_path = os.path.join(workdir, f"{name}.toml")
     with open(config_path, "w") as fh:

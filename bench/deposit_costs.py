@@ -85,9 +85,9 @@ def measure_sqlite(bodies: list[bytes], durability: str, now: int, batch: int = 
         for i in range(0, len(envs), batch):
             # queue a whole batch while the store looks busy (as it does while the
             # writer thread commits), then run it as one transaction, inline
-            store._busy = True
+            store._inflight = store._depth
             ds = [store.add_envelope(env, now) for env in envs[i : i + batch]]
-            store._busy = False
+            store._inflight = 0
             store._flush()
             for d in ds:
                 d.addErrback(lambda f: sys.exit(f"add_envelope failed: {f.value}"))

@@ -81,10 +81,10 @@ class StoreFailureTests(SynchronousTestCase):
             conn.execute("INSERT INTO meta (key, value) VALUES ('half', 'written')")
             raise sqlite3.OperationalError("simulated failure")
 
-        store._busy = True  # hold the writer so both ops land in one batch  # type: ignore[attr-defined]
+        store._inflight = store._depth  # hold the writer so both ops land in one batch  # type: ignore[attr-defined]
         d1 = store._write(boom)  # type: ignore[attr-defined]
         d2 = store.add_envelope(good, self.now())
-        store._busy = False  # type: ignore[attr-defined]
+        store._inflight = 0  # type: ignore[attr-defined]
         store._flush()  # type: ignore[attr-defined]
         self.failureResultOf(d1)
         self.assertEqual(self.successResultOf(d2).status, "accepted")

@@ -382,7 +382,11 @@ class SQLiteStore:
         self._readers = readers
         self._local = threading.local()
         self._pending: list[tuple[WriteOp, Deferred[Any]]] = []
-        self._busy = False
+        #: batches sent and not answered yet, and how many may be: a writer
+        #: process gets the next batch queued behind the one it runs, so it
+        #: never waits for this process to send more
+        self._inflight = 0
+        self._depth = 2 if writer_process is not None else 1
         self._firing = False
         self._closed = False
         self._idle: list[Deferred[None]] = []
@@ -423,7 +427,7 @@ class SQLiteStore:
             return done
         self._closed = True
         d: Deferred[None] = Deferred()
-        if self._busy or self._pending:
+        if self._inflight or self._pending:
             self._idle.append(d)
         else:
             d.callback(None)
@@ -459,13 +463,13 @@ class SQLiteStore:
             return fail(StoreError("the store is closed"))
         d: Deferred[Any] = Deferred()
         self._pending.append((op, d))
-        if not self._busy and not self._firing:
+        if self._inflight < self._depth and not self._firing:
             self._flush()
         return d
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
-        self._busy = True
+        self._inflight += 1
         ops = [op for op, _ in batch]
         if self._process is not None:
             d = self._process.run(ops)
@@ -474,10 +478,10 @@ class SQLiteStore:
         d.addBoth(self._batch_done, batch)
 
     def _batch_done(self, outcome: BatchOutcome | Failure, batch: list[tuple[WriteOp, Deferred[Any]]]) -> None:
-        self._busy = False
+        self._inflight -= 1
         # Send the next batch before answering this one, so the writer works
         # while this thread runs the answers' callbacks.
-        if self._pending:
+        if self._pending and self._inflight < self._depth:
             self._flush()
         self._firing = True
         try:
@@ -502,9 +506,9 @@ class SQLiteStore:
                         d.errback(value if isinstance(value, StoreError) else StoreError(str(value)))
         finally:
             self._firing = False
-        if self._pending and not self._busy:
+        if self._pending and self._inflight < self._depth:
             self._flush()
-        elif not self._busy and self._idle:
+        elif not self._inflight and not self._pending and self._idle:
             waiting, self._idle = self._idle, []
             for d in waiting:
                 d.callback(None)
