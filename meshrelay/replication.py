@@ -541,6 +541,11 @@ class PeerClient:
                 last = not page.more or pages >= MAX_PAGES_PER_RUN
                 if not last:
                     prefetch = self._pull_page(since)
+                if applying is not None and applying[1].acks:
+                    # This page's envelopes must not overtake the previous
+                    # page's acks (see _apply): let those finish first.
+                    synced_at = await self._finish(applying, synced_at)
+                    applying = None
                 started = (Deferred.fromCoroutine(self._apply(page)), page)
                 if applying is not None:
                     synced_at = await self._finish(applying, synced_at)
@@ -588,13 +593,19 @@ class PeerClient:
         return page
 
     async def _apply(self, page: Page) -> None:
-        """Treat every item like a replica (idempotent)."""
-        if page.envelopes:
-            self.metrics.sync_items_total.labels(self.url, ENVELOPE).inc(len(page.envelopes))
-            await self.relay.accept_replicas(page.envelopes)
+        """Treat every item like a replica (idempotent); the acks first.
+
+        An ack only deletes and tombstones, so applying it early never changes
+        the outcome, while an envelope applied before an ack that comes before
+        it in the feed could meet a cap the ack frees at the peer, and a
+        replica refused at a cap is never offered again.
+        """
         if page.acks:
             self.metrics.sync_items_total.labels(self.url, ACK).inc(len(page.acks))
             await self.relay.accept_acks(page.acks)
+        if page.envelopes:
+            self.metrics.sync_items_total.labels(self.url, ENVELOPE).inc(len(page.envelopes))
+            await self.relay.accept_replicas(page.envelopes)
 
     # ------------------------------------------------------------------ fetch_remote
 
