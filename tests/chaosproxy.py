@@ -398,7 +398,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor as global_reactor
     from twisted.internet import stdio
+    from twisted.logger import globalLogBeginner, textFileLogObserver
     from twisted.protocols.basic import LineReceiver
+
+    # stdout carries the replies; anything logged (an unhandled error) goes to stderr.
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
 
     reactor: Any = global_reactor
 
