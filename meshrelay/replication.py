@@ -43,6 +43,7 @@ from treq.client import HTTPClient as TreqHTTPClient
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 
 from meshrelay.config import Config, PeerConfig
 from meshrelay.deferutil import shield
@@ -261,7 +262,15 @@ class PeerClient:
     async def _exchange(
         self, method: str, url: str, body: bytes, headers: dict[str, str], cap: int
     ) -> tuple[int, bytes]:
-        response = await self.http.request(method, url, data=body if body else None, headers=headers)
+        try:
+            response = await self.http.request(method, url, data=body if body else None, headers=headers)
+        except (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) as e:
+            # A real Agent reports a cancelled request (our timeout, or a
+            # shutdown) wrapped in one of these: unwrap it, so the timeout is
+            # a TimeoutError and a shutdown's cancel a CancelledError.
+            if e.reasons and all(r.check(CancelledError) for r in e.reasons):
+                raise CancelledError() from e
+            raise
         chunks: list[bytes] = []
         size = 0
 

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from meshrelay.envelope import verify_signature
-from tests.helpers import Identity, Mesh
+from tests.helpers import Identity, MemNode, Mesh, make_config
 from tests.test_replication import MeshTestCase
 
 
@@ -75,3 +87,81 @@ class SyncPipelineOrderTests(MeshTestCase):
         held.release_all(self.mesh)
         self.assertEqual(self.live("a"), [m2["msg_id"]])
         self.assertEqual(self.live("b"), [m2["msg_id"]])
+
+
+class _Silent(Protocol):
+    """Accepts, reads, never answers (a black-holed peer)."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received += len(data)  # type: ignore[attr-defined]
+
+
+class _SilentFactory(Factory):
+    protocol = _Silent
+    connections = 0
+    received = 0
+
+
+class RealClientCancelTests(TestCase):
+    """Pushes through a real treq/Agent client (tests elsewhere use StubTreq, which cancels differently)."""
+
+    def setUp(self) -> None:
+        self.server = _SilentFactory()
+        self.port = reactor.listenTCP(0, self.server, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(self.port.stopListening)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        agent = Agent(reactor, pool=self.pool)
+        client = treq.client.HTTPClient(agent)
+        port = self.port.getHost().port
+        tmp = self.mktemp()
+        peers = [{"url": "http://b.test", "secret": "b-secret-0123456789", "connect": f"http://127.0.0.1:{port}"}]
+        config = make_config(tmp, peers=peers)
+        config = config.replace(sync=dataclasses.replace(config.sync, interval=3600, push_timeout=5))
+        self.node = MemNode(tmp, config=config, peer_client_factory=lambda peer: client)
+        self.addCleanup(lambda: self.node.node.running and self.node.stop())
+        replication = self.node.node.replication
+        assert replication is not None
+        self.peer = replication.peers[0]
+
+    @inlineCallbacks
+    def wait_for(self, predicate: Callable[[], bool], what: str) -> Any:
+        deadline = time.monotonic() + 20
+        while not predicate():
+            self.assertLess(time.monotonic(), deadline, f"gave up waiting for {what}")
+            yield deferLater(reactor, 0.01, lambda: None)
+
+    @inlineCallbacks
+    def push_in_flight(self) -> Any:
+        status, _ = self.node.send(Identity().envelope(Identity(), b"hi", ts=int(self.node.clock.seconds())))
+        self.assertEqual(status, 200)
+        self.node.clock.advance(0)  # the push leaves (the start-up pull too)
+        yield self.wait_for(lambda: self.server.received > 0 and self.peer.inflight == 1, "the push on the wire")
+
+    def warnings(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e.get("log_level") == LogLevel.warn]
+
+    @inlineCallbacks
+    def test_push_timeout_is_reported_as_a_timeout(self) -> Any:
+        """A push the peer never answers fails after push_timeout as "timed out", counted once as an error."""
+        yield self.push_in_flight()
+        self.node.clock.advance(5)
+        yield self.wait_for(lambda: self.peer.inflight == 0, "the push to fail")
+        self.assertEqual(self.peer._pushed["error"]._value.get(), 1)
+        # The pull that started with the push timed out too; the peer is marked down once.
+        [warning] = self.warnings()
+        self.assertRegex(warning, r"^peer http://b.test down: (push|sync) failed: timed out$")
+
+    @inlineCallbacks
+    def test_shutdown_cancels_a_push_in_flight_quietly(self) -> Any:
+        """Stopping the node with a push in flight counts no error and logs no "peer down"."""
+        yield self.push_in_flight()
+        self.node.stop()
+        yield self.wait_for(lambda: not self.peer._outstanding, "the push to be cancelled")
+        self.assertEqual(self.peer._pushed["error"]._value.get(), 0)
+        self.assertEqual(self.warnings(), [])
