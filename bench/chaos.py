@@ -2,7 +2,7 @@
 
 Run from the repository root (the nodes run this checkout's code)::
 
-    python bench/chaos.py --minutes 5               # the long version (tests/test_chaos.py runs 45 s in CI)
+    python bench/chaos.py --minutes 5               # the long version (tests/test_chaos.py runs 60 s in CI)
     python bench/chaos.py --minutes 5 --seed 1234   # replay a run's fault schedule and client choices
 
 It is :class:`tests.chaos.ChaosRun` (see that module for what it does and checks),

@@ -89,7 +89,7 @@ def link_name(src: str, dst: str) -> str:
 @dataclass
 class Settings:
     seed: int
-    load_seconds: float = 45.0
+    load_seconds: float = 60.0
     clients: int = 4
     hot_mailboxes: int = 4
     spread_mailboxes: int = 12

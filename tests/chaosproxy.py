@@ -398,11 +398,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor as global_reactor
     from twisted.internet import stdio
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
     from twisted.protocols.basic import LineReceiver
 
-    # stdout carries the replies; anything logged (an unhandled error) goes to stderr.
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # stdout carries the replies; warnings and errors (an unhandled error) go to stderr.
+    # (Info is one "Starting factory" line per proxied connection.)
+    only_warnings = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [only_warnings])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     reactor: Any = global_reactor
 

@@ -22,7 +22,7 @@ class ChaosTests(SynchronousTestCase):
     def test_mesh_converges_loses_and_resurrects_nothing_under_chaos(self) -> None:
         """Under load with SIGKILLs, cuts, black holes and delays, the nodes converge; nothing answered 200 is lost, nothing acked returns."""
         seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**32))
-        seconds = float(os.environ.get(SECONDS_ENV) or 45)
+        seconds = float(os.environ.get(SECONDS_ENV) or 60)
         replay = f"replay with {SEED_ENV}={seed}"
         print(f"chaos seed {seed} ({replay})", file=sys.stderr)
         run = ChaosRun(self.mktemp(), Settings(seed=seed, load_seconds=seconds), say=print)
