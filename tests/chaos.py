@@ -237,6 +237,8 @@ class ChaosRun:
         self.proxy: ChaosProxy | None = None
         self.down: set[str] = set()
         self.node_lock = threading.Lock()
+        #: node counters read just before each SIGKILL
+        self.counted: Counter[str] = Counter()
         rng = random.Random(f"{settings.seed}:population")
         self.mailboxes: list[Mailbox] = []
         for i in range(settings.hot_mailboxes + settings.spread_mailboxes):
@@ -458,6 +460,7 @@ class ChaosRun:
     # ------------------------------------------------------------------ faults
 
     def _kill(self, name: str) -> None:
+        self.counted.update(self.node_counters(name))  # the counters die with the process
         with self.node_lock:
             self.down.add(name)
         self.nodes[name].kill()
@@ -662,8 +665,8 @@ class ChaosRun:
                     at = text.index(marker)
                     self.violation(f"{name} logged {marker!r}:\n{text[max(0, at - 1500) : at + 3000]}")
 
-    def metrics(self) -> dict[str, float]:
-        """Sums over the nodes of a few counters that tell what the faults did."""
+    def node_counters(self, name: str) -> Counter[str]:
+        """A few counters of one node that tell what the faults did (empty if it does not answer)."""
         wanted = {
             "meshrelay_dm_replica_total": "replica",
             "meshrelay_dm_replication_push_total": "push",
@@ -671,14 +674,23 @@ class ChaosRun:
             "meshrelay_dm_replication_dropped_total": "push_dropped",
         }
         out: Counter[str] = Counter()
-        for p in self.nodes.values():
-            status, body = p.admin("/api/mesh/metrics")
-            if status != 200:
-                continue
-            for metric, short in wanted.items():
-                for sample in body["metrics"].get(metric, []):
-                    outcome = sample["labels"].get("outcome", "")
-                    out[f"{short}_{outcome}".rstrip("_")] += sample["value"]
+        try:
+            status, body = self.nodes[name].admin("/api/mesh/metrics")
+        except (OSError, http.client.HTTPException):
+            return out
+        if status != 200:
+            return out
+        for metric, short in wanted.items():
+            for sample in body["metrics"].get(metric, []):
+                outcome = sample["labels"].get("outcome", "")
+                out[f"{short}_{outcome}".rstrip("_")] += sample["value"]
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Those counters summed over the nodes and over every life of each (read before each SIGKILL)."""
+        out = Counter(self.counted)
+        for name in NAMES:
+            out.update(self.node_counters(name))
         return {k: v for k, v in sorted(out.items()) if v}
 
     # ------------------------------------------------------------------ the run
