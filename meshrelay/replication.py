@@ -141,6 +141,10 @@ def parse_page(obj: Any, since: int, limit: int) -> Page:
 def _describe(f: Failure) -> str:
     if f.check(TimeoutError):
         return "timed out"
+    reasons = getattr(f.value, "reasons", None)
+    if f.check(ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) and reasons:
+        # The Agent wraps what went wrong in a list of Failures: say what it was.
+        return "; ".join(_describe(r) for r in reasons)
     return f.getErrorMessage() or f.type.__name__  # type: ignore[union-attr]
 
 

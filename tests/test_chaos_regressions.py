@@ -9,14 +9,17 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
 from meshrelay.envelope import verify_signature
+from meshrelay.replication import _describe
 from tests.helpers import Identity, MemNode, Mesh, make_config
 from tests.test_replication import MeshTestCase
 
@@ -165,3 +168,11 @@ class RealClientCancelTests(TestCase):
         yield self.wait_for(lambda: not self.peer._outstanding, "the push to be cancelled")
         self.assertEqual(self.peer._pushed["error"]._value.get(), 0)
         self.assertEqual(self.warnings(), [])
+
+
+class DescribeTests(SynchronousTestCase):
+    def test_agent_failures_are_described_by_their_reasons(self) -> None:
+        """A wrapped Agent failure is logged as what went wrong, not as a list of Failure reprs."""
+        wrapped = Failure(ResponseNeverReceived([Failure(ConnectionLost("gone"))]))
+        self.assertEqual(_describe(wrapped), "Connection to the other side was lost in a non-clean fashion: gone.")
+        self.assertEqual(_describe(Failure(TimeoutError())), "timed out")
