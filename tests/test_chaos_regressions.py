@@ -1,13 +1,17 @@
-"""Regression tests for the bugs the chaos test and the soak found (each names the bug it pins)."""
+"""Regression tests for the bugs found by the chaos test, the soak, and the suite runs around them (each names its bug)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import treq
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks
 from twisted.internet.error import ConnectionLost
@@ -18,6 +22,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
+from meshrelay import cli
+from meshrelay import envelope as E
 from meshrelay.envelope import verify_signature
 from meshrelay.replication import _describe
 from tests.helpers import Identity, MemNode, Mesh, make_config
@@ -176,3 +182,22 @@ class DescribeTests(SynchronousTestCase):
         wrapped = Failure(ResponseNeverReceived([Failure(ConnectionLost("gone"))]))
         self.assertEqual(_describe(wrapped), "Connection to the other side was lost in a non-clean fashion: gone.")
         self.assertEqual(_describe(Failure(TimeoutError())), "timed out")
+
+
+class DashAddressTests(SynchronousTestCase):
+    def test_send_to_an_address_that_starts_with_a_dash(self) -> None:
+        """`meshrelay send --to -Xy...` takes the address (1 in 64 mailbox addresses start with "-")."""
+        address = "-" + E.public_key_b64u(Ed25519PrivateKey.generate())[1:]
+        out, err = io.StringIO(), io.StringIO()
+        key = os.path.join(self.mktemp(), "none.key")
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(["send", "--key", key, "--node", "http://127.0.0.1:9", "--to", address, "hi"])
+            except SystemExit as e:
+                code = int(e.code or 0)
+        self.assertNotEqual(code, 0)
+        self.assertNotIn("expected one argument", err.getvalue())
+        self.assertIn("no key file", err.getvalue())  # parsing got past --to, to the missing key
+        self.assertEqual(
+            cli.attach_dash_values(["send", "--to", "-a", "--", "--to", "-b"]), ["send", "--to=-a", "--", "--to", "-b"]
+        )
