@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks
 from twisted.internet.error import ConnectionLost
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -107,10 +107,14 @@ class _Silent(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.factory.received += len(data)  # type: ignore[attr-defined]
 
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.closed += 1  # type: ignore[attr-defined]
+
 
 class _SilentFactory(Factory):
     protocol = _Silent
     connections = 0
+    closed = 0
     received = 0
 
 
@@ -121,6 +125,9 @@ class RealClientCancelTests(TestCase):
         self.server = _SilentFactory()
         self.port = reactor.listenTCP(0, self.server, interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(self.port.stopListening)
+        # Runs after the node stopped: the server's side of every connection must be closed
+        # too before the test ends (trial fails a test that leaves a socket open).
+        self.addCleanup(lambda: self.wait_for(lambda: self.server.closed == self.server.connections, "closes"))
         self.events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
