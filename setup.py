@@ -34,8 +34,9 @@ setup(
             "ruff>=0.6",
             "mypy>=1.11",
         ],
-        # bench/deposit.py --profile; the deposit load generator is wrk (apt-get install -y wrk)
-        "bench": ["py-spy>=0.3"],
+        # bench/deposit.py --profile (py-spy); bench/soak.py's plot (matplotlib); the deposit load
+        # generator is wrk (apt-get install -y wrk)
+        "bench": ["py-spy>=0.3", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["meshrelay = meshrelay.cli:main"]},
 )

@@ -479,6 +479,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: options whose value may start with "-": a mailbox address is b64u, and 1 in 64 of them do
+DASH_VALUE_OPTIONS = frozenset(("--to",))
+
+
+def attach_dash_values(argv: list[str]) -> list[str]:
+    """``--to -Xy...`` -> ``--to=-Xy...``: argparse would take such a value for an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return out + argv[i:]
+        if word in DASH_VALUE_OPTIONS and i + 1 < len(argv):
+            out.append(f"{word}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -486,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in RAW_COMMANDS:
             return RAW_COMMANDS[argv[0]][1](argv[1:])
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(attach_dash_values(argv))
         if not getattr(args, "run", None):
             parser.print_help(sys.stderr)
             return EXIT_USAGE

@@ -43,6 +43,7 @@ from treq.client import HTTPClient as TreqHTTPClient
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 
 from meshrelay.config import Config, PeerConfig
 from meshrelay.deferutil import shield
@@ -140,6 +141,10 @@ def parse_page(obj: Any, since: int, limit: int) -> Page:
 def _describe(f: Failure) -> str:
     if f.check(TimeoutError):
         return "timed out"
+    reasons = getattr(f.value, "reasons", None)
+    if f.check(ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) and reasons:
+        # The Agent wraps what went wrong in a list of Failures: say what it was.
+        return "; ".join(_describe(r) for r in reasons)
     return f.getErrorMessage() or f.type.__name__  # type: ignore[union-attr]
 
 
@@ -261,7 +266,15 @@ class PeerClient:
     async def _exchange(
         self, method: str, url: str, body: bytes, headers: dict[str, str], cap: int
     ) -> tuple[int, bytes]:
-        response = await self.http.request(method, url, data=body if body else None, headers=headers)
+        try:
+            response = await self.http.request(method, url, data=body if body else None, headers=headers)
+        except (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) as e:
+            # A real Agent reports a cancelled request (our timeout, or a
+            # shutdown) wrapped in one of these: unwrap it, so the timeout is
+            # a TimeoutError and a shutdown's cancel a CancelledError.
+            if e.reasons and all(r.check(CancelledError) for r in e.reasons):
+                raise CancelledError() from e
+            raise
         chunks: list[bytes] = []
         size = 0
 
@@ -541,6 +554,11 @@ class PeerClient:
                 last = not page.more or pages >= MAX_PAGES_PER_RUN
                 if not last:
                     prefetch = self._pull_page(since)
+                if applying is not None and applying[1].acks:
+                    # This page's envelopes must not overtake the previous
+                    # page's acks (see _apply): let those finish first.
+                    synced_at = await self._finish(applying, synced_at)
+                    applying = None
                 started = (Deferred.fromCoroutine(self._apply(page)), page)
                 if applying is not None:
                     synced_at = await self._finish(applying, synced_at)
@@ -588,13 +606,19 @@ class PeerClient:
         return page
 
     async def _apply(self, page: Page) -> None:
-        """Treat every item like a replica (idempotent)."""
-        if page.envelopes:
-            self.metrics.sync_items_total.labels(self.url, ENVELOPE).inc(len(page.envelopes))
-            await self.relay.accept_replicas(page.envelopes)
+        """Treat every item like a replica (idempotent); the acks first.
+
+        An ack only deletes and tombstones, so applying it early never changes
+        the outcome, while an envelope applied before an ack that comes before
+        it in the feed could meet a cap the ack frees at the peer, and a
+        replica refused at a cap is never offered again.
+        """
         if page.acks:
             self.metrics.sync_items_total.labels(self.url, ACK).inc(len(page.acks))
             await self.relay.accept_acks(page.acks)
+        if page.envelopes:
+            self.metrics.sync_items_total.labels(self.url, ENVELOPE).inc(len(page.envelopes))
+            await self.relay.accept_replicas(page.envelopes)
 
     # ------------------------------------------------------------------ fetch_remote
 
