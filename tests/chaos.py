@@ -49,7 +49,6 @@ from __future__ import annotations
 import http.client
 import os
 import random
-import socket
 import threading
 import time
 import traceback
@@ -63,7 +62,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from meshrelay import envelope as E
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
 from tests.chaosproxy import ChaosProxy
-from tests.harness import NodeProcess, http_request
+from tests.harness import NodeProcess, free_port, http_request
 
 NAMES = ("a", "b", "c")
 LINKS = tuple((s, d) for s in NAMES for d in NAMES if s != d)
@@ -161,28 +160,9 @@ class Ledger:
     counts: Counter[str] = field(default_factory=Counter)
 
 
-#: node ports come from below the kernel's ephemeral range (32768-60999 by default): a
-#: SIGKILLed node's port could otherwise be taken as the source port of one of the
-#: thousands of client connections before the node is restarted on it
-STABLE_PORTS = (20000, 32000)
-_handed_out: set[int] = set()
-
-
 def stable_port() -> int:
-    """A free 127.0.0.1 port outside the ephemeral range (random, not from the run's seed)."""
-    pick = random.SystemRandom()
-    for _ in range(1000):
-        port = pick.randrange(*STABLE_PORTS)
-        if port in _handed_out:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
+    """A free 127.0.0.1 port outside the ephemeral range (see ``tests.harness.free_port``)."""
+    return free_port()
 
 
 def _key(rng: random.Random) -> Ed25519PrivateKey:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,11 +24,28 @@ from meshrelay.config import to_toml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: ports handed to test nodes: below Linux's ephemeral range (32768-60999), so
+#: an outgoing connection of this or another process cannot take a node's port
+#: between our check and the node's bind (or while a SIGKILLed node restarts)
+STABLE_PORTS = (20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1, free a moment ago, outside the ephemeral range, not handed out before."""
+    pick = random.SystemRandom()
+    for _ in range(1000):
+        port = pick.randrange(*STABLE_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def http_request(
