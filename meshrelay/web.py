@@ -168,6 +168,17 @@ class MeshChannel(http.HTTPChannel):
             )
         self.loseConnection()
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's answer to a request it cannot parse (request line, headers, framing) is a
+        # bare 400 with no body; give it the protocol's error shape, then close as Twisted does.
+        body = dumps_json(error_body("bad_request", "malformed HTTP request"))
+        if self.transport is not None:
+            self.transport.write(  # type: ignore[call-arg, misc]
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+        self.loseConnection()
+
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_read_deadline()
         if self.site is not None:
