@@ -121,6 +121,18 @@ class MeshRequest(server.Request):
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.write(head + body)  # type: ignore[call-arg, misc]
 
+    def _handleStar(self) -> None:
+        # Twisted answers the target "*" itself: 200 for OPTIONS, else a bare 405. Give the 405
+        # the protocol's error shape.
+        if self.method == b"OPTIONS":
+            super()._handleStar()  # type: ignore[misc]
+            return
+        self.setHeader(b"Allow", b"OPTIONS")
+        body = json_response(self, 405, error_body("method_not_allowed", "only OPTIONS applies to *"))
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             # Already answered 413; the whole (oversize) body has now been read.

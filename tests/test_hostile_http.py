@@ -1,8 +1,9 @@
-"""Malformed HTTP (below the API: request line, headers, framing) gets the protocol's error shape too.
+"""HTTP below the API (request line, headers, framing, the ``*`` target) gets the protocol's error shape too.
 
-Found by fuzzing raw HTTP at a live node: Twisted answers a request it cannot parse with a bare
-``400 Bad Request`` and no body, so a client got no error code. The node's channel now answers
-``400 {"ok": false, "error": "bad_request", ...}`` and closes, as before.
+Found by fuzzing raw HTTP at a live node (tests/test_fuzz_api.py ``test_raw_http``): Twisted
+answers a request it cannot parse with a bare ``400 Bad Request``, and any method but OPTIONS on
+the target ``*`` with a bare ``405``, so a client got no error code. The node now answers
+``400 bad_request`` (and closes, as before) and ``405 method_not_allowed`` in the error shape.
 """
 
 from __future__ import annotations
@@ -67,3 +68,16 @@ class MalformedHTTPTests(SynchronousTestCase):
         self.n.http.flush()
         self.assertTrue(raw.startswith(b"HTTP/1.1 400 "), raw[:100])
         self.assertIn(b'"bad_envelope"', raw)
+
+    def test_star_target_answers_in_the_error_shape(self) -> None:
+        """GET * (any method but OPTIONS) answers 405 method_not_allowed as JSON; OPTIONS * stays 200."""
+        for method in (b"GET", b"POST", b"DELETE"):
+            raw, _ = self.send_raw(method + b" * HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n")
+            head, _, body = raw.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 405 "), raw[:200])
+            self.assertIn(b"\r\nallow: options", head.lower())
+            answer = json.loads(body)
+            self.assertEqual(answer["error"], "method_not_allowed")
+            self.assertEqual(error_shape_problems(405, answer), [])
+        raw, _ = self.send_raw(b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:200])
