@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
 from typing import Any
@@ -52,7 +53,8 @@ from tests.helpers import Identity
 pytestmark = pytest.mark.integration
 
 #: examples per operation and generation mode
-EXAMPLES = int(os.environ.get("MESHRELAY_FUZZ_EXAMPLES", "40"))
+DEFAULT_EXAMPLES = 40
+EXAMPLES = int(os.environ.get("MESHRELAY_FUZZ_EXAMPLES", str(DEFAULT_EXAMPLES)))
 #: a seed makes the run random but replayable; without one it is derandomized (the same every time)
 SEED = os.environ.get("MESHRELAY_FUZZ_SEED")
 #: failure guard for one request (never an assertion on speed)
@@ -75,10 +77,10 @@ PEER_OPS = [("/api/mesh/dm/replicate-envelope", "POST"), ("/api/mesh/dm/ack", "P
 REFUSALS = ["400", "403", "404", "405", "413", "415", "422", "429"]
 
 
-def fuzz_settings(fn: Any) -> Any:
+def fuzz_settings(fn: Any, examples: int = EXAMPLES) -> Any:
     """Bounded, reproducible hypothesis settings (no deadline: a live node answers when it answers)."""
     fn = settings(
-        max_examples=EXAMPLES,
+        max_examples=examples,
         deadline=None,
         database=None,
         derandomize=SEED is None,
@@ -273,7 +275,9 @@ class LiveNodeFuzzTests(TestCase):
         else:
             self.assertIs(answer.get("ok"), True, where)
         if path.endswith(("/replicate-envelope", "/ack", "/changes")) and not signed:
-            self.assertEqual((response.status_code, answer["error"]), (403, "forbidden"), where)
+            # The gate refuses every unsigned request; only the body cap comes before it (4).
+            refusal = (response.status_code, answer["error"])
+            self.assertIn(refusal, ((403, "forbidden"), (413, "too_large")), where)
         checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
         if not resigned:
             checks.append(negative_data_rejection)
@@ -303,27 +307,152 @@ class LiveNodeFuzzTests(TestCase):
 
         run()
 
+    def assert_reached(self, wanted: set[Any], seen: set[Any]) -> None:
+        """The fuzz got past parsing into the store (with at least the CI number of examples)."""
+        if EXAMPLES >= DEFAULT_EXAMPLES:
+            self.assertEqual(wanted - seen, set())
+
     # ------------------------------------------------------------------ the tests
 
     def test_client_routes(self) -> None:
         """Fuzzed client requests: no 5xx, the error shape, the spec's answers; the store is unharmed."""
         self.fuzz(CLIENT_OPS, signed=False)
-        # The fuzzer went past parsing into the store.
-        self.assertIn(("/api/mesh/dm/send", 200, None), self.seen)
-        self.assertIn(("/api/mesh/dm/poll", 200, None), self.seen)
-        self.assertIn(("/api/mesh/dm/count", 200, None), self.seen)
+        self.assert_reached(
+            {("/api/mesh/dm/send", 200, None), ("/api/mesh/dm/poll", 200, None), ("/api/mesh/dm/count", 200, None)},
+            self.seen,
+        )
         self.assert_unharmed()
 
     def test_peer_routes_signed(self) -> None:
         """Fuzzed peer requests with valid peer auth: the same checks, and the gate was passed."""
         self.fuzz(PEER_OPS, signed=True)
-        self.assertIn(("/api/mesh/dm/changes", 200, None), self.seen)
-        self.assertIn(("/api/mesh/dm/replicate-envelope", "accepted", None), self.items)
-        self.assertIn(("/api/mesh/dm/ack", "applied", None), self.items)
+        self.assert_reached({("/api/mesh/dm/changes", 200, None)}, self.seen)
+        self.assert_reached(
+            {("/api/mesh/dm/replicate-envelope", "accepted", None), ("/api/mesh/dm/ack", "applied", None)}, self.items
+        )
         self.assert_unharmed()
 
     def test_peer_routes_unsigned(self) -> None:
-        """Fuzzed peer requests without valid auth (fuzzed X-Peer-* headers) are all 403 forbidden."""
+        """Fuzzed peer requests without valid auth (fuzzed X-Peer-* headers) are all 403 forbidden (or 413)."""
         self.fuzz(PEER_OPS, signed=False)
-        self.assertEqual({status for _, status, _ in self.seen}, {403})
+        self.assertIn(403, {status for _, status, _ in self.seen})
+        self.assertLessEqual({status for _, status, _ in self.seen}, {403, 413})
         self.assert_unharmed()
+
+    def test_raw_http(self) -> None:
+        """Raw HTTP below the API (methods, paths, headers, framing, bodies): always a 4xx/2xx in the error shape."""
+        answered: set[int] = set()
+
+        @given(request=raw_requests())
+        def run(request: tuple[str, bytes]) -> None:
+            method, data = request
+            status, body = self.raw_exchange(data)
+            answered.add(status)
+            where = f"request {data[:300]!r}\nanswer {status} {body[:300]!r}"
+            self.assertLess(status, 500, where)
+            if method != "HEAD" and status >= 400:
+                try:
+                    answer = json.loads(body)
+                except ValueError:
+                    self.fail(f"not JSON\n{where}")
+                self.assertEqual(error_shape_problems(status, answer), [], where)
+
+        fuzz_settings(run, examples=5 * EXAMPLES)()  # cheap: one small request each
+        if EXAMPLES >= DEFAULT_EXAMPLES:
+            self.assertIn(400, answered)
+        self.assert_unharmed()
+
+    def raw_exchange(self, data: bytes) -> tuple[int, bytes]:
+        """Send ``data`` on a fresh connection; the first final answer's status and (de-chunked) body."""
+        with socket.create_connection(("127.0.0.1", self.node.port), timeout=GUARD) as conn:
+            conn.sendall(data)
+            raw = b""
+            while chunk := conn.recv(65536):
+                raw += chunk
+        while raw[:13] in (b"HTTP/1.1 100 ", b"HTTP/1.0 100 "):
+            raw = raw.split(b"\r\n\r\n", 1)[1]
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        self.assertIn(head[:9], (b"HTTP/1.1 ", b"HTTP/1.0 "), f"no HTTP answer to {data[:300]!r}: {raw[:300]!r}")
+        status = int(head.split(b" ", 2)[1])
+        headers = head.lower()
+        if b"\r\ntransfer-encoding: chunked" in headers:
+            body = b""
+            while payload:
+                size_line, _, payload = payload.partition(b"\r\n")
+                size = int(size_line, 16)
+                if size == 0:
+                    break
+                body, payload = body + payload[:size], payload[size + 2 :]
+            return status, body
+        return status, payload
+
+
+RAW_PATHS = [
+    "/api/mesh/dm/send",
+    "/api/mesh/dm/poll",
+    "/api/mesh/dm/count",
+    "/api/mesh/health",
+    "/api/mesh/dm/replicate-envelope",
+    "/api/mesh/dm/ack",
+    "/api/mesh/dm/changes?since=0&limit=5",
+    "/api/mesh/dm/changes?since=%ff",
+    "/api/mesh/dm/send/",
+    "//api/mesh/dm/send",
+    "/api/mesh/dm/%73end",
+    "/",
+    "*",
+    "http://127.0.0.1/api/mesh/health",
+]
+RAW_CTYPES = [
+    "application/json",
+    "application/json; charset=utf-8",
+    "APPLICATION/JSON",
+    "text/plain",
+    "application/jsonx",
+]
+
+
+@st.composite
+def raw_requests(draw: Any) -> tuple[str, bytes]:
+    """A request as bytes: method, target, headers, framing and body from lists of the awkward."""
+    method = draw(st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO", "get"]))
+    target = draw(st.sampled_from(RAW_PATHS) | st.from_regex(r"/[!-~]{0,40}", fullmatch=True))
+    body = draw(
+        st.sampled_from([b"", b"{}", b"[]", b"null", b'{"envelope": {}}', b'{"acks": []}', b"\xff\xfe", b"[" * 3000])
+        | st.binary(max_size=200)
+    )
+    headers = ["Host: 127.0.0.1", "Connection: close"]
+    ctype = draw(st.none() | st.sampled_from(RAW_CTYPES))
+    if ctype is not None:
+        headers.append(f"Content-Type: {ctype}")
+    extra = st.sampled_from(
+        [
+            "Expect: 100-continue",
+            "X-Peer-Url: http://peer-b.test",
+            "X-Peer-Timestamp: 99999999999999999999",
+            "X-Forwarded-For: 10.0.0.1",
+            "Content-Type: text/plain",
+            "X-Thing: a\x00b",
+            "no colon here",
+            "X-Latin: \xe9t\xe9",
+        ]
+    )
+    headers += draw(st.lists(extra, max_size=2))
+    framing = draw(st.sampled_from(["length", "length", "chunked", "none", "short", "both", "twice", "bad chunk"]))
+    if framing == "length":
+        headers.append(f"Content-Length: {len(body)}")
+    elif framing == "short":  # the rest of the body reads as a second, garbled request
+        headers.append(f"Content-Length: {len(body) // 2}")
+    elif framing == "both":
+        headers += [f"Content-Length: {len(body)}", "Transfer-Encoding: chunked"]
+    elif framing == "twice":
+        headers += [f"Content-Length: {len(body)}", f"Content-Length: {len(body) + 1}"]
+    elif framing in ("chunked", "bad chunk"):
+        headers.append("Transfer-Encoding: chunked")
+        size = b"%x" % len(body) if framing == "chunked" else b"zz"
+        body = (size + b"\r\n" + body + b"\r\n" if body else b"") + b"0\r\n\r\n"
+    else:
+        body = b""
+    version = draw(st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.1x"]))
+    head = f"{method} {target} {version}\r\n" + "\r\n".join(headers) + "\r\n\r\n"
+    return method, head.encode("latin-1") + body
