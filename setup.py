@@ -31,6 +31,10 @@ setup(
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
+            # schema fuzzing of a live node from docs/openapi.yaml (tests/test_fuzz_api.py)
+            "schemathesis>=4.0",
+            # docs/openapi.yaml is read by the tests (schemathesis depends on it too)
+            "PyYAML>=6",
             "ruff>=0.6",
             "mypy>=1.11",
         ],

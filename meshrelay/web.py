@@ -121,6 +121,18 @@ class MeshRequest(server.Request):
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.write(head + body)  # type: ignore[call-arg, misc]
 
+    def _handleStar(self) -> None:
+        # Twisted answers the target "*" itself: 200 for OPTIONS, else a bare 405. Give the 405
+        # the protocol's error shape.
+        if self.method == b"OPTIONS":
+            super()._handleStar()  # type: ignore[misc]
+            return
+        self.setHeader(b"Allow", b"OPTIONS")
+        body = json_response(self, 405, error_body("method_not_allowed", "only OPTIONS applies to *"))
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             # Already answered 413; the whole (oversize) body has now been read.
@@ -165,6 +177,17 @@ class MeshChannel(http.HTTPChannel):
         if self.transport is not None:
             self.transport.write(  # type: ignore[call-arg, misc]
                 b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+        self.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's answer to a request it cannot parse (request line, headers, framing) is a
+        # bare 400 with no body; give it the protocol's error shape, then close as Twisted does.
+        body = dumps_json(error_body("bad_request", "malformed HTTP request"))
+        if self.transport is not None:
+            self.transport.write(  # type: ignore[call-arg, misc]
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
             )
         self.loseConnection()
 

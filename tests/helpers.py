@@ -310,6 +310,23 @@ class Mesh:
         self.nodes[name] = self._make(name)
         return self.nodes[name]
 
+    def restart(self, name: str) -> MemNode:
+        """Stop ``name`` and start it again on the same data dir, config and clock (a process restart).
+
+        What it had in memory (push queues, requests in flight, replay caches) is gone; what it
+        committed is not. Requests in flight to the old process never complete (their callers
+        time out), as with a crash.
+        """
+        old = self.nodes[name]
+        old.stop()
+        self.nodes[name] = MemNode(
+            old.config.node.data_dir,
+            clock=self.clock,
+            config=old.config,
+            peer_client_factory=lambda peer: self.link(name, self.name_of(peer.url)),
+        )
+        return self.nodes[name]
+
     def __getitem__(self, name: str) -> MemNode:
         return self.nodes[name]
 
