@@ -193,10 +193,11 @@ class RealAnswersTests(SynchronousTestCase):
         store: Any = n.store
         writable = store._wconn
         ro = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
-        store._wconn = ro
+        # The group commit (WriterCore) holds the writing connection too.
+        store._wconn = store._core.conn = ro
 
         def restore() -> None:
-            store._wconn = writable
+            store._wconn = store._core.conn = writable
             ro.close()
 
         self.addCleanup(restore)
