@@ -102,12 +102,12 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def tree_rss_mb(pid: int) -> float:
-    """RSS of ``pid`` plus its living children."""
-    total = rss_mb(pid)
+def tree_rss_mb(pid: int, key: str = "VmRSS") -> float:
+    """RSS of ``pid`` plus its living children (``key="VmHWM"``: the sum of their peaks)."""
+    total = proc_status(pid)[key] / 1024.0
     for child in child_pids(pid):
         try:
-            total += rss_mb(child)
+            total += proc_status(child)[key] / 1024.0
         except OSError:
             continue
     return total

@@ -325,7 +325,7 @@ async def run(reactor: Any, args: argparse.Namespace, server: common.Server, adm
         "wake_before_200": negative,
         "send_to_wake_ms_p50": ms(common.percentile(from_send, 50)),
         "send_to_wake_ms_p99": ms(common.percentile(from_send, 99)),
-        "node_peak_rss_mb": round(common.proc_status(server.pid)["VmHWM"] / 1024, 1),
+        "node_peak_rss_mb": round(common.tree_rss_mb(server.pid, "VmHWM"), 1),
         "problems": problems,
     }
 
