@@ -14,8 +14,9 @@ client deposits over ``--connections`` keep-alive HTTP/1.1 connections
 
 - deposits/s (200 answers per wall second of the measured part);
 - CPU seconds per 1,000 deposits, from ``/proc/PID/stat`` (utime + stime):
-  the meshrelay processes; this run's PostgreSQL backends (found by the
-  ``application_name`` the bench puts in the DSN); PostgreSQL's shared
+  the meshrelay processes (with a SQLite node's store writer process);
+  this run's PostgreSQL backends (found by the ``application_name`` the
+  bench puts in the DSN); PostgreSQL's shared
   background processes (walwriter, checkpointer, ...: shared with anything
   else using the server, so noisy on a busy machine); and the load generator;
 - how busy the store's one serial section is, per wall second: the time
@@ -51,6 +52,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from common import child_pids  # noqa: E402  (bench/common.py: this script's directory is on sys.path)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from meshrelay.envelope import dumps_json, make_envelope, public_key_b64u  # noqa: E402
@@ -256,7 +258,9 @@ def run_phase(
             node.start()
         ports = [n.port for n in nodes]
         send_all(ports, warmup, connections)
-        groups: dict[str, list[int]] = {"meshrelay": [n.proc.pid for n in nodes if n.proc is not None]}
+        # Each node and its children (a SQLite node's store writer process, started by the warm-up).
+        pids = [n.proc.pid for n in nodes if n.proc is not None]
+        groups: dict[str, list[int]] = {"meshrelay": pids + [c for p in pids for c in child_pids(p)]}
         if backend == "postgresql":
             groups.update(pg_pids(admin_dsn, app))
         held0, batches0 = seq_lock(nodes)
