@@ -63,6 +63,24 @@ class WriterProcessTests(TestCase):
         self.assertEqual((fresh, again), (True, False))
 
     @inlineCallbacks
+    def test_writes_of_one_reactor_turn_leave_as_one_batch(self) -> Any:
+        """The first write of a turn does not leave alone: every write made before the reactor turns joins it."""
+        sent: list[int] = []
+        run = self.writer.run
+
+        def counting_run(ops: list[Any]) -> Deferred[Any]:
+            sent.append(len(ops))
+            return run(ops)
+
+        self.writer.run = counting_run  # type: ignore[method-assign]
+        senders = [Identity() for _ in range(5)]
+        results = yield gatherResults(
+            [self.store.add_envelope(self.env(b"m", s), self.now, verify="deposit") for s in senders]
+        )
+        self.assertEqual([r.status for r in results], ["accepted"] * 5)
+        self.assertEqual(sent, [5])
+
+    @inlineCallbacks
     def test_replica_duplicate_is_not_reverified(self) -> Any:
         """A replica already stored is a duplicate even with a broken signature; a new forged one is refused."""
         a = self.env(b"1")

@@ -388,6 +388,7 @@ class SQLiteStore:
         self._inflight = 0
         self._depth = 2 if writer_process is not None else 1
         self._firing = False
+        self._tick_call: Any = None
         self._closed = False
         self._idle: list[Deferred[None]] = []
         self._checkpointer: threading.Event | None = None
@@ -464,8 +465,20 @@ class SQLiteStore:
         d: Deferred[Any] = Deferred()
         self._pending.append((op, d))
         if self._inflight < self._depth and not self._firing:
-            self._flush()
+            if self._process is not None:
+                # Wait for the end of this reactor iteration: the other
+                # requests read in it join the same batch, instead of the
+                # first one leaving alone and taking a pipeline slot.
+                if self._tick_call is None:
+                    self._tick_call = self._process.reactor.callLater(0, self._tick_flush)
+            else:
+                self._flush()
         return d
+
+    def _tick_flush(self) -> None:
+        self._tick_call = None
+        if self._pending and self._inflight < self._depth and not self._firing:
+            self._flush()
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
