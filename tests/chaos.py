@@ -60,9 +60,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshrelay import envelope as E
-from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
 from tests.chaosproxy import ChaosProxy
-from tests.harness import NodeProcess, free_port, http_request
+from tests.harness import NodeProcess, feed_ids, free_port, http_request
 
 NAMES = ("a", "b", "c")
 LINKS = tuple((s, d) for s in NAMES for d in NAMES if s != d)
@@ -171,32 +170,7 @@ def _key(rng: random.Random) -> Ed25519PrivateKey:
 
 def read_feed(node: NodeProcess, reader: NodeProcess) -> tuple[set[str], set[tuple[str, str]]]:
     """Every live envelope id and signed ack (mailbox, nonce) in ``node``'s feed, read as its peer ``reader``."""
-    key = derive_key(link_secret(node.name, reader.name), reader.url)
-    envelopes: set[str] = set()
-    acks: set[tuple[str, str]] = set()
-    since = 0
-    for _ in range(100000):
-        target = f"/api/mesh/dm/changes?since={since}&limit=500"
-        ts = int(time.time())
-        nonce = E.b64u_encode(os.urandom(16))
-        headers = {
-            H_URL: reader.url,
-            H_TS: str(ts),
-            H_NONCE: nonce,
-            H_HMAC: compute_mac(key, "GET", target, ts, nonce, b""),
-        }
-        status, page = http_request(node.port, "GET", target, headers=headers, timeout=30)
-        if status != 200:
-            raise AssertionError(f"changes at {node.name} answered {status}: {page!r}")
-        for item in page["items"]:
-            if "envelope" in item:
-                envelopes.add(item["envelope"]["msg_id"])
-            else:
-                acks.add((item["ack"]["mailbox"], item["ack"]["nonce"]))
-        since = page["next"]
-        if not page["more"]:
-            return envelopes, acks
-    raise AssertionError(f"the feed of {node.name} did not end")
+    return feed_ids(node, reader.url, link_secret(node.name, reader.name))
 
 
 class ChaosRun:

@@ -19,7 +19,9 @@ import sys
 import time
 from typing import Any
 
+from meshrelay import envelope as E
 from meshrelay.config import to_toml
+from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,3 +205,37 @@ class NodeProcess:
 
     def poll(self, body: dict[str, Any], timeout: float = 40.0) -> tuple[int, Any]:
         return self.request("POST", "/api/mesh/dm/poll", body, timeout=timeout)
+
+
+def feed_ids(node: NodeProcess, reader_url: str, secret: str) -> tuple[set[str], set[tuple[str, str]]]:
+    """Every live envelope id and signed ack (mailbox, nonce) in ``node``'s changes feed.
+
+    Read page by page as the peer ``reader_url``, whose link to ``node`` has
+    ``secret``.
+    """
+    key = derive_key(secret, reader_url)
+    envelopes: set[str] = set()
+    acks: set[tuple[str, str]] = set()
+    since = 0
+    for _ in range(100000):
+        target = f"/api/mesh/dm/changes?since={since}&limit=500"
+        ts = int(time.time())
+        nonce = E.b64u_encode(os.urandom(16))
+        headers = {
+            H_URL: reader_url,
+            H_TS: str(ts),
+            H_NONCE: nonce,
+            H_HMAC: compute_mac(key, "GET", target, ts, nonce, b""),
+        }
+        status, page = http_request(node.port, "GET", target, headers=headers, timeout=30)
+        if status != 200:
+            raise AssertionError(f"changes at {node.name} answered {status}: {page!r}")
+        for item in page["items"]:
+            if "envelope" in item:
+                envelopes.add(item["envelope"]["msg_id"])
+            else:
+                acks.add((item["ack"]["mailbox"], item["ack"]["nonce"]))
+        since = page["next"]
+        if not page["more"]:
+            return envelopes, acks
+    raise AssertionError(f"the feed of {node.name} did not end")

@@ -10,9 +10,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshrelay import envelope as E
-from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
-from tests.harness import NodeProcess, http_request
+from tests.harness import NodeProcess, feed_ids
 from tests.helpers import Identity, link_secret
 
 NAMES = ("a", "b", "c")
@@ -30,32 +28,9 @@ def start_mesh(base: str, config: dict[str, Any]) -> dict[str, NodeProcess]:
     return procs
 
 
-def feed_ids(node: NodeProcess, as_peer: NodeProcess) -> tuple[set[str], set[tuple[str, str]]]:
+def feed(node: NodeProcess, as_peer: NodeProcess) -> tuple[set[str], set[tuple[str, str]]]:
     """Every live envelope id and signed ack (mailbox, nonce) in ``node``'s changes feed, read as a peer."""
-    key = derive_key(link_secret(node.name, as_peer.name), as_peer.url)
-    envelopes: set[str] = set()
-    acks: set[tuple[str, str]] = set()
-    since = 0
-    while True:
-        target = f"/api/mesh/dm/changes?since={since}&limit=500"
-        ts = int(time.time())
-        nonce = E.b64u_encode(os.urandom(16))
-        headers = {
-            H_URL: as_peer.url,
-            H_TS: str(ts),
-            H_NONCE: nonce,
-            H_HMAC: compute_mac(key, "GET", target, ts, nonce, b""),
-        }
-        status, page = http_request(node.port, "GET", target, headers=headers, timeout=30)
-        assert status == 200, (status, page)
-        for item in page["items"]:
-            if "envelope" in item:
-                envelopes.add(item["envelope"]["msg_id"])
-            else:
-                acks.add((item["ack"]["mailbox"], item["ack"]["nonce"]))
-        since = page["next"]
-        if not page["more"]:
-            return envelopes, acks
+    return feed_ids(node, as_peer.url, link_secret(node.name, as_peer.name))
 
 
 def count(node: NodeProcess, who: Identity) -> int:
@@ -156,7 +131,7 @@ class CatchUpIntegrationTests(MeshIntegrationTestCase):
         self.assertEqual(metric(a, "meshrelay_dm_replication_push_total", peer=c.url, outcome="ok"), 0)
         c.start()
         wait_for(lambda: sum(count(c, box) for box in boxes) == 1000, 50, "C to catch up", interval=0.5)
-        self.assertEqual(feed_ids(c, a)[0], {e["msg_id"] for e in envs})
+        self.assertEqual(feed(c, a)[0], {e["msg_id"] for e in envs})
         # Both feeds (A's own deposits, B's replicas of them) were pulled in full.
         wait_for(lambda: metric(c, "meshrelay_sync_items_total", kind="envelope") == 2000, 30, "both pulls")
 
@@ -200,13 +175,13 @@ class KillIntegrationTests(MeshIntegrationTestCase):
         a, b, c = procs["a"], procs["b"], procs["c"]
 
         def converged() -> bool:
-            sets = [feed_ids(a, b), feed_ids(b, c), feed_ids(c, a)]
+            sets = [feed(a, b), feed(b, c), feed(c, a)]
             return all(s == sets[0] for s in sets)
 
         wait_for(converged, 45, "the three nodes to converge", interval=0.5)
         # Stay converged through more sync rounds, and never bring an acked message back.
         time.sleep(5)
-        live = [feed_ids(a, b)[0], feed_ids(b, c)[0], feed_ids(c, a)[0]]
+        live = [feed(a, b)[0], feed(b, c)[0], feed(c, a)[0]]
         self.assertEqual(live[0], live[1])
         self.assertEqual(live[0], live[2])
         self.assertEqual(live[0] & acked, set())

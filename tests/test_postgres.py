@@ -70,9 +70,8 @@ def wait_until(predicate: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
-@requires_pg
-class SharedStateTests(SynchronousTestCase):
-    """Caps, dedup, tombstones, nonces and leases hold across stores sharing one database."""
+class _StoreCase(SynchronousTestCase):
+    """A fresh schema per test; :meth:`store` opens a store on it (closed at cleanup)."""
 
     def setUp(self) -> None:
         self.dsn = create_schema(self.addCleanup)
@@ -84,6 +83,11 @@ class SharedStateTests(SynchronousTestCase):
         s.start()
         self.addCleanup(s.close)
         return s
+
+
+@requires_pg
+class SharedStateTests(_StoreCase):
+    """Caps, dedup, tombstones, nonces and leases hold across stores sharing one database."""
 
     def test_concurrent_deposits_never_exceed_the_sender_cap(self) -> None:
         """Four processes racing deposits from one sender to one mailbox accept exactly the cap."""
@@ -203,19 +207,8 @@ class SharedStateTests(SynchronousTestCase):
 
 
 @requires_pg
-class FeedOrderTests(SynchronousTestCase):
+class FeedOrderTests(_StoreCase):
     """The changes feed never skips a row that commits late."""
-
-    def setUp(self) -> None:
-        self.dsn = create_schema(self.addCleanup)
-
-    def store(self) -> Any:
-        from meshrelay.store.postgres import PostgresStore
-
-        s = PostgresStore(self.dsn, Caps())
-        s.start()
-        self.addCleanup(s.close)
-        return s
 
     def hold(self, store: Any, hook: str) -> tuple[threading.Event, threading.Event]:
         """Make ``store``'s next batch stop at ``hook`` until released."""
@@ -313,19 +306,8 @@ class FeedOrderTests(SynchronousTestCase):
 
 
 @requires_pg
-class FailureTests(SynchronousTestCase):
+class FailureTests(_StoreCase):
     """Connection failures and bad DSNs give StoreError, never a hang or a lost answer."""
-
-    def setUp(self) -> None:
-        self.dsn = create_schema(self.addCleanup)
-
-    def store(self) -> Any:
-        from meshrelay.store.postgres import PostgresStore
-
-        s = PostgresStore(self.dsn, Caps())
-        s.start()
-        self.addCleanup(s.close)
-        return s
 
     def test_unreachable_database_is_a_one_line_store_error(self) -> None:
         """Opening a store on a port where nothing listens raises StoreError with one line."""
