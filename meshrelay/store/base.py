@@ -9,11 +9,13 @@ answers 503 ``unavailable`` and nothing half-written is left behind.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from meshrelay.envelope import Envelope, SignedAck
 
@@ -29,6 +31,45 @@ BAD_SIGNATURE = "bad_signature"
 
 class StoreError(Exception):
     """The backend could not complete an operation (I/O error, disk full, read-only)."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (psycopg's span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def settle_batch(
+    outcome: Sequence[tuple[bool, Any]] | Failure,
+    waiting: Sequence[Deferred[Any]],
+    metrics: Any,
+    log: Logger,
+) -> None:
+    """Answer the operations of one group-commit batch, in order.
+
+    ``outcome`` is a Failure when the whole batch failed (nothing of it
+    committed), or one ``(ok, value)`` per operation: its result, or the
+    exception that operation alone failed with.  Every failure reaches its
+    caller as a :class:`StoreError` and counts in ``store_errors_total``.
+    """
+    if isinstance(outcome, Failure):
+        value = outcome.value
+        msg = str(value) if isinstance(value, StoreError) else f"store write failed: {outcome.getErrorMessage()}"
+        log.error("store write of {n} operations failed: {err}", n=len(waiting), err=one_line(StoreError(msg)))
+        if metrics is not None:
+            metrics.store_errors_total.inc(len(waiting))
+        for d in waiting:
+            d.errback(StoreError(msg))
+        return
+    if metrics is not None:
+        metrics.commit_batch_size.observe(len(waiting))
+    for (ok, result), d in zip(outcome, waiting):
+        if ok:
+            d.callback(result)
+            continue
+        if metrics is not None:
+            metrics.store_errors_total.inc()
+        log.error("store operation failed: {err}", err=one_line(result))
+        d.errback(result if isinstance(result, StoreError) else StoreError(one_line(result)))
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,8 @@ from meshrelay.store.base import (
     StoreError,
     StoreStats,
     SweepResult,
+    one_line,
+    settle_batch,
 )
 
 T = TypeVar("T")
@@ -128,11 +130,6 @@ WRITER_SETTINGS = (
     ("idle_in_transaction_session_timeout", "60s"),
 )
 READER_SETTINGS = (("statement_timeout", "60s"),)
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (psycopg's span several)."""
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _digest(parts: tuple[str, ...], size: int) -> int:
@@ -585,26 +582,12 @@ class PostgresStore:
         self._firing = True
         try:
             if isinstance(outcome, Failure):
-                err = outcome.value if isinstance(outcome.value, StoreError) else StoreError(outcome.getErrorMessage())
-                self.log.error("store write of {n} operations failed: {err}", n=len(batch), err=err)
-                if self._metrics is not None:
-                    self._metrics.store_errors_total.inc(len(batch))
-                for _, d in batch:
-                    d.errback(StoreError(str(err)))
+                settle_batch(outcome, [d for _, d in batch], self._metrics, self.log)
             else:
                 results, totals = outcome
                 if totals is not None:
                     self._seq, self._count, self._bytes = totals
-                if self._metrics is not None:
-                    self._metrics.commit_batch_size.observe(len(batch))
-                for (ok, value), (_, d) in zip(results, batch):
-                    if ok:
-                        d.callback(value)
-                    else:
-                        if self._metrics is not None:
-                            self._metrics.store_errors_total.inc()
-                        self.log.error("store operation failed: {err}", err=one_line(value))
-                        d.errback(value if isinstance(value, StoreError) else StoreError(one_line(value)))
+                settle_batch(results, [d for _, d in batch], self._metrics, self.log)
         finally:
             self._firing = False
         if self._pending:

@@ -48,6 +48,7 @@ from meshrelay.store.base import (
     StoreError,
     StoreStats,
     SweepResult,
+    settle_batch,
 )
 
 T = TypeVar("T")
@@ -499,24 +500,10 @@ class SQLiteStore:
         self._firing = True
         try:
             if isinstance(outcome, Failure):
-                err = StoreError(f"store write failed: {outcome.getErrorMessage()}")
-                self.log.error("store write of {n} operations failed: {err}", n=len(batch), err=outcome.value)
-                if self._metrics is not None:
-                    self._metrics.store_errors_total.inc(len(batch))
-                for _, d in batch:
-                    d.errback(err)
+                settle_batch(outcome, [d for _, d in batch], self._metrics, self.log)
             else:
                 results, (self._seq, self._count, self._bytes) = outcome
-                if self._metrics is not None:
-                    self._metrics.commit_batch_size.observe(len(batch))
-                for (ok, value), (_, d) in zip(results, batch):
-                    if ok:
-                        d.callback(value)
-                    else:
-                        if self._metrics is not None:
-                            self._metrics.store_errors_total.inc()
-                        self.log.error("store operation failed: {err!r}", err=value)
-                        d.errback(value if isinstance(value, StoreError) else StoreError(str(value)))
+                settle_batch(results, [d for _, d in batch], self._metrics, self.log)
         finally:
             self._firing = False
         if self._pending and self._inflight < self._depth:
