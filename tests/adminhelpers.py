@@ -9,7 +9,7 @@ from treq.testing import StubTreq
 
 from meshrelay.admin import AdminAPI
 from meshrelay.status import RateSampler
-from tests.helpers import MemNode
+from tests.helpers import MemNode, stub_answer
 
 
 def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -55,19 +55,9 @@ class AdminClient:
         self.http = StubTreq(self.api.resource())
 
     def get(self, path: str) -> tuple[int, dict[bytes, list[bytes]], str]:
-        d = self.http.get("http://admin.test" + path)
-        self.http.flush()
-        results: list[Any] = []
-        d.addBoth(results.append)
-        assert results, "admin request did not complete"
-        resp = results[0]
-        if hasattr(resp, "raiseException"):
-            resp.raiseException()
-        body: list[bytes] = []
-        self.http.content(resp).addBoth(body.append)
-        self.http.flush()
+        resp, body = stub_answer(self.http, self.http.get("http://admin.test" + path))
         headers = dict(resp.headers.getAllRawHeaders())
-        return resp.code, headers, body[0].decode("utf-8")
+        return resp.code, headers, body.decode("utf-8")
 
     def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         code, _, text = self.get("/metrics")

@@ -76,6 +76,21 @@ def _unreachable(peer: Any) -> _Unreachable:
     return _Unreachable()
 
 
+def stub_answer(http: Any, d: Any) -> tuple[Any, bytes]:
+    """The response to a StubTreq request ``d`` and its whole body, served synchronously."""
+    http.flush()
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "request did not complete"
+    resp = results[0]
+    if hasattr(resp, "raiseException"):
+        resp.raiseException()
+    content: list[bytes] = []
+    http.content(resp).addBoth(content.append)
+    http.flush()
+    return resp, content[0]
+
+
 class MemNode:
     """A real node, in memory: Clock, inline store, StubTreq client."""
 
@@ -118,17 +133,7 @@ class MemNode:
         return self.http.request(method, "http://a.test" + path, data=data, headers=hdrs)
 
     def result(self, d: Any) -> tuple[int, Any]:
-        self.http.flush()
-        results: list[Any] = []
-        d.addBoth(results.append)
-        assert results, "request did not complete"
-        resp = results[0]
-        if hasattr(resp, "raiseException"):
-            resp.raiseException()
-        content: list[bytes] = []
-        self.http.content(resp).addBoth(content.append)
-        self.http.flush()
-        text = content[0]
+        resp, text = stub_answer(self.http, d)
         return resp.code, (json.loads(text) if text else None)
 
     def send(self, env: dict[str, Any]) -> tuple[int, Any]:
