@@ -14,7 +14,6 @@ import json
 import os
 import re
 import resource
-import signal
 import socket
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat 
 
 from meshrelay import envelope as E  # noqa: E402
 from meshrelay.config import to_toml  # noqa: E402
-from tests.harness import http_request  # noqa: E402
+from tests.harness import http_request, terminate  # noqa: E402
 
 #: envelopes are ~1 KiB of JSON with this much ciphertext (about 1050 bytes on the wire)
 CIPHERTEXT_BYTES = 540
@@ -218,13 +217,7 @@ class Server:
     def stop(self, timeout: float = 60.0) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        terminate(self.proc, timeout)
         self.proc = None
 
     def kill(self) -> None:

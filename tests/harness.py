@@ -33,6 +33,18 @@ STABLE_PORTS = (20000, 32000)
 _handed_out: set[int] = set()
 
 
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> int:
+    """SIGTERM ``proc`` and wait up to ``timeout`` s for it to exit, then SIGKILL; returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+    return proc.returncode
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1, free a moment ago, outside the ephemeral range, not handed out before."""
     pick = random.SystemRandom()
@@ -175,14 +187,7 @@ class NodeProcess:
         """SIGTERM and wait for a clean exit; returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        code = self.proc.returncode
+        code = terminate(self.proc, timeout)
         self.proc = None
         return code
 
