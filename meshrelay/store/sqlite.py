@@ -1,11 +1,14 @@
 """The embedded SQLite store (the default backend).
 
-Writes go through one writer thread that commits many operations per
+Writes go through one writer (a child process by default, see
+``writer_process.py``, or a thread) that commits many operations per
 transaction (group commit): an operation is queued, the writer takes
-everything queued so far, runs each inside a savepoint, commits once, and
-only then fires each operation's Deferred.  While one batch commits, the next
-one fills, so the batch size follows the load.  Reads run on their own
-connections in a small reader pool (WAL mode lets them run beside the writer).
+everything queued so far, runs each atomically (inside a savepoint when it
+writes more than once), commits once, and only then fires each operation's
+Deferred.  While one batch commits, the next one fills, so the batch size
+follows the load; with the writer process, the writes made in one reactor
+turn leave together.  Reads run on their own connections in a small reader
+pool (WAL mode lets them run beside the writer).
 
 ``durability = "normal"`` uses ``synchronous=NORMAL`` in WAL mode: a
 committed transaction survives the process being killed (kill -9).
