@@ -35,7 +35,6 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import nacl.exceptions
 import nacl.public
@@ -43,6 +42,7 @@ import nacl.signing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshrelay import envelope as E
+from meshrelay.config import normalize_url
 from meshrelay.errors import MeshError
 
 #: the first bytes of every plaintext the CLI seals (version of the payload convention)
@@ -433,13 +433,10 @@ class PollResult:
 
 def check_node_url(url: str) -> str:
     """The node's base URL without a trailing ``/``; raise :class:`ClientError` if it is not http(s)."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ClientError(f"not a node URL (expected http://host:port): {url!r}")
     try:
-        _ = parts.port
+        normalize_url(url)
     except ValueError:
-        raise ClientError(f"not a node URL (bad port): {url!r}") from None
+        raise ClientError(f"not a node URL (expected http://host:port): {url!r}") from None
     return url.strip().rstrip("/")
 
 

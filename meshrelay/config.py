@@ -231,13 +231,10 @@ def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
         raise ConfigError(f"{where}.{key}: the secret must be at least {MIN_SECRET_LEN} characters")
     connect = raw.get("connect", "")
     if connect:
-        parts = urlsplit(connect)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{where}.connect: expected scheme://host:port, got {_describe(connect)}")
         try:
-            _ = parts.port
+            normalize_url(connect)
         except ValueError:
-            raise ConfigError(f"{where}.connect: bad port in {_describe(connect)}") from None
+            raise ConfigError(f"{where}.connect: expected http(s)://host[:port], got {_describe(connect)}") from None
     return PeerConfig(url=url, secret=secret, connect=connect)
 
 
