@@ -29,6 +29,7 @@ Steps (microseconds per deposit, median of 5 repetitions):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -39,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -127,15 +128,30 @@ def measure_handoff(n: int) -> float:
     return round(result.get("us", float("nan")), 1)
 
 
-def http_path_costs(bodies: list[bytes], now: int, profile: bool) -> dict[str, Any]:
-    """Reactor CPU per deposit through HTTPChannel + MeshSite + Klein + relay, inline store/verifier."""
+@contextlib.contextmanager
+def inline_node(now: int) -> Iterator[Node]:
+    """A node on a temporary data dir with an inline store and verifier, its clock at ``now``."""
     tmp = tempfile.mkdtemp(prefix="meshrelay-costs-")
     try:
         clock = task.Clock()
         clock.advance(now)
-        cfg = build_config({"node": {"data_dir": tmp}, "limits": {"clock_skew": 3600}})
-        node = Node(cfg, clock, threaded=False)
+        node = Node(
+            build_config({"node": {"data_dir": tmp}, "limits": {"clock_skew": 3600, "client_rate": 0}}),
+            clock,
+            threaded=False,
+        )
         node.startService()
+        try:
+            yield node
+        finally:
+            node.stopService()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def http_path_costs(bodies: list[bytes], now: int, profile: bool) -> dict[str, Any]:
+    """Reactor CPU per deposit through HTTPChannel + MeshSite + Klein + relay, inline store/verifier."""
+    with inline_node(now) as node:
         site = node.site()
         requests = [
             b"POST /api/mesh/dm/send HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -171,33 +187,21 @@ def http_path_costs(bodies: list[bytes], now: int, profile: bool) -> dict[str, A
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(40)
             out["cprofile_cumulative"] = s.getvalue()
-        node.stopService()
         return out
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def relay_costs(bodies: list[bytes], now: int) -> float:
     """Relay.deposit end to end (inline verifier and store), per deposit."""
-    tmp = tempfile.mkdtemp(prefix="meshrelay-costs-")
-    try:
-        clock = task.Clock()
-        clock.advance(now)
-        cfg = build_config({"node": {"data_dir": tmp}, "limits": {"clock_skew": 3600}})
-        node = Node(cfg, clock, threaded=False)
-        node.startService()
+    with inline_node(now) as node:
         objs = [json.loads(b) for b in bodies]
         failures: list[Any] = []
         t0 = time.thread_time()
         for obj in objs:
             node.relay.deposit(obj).addErrback(failures.append)
         us = (time.thread_time() - t0) / len(objs) * 1e6
-        node.stopService()
-        if failures:
-            raise SystemExit(f"in-process deposits failed: {failures[0]}")
-        return round(us, 1)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if failures:
+        raise SystemExit(f"in-process deposits failed: {failures[0]}")
+    return round(us, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
