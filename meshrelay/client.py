@@ -356,9 +356,9 @@ class Identity:
 
     def envelope(self, to: str, ciphertext: bytes, ttl: int = DEFAULT_TTL, now: int | None = None) -> dict[str, Any]:
         """A signed envelope from this identity to mailbox ``to``."""
-        parse_address(to)
+        mailbox = E.b64u_encode(parse_address(to))  # canonical: no surrounding space
         ts = int(time.time()) if now is None else now
-        return E.make_envelope(self.signing_key, to, ciphertext, ts, ttl)
+        return E.make_envelope(self.signing_key, mailbox, ciphertext, ts, ttl)
 
     def signed_request(
         self, ack: Sequence[str] = (), now: int | None = None, nonce: bytes | None = None

@@ -135,6 +135,12 @@ class MessageTests(SynchronousTestCase):
             with self.assertRaises(C.BadAddress):
                 C.encryption_key_for(address)
 
+    def test_address_with_surrounding_space_gives_a_canonical_envelope(self) -> None:
+        """An address pasted with spaces around it is accepted, and the envelope names the canonical mailbox."""
+        env = self.alice.envelope(f" {self.bob.address}\n", b"x", now=T0)
+        self.assertEqual(env["mailbox"], self.bob.address)
+        self.assertEqual(E.parse_envelope(env, 8192).mailbox, self.bob.address)
+
     def test_requests_use_fresh_nonces(self) -> None:
         """Two signed requests never share a nonce, and each verifies."""
         a, b = self.bob.signed_request(), self.bob.signed_request(["ab" * 32])
