@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
 
 from meshrelay import __version__
+from meshrelay import envelope as E
 from meshrelay.client import (
     DEFAULT_TTL,
     ClientError,
@@ -105,13 +106,18 @@ def cmd_address(args: argparse.Namespace) -> int:
 
 def cmd_gen_secret(args: argparse.Namespace) -> int:
     """Print (or write, mode 0600) a new random peer secret."""
-    secret = secrets.token_urlsafe(32)
+    secret = new_peer_secret()
     if not args.out:
         _say(sys.stdout, secret)
         return EXIT_OK
     write_private_file(args.out, secret + "\n", force=args.force)
     _say(sys.stderr, f"wrote {args.out}")
     return EXIT_OK
+
+
+def new_peer_secret() -> str:
+    """A fresh random peer secret (256 bits, base64url)."""
+    return secrets.token_urlsafe(32)
 
 
 def write_private_file(path: str, text: str, force: bool = False) -> None:
@@ -171,9 +177,7 @@ class Printer:
             try:
                 body: dict[str, Any] = {"text": msg.text.decode("utf-8")}
             except UnicodeDecodeError:
-                from meshrelay.envelope import b64u_encode
-
-                body = {"data_b64u": b64u_encode(msg.text)}
+                body = {"data_b64u": E.b64u_encode(msg.text)}
             line = {"msg_id": msg.msg_id, "from": msg.sender, "ts": msg.ts, **body}
             self.stream.write(json.dumps(line, ensure_ascii=False) + "\n")
         else:
@@ -206,8 +210,8 @@ class Reader:
             key = msg_id if isinstance(msg_id, str) else repr(obj)[:80]
             if key in self.seen:
                 # Printed (or reported) before: at-least-once delivery; ack again, do not reprint.
-                if self.seen[key] or self.discard_bad:
-                    to_ack.append(key)
+                if (self.seen[key] or self.discard_bad) and isinstance(msg_id, str):
+                    to_ack.append(msg_id)
                 continue
             fresh += 1
             try:
@@ -362,9 +366,19 @@ def _node_options(p: argparse.ArgumentParser) -> None:
 def _reader_options(p: argparse.ArgumentParser, wait_default: int) -> None:
     _node_options(p)
     p.add_argument(
-        "--wait", type=_int_range(0, 30), default=wait_default, metavar="S", help="long-poll up to S seconds (0-30)"
+        "--wait",
+        type=_int_range(0, E.MAX_WAIT),
+        default=wait_default,
+        metavar="S",
+        help=f"long-poll up to S seconds (0-{E.MAX_WAIT})",
     )
-    p.add_argument("--limit", type=_int_range(1, 100), default=100, metavar="N", help="messages per request (1-100)")
+    p.add_argument(
+        "--limit",
+        type=_int_range(1, E.MAX_POLL_LIMIT),
+        default=E.MAX_POLL_LIMIT,
+        metavar="N",
+        help=f"messages per request (1-{E.MAX_POLL_LIMIT})",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per message")
     p.add_argument("--fetch-remote", action="store_true", help="ask the node to pull this mailbox from its peers first")
     p.add_argument(

@@ -20,9 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import meshrelay
+from meshrelay.cli import new_peer_secret, write_private_file
 from meshrelay.client import ClientError, Identity, NodeClient
 from meshrelay.config import ConfigError, load_config, to_toml
 
@@ -95,10 +97,7 @@ def write_mesh(directory: str, ports: list[tuple[int, int]]) -> list[dict[str, A
         for b in nodes[i + 1 :]:
             path = os.path.join(secret_dir, f"{a['name']}--{b['name']}.secret")
             # A fresh secret per link and per run; both ends read the same file.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                os.fchmod(fh.fileno(), 0o600)
-                fh.write(os.urandom(32).hex() + "\n")
+            write_private_file(path, new_peer_secret() + "\n", force=True)
             secret_files[frozenset((a["name"], b["name"]))] = path
     for node in nodes:
         raw: dict[str, Any] = {
@@ -156,15 +155,16 @@ def start_node(node: dict[str, Any]) -> subprocess.Popen[bytes]:
     ]
     # A session of its own: the terminal's Ctrl-C reaches only this process,
     # which then stops the nodes in order.
-    return subprocess.Popen(
-        cmd,
-        cwd=node["dir"],
-        env=_child_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=open(os.path.join(node["dir"], "stderr.log"), "ab"),
-        start_new_session=True,
-    )
+    with open(os.path.join(node["dir"], "stderr.log"), "ab") as err:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            cmd,
+            cwd=node["dir"],
+            env=_child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
 
 
 def _tail(path: str, lines: int = 5) -> str:
@@ -175,10 +175,13 @@ def _tail(path: str, lines: int = 5) -> str:
         return "(no log)"
 
 
-def wait_ready(nodes: list[dict[str, Any]], procs: list[subprocess.Popen[bytes]]) -> None:
+def wait_ready(
+    nodes: list[dict[str, Any]], procs: list[subprocess.Popen[bytes]], should_stop: Callable[[], bool] = lambda: False
+) -> None:
+    """Wait until every node answers its health check (or ``should_stop()``)."""
     deadline = time.monotonic() + START_TIMEOUT
     pending = list(range(len(nodes)))
-    while pending:
+    while pending and not should_stop():
         for i in list(pending):
             if procs[i].poll() is not None:
                 node = nodes[i]
@@ -222,11 +225,14 @@ def _cli() -> str:
 def run_demo(directory: str | None, base_port: int) -> int:
     """Start the mesh, print how to use it, run until Ctrl-C or SIGTERM, stop it."""
     directory = os.path.abspath(directory or tempfile.mkdtemp(prefix="meshrelay-demo-"))
-    os.makedirs(directory, exist_ok=True)
     ports = choose_ports(base_port)
-    nodes = write_mesh(directory, ports)
-    alice_path, alice = _identity(directory, "alice")
-    bob_path, bob = _identity(directory, "bob")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        nodes = write_mesh(directory, ports)
+        alice_path, alice = _identity(directory, "alice")
+        bob_path, bob = _identity(directory, "bob")
+    except OSError as e:
+        raise ClientError(f"cannot use {directory}: {e.strerror or e}") from None
 
     stop_requested: list[int] = []
 
@@ -239,11 +245,14 @@ def run_demo(directory: str | None, base_port: int) -> int:
         for node in nodes:
             procs.append(start_node(node))
         try:
-            wait_ready(nodes, procs)
+            wait_ready(nodes, procs, lambda: bool(stop_requested))
         except ClientError as e:
             _err(str(e))
             stop_nodes(nodes, procs)
             return 1
+        if stop_requested:
+            _say("stopping the demo mesh")
+            return 0 if stop_nodes(nodes, procs) else 1
         cli = _cli()
         q = shlex.quote
         _say(f"meshrelay demo mesh: {len(nodes)} nodes on 127.0.0.1 with full peering, in {directory}")

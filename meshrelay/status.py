@@ -22,7 +22,6 @@ from typing import Any
 from prometheus_client import Counter
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from meshrelay import __version__
 from meshrelay.metrics import Metrics
@@ -98,7 +97,6 @@ SERIES: tuple[Series, ...] = (
 class RateSampler(Service):
     """Takes counter totals every ``interval`` seconds; keeps ``window`` seconds of them."""
 
-    log = Logger()
     name = "meshrelay-rates"
 
     def __init__(self, metrics: Metrics, clock: Any, interval: float = 5.0, window: float = 60.0) -> None:
@@ -155,11 +153,13 @@ def fmt_duration(seconds: float | None) -> str:
 
 def fmt_bytes(n: float) -> str:
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    if value < 1024:
+        return f"{value:.0f} B"
+    for unit in ("KiB", "MiB"):
         value /= 1024
-    raise AssertionError("unreachable")
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} GiB"
 
 
 def fmt_utc(ts: float) -> str:

@@ -107,3 +107,16 @@ class DemoMeshTests(SynchronousTestCase):
         """SIGTERM to the demo stops the three nodes cleanly too."""
         proc, urls, _ = self.start()
         self.stop(proc, signal.SIGTERM, urls)
+
+
+class DemoSetupErrorTests(SynchronousTestCase):
+    def test_unusable_directory_is_a_client_error(self) -> None:
+        """A --dir under a plain file is one clear error, not a traceback (nothing is started)."""
+        from meshrelay.demo import run_demo
+
+        blocker = os.path.abspath(self.mktemp())
+        with open(blocker, "w") as fh:
+            fh.write("x")
+        with self.assertRaises(ClientError) as caught:
+            run_demo(os.path.join(blocker, "mesh"), 0)
+        self.assertIn("cannot use", str(caught.exception))
