@@ -328,7 +328,8 @@ class Relay:
                 results[i] = {"msg_id": env.msg_id, "status": res.status}
             else:
                 results[i] = {"msg_id": env.msg_id, "status": "rejected", "error": res.status}
-                refused[res.status] = refused.get(res.status, 0) + 1
+                if res.status != BAD_SIGNATURE:  # a forgery, not a cap (counted in replica_total)
+                    refused[res.status] = refused.get(res.status, 0) + 1
         for status, n in refused.items():
             self._cap_hit("replica_" + status, "{n} replica(s) refused at a cap ({status})", n=n, status=status)
         return [r for r in results if r is not None]

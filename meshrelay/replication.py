@@ -559,10 +559,11 @@ class PeerClient:
                     # page's acks (see _apply): let those finish first.
                     synced_at = await self._finish(applying, synced_at)
                     applying = None
-                started = (Deferred.fromCoroutine(self._apply(page)), page)
-                if applying is not None:
-                    synced_at = await self._finish(applying, synced_at)
-                applying = started
+                # The new page's apply is held in ``applying`` before anything
+                # is awaited, so the cleanup below cancels it if that fails.
+                previous, applying = applying, (Deferred.fromCoroutine(self._apply(page)), page)
+                if previous is not None:
+                    synced_at = await self._finish(previous, synced_at)
                 if last:
                     synced_at = await self._finish(applying, synced_at)
                     applying = None
