@@ -14,7 +14,6 @@ import json
 import os
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,23 +26,17 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
+from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 
 from meshrelay import envelope as E  # noqa: E402
 from meshrelay.config import to_toml  # noqa: E402
-from tests.harness import http_request, terminate  # noqa: E402
+from tests.harness import free_port, http_request, terminate  # noqa: E402
 
 #: envelopes are ~1 KiB of JSON with this much ciphertext (about 1050 bytes on the wire)
 CIPHERTEXT_BYTES = 540
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raise_nofile(want: int) -> int:
@@ -306,8 +299,7 @@ def new_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
-def key_b64u(key: Ed25519PrivateKey) -> str:
-    return E.b64u_encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+key_b64u = E.public_key_b64u
 
 
 def private_hex(key: Ed25519PrivateKey) -> str:

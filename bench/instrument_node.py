@@ -1,13 +1,14 @@
 """Experiment: time the writer's group-commit batches and the verifier's batches inside a node.
 
 Loaded into a bench node through ``MESHRELAY_BENCH_PRELUDE`` (see
-``bench/common.py``); it wraps ``SQLiteStore._run_batch`` and the verifier's
+``bench/common.py``); it wraps ``WriterCore.run_batch`` (the group commit) and the verifier's
 batch function to add up their wall and thread-CPU time, and writes the totals
 to ``$MESHRELAY_BENCH_STATS`` when the reactor shuts down::
 
     python bench/deposit.py --instrument --rounds 1 --targets normal,full --duration 10
 
-(which sets ``MESHRELAY_BENCH_PRELUDE`` and ``MESHRELAY_BENCH_STATS`` for each node).
+(which sets ``MESHRELAY_BENCH_PRELUDE`` and ``MESHRELAY_BENCH_STATS`` for each node, and runs
+the nodes with ``node.store_writer = "thread"``: a writer process would run unpatched code).
 
 A worker thread whose wall time per batch is far above its CPU time is waiting
 for the GIL (``verify_signature`` itself releases it).  Nothing here changes
@@ -37,7 +38,7 @@ STATS: dict[str, float] = {
     "verify_cpu_s": 0.0,
 }
 
-_run_batch = _sqlite.SQLiteStore._run_batch
+_run_batch = _sqlite.WriterCore.run_batch
 _verify_all = _verifier._verify_all
 
 
@@ -69,6 +70,6 @@ def _dump() -> None:
         json.dump(STATS, fh, indent=2)
 
 
-_sqlite.SQLiteStore._run_batch = _timed_run_batch  # type: ignore[method-assign]
+_sqlite.WriterCore.run_batch = _timed_run_batch  # type: ignore[method-assign]
 _verifier._verify_all = _timed_verify_all
 reactor.addSystemEventTrigger("before", "shutdown", _dump)  # type: ignore[attr-defined]

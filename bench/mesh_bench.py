@@ -45,6 +45,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import treq
+from common import percentile
 from twisted.internet import defer, task
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -58,6 +59,8 @@ COUNT = "/api/mesh/dm/count"
 JSON = {"Content-Type": ["application/json"]}
 
 #: limits that keep the caps out of the way of a benchmark (they are measured elsewhere)
+#: failure guard: an ack not propagated by push after this long (sync is off) fails the run
+ACK_GUARD = 60.0
 BENCH_LIMITS = {"per_mailbox_pending": 100000, "per_sender_pending": 100000, "max_waiting_polls": 100000}
 
 
@@ -70,15 +73,6 @@ def make_client(reactor: Any, per_host: int) -> Any:
     pool.maxPersistentPerHost = per_host
     pool._factory = _Quiet
     return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool
-
-
-def pct(values: list[float], p: float) -> float:
-    """The p-th percentile (nearest rank) of ``values``."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))
-    return ordered[k]
 
 
 def ms(x: float) -> str:
@@ -275,8 +269,8 @@ async def latency(reactor: Any, args: argparse.Namespace) -> None:
             running.append(defer.Deferred.fromCoroutine(one(env, poll, lead, True)))
         await defer.gatherResults(running)
         print(
-            f"  {len(lat)} envelopes: deposit at A -> available at B: p50 {ms(pct(lat, 50))}, p99 {ms(pct(lat, 99))}"
-            f" (A's own answer p50 {ms(pct(local, 50))}); {errors} errors"
+            f"  {len(lat)} envelopes: deposit at A -> available at B: p50 {ms(percentile(lat, 50))}, p99 {ms(percentile(lat, 99))}"
+            f" (A's own answer p50 {ms(percentile(local, 50))}); {errors} errors"
         )
     finally:
         await pool.closeCachedConnections()
@@ -341,12 +335,14 @@ async def ackprop(reactor: Any, args: argparse.Namespace) -> None:
         times: list[float] = []
 
         async def gone(node: str, box: Identity) -> None:
-            while True:
+            deadline = time.monotonic() + ACK_GUARD
+            while time.monotonic() < deadline:
                 body = E.dumps_json(box.poll_body(ts=int(time.time())))
                 status, answer = await post(client, cluster[node].url + COUNT, body)
                 if status == 200 and b'"count":0' in answer:
                     return
                 await task.deferLater(reactor, 0.001, lambda: None)
+            raise RuntimeError(f"an ack at A did not reach {node} within {ACK_GUARD:.0f} s")
 
         async def one(box: Identity, env: dict[str, Any]) -> None:
             t0 = time.perf_counter()
@@ -367,7 +363,7 @@ async def ackprop(reactor: Any, args: argparse.Namespace) -> None:
 
         await defer.gatherResults([defer.Deferred.fromCoroutine(worker()) for _ in range(args.concurrency)])
         print(
-            f"  ack at A -> gone at B and C: p50 {ms(pct(times, 50))}, p99 {ms(pct(times, 99))}, max {ms(max(times))}"
+            f"  ack at A -> gone at B and C: p50 {ms(percentile(times, 50))}, p99 {ms(percentile(times, 99))}, max {ms(max(times))}"
         )
     finally:
         await pool.closeCachedConnections()
