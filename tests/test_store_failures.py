@@ -90,3 +90,29 @@ class StoreFailureTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d2).status, "accepted")
         self.assertIsNone(store._wconn.execute("SELECT value FROM meta WHERE key = 'half'").fetchone())  # type: ignore[attr-defined]
         self.assertEqual(store.stats().envelopes, 1)
+
+    def test_disk_full_in_a_batch_commits_nothing_and_the_store_recovers(self) -> None:
+        """When SQLite aborts the transaction (disk full) mid-batch, the batch fails whole and nothing is half-kept."""
+        from meshrelay import envelope as E
+
+        store = self.n.store
+        before = E.parse_envelope(self.alice.envelope(self.bob, b"before", ts=self.now()), 8192)
+        self.assertEqual(self.successResultOf(store.add_envelope(before, self.now())).status, "accepted")
+        self.fill_disk()
+        carol = Identity()
+        big = E.parse_envelope(self.alice.envelope(self.bob, b"x" * 6000, ts=self.now()), 8192)
+        small = E.parse_envelope(carol.envelope(self.bob, b"s", ts=self.now()), 8192)
+        store._inflight = store._depth  # hold the writer so both ops land in one batch  # type: ignore[attr-defined]
+        d1 = store.add_envelope(big, self.now())
+        d2 = store.add_envelope(small, self.now())
+        store._inflight = 0  # type: ignore[attr-defined]
+        store._flush()  # type: ignore[attr-defined]
+        self.failureResultOf(d1)
+        self.failureResultOf(d2)
+        conn = store._wconn  # type: ignore[attr-defined]
+        self.assertEqual(conn.execute("SELECT count(*) FROM envelopes").fetchone()[0], 1)
+        self.assertEqual(store.stats().envelopes, 1)
+        conn.execute("PRAGMA max_page_count = 1073741823")
+        again = self.successResultOf(store.add_envelope(small, self.now()))
+        self.assertEqual(again.status, "accepted")
+        self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")

@@ -309,12 +309,9 @@ class WriterCore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for op in ops:
-                if callable(op):
-                    guarded = not getattr(op, "single_write", False)
-                else:
-                    guarded = not OPS[op[0]][1]
                 # An op whose only write is its last statement needs no
                 # savepoint: SQLite undoes a failed statement by itself.
+                guarded = callable(op) or not OPS[op[0]][1]
                 if guarded:
                     conn.execute("SAVEPOINT op")
                 saved = (st.seq, st.count, st.bytes)
@@ -325,6 +322,10 @@ class WriterCore:
                         value = OPS[op[0]][0](conn, st, self.caps, op[1])
                     results.append((True, value))
                 except Exception as e:
+                    if not conn.in_transaction:
+                        # SQLite rolled back the whole transaction (disk full,
+                        # I/O error): nothing of this batch may commit.
+                        raise
                     if guarded:
                         conn.execute("ROLLBACK TO op")
                     st.seq, st.count, st.bytes = saved
