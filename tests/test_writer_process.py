@@ -110,15 +110,39 @@ class WriterProcessTests(TestCase):
             yield deferLater(reactor, 0.05, lambda: None)
         self.assertIsNone(self.writer.pid)
         self.flushLoggedErrors()
-        # Within the restart delay writes fail cleanly ...
+        # Within the restart delay (held open here, not timed) writes fail cleanly ...
+        self.writer._next_spawn = float("inf")
         failed = yield self.store.claim_nonce("s", "n", self.now + 10).addErrback(lambda f: f.trap(StoreError))
         self.assertEqual(failed, StoreError)
-        yield deferLater(reactor, 1.1, lambda: None)
+        self.writer._next_spawn = 0.0
         # ... then a new child serves them, with the counters read back from the database.
         result = yield self.store.add_envelope(self.env(b"2", sender=Identity()), self.now, verify="deposit")
         self.assertEqual(result.status, "accepted")
         self.assertEqual(self.writer.spawned, 2)
         self.assertEqual(self.store.stats().envelopes, 2)
+
+    @inlineCallbacks
+    def test_a_child_that_cannot_be_started_fails_the_write(self) -> Any:
+        """fork/exec failing answers the batch with StoreError (never a hang); a later write starts a child."""
+        other = os.path.abspath(self.mktemp())
+        os.makedirs(other)
+        writer = ProcessWriter(reactor, os.path.join(other, DB_NAME), "normal", self.caps)
+        store = SQLiteStore(other, self.caps, writer_process=writer)  # not started: no child yet
+        self.addCleanup(store.close)
+        spawn = writer._spawn
+
+        def cannot_fork() -> None:
+            raise OSError(11, "Resource temporarily unavailable")
+
+        writer._spawn = cannot_fork  # type: ignore[method-assign]
+        failed = yield store.add_envelope(self.env(b"1"), self.now, verify="deposit").addErrback(
+            lambda f: f.trap(StoreError)
+        )
+        self.assertEqual(failed, StoreError)
+        writer._spawn = spawn  # type: ignore[method-assign]
+        writer._next_spawn = 0.0
+        result = yield store.add_envelope(self.env(b"2"), self.now, verify="deposit")
+        self.assertEqual(result.status, "accepted")
 
     @inlineCallbacks
     def test_close_lets_queued_writes_commit_and_stops_the_child(self) -> Any:

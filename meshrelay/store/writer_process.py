@@ -7,8 +7,8 @@ verification releases and re-takes it, and each re-take waits for the busy
 reactor thread, so a batch spends far longer waiting than working.  In a
 child process they run on the second core with a lock of their own.
 
-The parent (:class:`ProcessWriter`) sends one batch of operations at a time
-as a length-prefixed pickle on the child's stdin; the child runs it with the
+The parent (:class:`ProcessWriter`) sends batches of operations (up to two
+queued, answered in order) as length-prefixed pickles on the child's stdin; the child runs it with the
 same :class:`~meshrelay.store.sqlite.WriterCore` an in-process writer uses,
 commits, and answers with the per-operation results and the new counters on
 stdout.  The pipe is private to the two processes, so pickle is safe here.
@@ -75,7 +75,7 @@ class _WriterProtocol(ProcessProtocol):
 
 
 class ProcessWriter:
-    """Runs write batches in a child process; one batch in flight at a time."""
+    """Runs write batches in a child process; batches sent while one runs queue behind it, in order."""
 
     log = Logger()
 
@@ -123,7 +123,11 @@ class ProcessWriter:
         if self._proto is None:
             if self.reactor.seconds() < self._next_spawn:
                 return fail(StoreError("the store writer process is restarting"))
-            self._spawn()
+            try:
+                self._spawn()
+            except OSError as e:  # fork or exec failed (EAGAIN, ENOMEM...): try again later
+                self._next_spawn = self.reactor.seconds() + RESPAWN_DELAY
+                return fail(StoreError(f"cannot start the store writer process: {e}"))
         assert self._proto is not None and self._proto.transport is not None
         try:
             payload = pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL)
