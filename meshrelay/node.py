@@ -138,5 +138,6 @@ class Node(Service):
         d = self.store.close() if self.store is not None else succeed(None)
         if self._http_pool is not None:
             pool = self._http_pool
-            d.addCallback(lambda _: pool.close())
+            # Close the peer connections whatever the store did, and keep its outcome.
+            d.addBoth(lambda result: pool.close().addCallback(lambda _: result))
         return d.addCallback(lambda _: self.log.info("meshrelay node stopped"))

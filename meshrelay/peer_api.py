@@ -17,10 +17,11 @@ from meshrelay.envelope import KEY_LEN, MAX_INT, RawJSON, b64u_decode, require_o
 from meshrelay.errors import BadRequest
 from meshrelay.peers import PeerAuthenticator, peer_route
 from meshrelay.relay import Relay
-from meshrelay.web import install_error_table, json_response, read_json
+from meshrelay.web import ACK_PATH, CHANGES_PATH, REPLICATE_PATH, install_error_table, json_response, read_json
 
-#: items per replicate-envelope / ack request (also the changes page cap)
+#: items per replicate-envelope / ack request
 MAX_BATCH = 500
+#: the largest ``limit`` of a changes page
 MAX_CHANGES_LIMIT = 500
 DEFAULT_CHANGES_LIMIT = 100
 CHANGES_PARAMS = frozenset((b"since", b"limit", b"mailbox"))
@@ -105,19 +106,19 @@ class PeerAPI:
     def resource(self) -> Any:
         return self.app.resource()
 
-    @peer_route(app, "/api/mesh/dm/replicate-envelope", ["POST"])
+    @peer_route(app, REPLICATE_PATH, ["POST"])
     async def replicate(self, request: Any, peer: str) -> bytes:
         envelopes = replicate_items(read_json(request))
         results = await self.relay.accept_replicas(envelopes) if envelopes else []
         return json_response(request, 200, {"ok": True, "results": results})
 
-    @peer_route(app, "/api/mesh/dm/ack", ["POST"])
+    @peer_route(app, ACK_PATH, ["POST"])
     async def ack(self, request: Any, peer: str) -> bytes:
         acks = _item_list(read_json(request), "acks")
         results = await self.relay.accept_acks(acks) if acks else []
         return json_response(request, 200, {"ok": True, "results": results})
 
-    @peer_route(app, "/api/mesh/dm/changes", ["GET"])
+    @peer_route(app, CHANGES_PATH, ["GET"])
     async def changes(self, request: Any, peer: str) -> bytes:
         since, limit, mailbox = parse_changes_query(request.args)
         page = await self.relay.changes(since, limit, mailbox)

@@ -53,10 +53,7 @@ from meshrelay.peer_api import MAX_BATCH, MAX_CHANGES_LIMIT
 from meshrelay.peers import PeerSigner, url_path
 from meshrelay.relay import Relay
 from meshrelay.store.base import Cursor, Store, StoreError
-
-REPLICATE_PATH = "/api/mesh/dm/replicate-envelope"
-ACK_PATH = "/api/mesh/dm/ack"
-CHANGES_PATH = "/api/mesh/dm/changes"
+from meshrelay.web import ACK_PATH, CHANGES_PATH, REPLICATE_PATH
 
 ENVELOPE = "envelope"
 ACK = "ack"
@@ -165,7 +162,6 @@ class PeerClient:
         holder: str,
     ) -> None:
         self.url = peer.url
-        self.config = config
         self.relay = relay
         self.store = store
         self.metrics = metrics
@@ -660,7 +656,6 @@ class Replication:
         client_factory: ClientFactory,
     ) -> None:
         self.relay = relay
-        self.clock = clock
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.peers = [
             PeerClient(p, config, relay, store, metrics, client_factory(p), clock, self.holder) for p in config.peers

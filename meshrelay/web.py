@@ -31,7 +31,11 @@ from meshrelay.store.base import StoreError
 log = Logger()
 
 #: request paths served by the peer API (HMAC-gated, ``max_replicate_body_bytes``)
-PEER_PATHS = frozenset((b"/api/mesh/dm/replicate-envelope", b"/api/mesh/dm/ack", b"/api/mesh/dm/changes"))
+#: the peer API's routes (HMAC-gated, with their own body cap)
+REPLICATE_PATH = "/api/mesh/dm/replicate-envelope"
+ACK_PATH = "/api/mesh/dm/ack"
+CHANGES_PATH = "/api/mesh/dm/changes"
+PEER_PATHS = frozenset(p.encode() for p in (REPLICATE_PATH, ACK_PATH, CHANGES_PATH))
 
 _REASONS = {
     400: b"Bad Request",

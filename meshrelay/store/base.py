@@ -54,7 +54,7 @@ def settle_batch(
     if isinstance(outcome, Failure):
         value = outcome.value
         msg = str(value) if isinstance(value, StoreError) else f"store write failed: {outcome.getErrorMessage()}"
-        log.error("store write of {n} operations failed: {err}", n=len(waiting), err=one_line(StoreError(msg)))
+        log.error("store write of {n} operations failed: {err}", n=len(waiting), err=" ".join(msg.split()))
         if metrics is not None:
             metrics.store_errors_total.inc(len(waiting))
         for d in waiting:

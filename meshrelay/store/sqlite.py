@@ -380,7 +380,7 @@ class SQLiteStore:
             self._core = WriterCore(self._wconn, caps)
         except (sqlite3.Error, OSError, ValueError) as e:
             raise StoreError(f"cannot open the store at {self.path}: {e}") from e
-        self._seq, self._count, self._bytes = self._core.state
+        _, self._count, self._bytes = self._core.state
         self._writer = writer or InlineExecutor()
         #: a ProcessWriter (see writer_process.py) when writes run in a child process
         self._process = writer_process
@@ -426,10 +426,10 @@ class SQLiteStore:
         """Let queued writes commit, then stop the writer and readers and close the files."""
         if self._closed:
             # Already closing or closed: one shutdown, whoever asks.
+            if self._shut:
+                return succeed(None)
             done: Deferred[None] = Deferred()
             self._closers.append(done)
-            if self._shut:
-                done.callback(None)
             return done
         self._closed = True
         d: Deferred[None] = Deferred()
@@ -506,7 +506,7 @@ class SQLiteStore:
             if isinstance(outcome, Failure):
                 settle_batch(outcome, [d for _, d in batch], self._metrics, self.log)
             else:
-                results, (self._seq, self._count, self._bytes) = outcome
+                results, (_, self._count, self._bytes) = outcome
                 settle_batch(results, [d for _, d in batch], self._metrics, self.log)
         finally:
             self._firing = False
