@@ -21,8 +21,8 @@ load generator in this process runs, open loop, for ``--minutes``:
   replayed nonce, stale poll, bad ttl, unauthenticated peer call), each
   checked against the status it must get.
 
-Every ``--sample`` seconds it records, per node: RSS (``VmRSS``), open file
-descriptors (``/proc/PID/fd``), data directory bytes and
+Every ``--sample`` seconds it records, per node: RSS (``VmRSS``) and open file
+descriptors (``/proc/PID/fd``) of the node and its store writer process, data directory bytes and
 ``meshrelay_stored_envelopes``.  At *quiet checkpoints* (when the steady state
 starts, every ``--quiet-every`` minutes, and at the end) it pauses the load,
 closes its own connections and reads every node at rest: descriptors by kind
@@ -61,13 +61,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common
 import treq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, task
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from meshrelay import envelope as E
-from tests.chaos import stable_port
 from tests.harness import NodeProcess
 from tests.helpers import link_secret
 
@@ -96,15 +96,19 @@ class _Quiet(_HTTP11ClientFactory):
 
 
 def pid_rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    """RSS of a node and its store writer process."""
+    return int(common.tree_rss_mb(pid) * 1024)
 
 
 def pid_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open descriptors of a node and its store writer process."""
+    total = 0
+    for p in [pid, *common.child_pids(pid)]:
+        try:
+            total += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            continue
+    return total
 
 
 _TCP_STATES = {"01": "established", "06": "time_wait", "08": "close_wait", "0A": "listen"}
@@ -213,9 +217,7 @@ class Soak:
             "limits": {"max_ttl": MAX_TTL, "min_ttl": 30, "clock_skew": CLOCK_SKEW, "max_body_bytes": 65536},
             "sync": {"interval": 5, "push_timeout": 5},
         }
-        self.nodes = {
-            n: NodeProcess(self.workdir, n, port=stable_port(), admin_port=stable_port(), config=config) for n in NAMES
-        }
+        self.nodes = {n: NodeProcess(self.workdir, n, config=config) for n in NAMES}
         for n, p in self.nodes.items():
             p.peers = [{"url": self.nodes[o].url, "secret": link_secret(n, o)} for o in NAMES if o != n]
         for p in self.nodes.values():

@@ -61,7 +61,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshrelay import envelope as E
 from tests.chaosproxy import ChaosProxy
-from tests.harness import NodeProcess, feed_ids, free_port, http_request
+from tests.harness import NodeProcess, feed_ids, http_request
 
 NAMES = ("a", "b", "c")
 LINKS = tuple((s, d) for s in NAMES for d in NAMES if s != d)
@@ -159,11 +159,6 @@ class Ledger:
     counts: Counter[str] = field(default_factory=Counter)
 
 
-def stable_port() -> int:
-    """A free 127.0.0.1 port outside the ephemeral range (see ``tests.harness.free_port``)."""
-    return free_port()
-
-
 def _key(rng: random.Random) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(rng.randbytes(32))
 
@@ -234,9 +229,7 @@ class ChaosRun:
         self.proxy = ChaosProxy(os.path.join(self.base_dir, "proxy.log"), max_seconds=s.load_seconds + 3600).start()
         # The links hold their ports before the nodes pick theirs, so the two cannot collide.
         ports = {link_name(src, dst): self.proxy.add(link_name(src, dst)) for src, dst in LINKS}
-        self.nodes = {
-            n: NodeProcess(self.base_dir, n, port=stable_port(), admin_port=stable_port(), config=config) for n in NAMES
-        }
+        self.nodes = {n: NodeProcess(self.base_dir, n, config=config) for n in NAMES}
         for src, dst in LINKS:
             name = link_name(src, dst)
             self.proxy.target(name, self.nodes[dst].port)
