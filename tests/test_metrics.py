@@ -94,7 +94,10 @@ class ProtocolMetricsTests(SynchronousTestCase):
             self.assertEqual(m[key("meshrelay_dm_replication_queue_depth", peer=peer)], 0)
 
     def test_push_and_sync_counts_are_exported(self) -> None:
-        """Push and sync counts recorded by replication appear under the protocol's names."""
+        """Values on the push and sync counters reach /metrics under the protocol's names.
+
+        (The export path only; that real pushes and pulls count is tested in test_replication.)
+        """
         self.mem.metrics.push_total.labels(PEER_B, "ok").inc(3)
         self.mem.metrics.push_total.labels(PEER_B, "rejected").inc()
         self.mem.metrics.sync_pull_total.labels(PEER_C, "ok").inc(2)
