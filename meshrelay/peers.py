@@ -37,7 +37,6 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from meshrelay.config import Config
-from meshrelay.deferutil import shield
 from meshrelay.envelope import NONCE_LEN, b64u_decode, b64u_encode
 from meshrelay.errors import Forbidden, RateLimited
 from meshrelay.metrics import Metrics
@@ -191,14 +190,11 @@ class PeerAuthenticator:
         if not hmac.compare_digest(expected, mac):
             raise _AuthFailure(BAD_HMAC, f"HMAC does not match for {peer}")
         # Only a request that carries a valid MAC may use up a nonce.
-        cache_key = (peer, nonce)
-        verdict = self.nonces.check(cache_key, ts, now)
-        if verdict != OK:
-            raise _AuthFailure(REPLAYED_NONCE if verdict == REPLAYED else STALE, "nonce already used or too old")
         expires = int(now) + 2 * self.skew
-        fresh = await shield(self.store.claim_nonce("peer:" + peer, nonce, expires))
-        verdict = self.nonces.add(cache_key, ts, self.clock.seconds())
-        if not fresh or verdict == REPLAYED:
+        verdict = await self.nonces.use(
+            (peer, nonce), ts, self.clock.seconds, lambda: self.store.claim_nonce("peer:" + peer, nonce, expires)
+        )
+        if verdict == REPLAYED:
             raise _AuthFailure(REPLAYED_NONCE, "nonce already used")
         if verdict != OK:
             raise _AuthFailure(STALE, "nonce too old")

@@ -386,13 +386,14 @@ class Relay:
         await self._verify(auth.mailbox_key, auth.sig_bytes, auth.signed)
         now = self.now()
         E.check_poll_time(auth, now, self.limits.clock_skew)
-        verdict = self.poll_nonces.check((auth.mailbox, auth.nonce), auth.ts, now)
-        if verdict != OK:
-            raise Replayed("nonce already used") if verdict == REPLAYED else Stale("request too old")
         expires = now + 2 * self.limits.clock_skew
-        fresh = await shield(self.store.claim_nonce("poll:" + auth.mailbox, auth.nonce, expires))
-        verdict = self.poll_nonces.add((auth.mailbox, auth.nonce), auth.ts, self.now())
-        if not fresh or verdict == REPLAYED:
+        verdict = await self.poll_nonces.use(
+            (auth.mailbox, auth.nonce),
+            auth.ts,
+            self.now,
+            lambda: self.store.claim_nonce("poll:" + auth.mailbox, auth.nonce, expires),
+        )
+        if verdict == REPLAYED:
             raise Replayed("nonce already used")
         if verdict != OK:
             raise Stale("request too old")

@@ -11,7 +11,11 @@ dropped timestamp, so it is refused too; under a flood the cost is that old
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+
+from twisted.internet.defer import Deferred
+
+from meshrelay.deferutil import shield
 
 OK = "ok"
 REPLAYED = "replayed"
@@ -60,3 +64,17 @@ class ReplayCache:
             if dropped_ts > self.watermark:
                 self.watermark = dropped_ts
         return OK
+
+    async def use(self, key: Hashable, ts: int, now: Callable[[], float], claim: Callable[[], Deferred[bool]]) -> str:
+        """Use up a nonce: this cache first, then ``claim()`` in the store, then record it here.
+
+        The store's claim (durable, shared by every process on the database)
+        is what makes a replay fail across restarts and processes; this
+        cache answers most replays without it.  Returns OK/REPLAYED/STALE.
+        """
+        verdict = self.check(key, ts, now())
+        if verdict != OK:
+            return verdict
+        fresh = await shield(claim())
+        verdict = self.add(key, ts, now())
+        return verdict if fresh else REPLAYED

@@ -205,6 +205,18 @@ class NodeProcess:
     def admin(self, path: str) -> tuple[int, Any]:
         return http_request(self.admin_port, "GET", path)
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of ``name``'s samples on the node's admin JSON metrics whose labels include ``labels``."""
+        status, body = self.admin("/api/mesh/metrics")
+        assert status == 200, (status, body)
+        return float(
+            sum(
+                s["value"]
+                for s in body["metrics"].get(name, [])
+                if all(s["labels"].get(k) == v for k, v in labels.items())
+            )
+        )
+
     def send(self, env: dict[str, Any]) -> tuple[int, Any]:
         return self.request("POST", "/api/mesh/dm/send", env)
 

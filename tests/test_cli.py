@@ -180,7 +180,10 @@ class CLIAgainstNodeTests(SynchronousTestCase):
             env=env,
         )
         try:
-            time.sleep(0.5)
+            # Send once watch's long-poll is waiting, so the wake-up path is what delivers it.
+            deadline = time.monotonic() + 30
+            while self.node.metric("meshrelay_waiting_polls") < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
             r = run_cli("send", "--key", alice_key, "--node", self.node.url, "--to", bob, "are you there?")
             self.assertEqual(r.returncode, 0, r.stderr)
             assert proc.stdout is not None

@@ -40,11 +40,7 @@ def count(node: NodeProcess, who: Identity) -> int:
 
 
 def metric(node: NodeProcess, name: str, **labels: str) -> float:
-    status, body = node.admin("/api/mesh/metrics")
-    assert status == 200
-    return sum(
-        s["value"] for s in body["metrics"].get(name, []) if all(s["labels"].get(k) == v for k, v in labels.items())
-    )
+    return node.metric(name, **labels)
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:

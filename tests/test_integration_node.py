@@ -34,15 +34,8 @@ def now() -> int:
     return int(time.time())
 
 
-def metric(node: NodeProcess, name: str) -> float | None:
-    """The value of an unlabelled sample on the node's admin /metrics, or None."""
-    status, body = node.admin("/metrics")
-    assert status == 200, (status, body)
-    text = body.decode() if isinstance(body, bytes) else json.dumps(body)
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+def metric(node: NodeProcess, name: str) -> float:
+    return node.metric(name)
 
 
 def stop_cleanly(node: NodeProcess) -> None:
