@@ -215,17 +215,18 @@ class Relay:
         d: Deferred[Any]
         try:
             env = E.parse_envelope(obj, lim.max_message_bytes)
-            if self._store_verifies:
+        except MeshError as e:
+            return fail(self._deposit_refused(e))
+        if not self._store_verifies:
+            d = _run(self._verify_then_store(env))
+        else:
+            try:
                 E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
                 d = shield(self._store_envelope(env, "client", verify="deposit"))
-            else:
-                d = _run(self._verify_then_store(env))
-        except MeshError as e:
-            if not self._store_verifies or e.code in ("too_large", "bad_envelope"):
-                return fail(self._deposit_refused(e))
-            # Refused by the time rule: a forged envelope answers bad_signature instead.
-            d = _run(self._verify(env.sender_key, env.sig_bytes, env.signed))
-            d.addCallback(_reraise, e)
+            except MeshError as e:
+                # Refused by the time rule: a forged envelope answers bad_signature instead.
+                d = _run(self._verify(env.sender_key, env.sig_bytes, env.signed))
+                d.addCallback(_reraise, e)
         d.addErrback(self._deposit_error)
         return d.addCallback(self._deposit_result, env, started)
 

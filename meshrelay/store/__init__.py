@@ -31,18 +31,21 @@ def open_store(config: Config, reactor: Any, threaded: bool = True, metrics: Any
         from meshrelay.store.sqlite import SQLiteStore
 
         if threaded:
-            writer_process = None
+            caps = caps_from(config)
             if config.node.store_writer == "process":
                 from meshrelay.store.sqlite import DB_NAME
                 from meshrelay.store.writer_process import ProcessWriter
 
                 path = os.path.join(config.node.data_dir, DB_NAME)
-                writer_process = ProcessWriter(reactor, path, config.node.durability, caps_from(config))
+                writer_process: Any = ProcessWriter(reactor, path, config.node.durability, caps)
+                writer = None
+            else:
+                writer_process, writer = None, ThreadExecutor(reactor, 1, "meshrelay-writer")
             return SQLiteStore(
                 config.node.data_dir,
-                caps_from(config),
+                caps,
                 durability=config.node.durability,
-                writer=ThreadExecutor(reactor, 1, "meshrelay-writer"),
+                writer=writer,
                 readers=ThreadExecutor(reactor, 2, "meshrelay-readers"),
                 metrics=metrics,
                 writer_process=writer_process,
