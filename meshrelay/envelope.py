@@ -57,7 +57,8 @@ MAX_WAIT = 30
 #: Integers on the wire are JSON-safe: 0 <= n <= 2**53 - 1.
 MAX_INT = 2**53 - 1
 
-_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+#: 64 lowercase hex digits (a msg_id, a peer HMAC)
+HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _B64U_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _URL_TO_STD = bytes.maketrans(b"-_", b"+/")
 _STD_TO_URL = bytes.maketrans(b"+/", b"-_")
@@ -252,7 +253,7 @@ def parse_envelope(obj: Any, max_message_bytes: int) -> Envelope:
     if type(v) is not int or v != 1:
         raise BadEnvelope("unsupported envelope version")
     msg_id = obj["msg_id"]
-    if not isinstance(msg_id, str) or _HEX64_RE.fullmatch(msg_id) is None:
+    if not isinstance(msg_id, str) or HEX64_RE.fullmatch(msg_id) is None:
         raise BadEnvelope("msg_id must be 64 lowercase hex characters")
     mailbox_key = _decode_field(obj, "mailbox", KEY_LEN, BadEnvelope)
     sender_key = _decode_field(obj, "sender", KEY_LEN, BadEnvelope)
@@ -377,7 +378,7 @@ def _parse_signed(obj: dict[str, Any], err: type[Exception]) -> SignedAck:
     if len(ack) > MAX_ACK_IDS:
         raise err(f"at most {MAX_ACK_IDS} ack ids per request")
     for item in ack:
-        if not isinstance(item, str) or _HEX64_RE.fullmatch(item) is None:
+        if not isinstance(item, str) or HEX64_RE.fullmatch(item) is None:
             raise err("each ack id must be 64 lowercase hex characters")
     return SignedAck(
         mailbox=obj["mailbox"],

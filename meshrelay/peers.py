@@ -37,7 +37,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from meshrelay.config import Config
-from meshrelay.envelope import NONCE_LEN, b64u_decode, b64u_encode
+from meshrelay.envelope import HEX64_RE, NONCE_LEN, b64u_decode, b64u_encode
 from meshrelay.errors import Forbidden, RateLimited
 from meshrelay.metrics import Metrics
 from meshrelay.replay import OK, REPLAYED, ReplayCache
@@ -60,7 +60,6 @@ BAD_HMAC = "bad_hmac"
 REPLAYED_NONCE = "replayed"
 
 _TS_RE = re.compile(r"0|[1-9][0-9]{0,15}")
-_HEX_MAC_RE = re.compile(r"[0-9a-f]{64}")
 
 T = TypeVar("T")
 
@@ -179,7 +178,7 @@ class PeerAuthenticator:
                 raise ValueError("wrong length")
         except ValueError:
             raise _AuthFailure(MALFORMED, "X-Peer-Nonce is not b64u of 16 bytes") from None
-        if _HEX_MAC_RE.fullmatch(mac) is None:
+        if HEX64_RE.fullmatch(mac) is None:
             raise _AuthFailure(BAD_HMAC, "X-Peer-HMAC is not 64 lowercase hex characters")
         content = request.content
         content.seek(0)

@@ -168,8 +168,7 @@ class Relay:
                 self.log.failure("a replication listener failed")
 
     async def _verify(self, key: bytes, sig: bytes, msg: bytes) -> None:
-        if not await shield(self.verifier.verify(key, sig, msg)):
-            raise BadSignature("signature does not verify")
+        E.require_valid_signature(await shield(self.verifier.verify(key, sig, msg)))
 
     # ------------------------------------------------------------------ envelopes
 
@@ -252,7 +251,7 @@ class Relay:
             self.metrics.deposit_latency.observe(self.clock.seconds() - started)
             return {"ok": True, "msg_id": env.msg_id, "duplicate": status == DUPLICATE}
         if status == BAD_SIGNATURE:
-            raise BadSignature("signature does not verify")
+            E.require_valid_signature(False)
         if status == SENDER_CAP:
             self._cap_hit(
                 "per_sender_pending",
@@ -310,8 +309,7 @@ class Relay:
             kept = []
             for (i, env), ok in zip(parsed, verdicts):
                 try:
-                    if not ok:
-                        raise BadSignature("signature does not verify")
+                    E.require_valid_signature(ok)
                     E.check_replica_time(env, now, lim.clock_skew, lim.min_ttl, lim.max_ttl)
                 except MeshError as e:
                     results[i] = self._replica_rejected(env.to_json(), e)
