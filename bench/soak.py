@@ -591,6 +591,10 @@ def main() -> int:
     p.add_argument("--json", default="bench/results/soak.json")
     p.add_argument("--keep", action="store_true", help="keep the nodes' directories")
     args = p.parse_args()
+    try:
+        import matplotlib  # noqa: F401  (the plot at the end; fail now, not after the run)
+    except ImportError:
+        p.error("the plot needs matplotlib: pip install '.[bench]'")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**32)
     workdir = tempfile.mkdtemp(prefix="meshrelay-soak-")

@@ -515,6 +515,21 @@ class ChaosRun:
     def feeds(self) -> dict[str, tuple[set[str], set[tuple[str, str]]]]:
         return {n: read_feed(self.nodes[n], self.nodes[NAMES[(i + 1) % 3]]) for i, n in enumerate(NAMES)}
 
+    def wait_for_sync_rounds(self, rounds: int) -> None:
+        """Wait (bounded by converge_guard) until every link has had ``rounds`` more good pulls."""
+        links = [(self.nodes[n], self.nodes[p].url) for n in NAMES for p in NAMES if p != n]
+
+        def pulls(node: NodeProcess, peer: str) -> float:
+            return node.metric("meshrelay_sync_pull_total", peer=peer, outcome="ok")
+
+        before = [pulls(node, peer) for node, peer in links]
+        deadline = time.monotonic() + self.s.converge_guard
+        while any(pulls(node, peer) < b + rounds for (node, peer), b in zip(links, before)):
+            if time.monotonic() > deadline:
+                self.violation(f"the nodes did not complete {rounds} more sync rounds")
+                return
+            time.sleep(0.2)
+
     def converge(self) -> dict[str, tuple[set[str], set[tuple[str, str]]]]:
         started = time.monotonic()
         deadline = started + self.s.converge_guard
@@ -665,7 +680,7 @@ class ChaosRun:
             time.sleep(max(0.0, self.load_end_wall + 1 - time.time()))
             feeds = self.converge()
             if self.figures["converge_seconds"] is not None:
-                time.sleep(3 * s.sync_interval + 1)  # more sync rounds: still the same?
+                self.wait_for_sync_rounds(2)  # more sync rounds: still the same?
                 again = self.feeds()
                 if any(f != feeds[NAMES[0]] for f in again.values()):
                     self.violation("the nodes diverged again after converging:\n" + self.describe(again))

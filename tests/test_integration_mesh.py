@@ -175,8 +175,20 @@ class KillIntegrationTests(MeshIntegrationTestCase):
             return all(s == sets[0] for s in sets)
 
         wait_for(converged, 45, "the three nodes to converge", interval=0.5)
-        # Stay converged through more sync rounds, and never bring an acked message back.
-        time.sleep(5)
+        # Stay converged through more sync rounds (two more good pulls over every link), and never
+        # bring an acked message back.
+        links = [(n, p.url) for n in (a, b, c) for p in (a, b, c) if p is not n]
+
+        def pulls(n: NodeProcess, peer: str) -> float:
+            return metric(n, "meshrelay_sync_pull_total", peer=peer, outcome="ok")
+
+        before = {(n.name, peer): pulls(n, peer) for n, peer in links}
+        wait_for(
+            lambda: all(pulls(n, peer) >= before[(n.name, peer)] + 2 for n, peer in links),
+            60,
+            "two more sync rounds over every link",
+            interval=0.5,
+        )
         live = [feed(a, b)[0], feed(b, c)[0], feed(c, a)[0]]
         self.assertEqual(live[0], live[1])
         self.assertEqual(live[0], live[2])
