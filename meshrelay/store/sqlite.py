@@ -380,7 +380,7 @@ class SQLiteStore:
             self._core = WriterCore(self._wconn, caps)
         except (sqlite3.Error, OSError, ValueError) as e:
             raise StoreError(f"cannot open the store at {self.path}: {e}") from e
-        _, self._count, self._bytes = self._core.state
+        self._seq, self._count, self._bytes = self._core.state
         self._writer = writer or InlineExecutor()
         #: a ProcessWriter (see writer_process.py) when writes run in a child process
         self._process = writer_process
@@ -506,7 +506,7 @@ class SQLiteStore:
             if isinstance(outcome, Failure):
                 settle_batch(outcome, [d for _, d in batch], self._metrics, self.log)
             else:
-                results, (_, self._count, self._bytes) = outcome
+                results, (self._seq, self._count, self._bytes) = outcome
                 settle_batch(results, [d for _, d in batch], self._metrics, self.log)
         finally:
             self._firing = False
