@@ -149,6 +149,104 @@ class WorkedExampleTests(SynchronousTestCase):
         self.assertEqual(poll.auth.ack, (values["msg_id"],))
 
 
+def load_protocol_vectors() -> Any:
+    path = os.path.join(DOCS, "examples", "protocol_vectors.py")
+    spec = importlib.util.spec_from_file_location("protocol_vectors", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ProtocolDocTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.doc = read(os.path.join(DOCS, "protocol.md"))
+
+    def test_vectors_match_the_code(self) -> None:
+        """Every test vector of docs/protocol.md is what protocol_vectors.py computes with the node's code."""
+        for name, value in load_protocol_vectors().vectors().items():
+            self.assertIn(value, self.doc, name)
+
+    def test_vectors_follow_the_spec_text(self) -> None:
+        """The vectors rebuilt from the spec's rules with hashlib/hmac alone match the code's (spec and code agree)."""
+        import base64
+        import hashlib
+        import hmac
+
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        v = load_protocol_vectors().vectors()
+
+        def b64u(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+        def pub(seed_hex: str) -> str:
+            key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed_hex))
+            return b64u(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+        self.assertEqual(pub(v["sender_seed_hex"]), v["sender"])
+        self.assertEqual(pub(v["mailbox_seed_hex"]), v["mailbox"])
+        ct = bytes.fromhex(v["ciphertext_hex"])
+        self.assertEqual(b64u(ct), v["ciphertext_b64u"])
+        lines = [
+            "meshrelay/envelope/v1",
+            v["mailbox"],
+            v["sender"],
+            "1800000000",
+            "3600",
+            hashlib.sha256(ct).hexdigest(),
+        ]
+        signed = "\n".join(lines).encode("ascii")
+        self.assertEqual(signed.hex(), v["envelope_signed_hex"])
+        self.assertEqual(hashlib.sha256(signed).hexdigest(), v["msg_id"])
+        sender = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(v["sender_seed_hex"]))
+        self.assertEqual(b64u(sender.sign(signed)), v["envelope_sig"])
+        poll = "\n".join(["meshrelay/poll/v1", v["mailbox"], "1800000060", b64u(bytes(range(16))), ""]).encode()
+        self.assertEqual(poll.hex(), v["poll_signed_hex"])
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"meshrelay-peer-auth-v1", info=b"http://node-a.example")
+        key = hkdf.derive(v["peer_secret"].encode())
+        self.assertEqual(key.hex(), v["peer_key_hex"])
+        body_hash = hashlib.sha256(v["peer_body"].encode()).hexdigest()
+        mac_in = "\n".join(
+            [
+                "meshrelay/peer/v1",
+                "POST",
+                "/relay/api/mesh/dm/replicate-envelope",
+                "1800000005",
+                v["peer_nonce"],
+                body_hash,
+            ]
+        )
+        self.assertEqual(hmac.new(key, mac_in.encode(), hashlib.sha256).hexdigest(), v["peer_hmac"])
+
+    def test_every_error_code_with_its_status(self) -> None:
+        """docs/protocol.md's error table lists every code of meshrelay/errors.py with its status."""
+        from meshrelay.errors import STATUS_BY_CODE
+
+        table = self.doc.split("### 4.1", 1)[1].split("\n### ", 1)[0]
+        for code, status in STATUS_BY_CODE.items():
+            self.assertIn(f"| {status} | `{code}` |", table, code)
+
+    def test_limits_table_has_every_key_and_default(self) -> None:
+        """docs/protocol.md's limits table has a row with the default of every [limits] and [sync] key."""
+        table = self.doc.split("## 9. Limits", 1)[1].split("\n## ", 1)[0]
+        for section in ("limits", "sync"):
+            for f in dataclasses.fields(cfg_mod._SECTIONS[section]):
+                default = '""' if f.default == "" else str(f.default)
+                shown = f"`{default}`" if isinstance(f.default, str) else default
+                self.assertIn(f"| `{section}.{f.name}` | {shown} |", table, f"{section}.{f.name}")
+
+    def test_pointers_to_the_spec(self) -> None:
+        """README's wire-protocol line and docs/protocol-notes.md point to docs/protocol.md."""
+        readme = read(os.path.join(REPO, "README.md"))
+        line = next(line for line in readme.splitlines() if line.startswith("- Wire protocol:"))
+        self.assertIn("docs/protocol.md", line)
+        self.assertIn("(protocol.md)", read(os.path.join(DOCS, "protocol-notes.md")).split("\n## ", 1)[0])
+
+
 def _openssl_3() -> bool:
     if not (shutil.which("openssl") and shutil.which("curl")):
         return False
