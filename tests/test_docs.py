@@ -222,6 +222,13 @@ class ProtocolDocTests(SynchronousTestCase):
         )
         self.assertEqual(hmac.new(key, mac_in.encode(), hashlib.sha256).hexdigest(), v["peer_hmac"])
 
+    def test_poll_example_verifies(self) -> None:
+        """The poll request shown in docs/protocol.md's appendix passes the node's parsing and signature check."""
+        block = self.doc.split("The poll request carrying it", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+        poll = E.parse_poll(json.loads(block))
+        self.assertTrue(E.verify_signed(poll.auth))
+        self.assertEqual((poll.limit, poll.wait), (100, 25))
+
     def test_every_error_code_with_its_status(self) -> None:
         """docs/protocol.md's error table lists every code of meshrelay/errors.py with its status."""
         from meshrelay.errors import STATUS_BY_CODE
