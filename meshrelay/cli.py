@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import re
-import secrets
 import signal
 import sys
 import time
@@ -39,15 +38,16 @@ from meshrelay import __version__
 from meshrelay import envelope as E
 from meshrelay.client import (
     DEFAULT_TTL,
+    ERROR_CLASSES,
     ClientError,
     Identity,
     MessageError,
     NodeClient,
     NodeUnreachable,
-    RateLimitedError,
-    UnavailableError,
     parse_address,
 )
+from meshrelay.config import new_peer_secret
+from meshrelay.files import PrivateFileError, write_private_file
 
 #: exit codes
 EXIT_OK = 0
@@ -110,28 +110,12 @@ def cmd_gen_secret(args: argparse.Namespace) -> int:
     if not args.out:
         _say(sys.stdout, secret)
         return EXIT_OK
-    write_private_file(args.out, secret + "\n", force=args.force)
+    try:
+        write_private_file(args.out, secret + "\n", force=args.force)
+    except PrivateFileError as e:
+        raise ClientError(str(e)) from None
     _say(sys.stderr, f"wrote {args.out}")
     return EXIT_OK
-
-
-def new_peer_secret() -> str:
-    """A fresh random peer secret (256 bits, base64url)."""
-    return secrets.token_urlsafe(32)
-
-
-def write_private_file(path: str, text: str, force: bool = False) -> None:
-    """Create ``path`` with mode 0600 (refusing an existing one unless ``force``)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise ClientError(f"{path} already exists (use --force to replace it)") from None
-    except OSError as e:
-        raise ClientError(f"cannot write {path}: {e.strerror or e}") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        os.fchmod(fh.fileno(), 0o600)
-        fh.write(text)
 
 
 # --------------------------------------------------------------------------- messages
@@ -281,7 +265,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         while True:
             try:
                 result = client.poll(ident, ack=acks, limit=args.limit, wait=args.wait, fetch_remote=args.fetch_remote)
-            except (NodeUnreachable, UnavailableError, RateLimitedError) as e:
+            except (NodeUnreachable, ERROR_CLASSES["unavailable"], ERROR_CLASSES["rate_limited"]) as e:
                 _say(sys.stderr, f"meshrelay: {e}; retrying in {backoff:.0f}s")
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)

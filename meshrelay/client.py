@@ -28,13 +28,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import nacl.exceptions
 import nacl.public
@@ -43,7 +42,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshrelay import envelope as E
 from meshrelay.config import normalize_url
-from meshrelay.errors import MeshError
+from meshrelay.errors import STATUS_BY_CODE, MeshError
+from meshrelay.files import PrivateFileError, write_private_file
 
 #: the first bytes of every plaintext the CLI seals (version of the payload convention)
 MAGIC = b"MRT1"
@@ -113,58 +113,6 @@ class RemoteError(ClientError):
         self.body = body or {}
 
 
-class BadJSONError(RemoteError):
-    code = "bad_json"
-
-
-class BadEnvelopeError(RemoteError):
-    code = "bad_envelope"
-
-
-class BadSignatureError(RemoteError):
-    code = "bad_signature"
-
-
-class BadRequestError(RemoteError):
-    code = "bad_request"
-
-
-class ReplayedError(RemoteError):
-    code = "replayed"
-
-
-class StaleError(RemoteError):
-    code = "stale"
-
-
-class ForbiddenError(RemoteError):
-    code = "forbidden"
-
-
-class NotFoundError(RemoteError):
-    code = "not_found"
-
-
-class MethodNotAllowedError(RemoteError):
-    code = "method_not_allowed"
-
-
-class TooLargeError(RemoteError):
-    code = "too_large"
-
-
-class UnsupportedMediaTypeError(RemoteError):
-    code = "unsupported_media_type"
-
-
-class BadTimestampError(RemoteError):
-    code = "bad_timestamp"
-
-
-class BadTTLError(RemoteError):
-    code = "bad_ttl"
-
-
 class SenderCapError(RemoteError):
     """Too many unacked envelopes from this sender in this mailbox (``pending`` of ``limit``)."""
 
@@ -182,51 +130,40 @@ class SenderCapError(RemoteError):
             )
 
 
-class MailboxFullError(RemoteError):
-    code = "mailbox_full"
+#: words of an error code spelled as acronyms in its class name
+_ACRONYMS = {"json": "JSON", "ttl": "TTL"}
 
 
-class RateLimitedError(RemoteError):
-    code = "rate_limited"
+def error_class_name(code: str) -> str:
+    """``bad_ttl`` -> ``BadTTLError``: the name of the exception class of a protocol error code."""
+    return "".join(_ACRONYMS.get(word, word.capitalize()) for word in code.split("_")) + "Error"
 
 
-class StorageFullError(RemoteError):
-    code = "storage_full"
+def _derive_error_classes() -> dict[str, type[RemoteError]]:
+    """One :class:`RemoteError` subclass per code of the node's error table (:data:`STATUS_BY_CODE`).
+
+    Codes whose answers carry more than ``detail`` have a hand-written class
+    (:class:`SenderCapError`); every other class is made here, so a code
+    added to the table gets its class without a second list to keep in step.
+    """
+    written: dict[str, type[RemoteError]] = {SenderCapError.code: SenderCapError}
+    classes: dict[str, type[RemoteError]] = {}
+    for code in STATUS_BY_CODE:
+        cls = written.get(code)
+        if cls is None:
+            doc = f"The node refused the request with ``{code}`` (HTTP {STATUS_BY_CODE[code]})."
+            cls = cast(
+                "type[RemoteError]",
+                type(error_class_name(code), (RemoteError,), {"code": code, "__doc__": doc, "__module__": __name__}),
+            )
+        classes[code] = cls
+    return classes
 
 
-class UnavailableError(RemoteError):
-    code = "unavailable"
-
-
-class InternalError(RemoteError):
-    code = "internal"
-
-
-#: protocol error code -> exception class (one per code in meshrelay.errors.STATUS_BY_CODE)
-ERROR_CLASSES: dict[str, type[RemoteError]] = {
-    cls.code: cls
-    for cls in (
-        BadJSONError,
-        BadEnvelopeError,
-        BadSignatureError,
-        BadRequestError,
-        ReplayedError,
-        StaleError,
-        ForbiddenError,
-        NotFoundError,
-        MethodNotAllowedError,
-        TooLargeError,
-        UnsupportedMediaTypeError,
-        BadTimestampError,
-        BadTTLError,
-        SenderCapError,
-        MailboxFullError,
-        RateLimitedError,
-        StorageFullError,
-        UnavailableError,
-        InternalError,
-    )
-}
+#: protocol error code -> exception class, one per code in meshrelay.errors.STATUS_BY_CODE; each class is
+#: also a name of this module (``meshrelay.client.MailboxFullError``)
+ERROR_CLASSES: dict[str, type[RemoteError]] = _derive_error_classes()
+globals().update({cls.__name__: cls for cls in ERROR_CLASSES.values()})
 
 
 def error_from_response(status: int, body: Any) -> ClientError:
@@ -287,35 +224,10 @@ class Identity:
 
     def save(self, path: str, force: bool = False) -> None:
         """Write the key file with mode 0600; refuse to replace one unless ``force``."""
-        path = os.path.expanduser(path)
-        if os.path.lexists(path) and not force:
-            raise KeyFileError(f"{path} already exists (use --force to replace it)")
-        directory = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".meshrelay-key-", dir=directory)
-        except OSError as e:
-            raise KeyFileError(f"cannot write {path}: {e.strerror or e}") from None
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(self.to_json(), indent=2) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            if force:
-                os.replace(tmp, path)
-            else:
-                # link() fails if the name appeared meanwhile: never replace silently.
-                os.link(tmp, path)
-                os.unlink(tmp)
-        except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if isinstance(e, FileExistsError):
-                raise KeyFileError(f"{path} already exists (use --force to replace it)") from None
-            raise KeyFileError(f"cannot write {path}: {e.strerror or e}") from None
+            write_private_file(path, json.dumps(self.to_json(), indent=2) + "\n", force=force)
+        except PrivateFileError as e:
+            raise KeyFileError(str(e)) from None
 
     @classmethod
     def load(cls, path: str) -> Identity:

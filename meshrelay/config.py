@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 MIN_SECRET_LEN = 16
+
+
+def new_peer_secret() -> str:
+    """A fresh random peer secret (256 bits, base64url)."""
+    return secrets.token_urlsafe(32)
 
 
 class ConfigError(Exception):

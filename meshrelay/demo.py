@@ -24,9 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 import meshrelay
-from meshrelay.cli import new_peer_secret, write_private_file
 from meshrelay.client import ClientError, Identity, NodeClient
-from meshrelay.config import ConfigError, load_config, to_toml
+from meshrelay.config import ConfigError, load_config, new_peer_secret, to_toml
+from meshrelay.files import PrivateFileError, write_private_file
 
 NAMES = ("node-a", "node-b", "node-c")
 #: how long a node may take to answer /api/mesh/health after its start
@@ -97,7 +97,10 @@ def write_mesh(directory: str, ports: list[tuple[int, int]]) -> list[dict[str, A
         for b in nodes[i + 1 :]:
             path = os.path.join(secret_dir, f"{a['name']}--{b['name']}.secret")
             # A fresh secret per link and per run; both ends read the same file.
-            write_private_file(path, new_peer_secret() + "\n", force=True)
+            try:
+                write_private_file(path, new_peer_secret() + "\n", force=True)
+            except PrivateFileError as e:
+                raise ClientError(str(e)) from None
             secret_files[frozenset((a["name"], b["name"]))] = path
     for node in nodes:
         raw: dict[str, Any] = {

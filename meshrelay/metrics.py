@@ -115,10 +115,27 @@ class Metrics:
         """Shortcut for tests: the value of one sample, or None."""
         return self.registry.get_sample_value(name, labels or {})
 
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of ``name``'s samples whose labels include ``labels`` (0 when none matches yet).
+
+        Raises ``KeyError`` for a name that no metric of this node exports, so a
+        misspelled name fails instead of reading as 0.
+        """
+        samples = self.as_json()
+        if name not in samples:
+            raise KeyError(f"no metric exports a sample named {name!r}")
+        return float(sum(s["value"] for s in samples[name] if all(s["labels"].get(k) == v for k, v in labels.items())))
+
     def as_json(self) -> dict[str, Any]:
-        """Every sample as ``{"name": [{"labels": {...}, "value": v}, ...]}``."""
+        """Every sample as ``{"name": [{"labels": {...}, "value": v}, ...]}``.
+
+        A labelled metric with no series yet is listed with no samples, under
+        the name its samples will have, so readers can tell it from a typo.
+        """
         out: dict[str, Any] = {}
         for family in self.registry.collect():
+            if not family.samples:
+                out[family.name + ("_total" if family.type == "counter" else "")] = []
             for s in family.samples:
                 if s.name.endswith("_created"):
                     continue

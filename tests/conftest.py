@@ -41,3 +41,27 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
     _skipped[0] = sum(1 for r in terminalreporter.stats.get("skipped", []) if SKIP_REASON in str(r.longrepr))
     if _skipped[0]:
         terminalreporter.write_line(f"NOTE: {_skipped[0]} tests were skipped. {SKIP_REASON}", yellow=True, bold=True)
+
+
+class _UnmarkedProcess(AssertionError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_integration_tests(request: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts a process must carry the ``integration`` marker, so the lanes tell the truth.
+
+    In unmarked tests, starting a child through ``subprocess`` or
+    ``reactor.spawnProcess`` fails at once, naming the rule.
+    """
+    if request.node.get_closest_marker("integration") is not None:
+        return
+    import subprocess
+
+    from twisted.internet import reactor
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise _UnmarkedProcess(f"{request.node.nodeid} starts a process: mark it @pytest.mark.integration")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(reactor, "spawnProcess", refuse, raising=False)

@@ -206,15 +206,15 @@ class NodeProcess:
         return http_request(self.admin_port, "GET", path)
 
     def metric(self, name: str, **labels: str) -> float:
-        """The sum of ``name``'s samples on the node's admin JSON metrics whose labels include ``labels``."""
+        """The sum of ``name``'s samples on the node's admin JSON metrics whose labels include ``labels``.
+
+        An unknown name fails (it would otherwise read as 0 and pass an ``== 0`` check).
+        """
         status, body = self.admin("/api/mesh/metrics")
         assert status == 200, (status, body)
+        assert name in body["metrics"], f"the node exports no metric sample named {name!r}"
         return float(
-            sum(
-                s["value"]
-                for s in body["metrics"].get(name, [])
-                if all(s["labels"].get(k) == v for k, v in labels.items())
-            )
+            sum(s["value"] for s in body["metrics"][name] if all(s["labels"].get(k) == v for k, v in labels.items()))
         )
 
     def send(self, env: dict[str, Any]) -> tuple[int, Any]:

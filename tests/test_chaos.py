@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import sys
 
 import pytest
@@ -13,15 +12,17 @@ from tests.chaos import ChaosRun, Settings
 
 pytestmark = pytest.mark.integration
 
-#: replay a run: MESHRELAY_CHAOS_SEED=<seed printed by the failing run>
+#: another schedule: MESHRELAY_CHAOS_SEED=<seed>; random seeds, and longer runs, come from bench/chaos.py
 SEED_ENV = "MESHRELAY_CHAOS_SEED"
+#: CI runs one fixed fault schedule and client script, so a red run is the code's doing, not the draw's
+CI_SEED = 3051994078
 SECONDS_ENV = "MESHRELAY_CHAOS_SECONDS"
 
 
 class ChaosTests(SynchronousTestCase):
     def test_mesh_converges_loses_and_resurrects_nothing_under_chaos(self) -> None:
         """Under load with SIGKILLs, cuts, black holes and delays, the nodes converge; nothing answered 200 is lost, nothing acked returns."""
-        seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**32))
+        seed = int(os.environ.get(SEED_ENV) or CI_SEED)
         seconds = float(os.environ.get(SECONDS_ENV) or 60)
         replay = f"replay with {SEED_ENV}={seed}"
         print(f"chaos seed {seed} ({replay})", file=sys.stderr)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import cli
@@ -114,6 +115,7 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(code, 0)
         self.assertNotIn("s3cret", out)
 
+    @pytest.mark.integration
     def test_real_command(self) -> None:
         """The installed-style command (python -m meshrelay.cli) gives the same one-line error and exit code."""
         path = self.write("[limits]\nclock_skew = -1\n")

@@ -8,10 +8,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.harness import NodeProcess, feed_ids
 from tests.helpers import Identity, link_secret
+
+pytestmark = pytest.mark.integration
 
 NAMES = ("a", "b", "c")
 

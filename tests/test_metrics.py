@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from meshrelay.metrics import Metrics
 from tests.adminhelpers import AdminClient, FakeReplication
 from tests.helpers import T0, Identity, MemNode, make_config
 
@@ -133,3 +134,15 @@ class ProtocolMetricsTests(SynchronousTestCase):
         self.assertEqual(code, 200)
         self.assertIn("meshrelay_stored_envelopes", text)
         self.flushLoggedErrors(RuntimeError)
+
+
+class MetricValueTests(SynchronousTestCase):
+    def test_unknown_name_fails_known_unset_series_is_zero(self) -> None:
+        """Metrics.value raises for a misspelled name and reads 0 for a known series not yet created."""
+        m = Metrics()
+        self.assertEqual(m.value("meshrelay_dm_deposit_total", outcome="accepted"), 0.0)
+        m.deposit_total.labels("accepted").inc()
+        self.assertEqual(m.value("meshrelay_dm_deposit_total", outcome="accepted"), 1.0)
+        self.assertEqual(m.value("meshrelay_stored_envelopes"), 0.0)
+        with self.assertRaises(KeyError):
+            m.value("meshrelay_dm_deposits_total")

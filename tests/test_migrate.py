@@ -10,6 +10,7 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import migrate
@@ -188,6 +189,7 @@ class MigrateCommandLineTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("give --to DSN", err)
 
+    @pytest.mark.integration
     def test_runs_as_a_module(self) -> None:
         """python -m meshrelay.migrate --help works from a checkout."""
         env = dict(os.environ, PYTHONPATH=REPO)

@@ -112,7 +112,7 @@ class PeerAPITestCase(SynchronousTestCase):
         return self.node.store.dump_live(now), items
 
     def failures(self, reason: str) -> float:
-        return self.node.metrics.sample("meshrelay_peer_auth_failures_total", {"reason": reason}) or 0.0
+        return self.node.metrics.value("meshrelay_peer_auth_failures_total", reason=reason)
 
     def stored_envelope(self, text: bytes = b"stored") -> dict[str, Any]:
         env = self.sender.envelope(self.mailbox, text, ts=self.now())

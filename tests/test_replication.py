@@ -85,7 +85,7 @@ class MeshTestCase(SynchronousTestCase):
         return self.call(name, "POST", "/api/mesh/dm/poll", who.poll_body(ts=self.now(), ack=ack, **kw))
 
     def metric(self, name: str, metric: str, **labels: str) -> float:
-        return self.mesh[name].metrics.sample(metric, labels) or 0.0
+        return self.mesh[name].metrics.value(metric, **labels)
 
     def push_count(self, src: str, dst: str, outcome: str) -> float:
         return self.metric(src, "meshrelay_dm_replication_push_total", peer=Mesh.url(dst), outcome=outcome)

@@ -38,3 +38,11 @@ class RepoTests(SynchronousTestCase):
         """twisted/ and twisted/plugins/ have no __init__.py (it would break the plugin scan)."""
         self.assertFalse(os.path.exists(os.path.join(REPO, "twisted", "__init__.py")))
         self.assertFalse(os.path.exists(os.path.join(REPO, "twisted", "plugins", "__init__.py")))
+
+    def test_unmarked_tests_cannot_start_processes(self) -> None:
+        """A test without the integration marker that starts a process fails, naming the marker."""
+        import subprocess
+
+        with self.assertRaises(AssertionError) as cm:
+            subprocess.run(["true"], check=False)
+        self.assertIn("pytest.mark.integration", str(cm.exception))

@@ -7,6 +7,7 @@ import signal
 import time
 from typing import Any
 
+import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
@@ -17,6 +18,8 @@ from meshrelay.store.base import Caps, StoreError
 from meshrelay.store.sqlite import DB_NAME, SQLiteStore
 from meshrelay.store.writer_process import ProcessWriter
 from tests.helpers import Identity
+
+pytestmark = pytest.mark.integration
 
 
 class WriterProcessTests(TestCase):
