@@ -28,6 +28,18 @@ STATUS_BY_CODE: dict[str, int] = {
     "mailbox_full": 429,
     "rate_limited": 429,
     "storage_full": 429,
+    # version 3: first contact (meshrelay.policy, docs/protocol.md section 12)
+    "bad_policy": 400,
+    "bad_stamp": 400,
+    "bad_permit": 403,
+    "permit_mismatch": 403,
+    "permit_expired": 403,
+    "permit_revoked": 403,
+    "contacts_only": 403,
+    "stamp_required": 403,
+    "weak_stamp": 403,
+    "stale_policy": 409,
+    "stranger_full": 429,
     "unavailable": 503,
     "internal": 500,
 }
@@ -122,3 +134,72 @@ class Unavailable(MeshError):
     """The node cannot serve the request right now (store failure, shutting down)."""
 
     code = "unavailable"
+
+
+# --------------------------------------------------------------------------- version 3: first contact
+
+
+class BadPolicy(MeshError):
+    """A mailbox policy's shape or values are wrong."""
+
+    code = "bad_policy"
+
+
+class BadStamp(MeshError):
+    """An envelope's stamp is not canonical b64u of 8 bytes."""
+
+    code = "bad_stamp"
+
+
+class BadPermit(MeshError):
+    """A permit is malformed or not signed by the mailbox key (forged)."""
+
+    code = "bad_permit"
+
+
+class PermitMismatch(MeshError):
+    """A permit names another mailbox or another sender than the envelope carrying it."""
+
+    code = "permit_mismatch"
+
+
+class PermitExpired(MeshError):
+    """A permit had expired when the envelope was made."""
+
+    code = "permit_expired"
+
+
+class PermitRevoked(MeshError):
+    """A permit's epoch is older than the mailbox policy's epoch."""
+
+    code = "permit_revoked"
+
+
+class ContactsOnly(MeshError):
+    """The mailbox policy refuses mail from strangers."""
+
+    code = "contacts_only"
+
+
+class StampRequired(MeshError):
+    """The mailbox policy asks strangers for a stamp and there is none."""
+
+    code = "stamp_required"
+
+
+class WeakStamp(MeshError):
+    """The stamp has less work than the mailbox policy asks for."""
+
+    code = "weak_stamp"
+
+
+class StalePolicy(MeshError):
+    """A policy not newer than the one the node holds."""
+
+    code = "stale_policy"
+
+
+class StrangerFull(MeshError):
+    """The mailbox's stranger bucket is at its cap (contact mail is unaffected)."""
+
+    code = "stranger_full"
