@@ -4,7 +4,13 @@
 
     meshrelay keygen [--key FILE] [--force]
     meshrelay address [--key FILE]
-    meshrelay send --node URL --to ADDRESS [--ttl S] [TEXT | -]
+    meshrelay send --node URL --to ADDRESS [--ttl S] [--permit TOKEN] [TEXT | -]
+    meshrelay policy show --node URL [--mailbox ADDRESS] [--json]
+    meshrelay policy set --node URL --mode open|stamps|contacts [--difficulty N] [--stranger-cap N]
+                         [--epoch N | --revoke-permits] [--version N]
+    meshrelay permit issue --for SENDER [--days N] [--epoch N | --node URL]
+    meshrelay permit add TOKEN
+    meshrelay permit list
     meshrelay poll --node URL [--wait S] [--ack] [--json]
     meshrelay watch --node URL
     meshrelay gen-secret [--out FILE]
@@ -36,6 +42,7 @@ from typing import Any, NoReturn, TextIO
 
 from meshrelay import __version__
 from meshrelay import envelope as E
+from meshrelay import policy as P
 from meshrelay.client import (
     DEFAULT_TTL,
     ERROR_CLASSES,
@@ -44,6 +51,8 @@ from meshrelay.client import (
     MessageError,
     NodeClient,
     NodeUnreachable,
+    check_permit_token,
+    first_contact,
     parse_address,
 )
 from meshrelay.config import new_peer_secret
@@ -133,9 +142,145 @@ def cmd_send(args: argparse.Namespace) -> int:
     else:
         text = args.text.encode("utf-8")
     env = ident.envelope(args.to, ident.seal_text(args.to, text), ttl=args.ttl)
-    result = client.send(env)
+    token = args.permit or load_permits(permits_path(args)).get(E.b64u_encode(parse_address(args.to)))
+    permit = check_permit_token(token, ident.address) if token else None
+    # A permit makes it contact mail; without one, the mailbox's policy says whether a stamp is needed.
+    policy = None if permit is not None else client.get_policy(args.to)
+    progress = Progress(sys.stderr)
+    try:
+        result = client.send(first_contact(env, permit, policy, progress))
+    except (ERROR_CLASSES["stamp_required"], ERROR_CLASSES["weak_stamp"]) as e:
+        # The policy changed since we read it (or another node of the mesh has a newer one): once more.
+        difficulty = e.body.get("difficulty")
+        if type(difficulty) is not int:
+            raise
+        stricter = {"mode": P.STAMPS, "difficulty": difficulty}
+        result = client.send(first_contact(env, None, stricter, progress))
+    finally:
+        progress.done()
     msg_id = result.get("msg_id", env["msg_id"])
     _say(sys.stdout, f"{msg_id}{' (duplicate: already stored)' if result.get('duplicate') else ''}")
+    return EXIT_OK
+
+
+class Progress:
+    """The progress line while a stamp is computed (stderr; rewritten in place on a terminal)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.started = time.monotonic()
+        self.shown = False
+
+    def __call__(self, tries: int, difficulty: int) -> None:
+        elapsed = time.monotonic() - self.started
+        line = (
+            f"computing a stamp for this first contact ({difficulty} bits): {tries / 1e6:.1f} M tries, "
+            f"{elapsed:.1f} s (about {2**difficulty / 1e6:.1f} M expected)"
+        )
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.stream.write(("\r" + line) if tty else (line + "\n"))
+        self.stream.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown and bool(getattr(self.stream, "isatty", lambda: False)()):
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------- policies and permits
+
+
+def permits_path(args: argparse.Namespace) -> str:
+    """``--permits``, else ``permits.json`` beside the key file."""
+    explicit: str | None = getattr(args, "permits", None)
+    return explicit or os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(args.key))), "permits.json")
+
+
+def load_permits(path: str) -> dict[str, str]:
+    """mailbox address -> permit token, from the permits file (empty when there is none)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ClientError(f"cannot read the permits file {path}: {e}") from None
+    if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
+        raise ClientError(f"{path} is not a permits file (an object of address -> token)")
+    return doc
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    """Show a mailbox's policy at a node, or sign and store a new one for your mailbox."""
+    client = NodeClient(args.node, timeout=args.timeout)
+    if args.action == "show":
+        mailbox = args.mailbox or Identity.load(args.key).address
+        policy = client.get_policy(mailbox)
+        if args.json:
+            _say(sys.stdout, json.dumps(policy))
+        elif policy is None:
+            _say(sys.stdout, "no policy: open (anyone may send; v1 behaviour)")
+        else:
+            _say(
+                sys.stdout,
+                f"version {policy.get('version')}: mode {policy.get('mode')}, difficulty {policy.get('difficulty')}, "
+                f"stranger cap {policy.get('stranger_cap')}, permit epoch {policy.get('epoch')}, "
+                f"signed {_utc(policy['ts']) if type(policy.get('ts')) is int else '?'}",
+            )
+        return EXIT_OK
+    ident = Identity.load(args.key)
+    current = client.get_policy(ident.address)
+    version = args.version if args.version is not None else (current["version"] + 1 if current else 1)
+    epoch = args.epoch if args.epoch is not None else (current["epoch"] if current else 0)
+    if args.revoke_permits:
+        epoch += 1
+    difficulty = (
+        args.difficulty if args.difficulty is not None else (P.DEFAULT_DIFFICULTY if args.mode == P.STAMPS else 0)
+    )
+    policy = ident.policy(version, args.mode, difficulty, args.stranger_cap, epoch)
+    result = client.set_policy(policy)
+    _say(sys.stdout, f"policy version {version} stored{' (already stored)' if result.get('duplicate') else ''}")
+    if args.revoke_permits:
+        _say(sys.stderr, f"permits of epochs below {epoch} are revoked; issue new ones with --epoch {epoch}")
+    return EXIT_OK
+
+
+def cmd_permit(args: argparse.Namespace) -> int:
+    """Issue a permit for a contact (printed as a token), or keep one you were given for sending."""
+    if args.action == "issue":
+        if not args.sender:
+            return _fail("give the contact's sender address with --for SENDER")
+        parse_address(args.sender)
+        ident = Identity.load(args.key)
+        epoch = args.epoch
+        if epoch is None:
+            node = args.node or os.environ.get("MESHRELAY_NODE")
+            policy = NodeClient(node, timeout=args.timeout).get_policy(ident.address) if node else None
+            epoch = policy["epoch"] if policy else 0
+        expires = int(time.time()) + int(args.days * 86400)
+        _say(sys.stdout, ident.permit(args.sender, expires, epoch))
+        _say(sys.stderr, f"permit for {args.sender} to {ident.address}, epoch {epoch}, expires {_utc(expires)}")
+        return EXIT_OK
+    path = permits_path(args)
+    permits = load_permits(path)
+    if args.action == "list":
+        for mailbox, token in sorted(permits.items()):
+            try:
+                exp = _utc(P.parse_permit_token(token).expires)
+            except Exception:
+                exp = "unreadable"
+            _say(sys.stdout, f"{mailbox}  expires {exp}")
+        return EXIT_OK
+    if not args.token:
+        return _fail("give the permit TOKEN to add")
+    permit = check_permit_token(args.token, Identity.load(args.key).address)
+    permits[permit.mailbox] = args.token.strip()
+    try:
+        write_private_file(path, json.dumps(permits, indent=2) + "\n", force=True)
+    except PrivateFileError as e:
+        raise ClientError(str(e)) from None
+    _say(sys.stderr, f"kept the permit for mailbox {permit.mailbox} in {path}; send uses it from now on")
     return EXIT_OK
 
 
@@ -379,7 +524,41 @@ def _conf_send(p: argparse.ArgumentParser) -> None:
     _node_options(p)
     p.add_argument("--to", required=True, metavar="ADDRESS", help="the recipient's mailbox address")
     p.add_argument("--ttl", type=_int_range(1, 2**31), default=DEFAULT_TTL, metavar="S", help="seconds to keep it")
+    p.add_argument("--permit", metavar="TOKEN", help="a permit token for this mailbox (default: the permits file)")
+    p.add_argument("--permits", metavar="FILE", help="the permits file (default: permits.json beside the key)")
     p.add_argument("text", nargs="?", metavar="TEXT", help="the message, or - to read it from stdin")
+
+
+def _conf_policy(p: argparse.ArgumentParser) -> None:
+    _node_options(p)
+    p.add_argument("action", choices=("show", "set"), help="show a policy, or set yours")
+    p.add_argument("--mailbox", metavar="ADDRESS", help="show: whose policy (default: your own)")
+    p.add_argument("--json", action="store_true", help="show: print the signed policy as JSON")
+    p.add_argument("--mode", choices=P.MODES, default=P.OPEN, help="set: open, stamps or contacts")
+    p.add_argument(
+        "--difficulty",
+        type=_int_range(1, P.MAX_DIFFICULTY),
+        metavar="BITS",
+        help=f"set: stamp difficulty in bits (default {P.DEFAULT_DIFFICULTY} in stamps mode)",
+    )
+    p.add_argument(
+        "--stranger-cap", type=_int_range(0, E.MAX_INT), default=P.DEFAULT_STRANGER_CAP, metavar="N", help="set"
+    )
+    p.add_argument("--epoch", type=_int_range(0, E.MAX_INT), metavar="N", help="set: permit epoch (default: kept)")
+    p.add_argument("--revoke-permits", action="store_true", help="set: bump the epoch, revoking every permit")
+    p.add_argument("--version", type=_int_range(0, E.MAX_INT), metavar="N", help="set: default current + 1")
+
+
+def _conf_permit(p: argparse.ArgumentParser) -> None:
+    _key_option(p)
+    p.add_argument("action", choices=("issue", "add", "list"), help="issue one, keep one (add), list kept ones")
+    p.add_argument("token", nargs="?", metavar="TOKEN", help="add: the permit token you were given")
+    p.add_argument("--for", dest="sender", metavar="SENDER", help="issue: the contact's sender address")
+    p.add_argument("--days", type=_positive_float, default=365.0, metavar="N", help="issue: valid for N days")
+    p.add_argument("--epoch", type=_int_range(0, E.MAX_INT), metavar="N", help="issue: default the policy's")
+    p.add_argument("--node", metavar="URL", help="issue: read the epoch from this node (default $MESHRELAY_NODE)")
+    p.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S", help=argparse.SUPPRESS)
+    p.add_argument("--permits", metavar="FILE", help="the permits file (default: permits.json beside the key)")
 
 
 def _conf_poll(p: argparse.ArgumentParser) -> None:
@@ -440,6 +619,8 @@ COMMANDS: dict[str, Command] = {
     "address": Command("print the mailbox address of a key file", _key_option, cmd_address),
     "send": Command("encrypt, sign and deposit a message", _conf_send, cmd_send),
     "poll": Command("fetch, verify, decrypt and print messages", _conf_poll, cmd_poll),
+    "policy": Command("show or set a mailbox's first-contact policy", _conf_policy, cmd_policy),
+    "permit": Command("issue a send permit for a contact, or keep one you were given", _conf_permit, cmd_permit),
     "watch": Command("follow the mailbox with long-polls until Ctrl-C", _conf_watch, cmd_watch),
     "gen-secret": Command("print a new peer secret", _conf_gen_secret, cmd_gen_secret),
     "check-config": Command(
@@ -478,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: options whose value may start with "-": a mailbox address is b64u, and 1 in 64 of them do
-DASH_VALUE_OPTIONS = frozenset(("--to",))
+DASH_VALUE_OPTIONS = frozenset(("--to", "--for", "--mailbox"))
 
 
 def attach_dash_values(argv: list[str]) -> list[str]:

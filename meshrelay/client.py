@@ -30,8 +30,9 @@ import os
 import stat
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -41,6 +42,7 @@ import nacl.signing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshrelay import envelope as E
+from meshrelay import policy as P
 from meshrelay.config import normalize_url
 from meshrelay.errors import STATUS_BY_CODE, MeshError
 from meshrelay.files import PrivateFileError, write_private_file
@@ -279,6 +281,32 @@ class Identity:
         ts = int(time.time()) if now is None else now
         return E.make_signed_request(self.signing_key, ts, nonce if nonce is not None else os.urandom(16), list(ack))
 
+    def policy(
+        self,
+        version: int,
+        mode: str = P.OPEN,
+        difficulty: int = 0,
+        stranger_cap: int = P.DEFAULT_STRANGER_CAP,
+        epoch: int = 0,
+        now: int | None = None,
+    ) -> dict[str, Any]:
+        """A mailbox policy for this identity's mailbox, signed (``POST /api/mesh/dm/policy``)."""
+        ts = int(time.time()) if now is None else now
+        return P.make_policy(
+            self.signing_key,
+            version=version,
+            mode=mode,
+            difficulty=difficulty,
+            stranger_cap=stranger_cap,
+            epoch=epoch,
+            ts=ts,
+        )
+
+    def permit(self, sender: str, expires: int, epoch: int = 0) -> str:
+        """A send permit for ``sender`` to this mailbox, as a printable token (hand it over out of band)."""
+        sender = E.b64u_encode(parse_address(sender))
+        return P.parse_permit(P.make_permit(self.signing_key, sender, expires, epoch)).token()
+
     # ---------------------------------------------------------------- encryption
 
     def seal_text(self, to: str, text: bytes) -> bytes:
@@ -315,6 +343,53 @@ class Identity:
         return Message(
             msg_id=env.msg_id, sender=env.sender, ts=env.ts, ttl=env.ttl, text=plain[len(MAGIC) + E.KEY_LEN :]
         )
+
+
+def check_permit_token(token: str, sender: str, now: int | None = None) -> P.Permit:
+    """Parse a permit token and check it offline: signed by its mailbox, for ``sender``, not expired."""
+    try:
+        permit = P.parse_permit_token(token)
+    except MeshError as e:
+        raise ClientError(f"not a permit token: {e.detail}") from None
+    if not P.verify_permit(permit):
+        raise ClientError("the permit is not signed by the mailbox it names (forged or damaged)")
+    if permit.sender != sender:
+        raise ClientError(f"the permit is for the sender {permit.sender}, not for this key ({sender})")
+    if permit.expires <= (int(time.time()) if now is None else now):
+        raise ClientError("the permit has expired; ask the mailbox owner for a new one")
+    return permit
+
+
+def first_contact(
+    envelope: dict[str, Any],
+    permit: P.Permit | None,
+    policy: dict[str, Any] | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The envelope with what the mailbox's policy asks for: a permit when there is one, else a stamp.
+
+    ``policy`` is the mailbox's policy as the node serves it (None: no policy,
+    or a node before protocol version 3, which gets the plain v1 envelope).
+    A ``contacts`` policy without a permit is a :class:`ClientError` (the node
+    would refuse it).  ``progress(tries, difficulty)`` is called while a stamp
+    is being computed.
+    """
+    if permit is not None:
+        if permit.mailbox != envelope["mailbox"]:
+            raise ClientError("the permit is for another mailbox")
+        return {**envelope, "permit": permit.to_json()}
+    if policy is None:
+        return envelope
+    mode, difficulty = policy.get("mode"), policy.get("difficulty")
+    if mode == P.CONTACTS:
+        raise ClientError("this mailbox takes mail only from its contacts: ask its owner for a permit")
+    if mode == P.STAMPS and type(difficulty) is int and 0 < difficulty <= P.MAX_DIFFICULTY:
+        d = difficulty
+        stamp = P.solve_stamp(
+            envelope["msg_id"], d, progress=None if progress is None else (lambda tries: progress(tries, d))
+        )
+        return {**envelope, "stamp": stamp}
+    return envelope
 
 
 def seal_text(to: str, sender: str, text: bytes) -> bytes:
@@ -394,6 +469,26 @@ class NodeClient:
     def send(self, envelope: dict[str, Any]) -> dict[str, Any]:
         """Deposit a signed envelope; ``{"ok", "msg_id", "duplicate"}``."""
         return self.request("POST", "/api/mesh/dm/send", envelope)
+
+    def get_policy(self, mailbox: str) -> dict[str, Any] | None:
+        """The mailbox's policy at this node (public), or None when it has none.
+
+        A node before protocol version 3 answers ``404 not_found``: also None
+        (it treats every sender the v1 way).
+        """
+        query = urllib.parse.urlencode({"mailbox": E.b64u_encode(parse_address(mailbox))})
+        try:
+            doc = self.request("GET", "/api/mesh/dm/policy?" + query)
+        except ERROR_CLASSES["not_found"]:
+            return None
+        policy = doc.get("policy")
+        if policy is not None and not isinstance(policy, dict):
+            raise ProtocolError("policy answer has no policy object")
+        return policy
+
+    def set_policy(self, policy: dict[str, Any]) -> dict[str, Any]:
+        """Store a signed policy; ``{"ok", "version", "duplicate"}`` (``stale_policy`` when not newer)."""
+        return self.request("POST", "/api/mesh/dm/policy", policy)
 
     def poll(
         self,

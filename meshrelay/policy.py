@@ -69,7 +69,7 @@ STAMP_LEN = 8
 #: highest difficulty a policy may ask for (2^32 SHA-256 tries: about an hour of one core)
 MAX_DIFFICULTY = 32
 #: the default difficulty of a ``stamps`` policy; chosen with bench/stamps.py (docs/benchmarks.md)
-DEFAULT_DIFFICULTY = 19
+DEFAULT_DIFFICULTY = 20
 #: the default stranger cap of a policy the CLI writes
 DEFAULT_STRANGER_CAP = 64
 
