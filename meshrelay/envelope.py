@@ -203,6 +203,11 @@ class Envelope:
     sig_bytes: bytes
     signed: bytes
     ct_size: int
+    #: version 3 (meshrelay.policy): the canonical text of its unsigned ``permit`` / ``stamp``
+    #: fields, ``,"permit":{...},"stamp":"..."`` (empty: none), kept in :attr:`raw`
+    suffix: str = ""
+    #: version 3: True when a valid permit makes this envelope contact mail (its mailbox's contact bucket)
+    contact: bool = False
 
     @property
     def expires(self) -> int:
@@ -222,11 +227,34 @@ class Envelope:
 
     @property
     def raw(self) -> str:
-        """Canonical compact JSON, as stored and as returned by poll and changes."""
+        """Canonical compact JSON, as stored and as returned by changes (with the v3 fields, if any)."""
         return (
             f'{{"v":1,"msg_id":"{self.msg_id}","mailbox":"{self.mailbox}","sender":"{self.sender}",'
-            f'"ts":{self.ts},"ttl":{self.ttl},"ciphertext":"{self.ciphertext}","sig":"{self.sig}"}}'
+            f'"ts":{self.ts},"ttl":{self.ttl},"ciphertext":"{self.ciphertext}","sig":"{self.sig}"{self.suffix}}}'
         )
+
+    @property
+    def raw_v1(self) -> str:
+        """The canonical v1 text (without ``permit``/``stamp``): what a client or a v1/v2 peer gets."""
+        return strip_v3_fields(self.raw) if self.suffix else self.raw
+
+
+_SIG_KEY = '","sig":"'
+#: where a canonical envelope's v1 text ends, counted from the start of ``","sig":"``
+_V1_TAIL = len(_SIG_KEY) + 86 + 1
+
+
+def strip_v3_fields(raw: str) -> str:
+    """A stored canonical envelope text without its version-3 ``permit``/``stamp`` fields.
+
+    The v1 fields come first in canonical order and ``sig`` (86 b64u
+    characters) is the last of them, so the v1 text ends right after it.
+    """
+    i = raw.find(_SIG_KEY)
+    end = i + _V1_TAIL
+    if i < 0 or end >= len(raw) - 1:
+        return raw
+    return raw[:end] + "}"
 
 
 def parse_envelope(obj: Any, max_message_bytes: int) -> Envelope:

@@ -1,0 +1,72 @@
+"""The node's side of first contact: the newest policy per mailbox, and admitting an envelope.
+
+:class:`PolicyBook` holds, in memory, the newest policy of every mailbox the
+node knows (loaded from the store at start-up, updated as policies commit).
+:func:`admit` is the one check every path runs (deposit, push, sync,
+``bodies``, refetch, ``fetch_remote``): it verifies a permit's signature on
+the verifier, classifies the envelope under the mailbox's policy
+(:func:`meshrelay.policy.classify`) and returns it marked for its bucket, with
+its version-3 fields kept for the store and for v3 peers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+
+from meshrelay import envelope as E
+from meshrelay import policy as P
+
+#: outcomes of :meth:`PolicyBook.offer`
+NEWER = "accepted"
+SAME = "duplicate"
+OLDER = "stale"
+
+
+class PolicyBook:
+    """The newest known policy of each mailbox (latest version wins; ties by policy id)."""
+
+    def __init__(self) -> None:
+        self._by_mailbox: dict[str, P.Policy] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_mailbox)
+
+    def get(self, mailbox: str) -> P.Policy | None:
+        return self._by_mailbox.get(mailbox)
+
+    def judge(self, policy: P.Policy) -> str:
+        """:data:`NEWER`, :data:`SAME` or :data:`OLDER` than the one held."""
+        held = self._by_mailbox.get(policy.mailbox)
+        if held is not None and held.signed == policy.signed and held.sig == policy.sig:
+            return SAME
+        return NEWER if policy.newer_than(held) else OLDER
+
+    def put(self, policy: P.Policy) -> None:
+        """Keep ``policy`` if it is newer than the one held (idempotent, order-independent)."""
+        if policy.newer_than(self._by_mailbox.get(policy.mailbox)):
+            self._by_mailbox[policy.mailbox] = policy
+
+    def load(self, policies: Iterable[P.Policy]) -> None:
+        for policy in policies:
+            self.put(policy)
+
+
+def verify_permit(verifier: Any, extras: P.Extras) -> Deferred[bool]:
+    """The permit's signature verdict on ``verifier`` (False without a permit)."""
+    if extras.permit is None:
+        return succeed(False)
+    permit = extras.permit
+    d: Deferred[bool] = verifier.verify(permit.mailbox_key, permit.sig_bytes, permit.signed)
+    return d
+
+
+def admitted(env: E.Envelope, extras: P.Extras, policy: P.Policy | None, permit_ok: bool) -> E.Envelope:
+    """``env`` marked contact or stranger under ``policy`` with its v3 fields kept; raises the refusal."""
+    bucket = P.classify(env, extras, policy, permit_ok)
+    if bucket == P.STRANGER and not extras.suffix:
+        return env
+    return dataclasses.replace(env, suffix=extras.suffix, contact=bucket == P.CONTACT)
