@@ -32,7 +32,7 @@ CIPHERTEXT = bytes.fromhex("70726f746f636f6c2e6d64207465737420766563746f7200feff
 MSG_ID = "57ccbe063da1a1b7ff26af604c26763f552c4453b76a425fefd538313c44ef4c"
 T0 = 1800000000
 
-# Test vectors (docs/protocol.md section 12.7): Ed25519 is deterministic, so these are fixed.
+# Test vectors (docs/protocol.md section 12.6): Ed25519 is deterministic, so these are fixed.
 POLICY_SIG = "IgcGlapBhKdZ0GtASqqs9kgNNqj9R-p2HPVzBhyiGvF3a7UQhHbk9UOOPHT2_GsT3vZSC-DhzqGvFm0RQdZmDg"
 PERMIT_SIG = "vtVO9ztkpQIAeEAeiMjGP4eIE930lzzZKRNMsnOxW2rlDC1FSICmZZ5aBEMBCElkpzylNfHBLMOfU8pKvbHbCA"
 PERMIT_TOKEN = (
