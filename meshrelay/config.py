@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from meshrelay.fairness import parse_proxies
+
 MIN_SECRET_LEN = 16
 
 
@@ -65,6 +67,9 @@ class NodeConfig:
     #: where SQLite writes (and deposit signature checks) run: a child process
     #: (uses a second core) or a thread of the node's process
     store_writer: str = field(default="process", metadata=_choice("process", "thread"))
+    #: true when the public listener's connecting address says nothing about the client (the
+    #: target of a Tor onion service): per-address limits then use the body's keys instead
+    listen_address_means_nothing: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,22 @@ class LimitsConfig:
     #: peer API requests per second per authenticated peer (0 = unlimited), and the burst
     peer_rate: int = field(default=1000, metadata=_range(0))
     peer_burst: int = field(default=2000, metadata=_range(1))
-    #: comma-separated addresses of reverse proxies whose X-Forwarded-For names the client
+    #: comma-separated addresses (or networks) of reverse proxies whose X-Forwarded-For names the client
     trusted_proxies: str = ""
+    #: fair shares: one address (IPv4 /ipv4_prefix, IPv6 /ipv6_prefix) counts as one client
+    ipv4_prefix: int = field(default=32, metadata=_range(8, 32))
+    ipv6_prefix: int = field(default=64, metadata=_range(16, 128))
+    #: open connections one address may hold on a listener (0 = no per-address cap)
+    max_connections_per_address: int = field(default=64, metadata=_range(0))
+    #: long-polls one address may have waiting (0 = no per-address cap)
+    max_waiting_polls_per_address: int = field(default=32, metadata=_range(0))
+    #: deposit body bytes per second per address (0 = unlimited), and the burst allowed
+    deposit_bytes_rate: int = field(default=32768, metadata=_range(0))
+    deposit_bytes_burst: int = field(default=262144, metadata=_range(256))
+    #: mailbox-filtered changes requests (a peer's fetch_remote) per second per peer, and the
+    #: burst: a budget of their own, so they cannot use up the one replication needs (0 = unlimited)
+    peer_fetch_rate: int = field(default=50, metadata=_range(0))
+    peer_fetch_burst: int = field(default=100, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -117,6 +136,10 @@ class SyncConfig:
     page_limit: int = field(default=500, metadata=_range(1, 500))
     #: seconds a poll with fetch_remote waits for peers
     fetch_remote_timeout: int = field(default=2, metadata=_range(1, 30))
+    #: remote fetches in flight at once; past it a fetch_remote poll is served from local data
+    fetch_remote_max_concurrent: int = field(default=8, metadata=_range(1, 1024))
+    #: seconds before the same mailbox is fetched from the peers again (polls in between use local data)
+    fetch_remote_min_interval: int = field(default=5, metadata=_range(0, 3600))
 
 
 @dataclass(frozen=True)
@@ -263,6 +286,15 @@ def _cross_check(cfg: Config, base_dir: str) -> Config:
     lim = cfg.limits
     if lim.min_ttl > lim.max_ttl:
         raise ConfigError(f"limits.min_ttl: must not exceed limits.max_ttl ({lim.max_ttl})")
+    try:
+        parse_proxies(lim.trusted_proxies)
+    except ValueError as e:
+        raise ConfigError(f"limits.trusted_proxies: {e}") from None
+    if lim.deposit_bytes_rate and lim.deposit_bytes_burst < lim.max_body_bytes:
+        raise ConfigError(
+            f"limits.deposit_bytes_burst: must be at least limits.max_body_bytes ({lim.max_body_bytes}), "
+            "or a deposit of that size could never pass"
+        )
     seen: set[str] = set()
     for i, peer in enumerate(cfg.peers):
         if peer.url == public_url:
