@@ -150,12 +150,25 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class ListenerConfig:
+    """A further public listener (client + peer API) besides ``node.listen``: ``[[listeners]]``."""
+
+    endpoint: str
+    #: true when the connecting address says nothing about the client (a Tor onion service's target)
+    address_means_nothing: bool = False
+    #: open connections on this listener (0 = limits.max_connections)
+    max_connections: int = field(default=0, metadata=_range(0))
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     peers: tuple[PeerConfig, ...] = ()
+    #: public listeners besides node.listen
+    listeners: tuple[ListenerConfig, ...] = ()
     #: the path the file was read from, or "" for the embedded defaults
     source: str = ""
 
@@ -261,6 +274,21 @@ def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
     return PeerConfig(url=url, secret=secret, connect=connect)
 
 
+def _build_listener(index: int, raw: Any) -> ListenerConfig:
+    where = f"listeners[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    fields = {f.name: f for f in dataclasses.fields(ListenerConfig)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{where}.{key}: unknown key")
+        values[key] = _check_value(f"{where}.{key}", fields[key], value)
+    if "endpoint" not in values:
+        raise ConfigError(f"{where}.endpoint: missing")
+    return ListenerConfig(**values)
+
+
 def build_config(raw: dict[str, Any], source: str = "", base_dir: str = ".") -> Config:
     """Validate a parsed TOML document and return the :class:`Config`."""
     sections: dict[str, Any] = {}
@@ -271,6 +299,10 @@ def build_config(raw: dict[str, Any], source: str = "", base_dir: str = ".") -> 
             if not isinstance(value, list):
                 raise ConfigError("peers: expected an array of tables ([[peers]])")
             sections["peers"] = tuple(_build_peer(i, p, base_dir) for i, p in enumerate(value))
+        elif key == "listeners":
+            if not isinstance(value, list):
+                raise ConfigError("listeners: expected an array of tables ([[listeners]])")
+            sections["listeners"] = tuple(_build_listener(i, v) for i, v in enumerate(value))
         else:
             raise ConfigError(f"{key}: unknown key")
     cfg = Config(source=source, **sections)
@@ -351,6 +383,8 @@ def effective_values(cfg: Config) -> dict[str, Any]:
     if out["store"].get("dsn"):
         out["store"]["dsn"] = "***"
     out["peers"] = [{"url": p.url, "secret": "***", **({"connect": p.connect} if p.connect else {})} for p in cfg.peers]
+    if cfg.listeners:
+        out["listeners"] = [dataclasses.asdict(listener) for listener in cfg.listeners]
     return out
 
 
@@ -366,17 +400,22 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
+#: the arrays of tables of a config
+_ARRAYS = ("peers", "listeners")
+
+
 def to_toml(raw: dict[str, Any]) -> str:
-    """Write a config-shaped dict (tables of scalars, plus ``peers`` as an array of tables) as TOML."""
+    """Write a config-shaped dict (tables of scalars, plus ``peers``/``listeners`` arrays of tables) as TOML."""
     lines: list[str] = []
     for section, table in raw.items():
-        if section == "peers":
+        if section in _ARRAYS:
             continue
         lines.append(f"[{section}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
         lines.append("")
-    for peer in raw.get("peers", ()):
-        lines.append("[[peers]]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in peer.items())
-        lines.append("")
+    for section in _ARRAYS:
+        for item in raw.get(section, ()):
+            lines.append(f"[[{section}]]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+            lines.append("")
     return "\n".join(lines)
