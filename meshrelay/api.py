@@ -50,11 +50,14 @@ class ClientAPI:
         """
         if not getattr(request, FALLBACK_ATTR, False) or not keys:
             return
+        refused = self.relay.metrics.refused_total
         limiter = self.client_limiter
         if limiter is not None and limiter.enabled and not limiter.allow_all(keys):
+            refused.labels("client_rate").inc()
             raise RateLimited("too many requests for this mailbox or sender")
         deposits = self.deposit_limiter
         if deposit and deposits is not None and deposits.enabled and not deposits.allow_all(keys, body_length(request)):
+            refused.labels("deposit_bytes").inc()
             raise RateLimited("too many deposit bytes for this mailbox or sender; slow down")
 
     def resource(self) -> Any:

@@ -107,7 +107,12 @@ class Node(Service):
         if address_means_nothing is not None:
             policy = policy.with_address_meaning_nothing(address_means_nothing)
         return NodeRoot(
-            self.client_api.resource(), self.peer_resource, self.client_limiter, policy, self.deposit_limiter
+            self.client_api.resource(),
+            self.peer_resource,
+            self.client_limiter,
+            policy,
+            self.deposit_limiter,
+            metrics=self.metrics,
         )
 
     def site(self, address_means_nothing: bool | None = None, max_connections: int | None = None) -> MeshSite:

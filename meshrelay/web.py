@@ -408,8 +408,10 @@ class NodeRoot(Resource):
         client_limiter: Any = None,
         policy: AddressPolicy | None = None,
         deposit_limiter: Any = None,
+        metrics: Any = None,
     ) -> None:
         super().__init__()
+        self.metrics = metrics
         self.client = client
         self.peer = peer
         self.client_limiter = client_limiter
@@ -426,7 +428,7 @@ class NodeRoot(Resource):
             return self.client.render(request)
         limiter = self.client_limiter
         if limiter is not None and limiter.enabled and not limiter.allow(key):
-            return json_response(request, 429, error_body("rate_limited", "too many requests from this address"))
+            return self._limited(request, "client_rate", "too many requests from this address")
         deposits = self.deposit_limiter
         if (
             deposits is not None
@@ -434,10 +436,13 @@ class NodeRoot(Resource):
             and request_path(request) == SEND_PATH
             and not deposits.allow(key, body_length(request))
         ):
-            return json_response(
-                request, 429, error_body("rate_limited", "too many deposit bytes from this address; slow down")
-            )
+            return self._limited(request, "deposit_bytes", "too many deposit bytes from this address; slow down")
         return self.client.render(request)
+
+    def _limited(self, request: Any, reason: str, detail: str) -> bytes:
+        if self.metrics is not None:
+            self.metrics.refused_total.labels(reason).inc()
+        return json_response(request, 429, error_body("rate_limited", detail))
 
 
 def client_ip(request: Any, trusted_proxies: frozenset[str] = frozenset()) -> str:

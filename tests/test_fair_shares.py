@@ -163,6 +163,7 @@ class AddressKeyTests(SiteTestCase):
         """Requests from different addresses of one IPv6 /64 draw from one rate bucket."""
         hosts = ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3"]
         self.assertEqual([self.codes(h, 1)[0] for h in hosts], [200, 200, 429])
+        self.assertEqual(self.refused("client_rate"), 1)
         self.assertEqual(self.codes("2001:db8:1:3::1", 1), [200])
 
     def test_junk_forwarded_for_does_not_pick_a_fresh_bucket(self) -> None:
@@ -254,6 +255,7 @@ class DepositBytesTests(SiteTestCase):
         codes = [status_of(a) for a in answers]
         self.assertEqual(codes, [200] * fits + [429] * (40 - fits))
         self.assertEqual(error_of(answers[-1]), "rate_limited")
+        self.assertEqual(self.refused("deposit_bytes"), 40 - fits)
         self.assertEqual(self.n.store.stats().envelopes, fits)
         self.assertEqual(status_of(self.deposit("198.51.100.7")), 200)
         # deposit_bytes_rate (32768 bytes a second) refills the bucket.
@@ -303,6 +305,7 @@ class AddressMeansNothingTests(SiteTestCase):
         self.assertEqual((status_of(answer), error_of(answer)), (429, "rate_limited"))
         answer = self.exchange("127.0.0.1", http_post("/api/mesh/dm/poll", carol.poll_body(ts=self.now())))
         self.assertEqual(status_of(answer), 200)
+        self.assertEqual(self.refused("client_rate"), 2)
 
     def test_waiting_share_is_the_mailboxs(self) -> None:
         """Long-polls count against their mailbox's share of waiting polls."""
@@ -328,6 +331,7 @@ class AddressMeansNothingTests(SiteTestCase):
         victim = Identity()
         codes = [status_of(self.send(Identity(), victim)) for _ in range(fits + 1)]
         self.assertEqual(codes, [200] * fits + [429])
+        self.assertEqual(self.refused("deposit_bytes"), 2)
         self.assertEqual(status_of(self.send(Identity(), Identity())), 200)
 
     def test_health_is_not_limited(self) -> None:
