@@ -320,8 +320,7 @@ class AddressMeansNothingTests(SiteTestCase):
         self.n.clock.advance(30)
 
     def test_deposit_bytes_are_charged_to_sender_and_mailbox(self) -> None:
-        """A deposit draws from its sender's and its mailbox's byte budget: a flooding sender or a flooded
-        mailbox is refused, an unrelated sender to an unrelated mailbox is served."""
+        """Deposit bytes are charged to sender and mailbox: a flooding sender or flooded mailbox is refused, others not."""
         size = len(json.dumps(self.envelope(Identity(), Identity())))
         fits = 32768 // size
         self.assertEqual(fits, 2)  # within the request burst (3) too
