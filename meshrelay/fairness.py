@@ -118,15 +118,14 @@ class AddressPolicy:
         """The share key for the per-address connection cap; None when the cap does not apply.
 
         It does not apply on a listener whose address means nothing, nor to a
-        trusted proxy (it carries many clients; its requests are counted per client).
+        connection that has no IP address (a UNIX socket: a local reverse proxy,
+        as a rule), nor to a trusted proxy (it carries many clients; its requests
+        are counted per client).
         """
         if self.address_means_nothing:
             return None
-        host = str(getattr(addr, "host", addr))
-        ip = parse_ip(host)
-        if ip is None:
-            return host
-        if self.trusted(ip):
+        ip = parse_ip(str(getattr(addr, "host", "")))
+        if ip is None or self.trusted(ip):
             return None
         return self.network_key(ip)
 

@@ -15,7 +15,7 @@ import os
 import re
 from typing import Any
 
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -199,6 +199,15 @@ class AddressPolicyTests(SynchronousTestCase):
         self.assertEqual(wide.key("192.0.2.77"), "192.0.2.0/24")
         self.assertEqual(wide.key("2001:db8:1:2::1"), "2001:db8:1::/48")
         self.assertIsNone(AddressPolicy(address_means_nothing=True).key("192.0.2.1"))
+
+    def test_connection_keys(self) -> None:
+        """The connection cap applies to IP clients only: not to trusted proxies, UNIX sockets or meaningless addresses."""
+        p = AddressPolicy("10.0.0.0/8")
+        self.assertEqual(p.connection_key(IPv6Address("TCP", "2001:db8::7", 1)), "2001:db8::/64")
+        self.assertIsNone(p.connection_key(IPv4Address("TCP", "10.1.1.1", 1)))
+        self.assertIsNone(p.connection_key(UNIXAddress(None)))
+        self.assertIsNone(p.connection_key(UNIXAddress(b"/run/meshrelay.sock")))
+        self.assertIsNone(p.with_address_meaning_nothing(True).connection_key(IPv4Address("TCP", "192.0.2.1", 1)))
 
     def test_forwarded_for_chain(self) -> None:
         """Right to left past trusted proxies; the first untrusted hop if it parses, else the proxy."""
