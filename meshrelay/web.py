@@ -235,7 +235,10 @@ class MeshSite(server.Site):
         self.read_timeout = read_timeout
         self.max_connections = max_connections
         self.open_connections = 0
-        #: 0 = no per-address cap; else open connections one address (share key) may hold
+        #: 0 = no per-address cap; else open connections one address (share key) may hold: at most
+        #: half the listener's, so that one address can never hold every slot
+        if max_connections_per_address:
+            max_connections_per_address = min(max_connections_per_address, max(1, max_connections // 2))
         self.max_connections_per_address = max_connections_per_address
         self.policy = policy if policy is not None else AddressPolicy()
         #: share key -> open connections (only keys with at least one)
