@@ -484,7 +484,8 @@ class Relay:
             )
             raise RateLimited("too many waiting polls on this node")
         share = share if share is not None else "mailbox:" + mailbox
-        per_share = self.limits.max_waiting_polls_per_address
+        # An address's share, and never more than half of all: no one address holds every slot.
+        per_share = min(self.limits.max_waiting_polls_per_address, max(1, self.limits.max_waiting_polls // 2))
         if per_share and self._waiting_by_share.get(share, 0) >= per_share:
             self._cap_hit(
                 "max_waiting_polls_per_address",

@@ -260,6 +260,17 @@ class WaitingShareTests(SiteTestCase):
         self.assertEqual(self.long_poll("192.0.2.66"), b"")
 
 
+class SmallWaitingPoolTests(WaitingShareTests):
+    limits = {"max_waiting_polls": 10}
+
+    def test_one_address_cannot_hold_every_waiting_poll(self) -> None:
+        """With a small max_waiting_polls an address gets at most half of it; another address still waits."""
+        self.assertEqual([self.long_poll("192.0.2.66") for _ in range(5)], [b""] * 5)
+        self.assertEqual(status_of(self.long_poll("192.0.2.66")), 429)
+        self.assertEqual(self.long_poll("198.51.100.7"), b"")
+        self.n.clock.advance(30)
+
+
 class DepositBytesTests(SiteTestCase):
     def envelope(self, sender: Identity | None = None, mailbox: Identity | None = None) -> dict[str, Any]:
         return (sender or Identity()).envelope(mailbox or Identity(), os.urandom(8192), ts=self.now())
