@@ -154,7 +154,7 @@ class BoundEndpoints:
         self.reactor = reactor
         self.source = source
 
-    def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:  # noqa: N802 (Twisted's interface)
+    def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:
         host = uri.host.decode() if isinstance(uri.host, bytes) else uri.host
         return TCP4ClientEndpoint(self.reactor, host, uri.port, timeout=10, bindAddress=(self.source, 0))
 
@@ -177,7 +177,7 @@ class Sink(Resource):
 
     isLeaf = True
 
-    def render_GET(self, request: Any) -> bytes:  # noqa: N802
+    def render_GET(self, request: Any) -> bytes:
         try:
             since = int(request.args.get(b"since", [b"0"])[0])
         except ValueError:
@@ -185,7 +185,7 @@ class Sink(Resource):
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"ok": True, "feed": "hostile-sink", "items": [], "next": since, "more": False}).encode()
 
-    def render_POST(self, request: Any) -> bytes:  # noqa: N802
+    def render_POST(self, request: Any) -> bytes:
         raw = request.content.read()
         if request.path.endswith(b"/ack"):
             n, status = raw.count(b'"nonce"'), "applied"
@@ -200,11 +200,11 @@ class IdleConn(protocol.Protocol):
         self.owner = owner
         self.node = node
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.owner.idle_open.add(self)
         self.owner.count("idle", "connected")
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any) -> None:
         self.owner.idle_open.discard(self)
         self.owner.count("idle", "closed_by_node" if not self.owner.stop_attacks else "closed")
         self.owner.idle_reopen(self.node)
@@ -217,10 +217,10 @@ class _IdleFactory(protocol.ClientFactory):
         self.owner = owner
         self.node = node
 
-    def buildProtocol(self, addr: Any) -> IdleConn:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> IdleConn:
         return IdleConn(self.owner, self.node)
 
-    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:  # noqa: N802
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
         self.owner.count("idle", "connect_failed")
         self.owner.idle_reopen(self.node)
 
@@ -546,7 +546,7 @@ class Abuse:
     async def fetch_remote_fill(self) -> None:
         """Fill the attacker's own mailbox at node a (paced under client_rate), then poll it with fetch_remote."""
         source = ATTACK_ADDR["fetch_remote"][0]
-        for i in range(PER_MAILBOX):
+        for _ in range(PER_MAILBOX):
             if self.stop_attacks:
                 return
             body = self.big_envelope(self.fr_pub)
