@@ -70,6 +70,7 @@ import os
 import random
 import resource
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -225,6 +226,26 @@ class _IdleFactory(protocol.ClientFactory):
         self.owner.idle_reopen(self.node)
 
 
+def table_rows(data_dir: str) -> dict[str, int]:
+    """Rows per table of a stopped node's SQLite store (what fills its disk), read-only."""
+    from meshrelay.store.sqlite import DB_NAME
+
+    out: dict[str, int] = {}
+    try:
+        conn = sqlite3.connect(f"file:{os.path.join(data_dir, DB_NAME)}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error:
+        return out
+    try:
+        for table in ("envelopes", "tombstones", "acks", "nonces"):
+            try:
+                out[table] = int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+            except sqlite3.Error:
+                pass
+    finally:
+        conn.close()
+    return out
+
+
 def dir_bytes(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -331,8 +352,12 @@ class Abuse:
         method: str = "POST",
         headers: dict[str, list[str]] | None = None,
         timeout: float = GUARD,
-    ) -> tuple[int, bytes, float]:
-        """One request from ``source``; (status or 0 for a transport error, body, seconds)."""
+    ) -> tuple[int, bytes, float, str]:
+        """One request from ``source``: status (0: no answer), body, seconds, outcome.
+
+        The outcome is the status with the protocol's error code ("429 storage_full"), or the
+        exception's name when there was no answer.
+        """
         http = self.client(source).http
         t0 = time.monotonic()
         try:
@@ -343,9 +368,15 @@ class Abuse:
             status = int(resp.code)
         except Exception as e:
             self.count(kind, type(e).__name__)
-            return 0, b"", time.monotonic() - t0
-        self.count(kind, str(status))
-        return status, raw, time.monotonic() - t0
+            return 0, b"", time.monotonic() - t0, type(e).__name__
+        outcome = str(status)
+        if status >= 400:
+            try:
+                outcome += " " + str(json.loads(raw)["error"])
+            except (ValueError, KeyError, TypeError):
+                pass
+        self.count(kind, outcome)
+        return status, raw, time.monotonic() - t0, outcome
 
     def spawn(self, kind: str, coro: Coroutine[Any, Any, Any]) -> None:
         self.inflight[kind] += 1
@@ -403,11 +434,11 @@ class Abuse:
         ct = self.rng.randbytes(self.rng.randint(200, 1000))
         env = E.make_envelope(key, self.recipient_pub[to], ct, int(time.time()), 3600)
         sent = time.monotonic()
-        status, _, dt = await self.call(source, "honest_deposit", node, SEND, self.dumps(env))
+        status, _, dt, outcome = await self.call(source, "honest_deposit", node, SEND, self.dumps(env))
         if sent < self.measure_from:
             return  # warm-up: sent, not measured
         if status != 200:
-            self.deposits[f"failed:{status}"] += 1
+            self.deposits[outcome] += 1
             return
         mid = env["msg_id"]
         self.deposits["ok"] += 1
@@ -450,12 +481,12 @@ class Abuse:
             body = E.make_signed_request(key, int(time.time()), os.urandom(16), ack)
             body.update(limit=100, wait=HONEST_WAIT)
             measured = time.monotonic() >= self.measure_from
-            status, raw, _ = await self.call(
+            status, raw, _, outcome = await self.call(
                 source, "honest_poll", node, POLL, self.dumps(body), timeout=HONEST_WAIT + GUARD
             )
             if status != 200:
                 if measured:
-                    self.polls[f"failed:{status}"] += 1
+                    self.polls[outcome] += 1
                 await self.sleep(0.5)
                 continue
             if measured:
@@ -556,7 +587,7 @@ class Abuse:
     async def attack_fetch_remote(self, i: int) -> None:
         source = ATTACK_ADDR["fetch_remote"][0]
         body = self.signed_poll(self.fr_key, int(time.time()), limit=1, fetch_remote=True)
-        status, _, dt = await self.call(source, "fetch_remote", self.node_of(i), POLL, body)
+        status, _, dt, _ = await self.call(source, "fetch_remote", self.node_of(i), POLL, body)
         if status == 200:
             self.fetch_remote_lat.append(dt)
 
@@ -567,7 +598,7 @@ class Abuse:
                 return
             body = self.signed_poll(key, int(time.time()), limit=1, wait=30)
             self.count("longpolls", "issued")
-            status, _, _ = await self.call(source, "longpolls", node, POLL, body, timeout=30 + GUARD)
+            status, _, _, _ = await self.call(source, "longpolls", node, POLL, body, timeout=30 + GUARD)
             if status != 200:
                 await self.sleep(1.0)
 
@@ -721,11 +752,12 @@ class Abuse:
                 pass
         # waiting polls (honest and attackers') end within their wait; stopping the nodes ends them sooner
         self.stop_nodes()
+        rows = {n: table_rows(p.data_dir) for n, p in self.nodes.items()}
         await defer.DeferredList(honest + attacks, consumeErrors=True)
         for c in self.clients.values():
             await c.pool.closeCachedConnections()
         self.deposits, self.polls, self.counts = frozen
-        return self.figures(loaded, cpu0, cpu1, ru0, ru1, metrics, rss)
+        return self.figures(loaded, cpu0, cpu1, ru0, ru1, metrics, rss, rows)
 
     def figures(
         self,
@@ -736,6 +768,7 @@ class Abuse:
         ru1: Any,
         metrics: dict[str, dict[str, float]],
         rss: dict[str, float],
+        rows: dict[str, dict[str, int]],
     ) -> dict[str, Any]:
         dep_total = sum(self.deposits.values())
         dep_ok = self.deposits["ok"]
@@ -763,6 +796,7 @@ class Abuse:
                 "log_tracebacks": log.count(b"Traceback"),
                 "cpu_seconds": round(cpu1.get(n, 0.0) - cpu0.get(n, 0.0), 1),
                 "rss_mb": rss.get(n),
+                "rows": rows[n],
                 **{k: v for k, v in metrics[n].items()},
             }
         gen_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
@@ -835,15 +869,16 @@ def print_report(phases: list[dict[str, Any]]) -> bool:
         if fails:
             print(f"{'':15s} failures: {fails}")
     print(
-        "\nphase            node  data dir MiB (end / max / cap)  stored MiB  tombstones  waiting  refused conns"
-        "  log lines (refused)  CPU s  RSS MB"
+        "\nphase            node  data dir MiB (end / max / cap)  stored MiB  rows: envelopes/tombstones/acks/nonces"
+        "  waiting  refused conns  log lines (refused)  CPU s  RSS MB"
     )
     for ph in phases:
         for n, f in ph["nodes"].items():
             print(
                 f"{ph['label']:15s} {n:4s}  {f['data_bytes_end'] / 2**20:8.1f} / {f['data_bytes_max'] / 2**20:6.1f}"
                 f" / {f['cap_bytes'] / 2**20:4.0f}      {f.get('meshrelay_stored_bytes', nan) / 2**20:8.1f}"
-                f"  {f.get('meshrelay_stored_tombstones', nan):10.0f}  {f.get('meshrelay_waiting_polls', nan):7.0f}"
+                f"  {'/'.join(str(f['rows'].get(t, '?')) for t in ('envelopes', 'tombstones', 'acks', 'nonces')):>36s}"
+                f"  {f.get('meshrelay_waiting_polls', nan):7.0f}"
                 f"  {f.get('meshrelay_http_refused', nan):13.0f}"
                 f"  {f['log_lines']:9d} ({f['log_refused_lines']})    {f['cpu_seconds']:7.1f}  {f['rss_mb']}"
             )
