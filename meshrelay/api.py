@@ -14,8 +14,14 @@ from klein import Klein
 from twisted.internet.defer import Deferred
 
 from meshrelay import __version__
+from meshrelay.errors import RateLimited
 from meshrelay.relay import Relay
-from meshrelay.web import install_error_table, json_response, read_json
+from meshrelay.web import FALLBACK_ATTR, SHARE_KEY_ATTR, body_length, install_error_table, json_response, read_json
+
+
+def _body_key(obj: Any, field: str) -> str | None:
+    value = obj.get(field) if isinstance(obj, dict) else None
+    return value if isinstance(value, str) and len(value) <= 64 else None
 
 
 class ClientAPI:
@@ -24,9 +30,35 @@ class ClientAPI:
     app = Klein()
     install_error_table(app)
 
-    def __init__(self, relay: Relay, peer_count: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        peer_count: Callable[[], int] = lambda: 0,
+        client_limiter: Any = None,
+        deposit_limiter: Any = None,
+    ) -> None:
         self.relay = relay
         self.peer_count = peer_count
+        #: used only on a listener whose address means nothing (NodeRoot charges the address otherwise)
+        self.client_limiter = client_limiter
+        self.deposit_limiter = deposit_limiter
+
+    def _charge_body_keys(self, request: Any, keys: tuple[str, ...], deposit: bool) -> None:
+        """Where the address means nothing: charge the request (and a deposit's bytes) to body keys.
+
+        A body without the keys is left to the core, which refuses it (400).
+        """
+        if not getattr(request, FALLBACK_ATTR, False) or not keys:
+            return
+        refused = self.relay.metrics.refused_total
+        limiter = self.client_limiter
+        if limiter is not None and limiter.enabled and not limiter.allow_all(keys):
+            refused.labels("client_rate").inc()
+            raise RateLimited("too many requests for this mailbox or sender")
+        deposits = self.deposit_limiter
+        if deposit and deposits is not None and deposits.enabled and not deposits.allow_all(keys, body_length(request)):
+            refused.labels("deposit_bytes").inc()
+            raise RateLimited("too many deposit bytes for this mailbox or sender; slow down")
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -36,15 +68,26 @@ class ClientAPI:
 
     @app.route("/api/mesh/dm/send", methods=["POST"])
     def send(self, request: Any) -> Deferred[bytes]:
-        return self._answer(request, self.relay.deposit(read_json(request)))
+        obj = read_json(request)
+        sender, mailbox = _body_key(obj, "sender"), _body_key(obj, "mailbox")
+        keys = ("sender:" + sender, "mailbox:" + mailbox) if sender and mailbox else ()
+        self._charge_body_keys(request, keys, deposit=True)
+        return self._answer(request, self.relay.deposit(obj))
 
     @app.route("/api/mesh/dm/poll", methods=["POST"])
     def poll(self, request: Any) -> Deferred[bytes]:
-        return self._answer(request, self.relay.poll(read_json(request)))
+        obj = read_json(request)
+        mailbox = _body_key(obj, "mailbox")
+        self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), deposit=False)
+        # The waiting share is this address's, or (no address key) the mailbox's.
+        return self._answer(request, self.relay.poll(obj, client=getattr(request, SHARE_KEY_ATTR, None)))
 
     @app.route("/api/mesh/dm/count", methods=["POST"])
     def count(self, request: Any) -> Deferred[bytes]:
-        return self._answer(request, self.relay.count(read_json(request)))
+        obj = read_json(request)
+        mailbox = _body_key(obj, "mailbox")
+        self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), deposit=False)
+        return self._answer(request, self.relay.count(obj))
 
     @app.route("/api/mesh/health", methods=["GET"])
     def health(self, request: Any) -> bytes:

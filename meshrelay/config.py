@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from meshrelay.fairness import parse_proxies
+
 MIN_SECRET_LEN = 16
 
 
@@ -71,6 +73,9 @@ class NodeConfig:
     #: where SQLite writes (and deposit signature checks) run: a child process
     #: (uses a second core) or a thread of the node's process
     store_writer: str = field(default="process", metadata=_choice("process", "thread"))
+    #: true when the public listener's connecting address says nothing about the client (the
+    #: target of a Tor onion service): per-address limits then use the body's keys instead
+    listen_address_means_nothing: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,22 @@ class LimitsConfig:
     #: peer API requests per second per authenticated peer (0 = unlimited), and the burst
     peer_rate: int = field(default=1000, metadata=_range(0))
     peer_burst: int = field(default=2000, metadata=_range(1))
-    #: comma-separated addresses of reverse proxies whose X-Forwarded-For names the client
+    #: comma-separated addresses (or networks) of reverse proxies whose X-Forwarded-For names the client
     trusted_proxies: str = ""
+    #: fair shares: one address (IPv4 /ipv4_prefix, IPv6 /ipv6_prefix) counts as one client
+    ipv4_prefix: int = field(default=32, metadata=_range(8, 32))
+    ipv6_prefix: int = field(default=64, metadata=_range(16, 128))
+    #: open connections one address may hold on a listener (0 = no per-address cap)
+    max_connections_per_address: int = field(default=64, metadata=_range(0))
+    #: long-polls one address may have waiting (0 = no per-address cap)
+    max_waiting_polls_per_address: int = field(default=32, metadata=_range(0))
+    #: deposit body bytes per second per address (0 = unlimited), and the burst allowed
+    deposit_bytes_rate: int = field(default=32768, metadata=_range(0))
+    deposit_bytes_burst: int = field(default=262144, metadata=_range(256))
+    #: mailbox-filtered changes requests (a peer's fetch_remote) per second per peer, and the
+    #: burst: a budget of their own, so they cannot use up the one replication needs (0 = unlimited)
+    peer_fetch_rate: int = field(default=50, metadata=_range(0))
+    peer_fetch_burst: int = field(default=100, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,10 @@ class SyncConfig:
     page_limit: int = field(default=500, metadata=_range(1, 500))
     #: seconds a poll with fetch_remote waits for peers
     fetch_remote_timeout: int = field(default=2, metadata=_range(1, 30))
+    #: remote fetches in flight at once; past it a fetch_remote poll is served from local data
+    fetch_remote_max_concurrent: int = field(default=8, metadata=_range(1, 1024))
+    #: seconds before the same mailbox is fetched from the peers again (polls in between use local data)
+    fetch_remote_min_interval: int = field(default=5, metadata=_range(0, 3600))
 
 
 @dataclass(frozen=True)
@@ -133,12 +156,25 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class ListenerConfig:
+    """A further public listener (client + peer API) besides ``node.listen``: ``[[listeners]]``."""
+
+    endpoint: str
+    #: true when the connecting address says nothing about the client (a Tor onion service's target)
+    address_means_nothing: bool = False
+    #: open connections on this listener (0 = limits.max_connections)
+    max_connections: int = field(default=0, metadata=_range(0))
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     peers: tuple[PeerConfig, ...] = ()
+    #: public listeners besides node.listen
+    listeners: tuple[ListenerConfig, ...] = ()
     #: the path the file was read from, or "" for the embedded defaults
     source: str = ""
 
@@ -244,6 +280,21 @@ def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
     return PeerConfig(url=url, secret=secret, connect=connect)
 
 
+def _build_listener(index: int, raw: Any) -> ListenerConfig:
+    where = f"listeners[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    fields = {f.name: f for f in dataclasses.fields(ListenerConfig)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{where}.{key}: unknown key")
+        values[key] = _check_value(f"{where}.{key}", fields[key], value)
+    if "endpoint" not in values:
+        raise ConfigError(f"{where}.endpoint: missing")
+    return ListenerConfig(**values)
+
+
 def build_config(raw: dict[str, Any], source: str = "", base_dir: str = ".") -> Config:
     """Validate a parsed TOML document and return the :class:`Config`."""
     sections: dict[str, Any] = {}
@@ -254,6 +305,10 @@ def build_config(raw: dict[str, Any], source: str = "", base_dir: str = ".") -> 
             if not isinstance(value, list):
                 raise ConfigError("peers: expected an array of tables ([[peers]])")
             sections["peers"] = tuple(_build_peer(i, p, base_dir) for i, p in enumerate(value))
+        elif key == "listeners":
+            if not isinstance(value, list):
+                raise ConfigError("listeners: expected an array of tables ([[listeners]])")
+            sections["listeners"] = tuple(_build_listener(i, v) for i, v in enumerate(value))
         else:
             raise ConfigError(f"{key}: unknown key")
     cfg = Config(source=source, **sections)
@@ -269,6 +324,15 @@ def _cross_check(cfg: Config, base_dir: str) -> Config:
     lim = cfg.limits
     if lim.min_ttl > lim.max_ttl:
         raise ConfigError(f"limits.min_ttl: must not exceed limits.max_ttl ({lim.max_ttl})")
+    try:
+        parse_proxies(lim.trusted_proxies)
+    except ValueError as e:
+        raise ConfigError(f"limits.trusted_proxies: {e}") from None
+    if lim.deposit_bytes_rate and lim.deposit_bytes_burst < lim.max_body_bytes:
+        raise ConfigError(
+            f"limits.deposit_bytes_burst: must be at least limits.max_body_bytes ({lim.max_body_bytes}), "
+            "or a deposit of that size could never pass"
+        )
     seen: set[str] = set()
     for i, peer in enumerate(cfg.peers):
         if peer.url == public_url:
@@ -325,6 +389,8 @@ def effective_values(cfg: Config) -> dict[str, Any]:
     if out["store"].get("dsn"):
         out["store"]["dsn"] = "***"
     out["peers"] = [{"url": p.url, "secret": "***", **({"connect": p.connect} if p.connect else {})} for p in cfg.peers]
+    if cfg.listeners:
+        out["listeners"] = [dataclasses.asdict(listener) for listener in cfg.listeners]
     return out
 
 
@@ -340,17 +406,22 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
+#: the arrays of tables of a config
+_ARRAYS = ("peers", "listeners")
+
+
 def to_toml(raw: dict[str, Any]) -> str:
-    """Write a config-shaped dict (tables of scalars, plus ``peers`` as an array of tables) as TOML."""
+    """Write a config-shaped dict (tables of scalars, plus ``peers``/``listeners`` arrays of tables) as TOML."""
     lines: list[str] = []
     for section, table in raw.items():
-        if section == "peers":
+        if section in _ARRAYS:
             continue
         lines.append(f"[{section}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
         lines.append("")
-    for peer in raw.get("peers", ()):
-        lines.append("[[peers]]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in peer.items())
-        lines.append("")
+    for section in _ARRAYS:
+        for item in raw.get(section, ()):
+            lines.append(f"[[{section}]]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+            lines.append("")
     return "\n".join(lines)

@@ -71,6 +71,12 @@ class Metrics:
         self.refused_total = Counter(
             "meshrelay_http_refused", "Requests refused before routing", ["reason"], registry=r
         )
+        self.fetch_remote_total = Counter(
+            "meshrelay_dm_fetch_remote",
+            "Polls with fetch_remote, by what the fetch gate did (started, joined, skipped_recent, skipped_busy)",
+            ["outcome"],
+            registry=r,
+        )
         self.store_errors_total = Counter("meshrelay_store_errors", "Store operations that failed", registry=r)
         self.deposit_latency = Histogram(
             "meshrelay_dm_deposit_latency_seconds",

@@ -19,6 +19,7 @@ from meshrelay import __version__
 from meshrelay.api import ClientAPI
 from meshrelay.config import Config, PeerConfig
 from meshrelay.executor import ThreadExecutor
+from meshrelay.fairness import AddressPolicy
 from meshrelay.metrics import Metrics
 from meshrelay.peer_api import PeerAPI
 from meshrelay.peers import PeerAuthenticator
@@ -64,12 +65,27 @@ class Node(Service):
         self.relay = Relay(self.store, config, reactor, self.metrics, self.verifier)
         # Deposits committed by other processes sharing the store wake our long-polls too.
         self.store.set_wake_callback(self.relay.wake, self.relay.waiting_mailboxes)
-        self.client_api = ClientAPI(self.relay, peer_count=lambda: len(config.peers))
         lim = config.limits
         self.client_limiter = RateLimiter(lim.client_rate, lim.client_burst, reactor)
+        #: deposit bytes per address (or, where the address means nothing, per sender and mailbox)
+        self.deposit_limiter = RateLimiter(lim.deposit_bytes_rate, lim.deposit_bytes_burst, reactor)
+        #: who a client is, for the per-address limits (meshrelay.fairness)
+        self.address_policy = AddressPolicy(
+            lim.trusted_proxies, lim.ipv4_prefix, lim.ipv6_prefix, config.node.listen_address_means_nothing
+        )
+        self.client_api = ClientAPI(
+            self.relay,
+            peer_count=lambda: len(config.peers),
+            client_limiter=self.client_limiter,
+            deposit_limiter=self.deposit_limiter,
+        )
         self.peer_limiter = RateLimiter(lim.peer_rate, lim.peer_burst, reactor)
+        #: mailbox-filtered changes (a peer's fetch_remote) draw from this budget, not peer_limiter
+        self.peer_fetch_limiter = RateLimiter(lim.peer_fetch_rate, lim.peer_fetch_burst, reactor)
         self.peer_auth = PeerAuthenticator(config, self.store, self.metrics, reactor)
-        self.peer_api = PeerAPI(self.relay, self.peer_auth, limiter=self.peer_limiter)
+        self.peer_api = PeerAPI(
+            self.relay, self.peer_auth, limiter=self.peer_limiter, fetch_limiter=self.peer_fetch_limiter
+        )
         self.peer_resource: Resource | None = self.peer_api.resource()
         #: push and sync with the peers; None when there are none
         self.replication: Replication | None = None
@@ -82,22 +98,40 @@ class Node(Service):
         self.sweeper = LoopingCall(self.relay.sweep)
         self.sweeper.clock = reactor
 
-    def resource(self) -> Resource:
-        """The public listener's resource: client API plus the peer API when present."""
-        proxies = frozenset(p.strip() for p in self.config.limits.trusted_proxies.split(",") if p.strip())
-        return NodeRoot(self.client_api.resource(), self.peer_resource, self.client_limiter, proxies)
+    def resource(self, address_means_nothing: bool | None = None) -> Resource:
+        """The public listener's resource: client API plus the peer API when present.
 
-    def site(self) -> MeshSite:
+        ``address_means_nothing`` overrides ``node.listen_address_means_nothing`` (for another listener).
+        """
+        policy = self.address_policy
+        if address_means_nothing is not None:
+            policy = policy.with_address_meaning_nothing(address_means_nothing)
+        return NodeRoot(
+            self.client_api.resource(),
+            self.peer_resource,
+            self.client_limiter,
+            policy,
+            self.deposit_limiter,
+            metrics=self.metrics,
+        )
+
+    def site(self, address_means_nothing: bool | None = None, max_connections: int | None = None) -> MeshSite:
+        """A public listener's site; by default the one of ``node.listen``."""
         lim = self.config.limits
+        policy = self.address_policy
+        if address_means_nothing is not None:
+            policy = policy.with_address_meaning_nothing(address_means_nothing)
         return MeshSite(
-            self.resource(),
+            self.resource(policy.address_means_nothing),
             body_caps_for(lim.max_body_bytes, lim.max_replicate_body_bytes),
             access_log=self.config.node.access_log,
             metrics=self.metrics,
             reactor=self.clock,
             timeout=lim.idle_timeout,
             read_timeout=lim.read_timeout,
-            max_connections=lim.max_connections,
+            max_connections=lim.max_connections if max_connections is None else max_connections,
+            max_connections_per_address=lim.max_connections_per_address,
+            policy=policy,
         )
 
     def startService(self) -> None:

@@ -17,7 +17,17 @@ from meshrelay.envelope import KEY_LEN, MAX_INT, RawJSON, b64u_decode, require_o
 from meshrelay.errors import BadRequest
 from meshrelay.peers import PeerAuthenticator, peer_route
 from meshrelay.relay import Relay
-from meshrelay.web import ACK_PATH, CHANGES_PATH, REPLICATE_PATH, install_error_table, json_response, read_json
+from meshrelay.web import (
+    ACK_PATH,
+    CHANGES_PATH,
+    REPLICATE_PATH,
+    install_error_table,
+    json_response,
+    read_json,
+    request_path,
+)
+
+CHANGES = CHANGES_PATH.encode()
 
 #: items per replicate-envelope / ack request
 MAX_BATCH = 500
@@ -97,11 +107,20 @@ class PeerAPI:
     app = Klein()
     install_error_table(app)
 
-    def __init__(self, relay: Relay, auth: PeerAuthenticator, limiter: Any = None) -> None:
+    def __init__(self, relay: Relay, auth: PeerAuthenticator, limiter: Any = None, fetch_limiter: Any = None) -> None:
         self.relay = relay
         self.auth = auth
         #: optional per-peer request limiter (``allow(peer_url) -> bool``)
         self.limiter = limiter
+        #: optional per-peer limiter for mailbox-filtered changes (a peer's fetch_remote): a budget
+        #: of their own, so they never use up the one that push and sync need
+        self.fetch_limiter = fetch_limiter
+
+    def limiter_for(self, request: Any) -> Any:
+        """The budget a request draws from: fetch_limiter for a mailbox-filtered changes request."""
+        if self.fetch_limiter is not None and b"mailbox" in request.args and request_path(request) == CHANGES:
+            return self.fetch_limiter
+        return self.limiter
 
     def resource(self) -> Any:
         return self.app.resource()

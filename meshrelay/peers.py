@@ -208,7 +208,8 @@ def peer_route(app: Klein, path: str, methods: list[str]) -> Callable[[Handler[T
 
     The instance must have an ``auth`` attribute (a :class:`PeerAuthenticator`)
     and may have a ``limiter`` (anything with ``allow(key) -> bool``, keyed by
-    the authenticated peer URL; a refusal is ``429 rate_limited``).  The
+    the authenticated peer URL; a refusal is ``429 rate_limited``), or a
+    ``limiter_for(request)`` that picks the limiter for each request.  The
     handler runs only for an authenticated request, so it never sees, and
     never parses, an unauthenticated body.
     """
@@ -217,7 +218,8 @@ def peer_route(app: Klein, path: str, methods: list[str]) -> Callable[[Handler[T
         @functools.wraps(handler)
         async def gated(self: Any, request: Any) -> T:
             peer = await self.auth.authenticate(request)
-            limiter = getattr(self, "limiter", None)
+            pick = getattr(self, "limiter_for", None)
+            limiter = pick(request) if pick is not None else getattr(self, "limiter", None)
             if limiter is not None and not limiter.allow(peer):
                 raise RateLimited("too many requests from this peer; slow down")
             return await handler(self, request, peer)

@@ -1,4 +1,4 @@
-"""A bounded set of token buckets, one per key (client IP, peer URL).
+"""A bounded set of token buckets, one per key (a client's share key, a peer URL...).
 
 Each key may make ``rate`` requests a second on average with bursts of up
 to ``burst``.  At most ``max_keys`` buckets are kept; the least recently used
@@ -25,11 +25,7 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
-    def allow(self, key: Hashable, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens from ``key``'s bucket; False when it has too few."""
-        if self.rate <= 0:
-            return True
-        now = self.clock.seconds()
+    def _bucket(self, key: Hashable, now: float) -> list[float]:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = [self.burst, now]
@@ -40,9 +36,22 @@ class RateLimiter:
             self._buckets.move_to_end(key)
             bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
             bucket[1] = now
-        if bucket[0] < cost:
+        return bucket
+
+    def allow(self, key: Hashable, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens from ``key``'s bucket; False when it has too few."""
+        return self.allow_all((key,), cost)
+
+    def allow_all(self, keys: tuple[Hashable, ...], cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens from each key's bucket if every one has enough; else take none, False."""
+        if self.rate <= 0:
+            return True
+        now = self.clock.seconds()
+        buckets = [self._bucket(key, now) for key in keys]
+        if any(bucket[0] < cost for bucket in buckets):
             return False
-        bucket[0] -= cost
+        for bucket in buckets:
+            bucket[0] -= cost
         return True
 
     def __len__(self) -> int:

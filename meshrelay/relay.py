@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
@@ -30,6 +30,7 @@ from meshrelay.errors import (
     Stale,
     StorageFull,
 )
+from meshrelay.fetchgate import RemoteFetchGate
 from meshrelay.logs import Throttle
 from meshrelay.metrics import Metrics
 from meshrelay.replay import OK, REPLAYED, ReplayCache
@@ -77,10 +78,12 @@ def _reraise(_: Any, e: BaseException) -> Any:
 class _Waiter:
     """One waiting long-poll.  Woken (at most once) by an arrival or its timeout."""
 
-    __slots__ = ("mailbox", "woken", "_d", "_timer")
+    __slots__ = ("mailbox", "share", "woken", "_d", "_timer")
 
-    def __init__(self, mailbox: str) -> None:
+    def __init__(self, mailbox: str, share: str) -> None:
         self.mailbox = mailbox
+        #: the share of waiting polls it counts against (its client's address key, or its mailbox)
+        self.share = share
         self.woken = False
         self._d: Deferred[None] | None = None
         self._timer: Any | None = None
@@ -134,11 +137,23 @@ class Relay:
         #: mailbox -> waiters; the values are insertion-ordered dicts used as sets
         self._waiters: dict[str, dict[_Waiter, None]] = {}
         self._waiting = 0
+        #: share key -> waiting polls (only keys with at least one)
+        self._waiting_by_share: dict[str, int] = {}
         #: called after a *client* deposit / client ack commits (replication pushes these)
         self.envelope_listeners: list[EnvelopeListener] = []
         self.ack_listeners: list[AckListener] = []
         #: set by replication: pull one mailbox from the peers (poll fetch_remote)
         self.remote_fetch: Callable[[str], Deferred[None]] | None = None
+        #: the bounds on fetch_remote (coalescing, interval, concurrency, timeout) around remote_fetch
+        sync = config.sync
+        self.fetch_gate = RemoteFetchGate(
+            clock,
+            lambda mailbox: self.remote_fetch(mailbox) if self.remote_fetch is not None else succeed(None),
+            max_concurrent=sync.fetch_remote_max_concurrent,
+            min_interval=sync.fetch_remote_min_interval,
+            timeout=sync.fetch_remote_timeout,
+            on_outcome=lambda outcome: self.metrics.fetch_remote_total.labels(outcome).inc(),
+        )
         #: one "cap hit" log line per cap per minute, with a count of the ones folded in
         self._cap_log = Throttle(clock, 60.0)
         self._update_gauges()
@@ -397,9 +412,14 @@ class Relay:
         if verdict != OK:
             raise Stale("request too old")
 
-    def poll(self, obj: Any) -> Deferred[dict[str, Any]]:
-        """A poll (3.2): acks first, then up to ``limit`` messages; long-polls when asked."""
-        return _run(self._counted(self._poll(obj)))
+    def poll(self, obj: Any, client: str | None = None) -> Deferred[dict[str, Any]]:
+        """A poll (3.2): acks first, then up to ``limit`` messages; long-polls when asked.
+
+        ``client`` is the share key of the client's address: a long-poll counts
+        against its share of waiting polls (``max_waiting_polls_per_address``).
+        Without one (the address means nothing) the mailbox's share is used.
+        """
+        return _run(self._counted(self._poll(obj, client)))
 
     def count(self, obj: Any) -> Deferred[dict[str, Any]]:
         """A count (3.3): a read-only poll that still uses up its nonce."""
@@ -420,7 +440,7 @@ class Relay:
         n = await shield(self.store.count(req.auth.mailbox, self.now()))
         return {"ok": True, "count": n}
 
-    async def _poll(self, obj: Any) -> dict[str, Any]:
+    async def _poll(self, obj: Any, client: str | None = None) -> dict[str, Any]:
         req = E.parse_poll(obj)
         await self._authorize(req)
         auth = req.auth
@@ -435,7 +455,7 @@ class Relay:
         # first read and the registration is found by the second read, one
         # that commits later wakes the waiter.  Only a poll that really waits
         # counts toward max_waiting_polls.
-        waiter = self._register(auth.mailbox)
+        waiter = self._register(auth.mailbox, client if client is not None else "mailbox:" + auth.mailbox)
         try:
             result = await self._messages(auth.mailbox, req.limit)
             if result["messages"]:
@@ -450,18 +470,12 @@ class Relay:
         return {"ok": True, "messages": [E.RawJSON(b) for b in bodies], "has_more": more}
 
     async def _fetch_remote(self, mailbox: str) -> None:
-        assert self.remote_fetch is not None
-        d = self.remote_fetch(mailbox)
-        d.addTimeout(self.config.sync.fetch_remote_timeout, self.clock)
-        try:
-            await d
-        except Exception as e:
-            # Best effort: whatever arrived in time is served; the rest comes by sync.
-            self.log.debug("fetch_remote for a mailbox ended early: {err}", err=e)
+        # Bounded, coalesced and never failing: see meshrelay.fetchgate.
+        await self.fetch_gate.run(mailbox)
 
     # ------------------------------------------------------------------ waiters
 
-    def _register(self, mailbox: str) -> _Waiter:
+    def _register(self, mailbox: str, share: str | None = None) -> _Waiter:
         if self._waiting >= self.limits.max_waiting_polls:
             self._cap_hit(
                 "max_waiting_polls",
@@ -469,8 +483,19 @@ class Relay:
                 limit=self.limits.max_waiting_polls,
             )
             raise RateLimited("too many waiting polls on this node")
-        waiter = _Waiter(mailbox)
+        share = share if share is not None else "mailbox:" + mailbox
+        # An address's share, and never more than half of all: no one address holds every slot.
+        per_share = min(self.limits.max_waiting_polls_per_address, max(1, self.limits.max_waiting_polls // 2))
+        if per_share and self._waiting_by_share.get(share, 0) >= per_share:
+            self._cap_hit(
+                "max_waiting_polls_per_address",
+                "an address (or mailbox) already has {limit} long-polls waiting; refusing more with rate_limited",
+                limit=per_share,
+            )
+            raise RateLimited("too many waiting polls from this address")
+        waiter = _Waiter(mailbox, share)
         self._waiters.setdefault(mailbox, {})[waiter] = None
+        self._waiting_by_share[share] = self._waiting_by_share.get(share, 0) + 1
         self._waiting += 1
         self.metrics.waiting_polls.set(self._waiting)
         return waiter
@@ -482,6 +507,11 @@ class Relay:
         del group[waiter]
         if not group:
             del self._waiters[waiter.mailbox]
+        left = self._waiting_by_share.get(waiter.share, 0) - 1
+        if left > 0:
+            self._waiting_by_share[waiter.share] = left
+        else:
+            self._waiting_by_share.pop(waiter.share, None)
         self._waiting -= 1
         self.metrics.waiting_polls.set(self._waiting)
 

@@ -81,12 +81,14 @@ class MeshrelayService(MultiService):
 
 
 def check_endpoints(config: Config, reactor: Any) -> None:
-    """Raise ConfigError unless node.listen and node.admin_listen are endpoint strings."""
-    for endpoint_key in ("listen", "admin_listen"):
+    """Raise ConfigError unless node.listen, node.admin_listen and each listeners[].endpoint are endpoint strings."""
+    endpoints = [(f"node.{key}", getattr(config.node, key)) for key in ("listen", "admin_listen")]
+    endpoints += [(f"listeners[{i}].endpoint", lst.endpoint) for i, lst in enumerate(config.listeners)]
+    for where, endpoint in endpoints:
         try:
-            serverFromString(reactor, getattr(config.node, endpoint_key))
+            serverFromString(reactor, endpoint)
         except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"node.{endpoint_key}: not a valid endpoint ({e})") from None
+            raise ConfigError(f"{where}: not a valid endpoint ({e})") from None
 
 
 def log_config_summary(config: Config) -> None:
@@ -136,6 +138,12 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     admin.setServiceParent(top)
     # A port that cannot be bound must stop twistd, not leave a half-started node.
     public._raiseSynchronously = True
+    for i, listener in enumerate(config.listeners):
+        site = node.site(listener.address_means_nothing, listener.max_connections or None)
+        extra = StreamServerEndpointService(serverFromString(reactor, listener.endpoint), site)
+        extra.setName(f"public-{i + 1}")
+        extra.setServiceParent(top)
+        extra._raiseSynchronously = True
     admin._raiseSynchronously = True
     return top
 

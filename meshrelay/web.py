@@ -26,6 +26,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from meshrelay.envelope import dumps_json, loads_json
 from meshrelay.errors import MeshError, UnsupportedMediaType
+from meshrelay.fairness import AddressPolicy, request_key
 from meshrelay.store.base import StoreError
 
 log = Logger()
@@ -157,6 +158,8 @@ class MeshChannel(http.HTTPChannel):
     read_timeout = 20.0
     _read_deadline: Any = None
     site: Any = None
+    #: the per-address connection share this connection counts against (None: none)
+    share_key: str | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._read_deadline is None and not self._handlingRequest:
@@ -198,7 +201,7 @@ class MeshChannel(http.HTTPChannel):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_read_deadline()
         if self.site is not None:
-            self.site.open_connections -= 1
+            self.site.connection_closed(self)
         super().connectionLost(reason)
 
 
@@ -219,6 +222,8 @@ class MeshSite(server.Site):
         reactor: Any = None,
         read_timeout: float = 20.0,
         max_connections: int = 10240,
+        max_connections_per_address: int = 0,
+        policy: AddressPolicy | None = None,
     ) -> None:
         super().__init__(resource, timeout=timeout, reactor=reactor)
         # No API takes HTML form posts: skip Twisted's Content-Type parsing of
@@ -230,17 +235,47 @@ class MeshSite(server.Site):
         self.read_timeout = read_timeout
         self.max_connections = max_connections
         self.open_connections = 0
+        #: 0 = no per-address cap; else open connections one address (share key) may hold: at most
+        #: half the listener's, so that one address can never hold every slot
+        if max_connections_per_address:
+            max_connections_per_address = min(max_connections_per_address, max(1, max_connections // 2))
+        self.max_connections_per_address = max_connections_per_address
+        self.policy = policy if policy is not None else AddressPolicy()
+        #: share key -> open connections (only keys with at least one)
+        self.connections_by_address: dict[str, int] = {}
+
+    def _refuse(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refused_total.labels(reason).inc()
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         if self.open_connections >= self.max_connections:
-            if self.metrics is not None:
-                self.metrics.refused_total.labels("max_connections").inc()
+            self._refuse("max_connections")
+            return None
+        key = self.policy.connection_key(addr) if self.max_connections_per_address else None
+        if key is not None and self.connections_by_address.get(key, 0) >= self.max_connections_per_address:
+            self._refuse("max_connections_per_address")
             return None
         channel = super().buildProtocol(addr)
         if channel is not None:
             channel.read_timeout = self.read_timeout
             self.open_connections += 1
+            if key is not None:
+                channel.share_key = key
+                self.connections_by_address[key] = self.connections_by_address.get(key, 0) + 1
         return channel
+
+    def connection_closed(self, channel: MeshChannel) -> None:
+        """A connection this site built has gone: free its slot and its address's."""
+        self.open_connections -= 1
+        key = channel.share_key
+        if key is not None:
+            channel.share_key = None
+            left = self.connections_by_address.get(key, 0) - 1
+            if left > 0:
+                self.connections_by_address[key] = left
+            else:
+                self.connections_by_address.pop(key, None)
 
     def log(self, request: Any) -> None:
         if self.access_log:
@@ -338,11 +373,33 @@ def install_error_table(app: Klein) -> None:
         return json_response(request, 500, error_body("internal", "internal error"))
 
 
+#: request attributes NodeRoot sets for the client API (see :mod:`meshrelay.fairness`)
+SHARE_KEY_ATTR = "meshrelay_share_key"
+FALLBACK_ATTR = "meshrelay_address_means_nothing"
+
+SEND_PATH = b"/api/mesh/dm/send"
+
+
+def body_length(request: Any) -> int:
+    """The length of the (already read, capped) request body."""
+    content = getattr(request, "content", None)
+    if content is None:
+        return 0
+    content.seek(0, io.SEEK_END)
+    n: int = content.tell()
+    content.seek(0)
+    return n
+
+
 class NodeRoot(Resource):
     """The public listener's root: peer paths to the peer API, the rest to the client API.
 
-    Client requests pass the per-IP rate limit first (``429 rate_limited``);
-    peer requests are limited per authenticated peer by the peer API.
+    Client requests pass the per-address limits first (``429 rate_limited``):
+    the request rate, and for a deposit its bytes; both keyed by the
+    address's share key (:mod:`meshrelay.fairness`).  On a listener whose
+    address means nothing there is no such key: the request is marked, and
+    the client API charges keys from the body instead.  Peer requests are
+    limited per authenticated peer by the peer API.
     """
 
     isLeaf = True
@@ -352,39 +409,54 @@ class NodeRoot(Resource):
         client: Resource,
         peer: Resource | None = None,
         client_limiter: Any = None,
-        trusted_proxies: frozenset[str] = frozenset(),
+        policy: AddressPolicy | None = None,
+        deposit_limiter: Any = None,
+        metrics: Any = None,
     ) -> None:
         super().__init__()
+        self.metrics = metrics
         self.client = client
         self.peer = peer
         self.client_limiter = client_limiter
-        self.trusted_proxies = trusted_proxies
+        self.deposit_limiter = deposit_limiter
+        self.policy = policy if policy is not None else AddressPolicy()
 
     def render(self, request: Any) -> Any:
         if self.peer is not None and request_path(request) in PEER_PATHS:
             return self.peer.render(request)
+        key = request_key(request, self.policy)
+        setattr(request, SHARE_KEY_ATTR, key)
+        if key is None:
+            setattr(request, FALLBACK_ATTR, True)
+            return self.client.render(request)
         limiter = self.client_limiter
-        if limiter is not None and limiter.enabled and not limiter.allow(client_ip(request, self.trusted_proxies)):
-            return json_response(request, 429, error_body("rate_limited", "too many requests from this address"))
+        if limiter is not None and limiter.enabled and not limiter.allow(key):
+            return self._limited(request, "client_rate", "too many requests from this address")
+        deposits = self.deposit_limiter
+        if (
+            deposits is not None
+            and deposits.enabled
+            and request_path(request) == SEND_PATH
+            and not deposits.allow(key, body_length(request))
+        ):
+            return self._limited(request, "deposit_bytes", "too many deposit bytes from this address; slow down")
         return self.client.render(request)
+
+    def _limited(self, request: Any, reason: str, detail: str) -> bytes:
+        if self.metrics is not None:
+            self.metrics.refused_total.labels(reason).inc()
+        return json_response(request, 429, error_body("rate_limited", detail))
 
 
 def client_ip(request: Any, trusted_proxies: frozenset[str] = frozenset()) -> str:
     """The client's address: the connecting host, or, behind a trusted proxy, X-Forwarded-For.
 
     X-Forwarded-For is read right to left, skipping trusted proxies; the first
-    address that is not one of them is the client.  Without trusted proxies
-    the header is ignored (anyone can write it).
+    address that is not one of them is the client, if it parses as an address
+    (see :meth:`meshrelay.fairness.AddressPolicy.client`).  Without trusted
+    proxies the header is ignored (anyone can write it).
     """
     addr = request.getClientAddress()
     host = str(getattr(addr, "host", addr))
-    if host not in trusted_proxies:
-        return host
-    header = request.getHeader(b"x-forwarded-for")
-    if not header:
-        return host
-    for hop in reversed(header.decode("latin-1").split(",")):
-        hop = hop.strip()
-        if hop and hop not in trusted_proxies:
-            return hop
-    return host
+    policy = AddressPolicy(",".join(sorted(trusted_proxies)))
+    return str(policy.client(host, request.getHeader(b"x-forwarded-for")))

@@ -117,8 +117,9 @@ class NodeProcess:
                 "admin_listen": f"tcp:{self.admin_port}:interface=127.0.0.1",
                 "data_dir": self.data_dir,
             },
-            # The test process is one client address generating all the load.
-            "limits": {"client_rate": 0},
+            # The test process is one client address generating all the load: no per-address
+            # request rate, deposit byte budget or waiting-poll share (the connection share stays).
+            "limits": {"client_rate": 0, "deposit_bytes_rate": 0, "max_waiting_polls_per_address": 0},
         }
         for section, table in self.extra.items():
             raw.setdefault(section, {}).update(table)

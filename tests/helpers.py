@@ -56,6 +56,8 @@ def make_config(
     # One test client generates all the load from one address: no per-IP limit
     # unless a test asks for one.
     limits.setdefault("client_rate", 0)
+    limits.setdefault("deposit_bytes_rate", 0)
+    limits.setdefault("max_waiting_polls_per_address", 0)
     raw: dict[str, Any] = {
         "node": {"data_dir": tmpdir, "public_url": public_url},
         "limits": limits,

@@ -105,7 +105,14 @@ class BodyCapTests(SynchronousTestCase):
 class ConnectionLimitTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.n = MemNode(
-            self.mktemp(), read_timeout=10, idle_timeout=30, max_connections=2, client_rate=2, client_burst=3
+            self.mktemp(),
+            read_timeout=10,
+            idle_timeout=30,
+            max_connections=2,
+            client_rate=2,
+            client_burst=3,
+            # every connection here comes from one address: the global cap is what is tested
+            max_connections_per_address=0,
         )
         self.addCleanup(self.n.stop)
         self.site = self.n.node.site()

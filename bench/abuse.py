@@ -1,0 +1,992 @@
+"""Attack soak: a three-node mesh under every attack of issue 10 at once, with honest clients on the side.
+
+Run from the repository root (the nodes run this checkout's code)::
+
+    python bench/abuse.py --minutes 2                      # the run of record
+    python bench/abuse.py --minutes 1 --json bench/results/abuse.json
+    python bench/abuse.py --seconds 8 --scale 0.1          # a smoke run of the tool
+    python bench/abuse.py --attacks acks,flood --seed 7    # some attacks only, replayable choices
+
+One invocation runs two phases, each on three *fresh* ``twistd meshrelay``
+nodes (new data directories, so phase A's stored data, tombstones and nonces
+cannot bias phase B), fully peered with secrets, listening on 127.0.0.1:
+
+- **phase A, no attack**: honest clients only, for ``--minutes``;
+- **phase B, attack**: the same honest clients plus every attack in
+  ``--attacks``, concurrently, for the same time.
+
+Honest clients (each from its own loopback address, 127.0.1.x): ``--senders``
+senders deposit at ``--honest-rate`` per second each (open loop) at "their"
+node, always to a recipient who long-polls (``wait=10``) at *another* node, so
+every message crosses the mesh; recipients ack what they got with their next
+poll.  Measured per honest operation: a deposit succeeds on 200, a poll on 200,
+a delivery when an accepted deposit reaches its recipient before the phase's
+drain ends (``--drain`` s after the senders stop).  Latencies: the deposit's
+answer, and deposit-sent to delivered.
+
+Attacks (each from its own loopback source addresses, 127.0.0.x; rates are per
+node, times ``--scale``):
+
+``acks``          signed polls from throwaway mailboxes, each acking 500 made-up ids
+``nonce``         client polls stamped ts = now + clock_skew - 1, filling the poll nonce cache
+``peer_nonce``    a hostile peer (it has a peer secret) sending changes requests stamped
+                  now + clock_skew - 1, filling the peer nonce cache
+``idle``          one address holding many idle TCP connections per node
+``longpolls``     a few addresses holding many waiting long-polls per node
+``flood``         one address depositing big envelopes (max_message_bytes of ciphertext),
+                  a fresh sender key for each, into fresh mailboxes, to fill the stores
+``xff``           X-Forwarded-For junk through 127.0.0.1 as a trusted proxy (see ``--xff``)
+``fetch_remote``  an attacker fills its own mailbox (per_mailbox_pending big envelopes), then
+                  polls it with fetch_remote at every node, never acking
+``log_flood``     peer requests naming a real peer with a bad HMAC
+
+The nodes run the defaults an operator would keep, except caps scaled down so
+that a run of a minute or two can reach them (``--cap-mb``, ``--max-nonces``,
+``--max-waiting-polls``, ``--max-connections``; see ``node_config``), and a
+fourth configured peer, the hostile one, whose URL is a sink served by this
+process (it accepts whatever the nodes push to it and has no changes), in both
+phases.  With ``--xff proxy`` (default) the nodes trust 127.0.0.1 as a reverse
+proxy (``trusted_proxies``), as ``docs/operator.md`` says to do behind nginx,
+and the xff attacker sends from 127.0.0.1 what ``$proxy_add_x_forwarded_for``
+would pass on: junk followed by its real address; ``--xff direct`` sends the
+junk alone (a proxy that passes the header through unchanged); ``--xff skip``
+trusts no proxy and skips the attack.
+
+At the end it prints, per phase, the honest success rate and p99 latencies,
+every node's data directory (the sum of its files' sizes) against the cap
+(``max_stored_bytes``), each node's log lines, the nodes' and this process's
+CPU, and the attack requests by outcome; then the verdict against the targets
+(honest success >= 99 %, honest p99 <= 2x the no-attack run, every node's data
+within its cap).  Exit status 1 when a target is missed, 0 when all are met.
+Everything is bounded by the phase length and per-attack in-flight caps, and
+every process is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common
+import treq
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet import defer, protocol, task
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from meshrelay import envelope as E
+from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
+from tests.harness import NodeProcess, free_port
+from tests.helpers import link_secret
+
+NAMES = ("a", "b", "c")
+SEND = "/api/mesh/dm/send"
+POLL = "/api/mesh/dm/poll"
+REPLICATE = "/api/mesh/dm/replicate-envelope"
+CHANGES = "/api/mesh/dm/changes"
+JSON_HEADERS = {"Content-Type": ["application/json"]}
+ATTACKS = ("acks", "nonce", "peer_nonce", "idle", "longpolls", "flood", "xff", "fetch_remote", "log_flood")
+HOSTILE_SECRET = "hostile-peer-secret-0123456789abcdef"
+#: node defaults kept (docs/operator.md); the bench changes only what node_config says
+CLOCK_SKEW = 300
+MAX_TTL = 259200
+MAX_MESSAGE = 8192
+PER_MAILBOX = 256
+CLIENT_RATE = 100
+#: a honest long-poll's wait (s); a request that has not finished after its wait + this is a failure
+HONEST_WAIT = 10
+GUARD = 30
+#: attack rates per node per second (times --scale), sizes per node
+ATTACK_RATES = {
+    "acks": 2.0,
+    "nonce": 30.0,
+    "peer_nonce": 30.0,
+    "flood": 40.0,
+    "fetch_remote": 1.0,
+    "log_flood": 30.0,
+}
+#: the xff attacker's rate (per second, at node a only): above client_rate, so that a 429 shows the
+#: per-address limit held and its absence that the junk was believed
+XFF_RATE = 120.0
+IDLE_PER_NODE = 500
+LONGPOLL_ADDRS = 3
+LONGPOLLS_PER_ADDR_PER_NODE = 100
+#: source addresses
+HONEST_BASE = "127.0.1."
+ATTACK_ADDR = {
+    "acks": ["127.0.0.10", "127.0.0.11"],
+    "nonce": ["127.0.0.20", "127.0.0.21"],
+    "peer_nonce": ["127.0.0.30"],
+    "idle": ["127.0.0.40"],
+    "longpolls": [f"127.0.0.{50 + i}" for i in range(LONGPOLL_ADDRS)],
+    "flood": ["127.0.0.60"],
+    # the xff attacker's *real* address (what the proxy appends); it connects from the proxy's, 127.0.0.1
+    "xff": ["127.0.0.70"],
+    "fetch_remote": ["127.0.0.80"],
+    "log_flood": ["127.0.0.90"],
+}
+LOG_REFUSED = "peer request refused"
+
+
+class _Quiet(_HTTP11ClientFactory):
+    noisy = False
+
+
+class BoundEndpoints:
+    """An Agent endpoint factory whose connections leave from one loopback address."""
+
+    def __init__(self, reactor: Any, source: str) -> None:
+        self.reactor = reactor
+        self.source = source
+
+    def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:
+        host = uri.host.decode() if isinstance(uri.host, bytes) else uri.host
+        return TCP4ClientEndpoint(self.reactor, host, uri.port, timeout=10, bindAddress=(self.source, 0))
+
+
+class Client:
+    """A treq client whose connections come from ``source``."""
+
+    def __init__(self, reactor: Any, source: str, per_host: int = 32) -> None:
+        self.source = source
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = per_host
+        self.pool._factory = _Quiet
+        self.http = treq.client.HTTPClient(
+            Agent.usingEndpointFactory(reactor, BoundEndpoints(reactor, source), self.pool)
+        )
+
+
+class Sink(Resource):
+    """The hostile peer's URL: accepts every push, has an empty changes feed."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        try:
+            since = int(request.args.get(b"since", [b"0"])[0])
+        except ValueError:
+            since = 0
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"ok": True, "feed": "hostile-sink", "items": [], "next": since, "more": False}).encode()
+
+    def render_POST(self, request: Any) -> bytes:
+        raw = request.content.read()
+        if request.path.endswith(b"/ack"):
+            n, status = raw.count(b'"nonce"'), "applied"
+        else:
+            n, status = raw.count(b'"msg_id"'), "accepted"
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"ok": True, "results": [{"status": status}] * n}).encode()
+
+
+class IdleConn(protocol.Protocol):
+    def __init__(self, owner: Abuse, node: str) -> None:
+        self.owner = owner
+        self.node = node
+
+    def connectionMade(self) -> None:
+        self.owner.idle_open.add(self)
+        self.owner.count("idle", "connected")
+
+    def connectionLost(self, reason: Any) -> None:
+        self.owner.idle_open.discard(self)
+        self.owner.count("idle", "closed_by_node" if not self.owner.stop_attacks else "closed")
+        self.owner.idle_reopen(self.node)
+
+
+class _IdleFactory(protocol.ClientFactory):
+    noisy = False
+
+    def __init__(self, owner: Abuse, node: str) -> None:
+        self.owner = owner
+        self.node = node
+
+    def buildProtocol(self, addr: Any) -> IdleConn:
+        return IdleConn(self.owner, self.node)
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        self.owner.count("idle", "connect_failed")
+        self.owner.idle_reopen(self.node)
+
+
+def table_rows(data_dir: str) -> dict[str, int]:
+    """Rows per table of a stopped node's SQLite store (what fills its disk), read-only."""
+    from meshrelay.store.sqlite import DB_NAME
+
+    out: dict[str, int] = {}
+    try:
+        conn = sqlite3.connect(f"file:{os.path.join(data_dir, DB_NAME)}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error:
+        return out
+    try:
+        for table in ("envelopes", "tombstones", "acks", "nonces"):
+            try:
+                out[table] = int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+            except sqlite3.Error:
+                pass
+    finally:
+        conn.close()
+    return out
+
+
+def dir_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def p99(values: list[float]) -> float:
+    return common.percentile(values, 99)
+
+
+class Abuse:
+    """One phase: fresh nodes, honest clients, and (phase B) the attacks."""
+
+    def __init__(self, args: argparse.Namespace, workdir: str, attacks: list[str], label: str) -> None:
+        from twisted.internet import reactor
+
+        self.reactor: Any = reactor
+        self.args = args
+        self.label = label
+        self.workdir = os.path.join(workdir, label)
+        self.attacks = attacks
+        self.rng = random.Random(f"{args.seed}-{label}")
+        self.nodes: dict[str, NodeProcess] = {}
+        self.clients: dict[str, Client] = {}
+        self.counts: Counter[str] = Counter()
+        self.inflight: Counter[str] = Counter()
+        self.stop_senders = False
+        self.stop_recipients = False
+        self.stop_attacks = False
+        self.idle_open: set[IdleConn] = set()
+        self.idle_connectors: list[Any] = []
+        # honest figures
+        self.deposit_lat: list[float] = []
+        self.delivery_lat: list[float] = []
+        self.deposits = Counter[str]()
+        self.polls = Counter[str]()
+        self.expected: dict[str, float] = {}
+        self.delivered: dict[str, float] = {}
+        self.samples: list[dict[str, Any]] = []
+        self.data_max: dict[str, int] = {n: 0 for n in NAMES}
+        self.fetch_remote_lat: list[float] = []
+
+    # ------------------------------------------------------------------ mesh
+
+    def node_config(self) -> dict[str, Any]:
+        a = self.args
+        limits: dict[str, Any] = {
+            "client_rate": CLIENT_RATE,
+            "client_burst": 2 * CLIENT_RATE,
+            "max_stored_bytes": int(a.cap_mb * 1024 * 1024),
+            "max_nonces": a.max_nonces,
+            "max_waiting_polls": a.max_waiting_polls,
+            "max_connections": a.max_connections,
+            "clock_skew": CLOCK_SKEW,
+            "max_ttl": MAX_TTL,
+            "max_message_bytes": MAX_MESSAGE,
+            "per_mailbox_pending": PER_MAILBOX,
+        }
+        if a.xff != "skip":
+            limits["trusted_proxies"] = "127.0.0.1"
+        return {"node": {"sweep_interval": 10}, "limits": limits, "sync": {"interval": 5}}
+
+    def start_nodes(self, sink_url: str) -> None:
+        config = self.node_config()
+        self.nodes = {n: NodeProcess(self.workdir, n, config=config) for n in NAMES}
+        for n, p in self.nodes.items():
+            p.peers = [{"url": self.nodes[o].url, "secret": link_secret(n, o)} for o in NAMES if o != n]
+            p.peers.append({"url": sink_url, "secret": HOSTILE_SECRET})
+        for p in self.nodes.values():
+            p.start(wait=False)
+        for p in self.nodes.values():
+            p.wait_ready(120)
+
+    def stop_nodes(self) -> None:
+        for p in self.nodes.values():
+            p.stop()
+
+    def url(self, node: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.nodes[node].port}{path}"
+
+    def client(self, source: str, per_host: int = 32) -> Client:
+        c = self.clients.get(source)
+        if c is None:
+            c = self.clients[source] = Client(self.reactor, source, per_host)
+        return c
+
+    # ------------------------------------------------------------------ plumbing
+
+    def count(self, kind: str, outcome: str) -> None:
+        self.counts[f"{kind}:{outcome}"] += 1
+
+    async def call(
+        self,
+        source: str,
+        kind: str,
+        node: str,
+        path: str,
+        body: bytes | None,
+        method: str = "POST",
+        headers: dict[str, list[str]] | None = None,
+        timeout: float = GUARD,
+    ) -> tuple[int, bytes, float, str]:
+        """One request from ``source``: status (0: no answer), body, seconds, outcome.
+
+        The outcome is the status with the protocol's error code ("429 storage_full"), or the
+        exception's name when there was no answer.
+        """
+        http = self.client(source).http
+        t0 = time.monotonic()
+        try:
+            d = http.request(method, self.url(node, path), data=body, headers=headers or JSON_HEADERS)
+            d.addTimeout(timeout, self.reactor)
+            resp = await d
+            raw = await treq.content(resp)
+            status = int(resp.code)
+        except Exception as e:
+            self.count(kind, type(e).__name__)
+            return 0, b"", time.monotonic() - t0, type(e).__name__
+        outcome = str(status)
+        if status >= 400:
+            try:
+                outcome += " " + str(json.loads(raw)["error"])
+            except (ValueError, KeyError, TypeError):
+                pass
+        self.count(kind, outcome)
+        return status, raw, time.monotonic() - t0, outcome
+
+    def spawn(self, kind: str, coro: Coroutine[Any, Any, Any]) -> None:
+        self.inflight[kind] += 1
+        d = defer.Deferred.fromCoroutine(coro)
+
+        def done(result: Any) -> None:
+            self.inflight[kind] -= 1
+            if isinstance(result, Exception) or hasattr(result, "getErrorMessage"):
+                self.count(kind, "generator_error:" + result.getErrorMessage()[:80])
+
+        d.addBoth(done)
+
+    async def sleep(self, seconds: float) -> None:
+        await task.deferLater(self.reactor, max(0.0, seconds), lambda: None)
+
+    async def paced(
+        self, kind: str, rate: float, make: Callable[[int], Coroutine[Any, Any, Any]], max_inflight: int
+    ) -> None:
+        """Issue ``make(i)`` at ``rate``/s until the attacks stop; beyond ``max_inflight`` shed (counted)."""
+        if rate <= 0:
+            return
+        t0 = time.monotonic()
+        issued = 0
+        limit = int(rate * (self.args.phase_seconds + self.args.drain + 120)) + 10
+        while not self.stop_attacks and issued < limit:
+            due = int(rate * (time.monotonic() - t0)) - issued
+            for _ in range(max(0, due)):
+                issued += 1
+                if self.inflight[kind] >= max_inflight:
+                    self.count(kind, "shed")
+                    continue
+                self.spawn(kind, make(issued))
+            await self.sleep(0.05)
+
+    def rate(self, kind: str) -> float:
+        return ATTACK_RATES[kind] * self.args.scale * len(NAMES)
+
+    def node_of(self, i: int) -> str:
+        return NAMES[i % len(NAMES)]
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+    # ------------------------------------------------------------------ honest clients
+
+    def honest_setup(self) -> None:
+        rng = self.rng
+        a = self.args
+        self.senders = [Ed25519PrivateKey.from_private_bytes(rng.randbytes(32)) for _ in range(a.senders)]
+        self.recipients = [Ed25519PrivateKey.from_private_bytes(rng.randbytes(32)) for _ in range(a.recipients)]
+        self.recipient_pub = [E.public_key_b64u(k) for k in self.recipients]
+
+    async def honest_deposit(self, source: str, key: Ed25519PrivateKey, node: str, to: int) -> None:
+        ct = self.rng.randbytes(self.rng.randint(200, 1000))
+        env = E.make_envelope(key, self.recipient_pub[to], ct, int(time.time()), 3600)
+        sent = time.monotonic()
+        status, _, dt, outcome = await self.call(source, "honest_deposit", node, SEND, self.dumps(env))
+        if sent < self.measure_from:
+            return  # warm-up: sent, not measured
+        if status != 200:
+            self.deposits[outcome] += 1
+            return
+        mid = env["msg_id"]
+        self.deposits["ok"] += 1
+        self.deposit_lat.append(dt)
+        self.expected[mid] = sent
+        early = self.early.pop(mid, None)
+        if early is not None and mid not in self.delivered:
+            # delivered before the deposit's answer came back
+            self.delivered[mid] = max(0.0, early - sent)
+            self.delivery_lat.append(self.delivered[mid])
+
+    async def honest_sender(self, k: int) -> None:
+        source = f"{HONEST_BASE}{k + 1}"
+        node_i = k % len(NAMES)
+        node = NAMES[node_i]
+        # recipients who long-poll at another node
+        others = [j for j in range(len(self.recipients)) if j % len(NAMES) != node_i]
+        interval = 1.0 / self.args.honest_rate
+        start = time.monotonic() + self.rng.random() * interval
+        for i in range(10**7):
+            if self.stop_senders:
+                return
+            due = start + i * interval
+            await self.sleep(due - time.monotonic())
+            if self.stop_senders:
+                return
+            if self.inflight["honest_deposit"] >= 200:
+                self.deposits["shed"] += 1
+                continue
+            self.spawn("honest_deposit", self.honest_deposit(source, self.senders[k], node, self.rng.choice(others)))
+
+    async def honest_recipient(self, j: int) -> None:
+        source = f"{HONEST_BASE}{100 + j}"
+        node = NAMES[j % len(NAMES)]
+        key = self.recipients[j]
+        ack: list[str] = []
+        for _ in range(10**6):
+            if self.stop_recipients:
+                return
+            body = E.make_signed_request(key, int(time.time()), os.urandom(16), ack)
+            body.update(limit=100, wait=HONEST_WAIT)
+            measured = time.monotonic() >= self.measure_from
+            status, raw, _, outcome = await self.call(
+                source, "honest_poll", node, POLL, self.dumps(body), timeout=HONEST_WAIT + GUARD
+            )
+            if status != 200:
+                if measured:
+                    self.polls[outcome] += 1
+                await self.sleep(0.5)
+                continue
+            if measured:
+                self.polls["ok"] += 1
+            now = time.monotonic()
+            ack = []
+            for m in json.loads(raw)["messages"]:
+                mid = m["msg_id"]
+                ack.append(mid)
+                if mid in self.delivered:
+                    continue
+                sent = self.expected.get(mid)
+                if sent is None:
+                    self.early[mid] = now  # its deposit's answer is not back yet
+                    continue
+                self.delivered[mid] = now - sent
+                self.delivery_lat.append(now - sent)
+
+    # ------------------------------------------------------------------ attacks
+
+    def signed_poll(self, key: Ed25519PrivateKey, ts: int, ack: list[str] | None = None, **extra: Any) -> bytes:
+        body = E.make_signed_request(key, ts, os.urandom(16), ack or [])
+        body.update(extra)
+        return self.dumps(body)
+
+    async def attack_acks(self, i: int) -> None:
+        source = ATTACK_ADDR["acks"][i % len(ATTACK_ADDR["acks"])]
+        ids = [os.urandom(32).hex() for _ in range(E.MAX_ACK_IDS)]
+        body = self.signed_poll(Ed25519PrivateKey.generate(), int(time.time()), ids, limit=1)
+        await self.call(source, "acks", self.node_of(i), POLL, body)
+
+    async def attack_nonce(self, i: int) -> None:
+        source = ATTACK_ADDR["nonce"][i % len(ATTACK_ADDR["nonce"])]
+        key = self.nonce_keys[source]
+        body = self.signed_poll(key, int(time.time()) + CLOCK_SKEW - 1, limit=1)
+        await self.call(source, "nonce", self.node_of(i), POLL, body)
+
+    async def attack_peer_nonce(self, i: int) -> None:
+        node = self.node_of(i)
+        target = f"{CHANGES}?since=9000000000000&limit=1"
+        ts = int(time.time()) + CLOCK_SKEW - 1
+        nonce = E.b64u_encode(os.urandom(16))
+        headers = {
+            H_URL: [self.sink_url],
+            H_TS: [str(ts)],
+            H_NONCE: [nonce],
+            H_HMAC: [compute_mac(self.hostile_key, "GET", target, ts, nonce, b"")],
+        }
+        await self.call(ATTACK_ADDR["peer_nonce"][0], "peer_nonce", node, target, None, "GET", headers)
+
+    async def attack_log_flood(self, i: int) -> None:
+        node = self.node_of(i)
+        peer = self.nodes[self.node_of(i + 1)].url
+        headers = {
+            "Content-Type": ["application/json"],
+            H_URL: [peer],
+            H_TS: [str(int(time.time()))],
+            H_NONCE: [E.b64u_encode(os.urandom(16))],
+            H_HMAC: [os.urandom(32).hex()],
+        }
+        await self.call(ATTACK_ADDR["log_flood"][0], "log_flood", node, REPLICATE, b'{"envelopes":[]}', "POST", headers)
+
+    def big_envelope(self, mailbox: str) -> bytes:
+        sender = Ed25519PrivateKey.generate()
+        return self.dumps(E.make_envelope(sender, mailbox, os.urandom(MAX_MESSAGE), int(time.time()), MAX_TTL))
+
+    async def attack_flood(self, i: int) -> None:
+        if i % 200 == 1:
+            self.flood_mailbox = E.public_key_b64u(Ed25519PrivateKey.generate())
+        await self.call(ATTACK_ADDR["flood"][0], "flood", self.node_of(i), SEND, self.big_envelope(self.flood_mailbox))
+
+    async def attack_xff(self, i: int) -> None:
+        rng = self.rng
+        junk = [
+            ".".join(str(rng.randrange(256)) for _ in range(4)),
+            "unknown",
+            "::1",
+            "x" * rng.randrange(1, 200),
+            f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}",
+        ]
+        hops = rng.sample(junk, rng.randint(1, len(junk)))
+        if self.args.xff == "proxy":
+            hops.append(ATTACK_ADDR["xff"][0])  # what nginx's $proxy_add_x_forwarded_for appends
+        headers = {"Content-Type": ["application/json"], "X-Forwarded-For": [", ".join(hops)]}
+        # a cheap body: a 400 means the request passed the per-address limit, a 429 that it did not
+        await self.call("127.0.0.1", "xff", NAMES[0], SEND, b'{"v":1,', "POST", headers)
+
+    async def fetch_remote_fill(self) -> None:
+        """Fill the attacker's own mailbox at node a (paced under client_rate), then poll it with fetch_remote."""
+        source = ATTACK_ADDR["fetch_remote"][0]
+        for _ in range(PER_MAILBOX):
+            if self.stop_attacks:
+                return
+            body = self.big_envelope(self.fr_pub)
+            await self.call(source, "fetch_remote_fill", NAMES[0], SEND, body)
+            await self.sleep(0.02)
+
+    async def attack_fetch_remote(self, i: int) -> None:
+        source = ATTACK_ADDR["fetch_remote"][0]
+        body = self.signed_poll(self.fr_key, int(time.time()), limit=1, fetch_remote=True)
+        status, _, dt, _ = await self.call(source, "fetch_remote", self.node_of(i), POLL, body)
+        if status == 200:
+            self.fetch_remote_lat.append(dt)
+
+    async def longpoller(self, source: str, node: str) -> None:
+        key = Ed25519PrivateKey.generate()
+        for _ in range(10**6):
+            if self.stop_attacks:
+                return
+            body = self.signed_poll(key, int(time.time()), limit=1, wait=30)
+            self.count("longpolls", "issued")
+            status, _, _, _ = await self.call(source, "longpolls", node, POLL, body, timeout=30 + GUARD)
+            if status != 200:
+                await self.sleep(1.0)
+
+    def idle_open_one(self, node: str) -> None:
+        if self.stop_attacks:
+            return
+        c = self.reactor.connectTCP(
+            "127.0.0.1",
+            self.nodes[node].port,
+            _IdleFactory(self, node),
+            timeout=10,
+            bindAddress=(ATTACK_ADDR["idle"][0], 0),
+        )
+        self.idle_connectors.append(c)
+
+    def idle_reopen(self, node: str) -> None:
+        if not self.stop_attacks:
+            self.reactor.callLater(1.0, self.idle_open_one, node)
+
+    async def attack_idle(self) -> None:
+        n = int(IDLE_PER_NODE * self.args.scale)
+        for step in range(n):
+            if self.stop_attacks:
+                return
+            for node in NAMES:
+                self.idle_open_one(node)
+            if step % 50 == 49:
+                await self.sleep(0.1)
+
+    def start_attacks(self) -> list[defer.Deferred[Any]]:
+        a = self.args
+        runs: list[Coroutine[Any, Any, Any]] = []
+        if "acks" in self.attacks:
+            runs.append(self.paced("acks", self.rate("acks"), self.attack_acks, 30))
+        if "nonce" in self.attacks:
+            self.nonce_keys = {s: Ed25519PrivateKey.generate() for s in ATTACK_ADDR["nonce"]}
+            runs.append(self.paced("nonce", self.rate("nonce"), self.attack_nonce, 100))
+        if "peer_nonce" in self.attacks:
+            runs.append(self.paced("peer_nonce", self.rate("peer_nonce"), self.attack_peer_nonce, 100))
+        if "flood" in self.attacks:
+            runs.append(self.paced("flood", self.rate("flood"), self.attack_flood, 60))
+        if "xff" in self.attacks and a.xff != "skip":
+            runs.append(self.paced("xff", XFF_RATE * a.scale, self.attack_xff, 100))
+        if "log_flood" in self.attacks:
+            runs.append(self.paced("log_flood", self.rate("log_flood"), self.attack_log_flood, 100))
+        if "fetch_remote" in self.attacks:
+            self.fr_key = Ed25519PrivateKey.generate()
+            self.fr_pub = E.public_key_b64u(self.fr_key)
+
+            async def fetch_remote() -> None:
+                await self.fetch_remote_fill()
+                await self.paced("fetch_remote", self.rate("fetch_remote"), self.attack_fetch_remote, 10)
+
+            runs.append(fetch_remote())
+        if "idle" in self.attacks:
+            runs.append(self.attack_idle())
+        if "longpolls" in self.attacks:
+            per = max(1, int(LONGPOLLS_PER_ADDR_PER_NODE * a.scale))
+            for source in ATTACK_ADDR["longpolls"]:
+                self.client(source, per_host=per + 10)
+                for node in NAMES:
+                    runs.extend(self.longpoller(source, node) for _ in range(per))
+        return [defer.Deferred.fromCoroutine(r) for r in runs]
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample(self) -> None:
+        row: dict[str, Any] = {"t": round(time.monotonic() - self.t0, 1)}
+        for n, p in self.nodes.items():
+            size = dir_bytes(p.data_dir)
+            self.data_max[n] = max(self.data_max[n], size)
+            row[n] = size
+        self.samples.append(row)
+
+    def node_metrics(self, node: NodeProcess) -> dict[str, float]:
+        out: dict[str, float] = {}
+        try:
+            status, body = node.admin("/api/mesh/metrics")
+        except OSError:
+            return out
+        if status != 200:
+            return out
+        for prefix in (
+            "meshrelay_stored_bytes",
+            "meshrelay_stored_envelopes",
+            "meshrelay_stored_tombstones",
+            "meshrelay_waiting_polls",
+            "meshrelay_http_refused",
+            "meshrelay_peer_auth_failures",
+        ):
+            values = [s["value"] for name, v in body["metrics"].items() if name.startswith(prefix) for s in v]
+            out[prefix] = float(sum(values))
+        return out
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self, sink_url: str) -> dict[str, Any]:
+        a = self.args
+        self.sink_url = sink_url
+        self.hostile_key = derive_key(HOSTILE_SECRET, sink_url)
+        self.early: dict[str, float] = {}
+        self.honest_setup()
+        cpu0 = {n: common.tree_cpu_seconds(p.proc.pid) for n, p in self.nodes.items() if p.proc}
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.t0 = time.monotonic()
+        #: honest operations started in the first seconds (cold nodes, attacks ramping up) are not counted
+        self.measure_from = self.t0 + min(5.0, 0.1 * a.phase_seconds)
+        sampler = task.LoopingCall(self.sample)
+        sampler.start(5.0)
+        honest = [defer.Deferred.fromCoroutine(self.honest_recipient(j)) for j in range(a.recipients)]
+        senders = [defer.Deferred.fromCoroutine(self.honest_sender(k)) for k in range(a.senders)]
+        attacks = self.start_attacks() if self.attacks else []
+        print(
+            f"  [{self.label}] running {a.phase_seconds:.0f} s; attacks: {', '.join(self.attacks) or 'none'}",
+            flush=True,
+        )
+        for _ in range(int(a.phase_seconds) + 1):
+            left = a.phase_seconds - (time.monotonic() - self.t0)
+            if left <= 0:
+                break
+            await self.sleep(min(1.0, left))
+        self.stop_senders = True
+        await defer.DeferredList(senders, consumeErrors=True)
+        # drain: the recipients keep polling (attacks still running) until every accepted deposit is delivered
+        drain_start = time.monotonic()
+        for _ in range(int(a.drain * 10) + 1):
+            if self.inflight["honest_deposit"] == 0 and all(m in self.delivered for m in self.expected):
+                break
+            if time.monotonic() - drain_start >= a.drain:
+                break
+            await self.sleep(0.1)
+        loaded = time.monotonic() - self.t0
+        self.sample()
+        cpu1 = {n: common.tree_cpu_seconds(p.proc.pid) for n, p in self.nodes.items() if p.proc}
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        metrics = {n: self.node_metrics(p) for n, p in self.nodes.items()}
+        rss = {n: round(common.tree_rss_mb(p.proc.pid), 1) for n, p in self.nodes.items() if p.proc}
+        # what happens once the nodes are stopped below is not part of the measurement
+        frozen = (Counter(self.deposits), Counter(self.polls), Counter(self.counts))
+        # stop
+        self.stop_attacks = True
+        self.stop_recipients = True
+        sampler.stop()
+        for c in list(self.idle_open):
+            if c.transport is not None:
+                c.transport.loseConnection()
+        for c in self.idle_connectors:
+            try:
+                c.stopConnecting()
+            except Exception:
+                pass
+        # waiting polls (honest and attackers') end within their wait; stopping the nodes ends them sooner
+        self.stop_nodes()
+        rows = {n: table_rows(p.data_dir) for n, p in self.nodes.items()}
+        await defer.DeferredList(honest + attacks, consumeErrors=True)
+        for c in self.clients.values():
+            await c.pool.closeCachedConnections()
+        self.deposits, self.polls, self.counts = frozen
+        return self.figures(loaded, cpu0, cpu1, ru0, ru1, metrics, rss, rows)
+
+    def figures(
+        self,
+        loaded: float,
+        cpu0: dict[str, float],
+        cpu1: dict[str, float],
+        ru0: Any,
+        ru1: Any,
+        metrics: dict[str, dict[str, float]],
+        rss: dict[str, float],
+        rows: dict[str, dict[str, int]],
+    ) -> dict[str, Any]:
+        dep_total = sum(self.deposits.values())
+        dep_ok = self.deposits["ok"]
+        poll_total = sum(self.polls.values())
+        poll_ok = self.polls["ok"]
+        accepted = len(self.expected)
+        delivered = sum(1 for m in self.expected if m in self.delivered)
+        ops = dep_total + poll_total + accepted
+        ok = dep_ok + poll_ok + delivered
+        nodes: dict[str, Any] = {}
+        cap = int(self.args.cap_mb * 1024 * 1024)
+        for n, p in self.nodes.items():
+            with open(p.log_path, "rb") as fh:
+                log = fh.read()
+            lines = log.splitlines()
+            end = self.samples[-1][n] if self.samples else 0
+            nodes[n] = {
+                "data_bytes_end": end,
+                "data_bytes_max": self.data_max[n],
+                "cap_bytes": cap,
+                "within_cap": self.data_max[n] <= cap,
+                "log_lines": len(lines),
+                "log_bytes": len(log),
+                "log_refused_lines": sum(1 for line in lines if LOG_REFUSED.encode() in line),
+                "log_tracebacks": log.count(b"Traceback"),
+                "cpu_seconds": round(cpu1.get(n, 0.0) - cpu0.get(n, 0.0), 1),
+                "rss_mb": rss.get(n),
+                "rows": rows[n],
+                **{k: v for k, v in metrics[n].items()},
+            }
+        gen_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        return {
+            "label": self.label,
+            "attacks": self.attacks,
+            "seconds": round(loaded, 1),
+            "honest": {
+                "success": ok / ops if ops else float("nan"),
+                "operations": ops,
+                "ok": ok,
+                "deposits": dict(self.deposits),
+                "polls": dict(self.polls),
+                "accepted": accepted,
+                "delivered": delivered,
+                "deposit_p50_ms": round(common.percentile(self.deposit_lat, 50) * 1000, 1),
+                "deposit_p99_ms": round(p99(self.deposit_lat) * 1000, 1),
+                "delivery_p50_ms": round(common.percentile(self.delivery_lat, 50) * 1000, 1),
+                "delivery_p99_ms": round(p99(self.delivery_lat) * 1000, 1),
+            },
+            "fetch_remote_p50_ms": round(common.percentile(self.fetch_remote_lat, 50) * 1000, 1),
+            "nodes": nodes,
+            "generator_cpu_seconds": round(gen_cpu, 1),
+            "generator_cpu_percent": round(100 * gen_cpu / max(loaded, 1e-9), 1),
+            "counts": dict(sorted(self.counts.items())),
+            "samples": self.samples,
+        }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def verdicts(base: dict[str, Any], attack: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(measure, figure, target, met) rows."""
+    out: list[tuple[str, str, str, bool]] = []
+    s = attack["honest"]["success"]
+    out.append(("honest success under attack", f"{100 * s:.2f} %", ">= 99 %", s >= 0.99))
+    for key, label in (("deposit_p99_ms", "honest deposit p99"), ("delivery_p99_ms", "honest delivery p99")):
+        b, x = base["honest"][key], attack["honest"][key]
+        ratio = x / b if b and b == b and x == x else float("nan")
+        out.append((label, f"{x:.0f} ms vs {b:.0f} ms ({ratio:.1f}x)", "<= 2x", ratio <= 2.0))
+    for n, f in attack["nodes"].items():
+        out.append(
+            (
+                f"node {n} data dir (max)",
+                f"{f['data_bytes_max'] / 2**20:.1f} MiB of {f['cap_bytes'] / 2**20:.0f} MiB",
+                "within cap",
+                bool(f["within_cap"]),
+            )
+        )
+    return out
+
+
+def print_report(phases: list[dict[str, Any]]) -> bool:
+    nan = float("nan")
+    print(
+        "\nphase            honest ok    success  deposits ok  polls ok  delivered   dep p50/p99 ms  deliv p50/p99 ms"
+    )
+    for ph in phases:
+        h = ph["honest"]
+        print(
+            f"{ph['label']:15s} {h['ok']:5d}/{h['operations']:<6d} {100 * h['success']:7.2f} %"
+            f" {h['deposits'].get('ok', 0):5d}/{sum(h['deposits'].values()):<5d}"
+            f" {h['polls'].get('ok', 0):4d}/{sum(h['polls'].values()):<4d}"
+            f" {h['delivered']:5d}/{h['accepted']:<5d}"
+            f" {h['deposit_p50_ms']:7.0f}/{h['deposit_p99_ms']:<7.0f} {h['delivery_p50_ms']:7.0f}/{h['delivery_p99_ms']:.0f}"
+        )
+        fails = {f"deposit {k}": v for k, v in h["deposits"].items() if k != "ok"}
+        fails.update({f"poll {k}": v for k, v in h["polls"].items() if k != "ok"})
+        if fails:
+            print(f"{'':15s} failures: {fails}")
+    print(
+        "\nphase            node  data dir MiB (end / max / cap)  stored MiB  rows: envelopes/tombstones/acks/nonces"
+        "  waiting  refused conns  log lines (refused)  CPU s  RSS MB"
+    )
+    for ph in phases:
+        for n, f in ph["nodes"].items():
+            print(
+                f"{ph['label']:15s} {n:4s}  {f['data_bytes_end'] / 2**20:8.1f} / {f['data_bytes_max'] / 2**20:6.1f}"
+                f" / {f['cap_bytes'] / 2**20:4.0f}      {f.get('meshrelay_stored_bytes', nan) / 2**20:8.1f}"
+                f"  {'/'.join(str(f['rows'].get(t, '?')) for t in ('envelopes', 'tombstones', 'acks', 'nonces')):>36s}"
+                f"  {f.get('meshrelay_waiting_polls', nan):7.0f}"
+                f"  {f.get('meshrelay_http_refused', nan):13.0f}"
+                f"  {f['log_lines']:9d} ({f['log_refused_lines']})    {f['cpu_seconds']:7.1f}  {f['rss_mb']}"
+            )
+        print(
+            f"{ph['label']:15s} load generator CPU: {ph['generator_cpu_seconds']} s"
+            f" ({ph['generator_cpu_percent']} % of one core over {ph['seconds']} s)"
+        )
+    attack = phases[-1]
+    if attack["counts"]:
+        print("\nattack requests (kind:outcome -> count), phase", attack["label"])
+        for k, v in attack["counts"].items():
+            if not k.startswith("honest"):
+                print(f"  {k:40s} {v}")
+        if attack["fetch_remote_p50_ms"] == attack["fetch_remote_p50_ms"]:
+            print(f"  fetch_remote poll p50: {attack['fetch_remote_p50_ms']} ms")
+    rows = verdicts(phases[0], attack)
+    print("\ntarget                          figure                                   target      verdict")
+    for measure, figure, target, met in rows:
+        print(f"{measure:31s} {figure:40s} {target:11s} {'met' if met else 'MISSED'}")
+    return all(met for *_, met in rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--minutes", type=float, default=2.0, help="length of each phase")
+    p.add_argument("--seconds", type=float, default=None, help="length of each phase in seconds (overrides --minutes)")
+    p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of: {','.join(ATTACKS)}")
+    p.add_argument("--seed", type=int, default=None, help="replay the honest clients' and attackers' choices")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every attack's rate and size")
+    p.add_argument("--senders", type=int, default=4)
+    p.add_argument("--recipients", type=int, default=4)
+    p.add_argument("--honest-rate", type=float, default=1.5, help="deposits/s per honest sender")
+    p.add_argument("--drain", type=float, default=20.0, help="seconds to wait for deliveries after the senders stop")
+    p.add_argument("--cap-mb", type=float, default=64.0, help="max_stored_bytes of every node, MiB")
+    p.add_argument("--max-nonces", type=int, default=1000, help="limits.max_nonces (default 200000)")
+    p.add_argument("--max-waiting-polls", type=int, default=250, help="limits.max_waiting_polls (default 10000)")
+    p.add_argument("--max-connections", type=int, default=800, help="limits.max_connections (default 10240)")
+    p.add_argument("--xff", choices=("proxy", "direct", "skip"), default="proxy")
+    p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--keep", action="store_true", help="keep the nodes' directories and logs")
+    args = p.parse_args()
+    args.phase_seconds = args.seconds if args.seconds is not None else args.minutes * 60
+    attacks = [x.strip() for x in args.attacks.split(",") if x.strip()]
+    unknown = set(attacks) - set(ATTACKS)
+    if unknown:
+        p.error(f"unknown attack(s): {', '.join(sorted(unknown))}")
+    if "xff" in attacks and args.xff == "skip":
+        print("xff: skipped (--xff skip: the nodes trust no proxy, so X-Forwarded-For is never read)")
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(2**32)
+    common.raise_nofile(16384)
+    workdir = tempfile.mkdtemp(prefix="meshrelay-abuse-")
+    print(
+        f"abuse: 2 phases of {args.phase_seconds:.0f} s, scale {args.scale}, seed {args.seed}, dir {workdir}\n"
+        f"  caps: max_stored_bytes {args.cap_mb} MiB, max_nonces {args.max_nonces}, max_waiting_polls"
+        f" {args.max_waiting_polls}, max_connections {args.max_connections}, client_rate {CLIENT_RATE}/s;"
+        f" xff mode {args.xff}; machine {common.machine_info()}",
+        flush=True,
+    )
+    from twisted.internet import reactor
+
+    sink_port = free_port()
+    sink_url = f"http://127.0.0.1:{sink_port}"
+    site = Site(Sink())
+    site.noisy = False
+    listener = reactor.listenTCP(sink_port, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+    phases: list[dict[str, Any]] = []
+    failure: list[Any] = []
+    current: list[Abuse] = []
+
+    async def run_all() -> None:
+        for label, chosen in (("A no attack", []), ("B attack", attacks)):
+            phase = Abuse(args, workdir, chosen, label.split()[0])
+            phase.label = label
+            current[:] = [phase]
+            print(f"phase {label}: starting 3 fresh nodes", flush=True)
+            phase.start_nodes(sink_url)
+            phases.append(await phase.run(sink_url))
+            print(f"phase {label}: done", flush=True)
+
+    def done(result: Any) -> None:
+        if hasattr(result, "raiseException"):
+            failure.append(result)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(  # type: ignore[attr-defined]
+        lambda: defer.Deferred.fromCoroutine(run_all()).addBoth(done)
+    )
+    try:
+        reactor.run()  # type: ignore[attr-defined]
+    finally:
+        for phase in current:
+            phase.stop_nodes()
+        listener.stopListening()
+    if failure:
+        failure[0].printTraceback()
+        print(f"kept {workdir}")
+        return 2
+    met = print_report(phases)
+    if args.json:
+        common.write_json(args.json, {"args": {k: v for k, v in vars(args).items()}, "phases": phases, "met": met})
+        print(f"\nwrote {args.json}")
+    if args.keep:
+        print(f"kept {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
