@@ -14,9 +14,24 @@ from klein import Klein
 from twisted.internet.defer import Deferred
 
 from meshrelay import __version__
-from meshrelay.errors import RateLimited
+from meshrelay import envelope as E
+from meshrelay.errors import BadRequest, RateLimited
 from meshrelay.relay import Relay
 from meshrelay.web import FALLBACK_ATTR, SHARE_KEY_ATTR, body_length, install_error_table, json_response, read_json
+
+
+def policy_query(args: dict[bytes, list[bytes]]) -> str:
+    """The ``mailbox`` of a policy read: exactly one canonical b64u key, else ``400 bad_request``."""
+    if set(args) != {b"mailbox"} or len(args[b"mailbox"]) != 1:
+        raise BadRequest("the query is exactly mailbox=<b64u>")
+    try:
+        text = args[b"mailbox"][0].decode("ascii")
+        ok = len(E.b64u_decode(text)) == E.KEY_LEN
+    except (UnicodeDecodeError, ValueError):
+        ok = False
+    if not ok:
+        raise BadRequest("mailbox must be canonical base64url of 32 bytes")
+    return text
 
 
 def _body_key(obj: Any, field: str) -> str | None:
@@ -88,6 +103,19 @@ class ClientAPI:
         mailbox = _body_key(obj, "mailbox")
         self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), deposit=False)
         return self._answer(request, self.relay.count(obj))
+
+    @app.route("/api/mesh/dm/policy", methods=["POST"])
+    def set_policy(self, request: Any) -> Deferred[bytes]:
+        """Store a mailbox's signed policy (protocol v3, 12.2)."""
+        obj = read_json(request)
+        mailbox = _body_key(obj, "mailbox")
+        self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), deposit=False)
+        return self._answer(request, self.relay.set_policy(obj))
+
+    @app.route("/api/mesh/dm/policy", methods=["GET"])
+    def get_policy(self, request: Any) -> bytes:
+        """A mailbox's policy, public (protocol v3, 12.2)."""
+        return json_response(request, 200, self.relay.get_policy(policy_query(request.args)))
 
     @app.route("/api/mesh/health", methods=["GET"])
     def health(self, request: Any) -> bytes:

@@ -67,6 +67,7 @@ def verify_permit(verifier: Any, extras: P.Extras) -> Deferred[bool]:
 def admitted(env: E.Envelope, extras: P.Extras, policy: P.Policy | None, permit_ok: bool) -> E.Envelope:
     """``env`` marked contact or stranger under ``policy`` with its v3 fields kept; raises the refusal."""
     bucket = P.classify(env, extras, policy, permit_ok)
-    if bucket == P.STRANGER and not extras.suffix:
+    cap = policy.stranger_cap if policy is not None else None
+    if bucket == P.STRANGER and not extras.suffix and cap is None:
         return env
-    return dataclasses.replace(env, suffix=extras.suffix, contact=bucket == P.CONTACT)
+    return dataclasses.replace(env, suffix=extras.suffix, contact=bucket == P.CONTACT, stranger_cap=cap)

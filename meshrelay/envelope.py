@@ -208,6 +208,9 @@ class Envelope:
     suffix: str = ""
     #: version 3: True when a valid permit makes this envelope contact mail (its mailbox's contact bucket)
     contact: bool = False
+    #: version 3: the stranger bucket's cap under the mailbox policy it was admitted by (None: no
+    #: policy; the store then uses its ``per_mailbox_pending``, and clamps any cap to it)
+    stranger_cap: int | None = None
 
     @property
     def expires(self) -> int:

@@ -33,6 +33,9 @@ class Metrics:
             "meshrelay_dm_ack_intake", "Signed acks received from peers by outcome", ["outcome"], registry=r
         )
         self.polls_total = Counter("meshrelay_dm_poll", "Polls and counts by outcome", ["outcome"], registry=r)
+        self.policy_total = Counter(
+            "meshrelay_dm_policy", "Mailbox policies newly stored (protocol v3), by origin", ["origin"], registry=r
+        )
         self.push_total = Counter(
             "meshrelay_dm_replication_push",
             "Items pushed to peers by outcome",

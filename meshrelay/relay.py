@@ -16,7 +16,9 @@ from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from meshrelay import contact
 from meshrelay import envelope as E
+from meshrelay import policy as P
 from meshrelay.config import Config
 from meshrelay.deferutil import shield
 from meshrelay.errors import (
@@ -28,7 +30,9 @@ from meshrelay.errors import (
     Replayed,
     SenderCap,
     Stale,
+    StalePolicy,
     StorageFull,
+    StrangerFull,
 )
 from meshrelay.fetchgate import RemoteFetchGate
 from meshrelay.logs import Throttle
@@ -39,8 +43,10 @@ from meshrelay.store.base import (
     BAD_SIGNATURE,
     DUPLICATE,
     MAILBOX_FULL,
+    POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
+    STRANGER_FULL,
     AckResult,
     AddResult,
     ChangesPage,
@@ -57,6 +63,7 @@ _REPLICA_OUTCOME = {
     DUPLICATE: "duplicate",
     SENDER_CAP: "drop_per_sender_cap",
     MAILBOX_FULL: "drop_full",
+    STRANGER_FULL: "drop_stranger_full",
     STORAGE_FULL: "drop_storage_full",
     BAD_SIGNATURE: "bad_signature",
 }
@@ -156,6 +163,11 @@ class Relay:
         )
         #: one "cap hit" log line per cap per minute, with a count of the ones folded in
         self._cap_log = Throttle(clock, 60.0)
+        #: first contact (v3): the newest policy of each mailbox, loaded from the store
+        self.policies = contact.PolicyBook()
+        self._load_policies()
+        #: called after a *client* sets a new policy (replication pushes it)
+        self.policy_listeners: list[Callable[[P.Policy], None]] = []
         self._update_gauges()
 
     # ------------------------------------------------------------------ helpers
@@ -228,14 +240,18 @@ class Relay:
         lim = self.limits
         d: Deferred[Any]
         try:
-            env = E.parse_envelope(obj, lim.max_message_bytes)
+            body, extras = P.split_extras(obj)
+            env = E.parse_envelope(body, lim.max_message_bytes)
         except MeshError as e:
             return fail(self._deposit_refused(e))
-        if not self._store_verifies:
-            d = _run(self._verify_then_store(env))
+        if not self._store_verifies or extras.permit is not None:
+            d = _run(self._verify_then_store(env, extras))
         else:
             try:
                 E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
+                # First contact (v3): no permit here, so this is the stranger rules only; no I/O.
+                if extras.stamp is not None or self.policies.get(env.mailbox) is not None:
+                    env = contact.admitted(env, extras, self.policies.get(env.mailbox), False)
                 d = shield(self._store_envelope(env, "client", verify="deposit"))
             except MeshError as e:
                 # Refused by the time rule: a forged envelope answers bad_signature instead.
@@ -244,11 +260,20 @@ class Relay:
         d.addErrback(self._deposit_error)
         return d.addCallback(self._deposit_result, env, started)
 
-    async def _verify_then_store(self, env: E.Envelope) -> AddResult:
+    async def _verify_then_store(self, env: E.Envelope, extras: P.Extras = P.NO_EXTRAS) -> AddResult:
         lim = self.limits
         await self._verify(env.sender_key, env.sig_bytes, env.signed)
         E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
+        env = await self._admit(env, extras)
         return await shield(self._store_envelope(env, "client"))
+
+    async def _admit(self, env: E.Envelope, extras: P.Extras) -> E.Envelope:
+        """First contact (v3): the permit, the mailbox policy's stranger rules, the bucket (12.3, 12.4)."""
+        policy = self.policies.get(env.mailbox)
+        if extras is P.NO_EXTRAS and policy is None:
+            return env
+        ok = await shield(contact.verify_permit(self.verifier, extras)) if extras.permit is not None else False
+        return contact.admitted(env, extras, policy, ok)
 
     def _deposit_refused(self, e: MeshError) -> MeshError:
         self.metrics.deposit_total.labels(_DEPOSIT_OUTCOME.get(e.code, e.code)).inc()
@@ -278,6 +303,9 @@ class Relay:
         if status == MAILBOX_FULL:
             self._cap_hit("per_mailbox_pending", "mailbox cap reached ({limit}); deposit refused", limit=result.limit)
             raise MailboxFull("the mailbox is full")
+        if status == STRANGER_FULL:
+            self._cap_hit("stranger_cap", "stranger bucket full ({limit}); deposit refused", limit=result.limit)
+            raise StrangerFull("the mailbox takes no more mail from strangers for now")
         self._cap_hit(
             "max_stored_bytes",
             "storage cap reached: refusing deposits until acks or expiry free space",
@@ -467,7 +495,8 @@ class Relay:
 
     async def _messages(self, mailbox: str, limit: int) -> dict[str, Any]:
         bodies, more = await shield(self.store.fetch(mailbox, self.now(), limit))
-        return {"ok": True, "messages": [E.RawJSON(b) for b in bodies], "has_more": more}
+        # Clients get the v1 text: permit and stamp are for nodes (v3, 12.5).
+        return {"ok": True, "messages": [E.RawJSON(E.strip_v3_fields(b)) for b in bodies], "has_more": more}
 
     async def _fetch_remote(self, mailbox: str) -> None:
         # Bounded, coalesced and never failing: see meshrelay.fetchgate.
@@ -530,6 +559,80 @@ class Relay:
             for waiter in list(group):
                 waiter.wake()
 
+    # ------------------------------------------------------------------ policies (v3, section 12.2)
+
+    def _load_policies(self) -> None:
+        load = getattr(self.store, "load_policies", None)
+        if load is None:
+            return
+        for text in load():
+            try:
+                self.policies.put(P.parse_policy(E.loads_json(text.encode("utf-8"))))
+            except MeshError:
+                self.log.warn("a stored mailbox policy does not parse; ignored")
+
+    def get_policy(self, mailbox: str) -> dict[str, Any]:
+        """The mailbox's newest policy at this node, public (``GET /api/mesh/dm/policy``)."""
+        policy = self.policies.get(mailbox)
+        return {"ok": True, "policy": None if policy is None else E.RawJSON(policy.raw)}
+
+    def set_policy(self, obj: Any) -> Deferred[dict[str, Any]]:
+        """A client stores a signed policy (``POST /api/mesh/dm/policy``); pushed to the peers when new."""
+        return _run(self._set_policy(obj))
+
+    async def _set_policy(self, obj: Any) -> dict[str, Any]:
+        policy = P.parse_policy(obj)
+        status = await self._store_policy(policy, "client")
+        if status == POLICY_STALE:
+            held = self.policies.get(policy.mailbox)
+            raise StalePolicy(
+                "the node holds a newer policy for this mailbox", version=held.version if held is not None else 0
+            )
+        return {"ok": True, "version": policy.version, "duplicate": status != "accepted"}
+
+    async def _store_policy(self, policy: P.Policy, origin: str) -> str:
+        """Verify, time-check and store ``policy``; latest version wins (``accepted``/``duplicate``/``stale``)."""
+        ok = await shield(self.verifier.verify(policy.mailbox_key, policy.sig_bytes, policy.signed))
+        P.require_policy_signature(ok)
+        P.check_policy_time(policy, self.now(), self.limits.clock_skew)
+        judged = self.policies.judge(policy)
+        if judged != contact.NEWER:
+            # Ordered by the book (held at least as new): nothing to write.
+            return judged
+        status: str = await shield(
+            self.store.put_policy(policy.mailbox, policy.version, policy.policy_id, policy.raw)  # type: ignore[attr-defined]
+        )
+        if status == "accepted":
+            self.policies.put(policy)
+            self.metrics.policy_total.labels(origin).inc()
+            if origin == "client":
+                for listener in self.policy_listeners:
+                    try:
+                        listener(policy)
+                    except Exception:
+                        self.log.failure("a replication listener failed to take a policy")
+        elif status == POLICY_STALE:
+            self.policies.put(policy)  # keeps the newer one: put orders them
+        return status
+
+    def accept_policies(self, objs: list[Any]) -> Deferred[list[dict[str, Any]]]:
+        """Signed policies from a peer (push or sync): one result each; never pushed on."""
+        return _run(self._accept_policies(objs))
+
+    async def _accept_policies(self, objs: list[Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for obj in objs:
+            try:
+                policy = P.parse_policy(obj)
+                status = await self._store_policy(policy, "peer")
+                if status == POLICY_STALE:
+                    raise StalePolicy("a newer policy is held")
+            except MeshError as e:
+                out.append({"status": "rejected", "error": e.code})
+                continue
+            out.append({"status": status})
+        return out
+
     # ------------------------------------------------------------------ feed and upkeep
 
     def changes(self, since: int, limit: int, mailbox: str | None = None) -> Deferred[ChangesPage]:
@@ -557,4 +660,17 @@ class Relay:
             self.log.failure("expiry sweep failed", f)
             return None
 
-        return self.store.sweep(self.now()).addCallbacks(done, failed)
+        d = self.store.sweep(self.now()).addCallbacks(done, failed)
+        sweep_contacts = getattr(self.store, "sweep_contacts", None)
+        if sweep_contacts is not None:
+
+            def contacts(result: SweepResult | None) -> Deferred[SweepResult | None]:
+                def swept_failed(f: Failure) -> SweepResult | None:
+                    self.log.failure("contact-bucket sweep failed", f)
+                    return result
+
+                swept: Deferred[Any] = sweep_contacts(self.now())
+                return swept.addCallbacks(lambda _: result, swept_failed)
+
+            d.addCallback(contacts)
+        return d

@@ -43,6 +43,7 @@ _REASONS = {
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    409: b"Conflict",
     413: b"Request Entity Too Large",
     415: b"Unsupported Media Type",
     422: b"Unprocessable Entity",

@@ -27,6 +27,13 @@ MAILBOX_FULL = "mailbox_full"
 STORAGE_FULL = "storage_full"
 #: only from a store that checks signatures itself (``verifies_signatures``)
 BAD_SIGNATURE = "bad_signature"
+#: protocol v3: the mailbox's stranger bucket is full (contact mail is counted apart)
+STRANGER_FULL = "stranger_full"
+
+#: put_policy outcomes (protocol v3)
+POLICY_ACCEPTED = "accepted"
+POLICY_DUPLICATE = "duplicate"
+POLICY_STALE = "stale"
 
 
 class StoreError(Exception):
@@ -88,6 +95,36 @@ class AddResult:
     #: for ``sender_cap``: the sender's pending count and the cap
     pending: int = 0
     limit: int = 0
+    #: protocol v3: a duplicate whose stored copy was stranger mail and is now contact mail
+    upgraded: bool = False
+
+
+def bucket_refusal(
+    contact: bool, stranger_cap: int | None, in_mailbox: int, count_contacts: Callable[[], int], caps: Caps
+) -> AddResult | None:
+    """The two buckets of a mailbox (protocol v3, 12.1): the refusal for a new envelope, or None.
+
+    Contact mail is capped by ``per_mailbox_pending`` and stranger mail by the
+    policy's ``stranger_cap`` (never above it; ``per_mailbox_pending`` when the
+    mailbox has no policy), counted apart, so strangers never take a contact's
+    place.  ``count_contacts()`` (live contact envelopes of the mailbox, a
+    query) runs only when the mailbox's total reaches a cap, so a mailbox
+    below its caps costs nothing more than in v1.
+    """
+    limit = caps.per_mailbox_pending
+    if contact:
+        if in_mailbox >= limit:
+            contacts = count_contacts()
+            if contacts >= limit:
+                return AddResult(MAILBOX_FULL, pending=contacts, limit=limit)
+        return None
+    cap = limit if stranger_cap is None else min(stranger_cap, limit)
+    if in_mailbox >= cap:
+        strangers = in_mailbox - count_contacts()
+        if strangers >= cap:
+            # Without a policy the v1 answer: mailbox_full.
+            return AddResult(MAILBOX_FULL if stranger_cap is None else STRANGER_FULL, pending=strangers, limit=cap)
+    return None
 
 
 @dataclass(frozen=True)
@@ -168,6 +205,19 @@ class Store(Protocol):
 
     def changes(self, since: int, limit: int, now: int, mailbox: str | None = None) -> Deferred[ChangesPage]:
         """Live envelopes and acks with ``seq > since``, ascending."""
+
+    def put_policy(self, mailbox: str, version: int, policy_id: str, body: str) -> Deferred[str]:
+        """Store a mailbox's signed policy unless the stored one orders at or above it (v3).
+
+        ``accepted`` (stored, numbered in the policy feed), ``duplicate`` (the
+        same policy) or ``stale`` (the stored one is newer: nothing changes).
+        """
+
+    def policies_since(self, since: int, limit: int) -> Deferred[list[tuple[int, str]]]:
+        """The policy feed: ``(pseq, body)`` with ``pseq > since``, ascending (v3)."""
+
+    def load_policies(self) -> list[str]:
+        """Every stored policy's canonical text, synchronously (read once at start-up)."""
 
     def claim_nonce(self, scope: str, nonce: str, expires: int) -> Deferred[bool]:
         """Record a nonce; False when ``(scope, nonce)`` is already recorded."""

@@ -23,6 +23,10 @@ DIALECTS: dict[str, dict[str, str]] = {
 }
 
 
+#: the migration that adds first contact's tables (after the store's own migrations)
+FIRST_CONTACT_VERSION = 3
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -174,6 +178,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
         only=(("postgresql", COMMIT_ROWS_V1),),
+    ),
+    Migration(
+        FIRST_CONTACT_VERSION,
+        "first contact (protocol v3): mailbox policies and the contact bucket",
+        (
+            # the newest policy of each mailbox; pseq orders the policy feed (peers pull it by pseq)
+            """CREATE TABLE policies (
+                mailbox TEXT PRIMARY KEY,
+                version {bigint} NOT NULL,
+                policy_id TEXT NOT NULL,
+                pseq {bigint} NOT NULL UNIQUE,
+                body TEXT NOT NULL
+            )""",
+            # envelopes admitted as contact mail (a valid permit); every other envelope is stranger mail.
+            # A row may outlive its envelope (acked): counts join envelopes, the sweeper drops expired rows.
+            """CREATE TABLE contacts (
+                msg_id TEXT PRIMARY KEY,
+                mailbox TEXT NOT NULL,
+                expires {bigint} NOT NULL
+            ){without_rowid}""",
+            "CREATE INDEX contacts_by_mailbox ON contacts (mailbox, expires)",
+            "CREATE INDEX contacts_by_expiry ON contacts (expires)",
+        ),
     ),
 )
 

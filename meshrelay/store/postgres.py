@@ -85,7 +85,9 @@ from meshrelay.store import migrations
 from meshrelay.store.base import (
     ACCEPTED,
     DUPLICATE,
-    MAILBOX_FULL,
+    POLICY_ACCEPTED,
+    POLICY_DUPLICATE,
+    POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
     AckResult,
@@ -97,6 +99,7 @@ from meshrelay.store.base import (
     StoreError,
     StoreStats,
     SweepResult,
+    bucket_refusal,
     one_line,
     settle_batch,
 )
@@ -335,6 +338,12 @@ _RETRYABLE = (pg_errors.TransactionRollback, pg_errors.SerializationFailure, pg_
 Totals = tuple[int, int, int]
 
 #: the same checks for every deposit of a batch, in one statement (run right after the locks)
+#: live contact envelopes of a mailbox (protocol v3)
+_COUNT_CONTACTS = """
+SELECT COUNT(*) FROM contacts c JOIN envelopes e ON e.msg_id = c.msg_id
+WHERE c.mailbox = %(mb)s AND c.expires > %(now)s AND e.expires > %(now)s
+"""
+
 _CHECK_ENVELOPES = """
 SELECT t.id, t.mb, t.s, t.now,
        EXISTS (SELECT 1 FROM envelopes e WHERE e.msg_id = t.id),
@@ -398,6 +407,7 @@ class PostgresStore:
             self.migrated_from = migrate_schema(conn)
             self.feed_id = meta_get(conn, "feed_id") or ""
             self._seq, self._count, self._bytes = self._read_totals(conn)
+            self._initial_policies = [r[0] for r in conn.execute("SELECT body FROM policies").fetchall()]
             conn.autocommit = False
         except (psycopg.Error, ValueError, KeyError) as e:
             conn.close()
@@ -769,13 +779,31 @@ class PostgresStore:
                 return _SameAs(earlier)
             stored, tombstoned, in_mailbox, from_sender = tx.check(cur, check)
             if stored or tombstoned:
+                if stored and env.contact:
+                    return self._upgrade(cur, tx, env, body)
                 return AddResult(DUPLICATE)
             in_mailbox += tx.in_mailbox[env.mailbox]
-            if in_mailbox >= caps.per_mailbox_pending:
-                return AddResult(MAILBOX_FULL, pending=in_mailbox, limit=caps.per_mailbox_pending)
+            added: Counter[str] = tx.__dict__.setdefault("contacts_added", Counter())
+
+            def count_contacts() -> int:
+                cur.execute(_COUNT_CONTACTS, {"mb": env.mailbox, "now": now})
+                row = cur.fetchone()
+                return int(row[0] if row is not None else 0) + added[env.mailbox]
+
+            refusal = bucket_refusal(env.contact, env.stranger_cap, in_mailbox, count_contacts, caps)
+            if refusal is not None:
+                return refusal
             from_sender += tx.from_sender[(env.mailbox, env.sender)]
             if from_sender >= caps.per_sender_pending:
                 return AddResult(SENDER_CAP, pending=from_sender, limit=caps.per_sender_pending)
+            if env.contact:
+                # Phase 1, before the row exists: a contacts row names a msg_id proven contact mail by
+                # a valid permit, so one left by a refusal in phase 2 (storage full) is still true.
+                cur.execute(
+                    "INSERT INTO contacts (msg_id, mailbox, expires) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                    (env.msg_id, env.mailbox, env.expires),
+                )
+                added[env.mailbox] += 1
             new = _NewEnvelope(env, body)
             tx.envelopes[env.msg_id] = new
             tx.order.append(new)
@@ -785,6 +813,23 @@ class PostgresStore:
 
         check = (env.msg_id, env.mailbox, env.sender, now)
         return self._write((self._lock("m", env.mailbox),), op, check)
+
+    @staticmethod
+    def _upgrade(cur: Cur, tx: _Tx, env: Envelope, body: str) -> AddResult:
+        """A contact copy of a stored envelope: the stored copy becomes contact mail, with its permit (v3)."""
+        cur.execute("SELECT size FROM envelopes WHERE msg_id = %s AND mailbox = %s", (env.msg_id, env.mailbox))
+        row = cur.fetchone()
+        if row is None:
+            return AddResult(DUPLICATE)
+        cur.execute(
+            "INSERT INTO contacts (msg_id, mailbox, expires) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            (env.msg_id, env.mailbox, env.expires),
+        )
+        if cur.rowcount != 1:
+            return AddResult(DUPLICATE)
+        cur.execute("UPDATE envelopes SET body = %s, size = %s WHERE msg_id = %s", (body, len(body), env.msg_id))
+        tx.d_bytes += len(body) - int(row[0])
+        return AddResult(DUPLICATE, upgraded=True)
 
     def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
         body = dumps_json(ack.to_json()).decode("utf-8")
@@ -984,6 +1029,55 @@ class PostgresStore:
             return ChangesPage(feed=feed, items=items, next=items[-1].seq if items else since, more=len(merged) > limit)
 
         return self._read(q)
+
+    # ------------------------------------------------------------------ policies (protocol v3)
+
+    def sweep_contacts(self, now: int) -> Deferred[int]:
+        """Forget the contact-bucket rows of expired envelopes (v3); how many."""
+
+        def op(cur: Cur, tx: _Tx) -> int:
+            cur.execute("DELETE FROM contacts WHERE expires <= %s", (now,))
+            return int(cur.rowcount)
+
+        return self._write((self._lock("contacts-sweep"),), op)
+
+    def put_policy(self, mailbox: str, version: int, policy_id: str, body: str) -> Deferred[str]:
+        """Store a signed policy unless the stored one is newer: ``accepted``, ``duplicate`` or ``stale``."""
+
+        def op(cur: Cur, tx: _Tx) -> str:
+            cur.execute("SELECT version, policy_id FROM policies WHERE mailbox = %s", (mailbox,))
+            row = cur.fetchone()
+            if row is not None:
+                if row[1] == policy_id:
+                    return POLICY_DUPLICATE
+                if (int(row[0]), row[1]) > (version, policy_id):
+                    return POLICY_STALE
+            cur.execute(
+                "INSERT INTO policies (mailbox, version, policy_id, pseq, body) "
+                "VALUES (%(mb)s, %(v)s, %(id)s, (SELECT COALESCE(MAX(pseq), 0) + 1 FROM policies), %(b)s) "
+                "ON CONFLICT (mailbox) DO UPDATE SET version = %(v)s, policy_id = %(id)s, "
+                "pseq = (SELECT COALESCE(MAX(pseq), 0) + 1 FROM policies), body = %(b)s",
+                {"mb": mailbox, "v": version, "id": policy_id, "b": body},
+            )
+            return POLICY_ACCEPTED
+
+        # One lock for every policy write: the policy feed's pseq is MAX + 1 (policies are rare).
+        return self._write((self._lock("policies"),), op)
+
+    def policies_since(self, since: int, limit: int) -> Deferred[list[tuple[int, str]]]:
+        """``(pseq, body)`` of the stored policies with ``pseq > since``, ascending, at most ``limit``."""
+
+        def q(conn: Conn) -> list[tuple[int, str]]:
+            rows = conn.execute(
+                "SELECT pseq, body FROM policies WHERE pseq > %s ORDER BY pseq LIMIT %s", (min(since, 2**63 - 1), limit)
+            ).fetchall()
+            return [(int(r[0]), r[1]) for r in rows]
+
+        return self._read(q)
+
+    def load_policies(self) -> list[str]:
+        """The stored policies' texts as read when the store opened (the relay's policy book)."""
+        return list(self._initial_policies)
 
     def get_cursor(self, peer: str) -> Deferred[Cursor | None]:
         def q(conn: Conn) -> Cursor | None:

@@ -39,7 +39,9 @@ from meshrelay.store.base import (
     ACCEPTED,
     BAD_SIGNATURE,
     DUPLICATE,
-    MAILBOX_FULL,
+    POLICY_ACCEPTED,
+    POLICY_DUPLICATE,
+    POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
     AckResult,
@@ -51,6 +53,7 @@ from meshrelay.store.base import (
     StoreError,
     StoreStats,
     SweepResult,
+    bucket_refusal,
     settle_batch,
 )
 
@@ -135,7 +138,7 @@ class _Batch:
 
 
 def _op_add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AddResult:
-    msg_id, mailbox, sender, expires, size, body, now, check = args
+    msg_id, mailbox, sender, expires, size, body, now, check, contact, stranger_cap = args
     if check is not None:
         key, sig, signed, replica = check
         if replica:
@@ -161,21 +164,54 @@ def _op_add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
             _ADD_CHECKS, (msg_id, mailbox, now, sender)
         ).fetchone()
     if stored or tombstoned:
+        if stored and contact:
+            return _upgrade(conn, st, msg_id, mailbox, expires, size, body)
         return AddResult(DUPLICATE)
     if st.bytes + size > caps.max_stored_bytes:
         return AddResult(STORAGE_FULL)
-    if in_mailbox >= caps.per_mailbox_pending:
-        return AddResult(MAILBOX_FULL, pending=in_mailbox, limit=caps.per_mailbox_pending)
+    refusal = bucket_refusal(contact, stranger_cap, in_mailbox, lambda: _count_contacts(conn, mailbox, now), caps)
+    if refusal is not None:
+        return refusal
     if from_sender >= caps.per_sender_pending:
         return AddResult(SENDER_CAP, pending=from_sender, limit=caps.per_sender_pending)
     conn.execute(
         "INSERT INTO envelopes (seq, msg_id, mailbox, sender, expires, size, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (st.seq + 1, msg_id, mailbox, sender, expires, size, body),
     )
+    if contact:
+        # After the envelope: should this fail alone, the envelope stays, as stranger mail.
+        conn.execute(
+            "INSERT OR IGNORE INTO contacts (msg_id, mailbox, expires) VALUES (?, ?, ?)", (msg_id, mailbox, expires)
+        )
     st.seq += 1
     st.count += 1
     st.bytes += size
     return AddResult(ACCEPTED, seq=st.seq)
+
+
+def _count_contacts(conn: sqlite3.Connection, mailbox: str, now: int) -> int:
+    """Live contact envelopes of ``mailbox`` (protocol v3)."""
+    (n,) = conn.execute(
+        "SELECT COUNT(*) FROM contacts c JOIN envelopes e ON e.msg_id = c.msg_id "
+        "WHERE c.mailbox = ? AND c.expires > ? AND e.expires > ?",
+        (mailbox, now, now),
+    ).fetchone()
+    return int(n)
+
+
+def _upgrade(
+    conn: sqlite3.Connection, st: _Batch, msg_id: str, mailbox: str, expires: int, size: int, body: str
+) -> AddResult:
+    """A contact copy of a stored envelope: the stored copy becomes contact mail, with its permit (v3, 12.5)."""
+    if conn.execute("SELECT 1 FROM contacts WHERE msg_id = ?", (msg_id,)).fetchone() is not None:
+        return AddResult(DUPLICATE)
+    row = conn.execute("SELECT size FROM envelopes WHERE msg_id = ? AND mailbox = ?", (msg_id, mailbox)).fetchone()
+    if row is None:
+        return AddResult(DUPLICATE)
+    conn.execute("UPDATE envelopes SET body = ?, size = ? WHERE msg_id = ?", (body, size, msg_id))
+    conn.execute("INSERT INTO contacts (msg_id, mailbox, expires) VALUES (?, ?, ?)", (msg_id, mailbox, expires))
+    st.bytes += size - int(row[0])
+    return AddResult(DUPLICATE, upgraded=True)
 
 
 def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AckResult:
@@ -238,6 +274,31 @@ def _op_sweep(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any,
     return out
 
 
+def _op_contacts_sweep(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> int:
+    """Drop contact-bucket rows of expired envelopes (v3)."""
+    (now,) = args
+    return conn.execute("DELETE FROM contacts WHERE expires <= ?", (now,)).rowcount
+
+
+def _op_policy(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> str:
+    """Keep a mailbox's policy when it is newer than the stored one (latest version wins)."""
+    mailbox, version, policy_id, body = args
+    row = conn.execute("SELECT version, policy_id FROM policies WHERE mailbox = ?", (mailbox,)).fetchone()
+    if row is not None:
+        if row[1] == policy_id:
+            return POLICY_DUPLICATE
+        if (int(row[0]), row[1]) > (version, policy_id):
+            return POLICY_STALE
+    conn.execute(
+        "INSERT INTO policies (mailbox, version, policy_id, pseq, body) "
+        "VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(pseq), 0) + 1 FROM policies), ?4) "
+        "ON CONFLICT (mailbox) DO UPDATE SET version = ?2, policy_id = ?3, "
+        "pseq = (SELECT COALESCE(MAX(pseq), 0) + 1 FROM policies), body = ?4",
+        (mailbox, version, policy_id, body),
+    )
+    return POLICY_ACCEPTED
+
+
 OpFunction = Callable[[sqlite3.Connection, _Batch, Caps, tuple[Any, ...]], Any]
 
 #: name -> (function, its only write is its last statement)
@@ -247,6 +308,8 @@ OPS: dict[str, tuple[OpFunction, bool]] = {
     "nonce": (_op_nonce, True),
     "cursor": (_op_cursor, True),
     "sweep": (_op_sweep, False),
+    "policy": (_op_policy, True),
+    "contacts_sweep": (_op_contacts_sweep, True),
 }
 
 #: an operation: ``(name, args)``, or (in-process writers only) a callable ``f(conn, batch)``
@@ -545,7 +608,8 @@ class SQLiteStore:
         """
         body = env.raw
         check = None if verify is None else (env.sender_key, env.sig_bytes, env.signed, verify == "replica")
-        return self._write(("add", (env.msg_id, env.mailbox, env.sender, env.expires, len(body), body, now, check)))
+        args = (env.msg_id, env.mailbox, env.sender, env.expires, len(body), body, now, check)
+        return self._write(("add", (*args, env.contact, env.stranger_cap)))
 
     def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
         body = dumps_json(ack.to_json()).decode("utf-8")
@@ -625,6 +689,31 @@ class SQLiteStore:
             return ChangesPage(feed=feed, items=items, next=items[-1].seq if items else since, more=len(merged) > limit)
 
         return self._read(q)
+
+    # ------------------------------------------------------------------ policies (protocol v3)
+
+    def sweep_contacts(self, now: int) -> Deferred[int]:
+        """Forget the contact-bucket rows of expired envelopes (v3); how many."""
+        return self._write(("contacts_sweep", (now,)))
+
+    def put_policy(self, mailbox: str, version: int, policy_id: str, body: str) -> Deferred[str]:
+        """Store a signed policy unless the stored one is newer: ``accepted``, ``duplicate`` or ``stale``."""
+        return self._write(("policy", (mailbox, version, policy_id, body)))
+
+    def policies_since(self, since: int, limit: int) -> Deferred[list[tuple[int, str]]]:
+        """``(pseq, body)`` of the stored policies with ``pseq > since``, ascending, at most ``limit``."""
+
+        def q(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+            rows = conn.execute(
+                "SELECT pseq, body FROM policies WHERE pseq > ? ORDER BY pseq LIMIT ?", (min(since, MAX_SEQ), limit)
+            ).fetchall()
+            return [(int(r[0]), r[1]) for r in rows]
+
+        return self._read(q)
+
+    def load_policies(self) -> list[str]:
+        """Every stored policy's text, read at once (the relay's policy book at start-up)."""
+        return [r[0] for r in self._wconn.execute("SELECT body FROM policies")]
 
     def get_cursor(self, peer: str) -> Deferred[Cursor | None]:
         def q(conn: sqlite3.Connection) -> Cursor | None:
