@@ -321,9 +321,13 @@ class Relay:
         lim = self.limits
         results: list[dict[str, Any] | None] = [None] * len(objs)
         parsed: list[tuple[int, E.Envelope]] = []
+        extras: dict[int, P.Extras] = {}
         for i, obj in enumerate(objs):
             try:
-                parsed.append((i, E.parse_envelope(obj, lim.max_message_bytes)))
+                body, extra = P.split_extras(obj)
+                parsed.append((i, E.parse_envelope(body, lim.max_message_bytes)))
+                if extra is not P.NO_EXTRAS:
+                    extras[i] = extra
             except MeshError as e:
                 results[i] = self._replica_rejected(obj, e)
         now = self.now()
@@ -359,6 +363,14 @@ class Relay:
                     continue
                 kept.append((i, env))
             parsed = kept
+        # First contact (v3): every replica is admitted exactly like a deposit (12.5).
+        admitted: list[tuple[int, E.Envelope]] = []
+        for i, env in parsed:
+            try:
+                admitted.append((i, await self._admit(env, extras.get(i, P.NO_EXTRAS))))
+            except MeshError as e:
+                results[i] = self._replica_rejected(env.to_json(), e)
+        parsed = admitted
         adds: list[tuple[int, E.Envelope, Deferred[AddResult]]] = [
             (i, env, self._store_envelope(env, "peer", verify="replica" if in_store else None)) for i, env in parsed
         ]

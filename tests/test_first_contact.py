@@ -182,3 +182,29 @@ class BucketTests(FirstContactCase):
         ).fetchone()[0]
         self.assertEqual(json.loads(body)["permit"], env["permit"])
         self.assertEqual(len(self.polled()), 7)
+
+
+class ReplicaTests(FirstContactCase):
+    def test_hostile_peer_cannot_inject(self) -> None:
+        """Replicas get the deposit rules: stamp-less stranger mail, forged and moved permits are rejected by code."""
+        self.assertEqual(self.set_policy(1, mode="stamps", difficulty=BITS, stranger_cap=2)[0], 200)
+        attacker = Identity()
+        forged = P.make_permit(attacker.key, attacker.pub, self.now() + 60, 0)
+        forged["mailbox"] = self.owner.pub
+        moved = self.permit(self.friend)
+        moved["sender"] = attacker.pub
+        good = self.env(self.friend, b"contact", permit=self.permit(self.friend))
+        batch = [
+            self.env(attacker, b"no stamp"),
+            self.env(attacker, b"forged", permit=forged),
+            self.env(attacker, b"moved", permit=moved),
+            self.env(attacker, b"other sender", permit=self.permit(self.friend)),
+            self.env(attacker, b"stamped", stamp=True),
+            good,
+        ]
+        results = self.successResultOf(self.n.relay.accept_replicas(batch))
+        self.assertEqual(
+            [r.get("error", r["status"]) for r in results],
+            ["stamp_required", "bad_permit", "bad_permit", "permit_mismatch", "accepted", "accepted"],
+        )
+        self.assertEqual(self.n.metrics.sample("meshrelay_dm_replica_total", {"outcome": "stamp_required"}), 1)
