@@ -63,7 +63,9 @@ def main() -> None:
         for _ in range(32):
             sender = Identity()
             for _ in range(8):
-                status, _ = post(conn, "/api/mesh/dm/send", sender.envelope(victim, os.urandom(8192), ts=int(time.time())))
+                status, _ = post(
+                    conn, "/api/mesh/dm/send", sender.envelope(victim, os.urandom(8192), ts=int(time.time()))
+                )
                 filled += status == 200
         conn.close()
         print(f"filled the mailbox at B with {filled} envelopes")
@@ -73,7 +75,9 @@ def main() -> None:
         def attacker() -> None:
             c = http.client.HTTPConnection("127.0.0.1", a.port, timeout=30)
             while time.monotonic() < stop:
-                status, _ = post(c, "/api/mesh/dm/poll", victim.poll_body(ts=int(time.time()), limit=1, fetch_remote=True))
+                status, _ = post(
+                    c, "/api/mesh/dm/poll", victim.poll_body(ts=int(time.time()), limit=1, fetch_remote=True)
+                )
                 attack["polls" if status == 200 else "errors"] += 1
             c.close()
 
