@@ -596,10 +596,7 @@ class Relay:
         policy = P.parse_policy(obj)
         status = await self._store_policy(policy, "client")
         if status == POLICY_STALE:
-            held = self.policies.get(policy.mailbox)
-            raise StalePolicy(
-                "the node holds a newer policy for this mailbox", version=held.version if held is not None else 0
-            )
+            raise StalePolicy("the node holds a newer policy for this mailbox")
         return {"ok": True, "version": policy.version, "duplicate": status != "accepted"}
 
     async def _store_policy(self, policy: P.Policy, origin: str) -> str:

@@ -146,6 +146,10 @@ def error_shape_problems(status: int, body: Any) -> list[str]:
             if type(body.get(key)) is not int:
                 problems.append(f"sender_cap without integer {key}")
         extra -= {"pending", "limit"}
+    if code in ("stamp_required", "weak_stamp"):
+        if type(body.get("difficulty")) is not int:
+            problems.append(f"{code} without integer difficulty")
+        extra -= {"difficulty"}
     if extra:
         problems.append(f"unexpected fields {sorted(extra)}")
     return problems

@@ -18,6 +18,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import envelope as E
+from meshrelay import policy as P
 from meshrelay.api import ClientAPI
 from meshrelay.config import build_config
 from meshrelay.errors import STATUS_BY_CODE
@@ -45,6 +46,7 @@ SECRET_B = "secret-of-the-a-b-link-for-openapi"
 
 SEND = "/api/mesh/dm/send"
 POLL = "/api/mesh/dm/poll"
+POLICY = "/api/mesh/dm/policy"
 COUNT = "/api/mesh/dm/count"
 HEALTH = "/api/mesh/health"
 REPLICATE = "/api/mesh/dm/replicate-envelope"
@@ -295,7 +297,74 @@ class RealAnswersTests(SynchronousTestCase):
         self.assertEqual(
             self.call(broken, "POST", SEND, self.alice.envelope(self.bob, ts=now))[1]["error"], "unavailable"
         )
+        self._first_contact_send_answers()
         self.assert_all_seen(SEND, "POST")
+
+    def _first_contact_send_answers(self) -> None:
+        """The v3 answers of send: the policy's refusals, each permit refusal, the stranger bucket."""
+        n = self.node(per_mailbox_pending=4)
+        now = self.now(n)
+        owner, friend = Identity(), Identity()
+
+        def policy(version: int, **kw: Any) -> None:
+            pol = P.make_policy(owner.key, version=version, ts=now, **kw)
+            self.assertEqual(self.call(n, "POST", POLICY, pol)[0], 200)
+
+        def send(sender: Identity, text: bytes, **extra: Any) -> str:
+            env = {**sender.envelope(owner, text, ts=now), **extra}
+            if extra.get("stamp") is True:
+                env["stamp"] = P.solve_stamp(env["msg_id"], 2)
+            status, answer = self.call(n, "POST", SEND, env)
+            return "ok" if status == 200 else str(answer["error"])
+
+        policy(1, mode="stamps", difficulty=2, stranger_cap=1, epoch=1)
+        self.assertEqual(send(Identity(), b"s"), "stamp_required")
+        self.assertEqual(send(Identity(), b"s", stamp="AAAA"), "bad_stamp")
+        weak = next(
+            e
+            for e in (Identity().envelope(owner, b"w%d" % i, ts=now) for i in range(200))
+            if P.stamp_work(e["msg_id"], bytes(8)) < 2
+        )
+        self.assertEqual(self.call(n, "POST", SEND, {**weak, "stamp": "AAAAAAAAAAA"})[1]["error"], "weak_stamp")
+        self.assertEqual(send(Identity(), b"s1", stamp=True), "ok")
+        self.assertEqual(send(Identity(), b"s2", stamp=True), "stranger_full")
+        permit = P.make_permit(owner.key, friend.pub, now + 60, 1)
+        self.assertEqual(send(friend, b"c", permit=permit), "ok")
+        self.assertEqual(send(friend, b"m", permit={"mailbox": owner.pub}), "bad_permit")
+        self.assertEqual(send(Identity(), b"o", permit=permit), "permit_mismatch")
+        self.assertEqual(send(friend, b"e", permit=P.make_permit(owner.key, friend.pub, now, 1)), "permit_expired")
+        self.assertEqual(send(friend, b"r", permit=P.make_permit(owner.key, friend.pub, now + 60, 0)), "permit_revoked")
+        policy(2, mode="contacts")
+        self.assertEqual(send(Identity(), b"x", stamp=True), "contacts_only")
+
+    def test_policy(self) -> None:
+        """Every documented answer of the policy routes (v3) is real and matches its schema."""
+        n = self.node(max_body_bytes=1024)
+        now = self.now(n)
+        owner = Identity()
+        pol = P.make_policy(owner.key, version=2, mode="stamps", difficulty=8, ts=now)
+        self.assertEqual(self.call(n, "GET", POLICY + "?mailbox=" + owner.pub), (200, {"ok": True, "policy": None}))
+        self.assertEqual(self.call(n, "POST", POLICY, pol), (200, {"ok": True, "version": 2, "duplicate": False}))
+        self.assertEqual(self.call(n, "GET", POLICY + "?mailbox=" + owner.pub)[1]["policy"], pol)
+        old = P.make_policy(owner.key, version=1, mode="open", ts=now)
+        self.assertEqual(self.call(n, "POST", POLICY, old)[1]["error"], "stale_policy")
+        self.assertEqual(self.call(n, "POST", POLICY, raw=b"{")[1]["error"], "bad_json")
+        self.assertEqual(self.call(n, "POST", POLICY, {"mailbox": owner.pub})[1]["error"], "bad_policy")
+        self.assertEqual(self.call(n, "POST", POLICY, self.forged(pol))[1]["error"], "bad_signature")
+        future = P.make_policy(owner.key, version=3, ts=now + 3600)
+        self.assertEqual(self.call(n, "POST", POLICY, future)[1]["error"], "bad_timestamp")
+        self.assertEqual(self.call(n, "POST", POLICY, raw=b" " * 2000)[1]["error"], "too_large")
+        self.assertEqual(self.call(n, "POST", POLICY, pol, ctype="text/plain")[1]["error"], "unsupported_media_type")
+        self.assertEqual(self.call(n, "GET", POLICY + "?mailbox=nope")[1]["error"], "bad_request")
+        limited = self.node(client_rate=1, client_burst=1)
+        self.call(limited, "GET", POLICY + "?mailbox=" + owner.pub)
+        self.assertEqual(self.call(limited, "GET", POLICY + "?mailbox=" + owner.pub)[1]["error"], "rate_limited")
+        self.assertEqual(self.call(limited, "POST", POLICY, pol)[1]["error"], "rate_limited")
+        broken = self.node()
+        self.break_store(broken)
+        self.assertEqual(self.call(broken, "POST", POLICY, pol)[1]["error"], "unavailable")
+        self.assert_all_seen(POLICY, "POST")
+        self.assert_all_seen(POLICY, "GET")
 
     def _signed_request_answers(self, path: str) -> None:
         n = self.node(max_waiting_polls=0, max_body_bytes=1024)
