@@ -90,8 +90,8 @@ class LimitsConfig:
     per_mailbox_pending: int = field(default=256, metadata=_range(1))
     max_stored_bytes: int = field(default=1073741824, metadata=_range(1))
     max_waiting_polls: int = field(default=10000, metadata=_range(0))
-    #: bound on remembered poll/peer nonces (each cache); when full, the
-    #: oldest are dropped and requests at or before their ts answer ``stale``
+    #: bound on poll/peer nonces remembered in memory (each cache); when full the
+    #: oldest are forgotten (the store's durable claim still refuses their replays)
     max_nonces: int = field(default=200000, metadata=_range(100))
     #: open connections on the public listener; more are closed at once
     max_connections: int = field(default=10240, metadata=_range(1))

@@ -27,13 +27,12 @@ from meshrelay.errors import (
     RateLimited,
     Replayed,
     SenderCap,
-    Stale,
     StorageFull,
 )
 from meshrelay.fetchgate import RemoteFetchGate
 from meshrelay.logs import Throttle
 from meshrelay.metrics import Metrics
-from meshrelay.replay import OK, REPLAYED, ReplayCache
+from meshrelay.replay import REPLAYED, ReplayCache
 from meshrelay.store.base import (
     ACCEPTED,
     BAD_SIGNATURE,
@@ -400,17 +399,15 @@ class Relay:
         await self._verify(auth.mailbox_key, auth.sig_bytes, auth.signed)
         now = self.now()
         E.check_poll_time(auth, now, self.limits.clock_skew)
-        expires = now + 2 * self.limits.clock_skew
+        # The durable claim must outlive every moment a request with this ts is in time (|ts - now| <= skew).
+        expires = auth.ts + self.limits.clock_skew + 1
         verdict = await self.poll_nonces.use(
             (auth.mailbox, auth.nonce),
-            auth.ts,
             self.now,
             lambda: self.store.claim_nonce("poll:" + auth.mailbox, auth.nonce, expires),
         )
         if verdict == REPLAYED:
             raise Replayed("nonce already used")
-        if verdict != OK:
-            raise Stale("request too old")
 
     def poll(self, obj: Any, client: str | None = None) -> Deferred[dict[str, Any]]:
         """A poll (3.2): acks first, then up to ``limit`` messages; long-polls when asked.
