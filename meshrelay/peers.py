@@ -220,7 +220,8 @@ def peer_route(app: Klein, path: str, methods: list[str]) -> Callable[[Handler[T
             pick = getattr(self, "limiter_for", None)
             limiter = pick(request) if pick is not None else getattr(self, "limiter", None)
             if limiter is not None and not limiter.allow(peer):
-                raise RateLimited("too many requests from this peer; slow down")
+                wait = getattr(limiter, "retry_after", None)
+                raise RateLimited("too many requests from this peer; slow down").wait(wait() if wait else 1)
             return await handler(self, request, peer)
 
         app.route(path, methods=methods, branch=False)(cast(Any, gated))

@@ -25,7 +25,7 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from meshrelay.envelope import dumps_json, loads_json
-from meshrelay.errors import MeshError, UnsupportedMediaType
+from meshrelay.errors import DEFAULT_RETRY_AFTER, RETRY_AFTER_BY_CODE, MeshError, UnsupportedMediaType
 from meshrelay.fairness import AddressPolicy, request_key
 from meshrelay.store.base import StoreError
 
@@ -294,9 +294,18 @@ def body_caps_for(max_body_bytes: int, max_replicate_body_bytes: int) -> Callabl
 # ---------------------------------------------------------------------- JSON in and out
 
 
-def json_response(request: Any, status: int, value: Any) -> bytes:
-    """Set status and content type; return the JSON body bytes."""
+def json_response(request: Any, status: int, value: Any, retry_after: int | None = None) -> bytes:
+    """Set status and content type; return the JSON body bytes.
+
+    Every 429 carries ``Retry-After`` (``retry_after`` seconds, else the code's
+    default from :data:`meshrelay.errors.RETRY_AFTER_BY_CODE`).
+    """
     request.setResponseCode(status)
+    if status == 429:
+        if retry_after is None:
+            code = value.get("error") if isinstance(value, dict) else None
+            retry_after = RETRY_AFTER_BY_CODE.get(str(code), DEFAULT_RETRY_AFTER)
+        request.setHeader(b"Retry-After", b"%d" % max(1, retry_after))
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
     return dumps_json(value)
@@ -332,7 +341,7 @@ def install_error_table(app: Klein) -> None:
         request, failure = _request_failure(args)
         e = failure.value
         assert isinstance(e, MeshError)
-        return json_response(request, e.status, e.body())
+        return json_response(request, e.status, e.body(), e.retry_after)
 
     @app.handle_errors(  # type: ignore[arg-type]
         StoreError
@@ -431,7 +440,7 @@ class NodeRoot(Resource):
             return self.client.render(request)
         limiter = self.client_limiter
         if limiter is not None and limiter.enabled and not limiter.allow(key):
-            return self._limited(request, "client_rate", "too many requests from this address")
+            return self._limited(request, "client_rate", "too many requests from this address", limiter.retry_after())
         deposits = self.deposit_limiter
         if (
             deposits is not None
@@ -439,13 +448,18 @@ class NodeRoot(Resource):
             and request_path(request) == SEND_PATH
             and not deposits.allow(key, body_length(request))
         ):
-            return self._limited(request, "deposit_bytes", "too many deposit bytes from this address; slow down")
+            return self._limited(
+                request,
+                "deposit_bytes",
+                "too many deposit bytes from this address; slow down",
+                deposits.retry_after(body_length(request)),
+            )
         return self.client.render(request)
 
-    def _limited(self, request: Any, reason: str, detail: str) -> bytes:
+    def _limited(self, request: Any, reason: str, detail: str, retry_after: int | None = None) -> bytes:
         if self.metrics is not None:
             self.metrics.refused_total.labels(reason).inc()
-        return json_response(request, 429, error_body("rate_limited", detail))
+        return json_response(request, 429, error_body("rate_limited", detail), retry_after)
 
 
 def client_ip(request: Any, trusted_proxies: frozenset[str] = frozenset()) -> str:
