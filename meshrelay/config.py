@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,9 +235,16 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
 
 
 def _read_secret_file(where: str, path: str, base_dir: str) -> str:
+    """A secret file's stripped text; refused, as ssh refuses a key, when group or others may access it."""
     full = os.path.join(base_dir, os.path.expanduser(path))
     try:
         with open(full, encoding="utf-8") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            if mode & 0o077:
+                raise ConfigError(
+                    f"{where}: {full} is accessible by group or others (mode {mode:04o}); "
+                    f"make it private to the node's user: chmod 600 {full}"
+                )
             return fh.read().strip()
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__

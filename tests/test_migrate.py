@@ -161,6 +161,7 @@ class MigrateStoreTests(SynchronousTestCase):
         os.makedirs(conf_dir)
         with open(os.path.join(conf_dir, "dsn"), "w") as fh:
             fh.write(self.dsn + "\n")
+        os.chmod(os.path.join(conf_dir, "dsn"), 0o600)
         path = os.path.join(conf_dir, "meshrelay.toml")
         with open(path, "w") as fh:
             fh.write(
