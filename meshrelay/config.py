@@ -77,6 +77,9 @@ class NodeConfig:
     #: true when the public listener's connecting address says nothing about the client (the
     #: target of a Tor onion service): per-address limits then use the body's keys instead
     listen_address_means_nothing: bool = False
+    #: extra Host names the admin listener answers to (a list, or comma-separated); loopback
+    #: names and addresses and admin_listen's interface always are (DNS-rebinding guard)
+    admin_hosts: str = field(default="", metadata={"list": True})
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,11 @@ def _describe(value: Any) -> str:
 
 def _check_value(where: str, f: dataclasses.Field[Any], value: Any) -> Any:
     want = {"int": int, "bool": bool, "str": str}[str(f.type)]
+    if f.metadata.get("list") and isinstance(value, list):
+        # A list of strings, kept as one comma-separated string.
+        if not all(isinstance(v, str) and "," not in v for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {_describe(value)}")
+        value = ",".join(v.strip() for v in value)
     if type(value) is not want:
         raise ConfigError(f"{where}: expected {_TYPE_NAMES[want]}, got {_describe(value)}")
     meta = f.metadata
