@@ -23,12 +23,12 @@ from typing import Any
 
 from klein import Klein
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web.resource import Resource
 
 from meshrelay.metrics import Metrics
 from meshrelay.status import RateSampler, render_status
-from meshrelay.web import error_body, install_error_table, json_response
+from meshrelay.web import error_body, install_error_table, json_response, note_refusal
 
 #: names that always mean this machine
 LOOPBACK_NAMES = frozenset(("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"))
@@ -114,7 +114,7 @@ class _HostGate(Resource):
         if host_allowed(request.getHeader(b"host"), self.allowed, str(local)):
             return self.inner.render(request)
         if self.refused is not None:
-            self.refused()
+            self.refused(request)
         return json_response(
             request,
             403,
@@ -151,7 +151,18 @@ class AdminAPI:
 
     def resource(self) -> Any:
         """The admin listener's root: the Host check, then the routes."""
-        return _HostGate(self.app.resource(), self.hosts, lambda: self.metrics.refused_total.labels("admin_host").inc())
+        return _HostGate(self.app.resource(), self.hosts, self._host_refused)
+
+    def _host_refused(self, request: Any) -> None:
+        self.metrics.refused_total.labels("admin_host").inc()
+        relay = getattr(self.node, "relay", None)
+        note_refusal(
+            getattr(relay, "log_agg", None),
+            "admin_host",
+            "admin listener refused 403: Host {host} does not name it (node.admin_hosts)",
+            LogLevel.warn,
+            host=repr((request.getHeader(b"host") or b"")[:100].decode("latin-1")),
+        )
 
     def _replication(self) -> Any:
         return getattr(self.node, "replication", None) if self.node is not None else None

@@ -82,7 +82,7 @@ class Node(Service):
         self.peer_limiter = RateLimiter(lim.peer_rate, lim.peer_burst, reactor)
         #: mailbox-filtered changes (a peer's fetch_remote) draw from this budget, not peer_limiter
         self.peer_fetch_limiter = RateLimiter(lim.peer_fetch_rate, lim.peer_fetch_burst, reactor)
-        self.peer_auth = PeerAuthenticator(config, self.store, self.metrics, reactor)
+        self.peer_auth = PeerAuthenticator(config, self.store, self.metrics, reactor, self.relay.log_agg)
         self.peer_api = PeerAPI(
             self.relay, self.peer_auth, limiter=self.peer_limiter, fetch_limiter=self.peer_fetch_limiter
         )
@@ -113,6 +113,7 @@ class Node(Service):
             policy,
             self.deposit_limiter,
             metrics=self.metrics,
+            log_agg=self.relay.log_agg,
         )
 
     def site(self, address_means_nothing: bool | None = None, max_connections: int | None = None) -> MeshSite:
@@ -132,6 +133,7 @@ class Node(Service):
             max_connections=lim.max_connections if max_connections is None else max_connections,
             max_connections_per_address=lim.max_connections_per_address,
             policy=policy,
+            log_agg=self.relay.log_agg,
         )
 
     def startService(self) -> None:
@@ -169,6 +171,7 @@ class Node(Service):
         if self.sweeper.running:
             self.sweeper.stop()
         self.verifier.stop()
+        self.relay.log_agg.stop()
         d = self.store.close() if self.store is not None else succeed(None)
         if self._http_pool is not None:
             pool = self._http_pool

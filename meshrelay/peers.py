@@ -34,11 +34,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from klein import Klein
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from meshrelay.config import Config
 from meshrelay.envelope import HEX64_RE, NONCE_LEN, b64u_decode, b64u_encode
 from meshrelay.errors import Forbidden, RateLimited
+from meshrelay.logs import Aggregator
 from meshrelay.metrics import Metrics
 from meshrelay.replay import REPLAYED, ReplayCache
 from meshrelay.store.base import Store
@@ -130,8 +131,12 @@ class PeerAuthenticator:
 
     log = Logger()
 
-    def __init__(self, config: Config, store: Store, metrics: Metrics, clock: Any) -> None:
+    def __init__(
+        self, config: Config, store: Store, metrics: Metrics, clock: Any, log_agg: Aggregator | None = None
+    ) -> None:
         self.store = store
+        #: refusals are logged through this: one line per reason per interval, with counts
+        self.log_agg = log_agg if log_agg is not None else Aggregator(clock)
         self.metrics = metrics
         self.clock = clock
         self.skew = config.limits.clock_skew
@@ -156,7 +161,14 @@ class PeerAuthenticator:
             return await self._check(request)
         except _AuthFailure as e:
             self.metrics.peer_auth_failures.labels(e.reason).inc()
-            self.log.info("peer request refused ({reason}): {detail}", reason=e.reason, detail=e.detail)
+            self.log_agg.emit(
+                self.log,
+                "peer_auth:" + e.reason,
+                "peer request refused ({reason}): {detail}",
+                LogLevel.warn,
+                reason=e.reason,
+                detail=e.detail,
+            )
             raise Forbidden("peer authentication failed") from None
 
     async def _check(self, request: Any) -> str:

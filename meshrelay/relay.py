@@ -30,7 +30,7 @@ from meshrelay.errors import (
     StorageFull,
 )
 from meshrelay.fetchgate import RemoteFetchGate
-from meshrelay.logs import Throttle
+from meshrelay.logs import Aggregator
 from meshrelay.metrics import Metrics
 from meshrelay.replay import REPLAYED, ReplayCache
 from meshrelay.store.base import (
@@ -143,6 +143,9 @@ class Relay:
         self.ack_listeners: list[AckListener] = []
         #: set by replication: pull one mailbox from the peers (poll fetch_remote)
         self.remote_fetch: Callable[[str], Deferred[None]] | None = None
+        #: per-request log lines (cap hits, refusals, peer auth failures...): one per reason per
+        #: minute, with counts; the node's APIs share it
+        self.log_agg = Aggregator(clock, 60.0)
         #: the bounds on fetch_remote (coalescing, interval, concurrency, timeout) around remote_fetch
         sync = config.sync
         self.fetch_gate = RemoteFetchGate(
@@ -152,9 +155,8 @@ class Relay:
             min_interval=sync.fetch_remote_min_interval,
             timeout=sync.fetch_remote_timeout,
             on_outcome=lambda outcome: self.metrics.fetch_remote_total.labels(outcome).inc(),
+            log_agg=self.log_agg,
         )
-        #: one "cap hit" log line per cap per minute, with a count of the ones folded in
-        self._cap_log = Throttle(clock, 60.0)
         self._update_gauges()
 
     # ------------------------------------------------------------------ helpers
@@ -168,11 +170,7 @@ class Relay:
         self.metrics.stored_bytes.set(stats.bytes)
 
     def _cap_hit(self, cap: str, fmt: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:
-        folded = self._cap_log.allow(cap)
-        if folded is None:
-            return
-        suffix = " (and {folded} more since the last such line)" if folded else ""
-        self.log.emit(level, "cap hit: " + fmt + suffix, cap=cap, folded=folded, **fields)
+        self.log_agg.emit(self.log, "cap:" + cap, "cap hit: " + fmt, level, cap=cap, **fields)
 
     def _notify(self, listeners: list[Callable[[Any], None]], item: Any) -> None:
         for listener in listeners:
