@@ -236,6 +236,26 @@ class Aggregator:
                 self._report(key, window)
 
 
+class AggregatingLogger(Logger):
+    """A :class:`Logger` whose every event goes through an :class:`Aggregator`, keyed by its format.
+
+    For code that logs per operation and has no aggregator of its own (the
+    stores: a failing disk fails every request's write); the node hands its
+    store one of these in place of the store's own logger.
+    """
+
+    def __init__(self, inner: Logger, agg: Aggregator, prefix: str = "") -> None:
+        super().__init__(namespace=inner.namespace, source=inner.source, observer=inner.observer)
+        self._inner = inner
+        self._agg = agg
+        self._prefix = prefix
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
+        failure = kwargs.pop("log_failure", None)
+        fmt = format or ""
+        self._agg.emit(self._inner, self._prefix + fmt, fmt, level, failure, **kwargs)
+
+
 class Throttle:
     """At most one log line per key per ``interval`` seconds (on the injected clock).
 

@@ -20,6 +20,7 @@ from meshrelay.api import ClientAPI
 from meshrelay.config import Config, PeerConfig
 from meshrelay.executor import ThreadExecutor
 from meshrelay.fairness import AddressPolicy
+from meshrelay.logs import AggregatingLogger
 from meshrelay.metrics import Metrics
 from meshrelay.peer_api import PeerAPI
 from meshrelay.peers import PeerAuthenticator
@@ -63,6 +64,10 @@ class Node(Service):
             else Verifier()
         )
         self.relay = Relay(self.store, config, reactor, self.metrics, self.verifier)
+        store_log = getattr(self.store, "log", None)
+        if isinstance(store_log, Logger):
+            # The store logs per operation (a failing disk fails every write): aggregate it too.
+            self.store.log = AggregatingLogger(store_log, self.relay.log_agg, "store:")  # type: ignore[attr-defined]
         # Deposits committed by other processes sharing the store wake our long-polls too.
         self.store.set_wake_callback(self.relay.wake, self.relay.waiting_mailboxes)
         lim = config.limits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -109,3 +110,33 @@ class ClientRefusalFloodTests(SynchronousTestCase):
         refused = lines(events, "refused ")
         self.assertEqual(len(refused), 6)
         self.assertEqual(sorted(e["folded"] for e in refused), [0, 0, 0, 199, 199, 199])
+
+
+class StoreErrorFloodTests(SynchronousTestCase):
+    def test_failing_store_is_one_line_per_reason(self) -> None:
+        """100 deposits against a read-only store: the store's and the web layer's error lines are aggregated."""
+        mem = MemNode(self.mktemp())
+        self.addCleanup(mem.stop)
+        store: Any = mem.store
+        writable = store._wconn
+        ro = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        store._wconn = store._core.conn = ro
+
+        def restore() -> None:
+            if store._wconn is ro:
+                store._wconn = store._core.conn = writable
+                ro.close()
+
+        self.addCleanup(restore)
+        events = capture(self)
+        alice, bob = Identity(), Identity()
+        for i in range(100):
+            env = alice.envelope(bob, b"%d" % i, ts=int(mem.clock.seconds()))
+            self.assertEqual(mem.send(env)[0], 503)
+        errors = [e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertGreater(len(errors), 0)
+        self.assertLessEqual(len(errors), 3, [e["log_format"] for e in errors])
+        restore()
+        mem.clock.advance(60)
+        counted = [e for e in events if e.get("log_level") == LogLevel.error and e.get("folded")]
+        self.assertEqual({e["folded"] for e in counted}, {99})
