@@ -8,7 +8,7 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshrelay.admin import AdminAPI, allowed_hosts, endpoint_interface, host_allowed
+from meshrelay.admin import AdminAPI
 from meshrelay.config import ConfigError, build_config
 from tests.helpers import MemNode, make_config, stub_answer
 
@@ -63,6 +63,8 @@ class AdminHostTests(SynchronousTestCase):
 
     def test_helpers(self) -> None:
         """Endpoint interfaces (escaped IPv6, wildcards), the allowed set and a missing Host."""
+        from meshrelay.admin import allowed_hosts, endpoint_interface, host_allowed
+
         self.assertEqual(endpoint_interface("tcp:9090:interface=127.0.0.1"), "127.0.0.1")
         self.assertEqual(endpoint_interface(r"tcp6:9090:interface=\:\:1"), "::1")
         self.assertEqual(endpoint_interface("tcp:9090:interface=0.0.0.0"), "")
