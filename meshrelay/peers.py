@@ -201,8 +201,9 @@ class PeerAuthenticator:
         if not hmac.compare_digest(expected, mac):
             raise _AuthFailure(BAD_HMAC, f"HMAC does not match for {peer}")
         # Only a request that carries a valid MAC may use up a nonce.
-        # The durable claim outlives every moment a request with this ts is in time (|ts - now| <= skew).
-        expires = ts + self.skew + 1
+        # Kept 2 x skew (PROTOCOL.md 4), and past every moment a request with this ts is in time
+        # (|ts - now| <= skew, so ts + skew < expires): a sweep never frees a nonce a replay could use.
+        expires = int(now) + 2 * self.skew + 1
         verdict = await self.nonces.use(
             (peer, nonce), self.clock.seconds, lambda: self.store.claim_nonce("peer:" + peer, nonce, expires)
         )

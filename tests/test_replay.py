@@ -119,7 +119,7 @@ class PollNonceLockoutTests(SynchronousTestCase):
         skew = self.mem.config.limits.clock_skew
         body = victim.signed(ts=self.now() + skew)
         self.assertEqual(self.mem.request("POST", POLL, body)[0], 200)
-        self.mem.clock.advance(2 * skew)
+        self.mem.clock.advance(2 * skew)  # the last second the ts is in skew
         self.mem.relay.poll_nonces._entries.clear()
         self.assertEqual(self.swept_nonces(), 0)
         status, answer = self.mem.request("POST", POLL, body)
