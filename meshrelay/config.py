@@ -242,7 +242,7 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     return cls(**values)
 
 
-def _read_secret_file(where: str, path: str, base_dir: str) -> str:
+def read_secret_file(where: str, path: str, base_dir: str) -> str:
     """A secret file's stripped text; refused, as ssh refuses a key, when group or others may access it."""
     full = os.path.join(base_dir, os.path.expanduser(path))
     try:
@@ -281,7 +281,7 @@ def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
         secret = raw["secret"]
         key = "secret"
     elif "secret_file" in raw:
-        secret = _read_secret_file(f"{where}.secret_file", raw["secret_file"], base_dir)
+        secret = read_secret_file(f"{where}.secret_file", raw["secret_file"], base_dir)
         key = "secret_file"
     else:
         raise ConfigError(f"{where}.secret: missing (give secret or secret_file)")
@@ -360,7 +360,7 @@ def _cross_check(cfg: Config, base_dir: str) -> Config:
     if store.dsn and store.dsn_file:
         raise ConfigError("store.dsn: give dsn or dsn_file, not both")
     if store.dsn_file:
-        dsn = _read_secret_file("store.dsn_file", store.dsn_file, base_dir)
+        dsn = read_secret_file("store.dsn_file", store.dsn_file, base_dir)
         cfg = cfg.replace(store=dataclasses.replace(store, dsn=dsn, dsn_file=""))
     if cfg.store.backend == "postgresql" and not cfg.store.dsn:
         raise ConfigError("store.dsn: required when store.backend is 'postgresql'")

@@ -190,6 +190,19 @@ class MigrateCommandLineTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("give --to DSN", err)
 
+    def test_open_dsn_file_is_refused(self) -> None:
+        """--to-file refuses a DSN file that group or others may access, in one line, like store.dsn_file."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as fh:
+            fh.write("postgresql://u:pw@127.0.0.1:1/x\n")
+        os.chmod(path, 0o644)
+        code, _, err = run_main("--from", self.mktemp(), "--to-file", path)
+        self.assertEqual(code, 1)
+        self.assertEqual(err.count("\n"), 1)
+        self.assertIn("--to-file", err)
+        self.assertIn(f"chmod 600 {path}", err)
+        self.assertNotIn("pw@", err)
+
     @pytest.mark.integration
     def test_runs_as_a_module(self) -> None:
         """python -m meshrelay.migrate --help works from a checkout."""
