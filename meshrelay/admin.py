@@ -24,6 +24,7 @@ from typing import Any
 from klein import Klein
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from meshrelay.metrics import Metrics
@@ -167,6 +168,14 @@ class AdminAPI:
     def _replication(self) -> Any:
         return getattr(self.node, "replication", None) if self.node is not None else None
 
+    def _failure(self, key: str, fmt: str) -> None:
+        """Log the current exception: through the node's aggregator (one line per minute) when there is one."""
+        agg = getattr(getattr(self.node, "relay", None), "log_agg", None)
+        if agg is not None:
+            agg.emit(self.log, "admin:" + key, fmt, LogLevel.critical, Failure())
+        else:
+            self.log.failure(fmt)
+
     def _refresh_gauges(self) -> None:
         repl = self._replication()
         update = getattr(repl, "update_gauges", None)
@@ -176,7 +185,7 @@ class AdminAPI:
             update()
         except Exception:
             # A scrape must still answer; the stale gauge is the lesser evil.
-            self.log.failure("refreshing replication gauges failed")
+            self._failure("gauges", "refreshing replication gauges failed")
 
     @app.route("/metrics", methods=["GET"])
     def prometheus(self, request: Any) -> bytes:
@@ -205,7 +214,7 @@ class AdminAPI:
             try:
                 peers = list(repl.peer_status())
             except Exception:
-                self.log.failure("peer_status() failed while rendering /status")
+                self._failure("peer_status", "peer_status() failed while rendering /status")
                 peers = [{"url": p.url, "last_push_outcome": "status unavailable"} for p in self.node.config.peers]
         page = render_status(self.node, now, rates, window, peers)
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")

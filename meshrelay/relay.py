@@ -177,7 +177,9 @@ class Relay:
             try:
                 listener(item)
             except Exception:
-                self.log.failure("a replication listener failed")
+                self.log_agg.emit(
+                    self.log, "listener_failed", "a replication listener failed", LogLevel.critical, Failure()
+                )
 
     async def _verify(self, key: bytes, sig: bytes, msg: bytes) -> None:
         E.require_valid_signature(await shield(self.verifier.verify(key, sig, msg)))
