@@ -254,26 +254,3 @@ class AggregatingLogger(Logger):
         failure = kwargs.pop("log_failure", None)
         fmt = format or ""
         self._agg.emit(self._inner, self._prefix + fmt, fmt, level, failure, **kwargs)
-
-
-class Throttle:
-    """At most one log line per key per ``interval`` seconds (on the injected clock).
-
-    Kept for callers outside the node's request paths; those use :class:`Aggregator`.
-    """
-
-    def __init__(self, clock: Any, interval: float = 60.0) -> None:
-        self.clock = clock
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._folded: dict[str, int] = {}
-
-    def allow(self, key: str) -> int | None:
-        """None to stay quiet; else the number of events folded since the last line."""
-        now = self.clock.seconds()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._folded[key] = self._folded.get(key, 0) + 1
-            return None
-        self._last[key] = now
-        return self._folded.pop(key, 0)

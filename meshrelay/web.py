@@ -397,7 +397,7 @@ def install_error_table(app: Klein) -> None:
                 status=e.status,
                 code=e.code,
                 path=_shown_path(request),
-                detail=e.detail[:200],
+                detail=" ".join(e.detail.split())[:200],
             )
         return json_response(request, e.status, e.body(), e.retry_after)
 
