@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,9 @@ class NodeConfig:
     #: true when the public listener's connecting address says nothing about the client (the
     #: target of a Tor onion service): per-address limits then use the body's keys instead
     listen_address_means_nothing: bool = False
+    #: extra Host names the admin listener answers to (a list, or comma-separated); loopback
+    #: names and addresses and admin_listen's interface always are (DNS-rebinding guard)
+    admin_hosts: str = field(default="", metadata={"list": True})
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,8 @@ class LimitsConfig:
     per_mailbox_pending: int = field(default=256, metadata=_range(1))
     max_stored_bytes: int = field(default=1073741824, metadata=_range(1))
     max_waiting_polls: int = field(default=10000, metadata=_range(0))
-    #: bound on remembered poll/peer nonces (each cache); when full, the
-    #: oldest are dropped and requests at or before their ts answer ``stale``
+    #: bound on poll/peer nonces remembered in memory (each cache); when full the
+    #: oldest are forgotten (the store's durable claim still refuses their replays)
     max_nonces: int = field(default=200000, metadata=_range(100))
     #: open connections on the public listener; more are closed at once
     max_connections: int = field(default=10240, metadata=_range(1))
@@ -207,6 +211,11 @@ def _describe(value: Any) -> str:
 
 def _check_value(where: str, f: dataclasses.Field[Any], value: Any) -> Any:
     want = {"int": int, "bool": bool, "str": str}[str(f.type)]
+    if f.metadata.get("list") and isinstance(value, list):
+        # A list of strings, kept as one comma-separated string.
+        if not all(isinstance(v, str) and "," not in v for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {_describe(value)}")
+        value = ",".join(v.strip() for v in value)
     if type(value) is not want:
         raise ConfigError(f"{where}: expected {_TYPE_NAMES[want]}, got {_describe(value)}")
     meta = f.metadata
@@ -233,10 +242,17 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     return cls(**values)
 
 
-def _read_secret_file(where: str, path: str, base_dir: str) -> str:
+def read_secret_file(where: str, path: str, base_dir: str) -> str:
+    """A secret file's stripped text; refused, as ssh refuses a key, when group or others may access it."""
     full = os.path.join(base_dir, os.path.expanduser(path))
     try:
         with open(full, encoding="utf-8") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            if mode & 0o077:
+                raise ConfigError(
+                    f"{where}: {full} is accessible by group or others (mode {mode:04o}); "
+                    f"make it private to the node's user: chmod 600 {full}"
+                )
             return fh.read().strip()
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
@@ -265,7 +281,7 @@ def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
         secret = raw["secret"]
         key = "secret"
     elif "secret_file" in raw:
-        secret = _read_secret_file(f"{where}.secret_file", raw["secret_file"], base_dir)
+        secret = read_secret_file(f"{where}.secret_file", raw["secret_file"], base_dir)
         key = "secret_file"
     else:
         raise ConfigError(f"{where}.secret: missing (give secret or secret_file)")
@@ -344,7 +360,7 @@ def _cross_check(cfg: Config, base_dir: str) -> Config:
     if store.dsn and store.dsn_file:
         raise ConfigError("store.dsn: give dsn or dsn_file, not both")
     if store.dsn_file:
-        dsn = _read_secret_file("store.dsn_file", store.dsn_file, base_dir)
+        dsn = read_secret_file("store.dsn_file", store.dsn_file, base_dir)
         cfg = cfg.replace(store=dataclasses.replace(store, dsn=dsn, dsn_file=""))
     if cfg.store.backend == "postgresql" and not cfg.store.dsn:
         raise ConfigError("store.dsn: required when store.backend is 'postgresql'")

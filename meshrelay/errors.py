@@ -7,6 +7,7 @@ codes and statuses are the protocol's (PROTOCOL.md section 3).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 #: error code -> HTTP status, exactly the protocol's table.
@@ -45,10 +46,23 @@ STATUS_BY_CODE: dict[str, int] = {
 }
 
 
+#: seconds a 429 asks the caller to wait (the ``Retry-After`` header); every 429 carries one.
+#: A rate limit refills within a second; a cap frees up only when envelopes are acked or expire.
+RETRY_AFTER_BY_CODE: dict[str, int] = {
+    "rate_limited": 1,
+    "sender_cap": 60,
+    "mailbox_full": 60,
+    "storage_full": 60,
+}
+#: Retry-After for a 429 whose code has no entry above
+DEFAULT_RETRY_AFTER = 1
+
+
 class MeshError(Exception):
     """A refusal with a protocol error code; ``extra`` is merged into the body."""
 
     code = "bad_request"
+    _retry_after = 0
 
     def __init__(self, detail: str = "", code: str | None = None, **extra: Any) -> None:
         super().__init__(detail)
@@ -60,6 +74,18 @@ class MeshError(Exception):
     @property
     def status(self) -> int:
         return STATUS_BY_CODE[self.code]
+
+    @property
+    def retry_after(self) -> int | None:
+        """Seconds for the ``Retry-After`` header of a 429; None for other statuses."""
+        if self.status != 429:
+            return None
+        return self._retry_after or RETRY_AFTER_BY_CODE.get(self.code, DEFAULT_RETRY_AFTER)
+
+    def wait(self, seconds: float) -> MeshError:
+        """Ask for ``seconds`` (rounded up, at least 1) in this 429's ``Retry-After``; returns self."""
+        self._retry_after = max(1, math.ceil(seconds))
+        return self
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ok": False, "error": self.code, "detail": self.detail}

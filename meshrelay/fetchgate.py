@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 #: outcomes of :meth:`RemoteFetchGate.run` (the ``outcome`` label of the metric)
@@ -52,7 +52,10 @@ class RemoteFetchGate:
         timeout: float | None = None,
         on_outcome: Callable[[str], None] | None = None,
         max_remembered: int = 100_000,
+        log_agg: Any = None,
     ) -> None:
+        #: a meshrelay.logs.Aggregator for the per-fetch failure line (one per minute), or None
+        self.log_agg = log_agg
         self.clock = clock
         self.fetch = fetch
         self.max_concurrent = max_concurrent
@@ -119,7 +122,11 @@ class RemoteFetchGate:
     def _finished(self, result: Any, mailbox: str) -> None:
         if isinstance(result, Failure):
             # Best effort: whatever arrived in time is served; the rest comes by sync.
-            self.log.debug("fetch_remote for a mailbox ended early: {err}", err=result.value)
+            fmt = "fetch_remote for a mailbox ended early: {err}"
+            if self.log_agg is not None:
+                self.log_agg.emit(self.log, "fetch_remote", fmt, LogLevel.debug, err=result.value)
+            else:
+                self.log.debug(fmt, err=result.value)
         self._done_at[mailbox] = self.clock.seconds()
         self._done_at.move_to_end(mailbox)
         for waiter in self._inflight.pop(mailbox, []):

@@ -12,9 +12,12 @@ the lines go; this module decides their shape:
 - ``twistd --logger meshrelay.logs.observer ...`` uses :func:`observer`: stdout,
   in the format the config selects (makeService runs before twistd starts
   logging, so the choice is known by then), or ``$MESHRELAY_LOG_FORMAT``.
-- :class:`Throttle` keeps a flood (a sender hammering a cap, thousands of
-  long-polls refused) to one line per key per interval, with a count of what
-  was folded into it.
+- :class:`Aggregator` keeps a flood of per-request lines (bad peer HMACs,
+  refused requests, a sender hammering a cap, a failing store) to one line per
+  reason per interval: the first event of a quiet reason is logged at once;
+  the ones that follow within ``interval`` are counted, and when the interval
+  ends one line reports how many there were (with the last one's details).
+  Every per-request log line of the node goes through one of these.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import os
 import sys
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, LogEvent, formatEvent, textFileLogObserver
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent, textFileLogObserver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 FORMATS = ("text", "json")
@@ -138,21 +142,115 @@ def observer_for_twistd(fmt: str, twistd_options: Any) -> Any | None:
     return JSONLinesObserver(twistd_destination(twistd_options))
 
 
-class Throttle:
-    """At most one log line per key per ``interval`` seconds (on the injected clock)."""
+class _Window:
+    __slots__ = ("log", "level", "fmt", "fields", "folded", "timer")
 
-    def __init__(self, clock: Any, interval: float = 60.0) -> None:
+    def __init__(self, log: Logger, level: LogLevel, fmt: str, fields: dict[str, Any]) -> None:
+        self.log = log
+        self.level = level
+        self.fmt = fmt
+        self.fields = fields
+        self.folded = 0
+        self.timer: Any = None
+
+
+class Aggregator:
+    """One log line per reason per ``interval`` seconds, with counts (on the injected clock).
+
+    ``emit(log, key, fmt, ...)`` logs at once when ``key`` has been quiet for
+    ``interval``; otherwise it only counts.  When an interval in which events
+    were counted ends, one line says how many (``folded``), formatted with the
+    last event's fields, and a new interval starts; an interval that ends with
+    nothing counted closes quietly.  At most ``max_keys`` reasons are tracked
+    at once; past that, events of new reasons are counted under ``"other"``.
+    Keys must come from code, never from request data.
+    """
+
+    def __init__(self, clock: Any, interval: float = 60.0, max_keys: int = 256) -> None:
         self.clock = clock
         self.interval = interval
-        self._last: dict[str, float] = {}
-        self._folded: dict[str, int] = {}
+        self.max_keys = max_keys
+        self._windows: dict[str, _Window] = {}
+        self.other = 0
 
-    def allow(self, key: str) -> int | None:
-        """None to stay quiet; else the number of events folded since the last line."""
-        now = self.clock.seconds()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._folded[key] = self._folded.get(key, 0) + 1
-            return None
-        self._last[key] = now
-        return self._folded.pop(key, 0)
+    def emit(
+        self,
+        log: Logger,
+        key: str,
+        fmt: str,
+        level: LogLevel = LogLevel.info,
+        failure: Failure | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Log or count one event; True when a line was written now."""
+        window = self._windows.get(key)
+        if window is not None:
+            window.folded += 1
+            window.fields = fields
+            return False
+        if len(self._windows) >= self.max_keys:
+            self.other += 1
+            return False
+        window = _Window(log, level, fmt, fields)
+        self._windows[key] = window
+        window.timer = self.clock.callLater(self.interval, self._close, key)
+        if failure is not None:
+            log.failure(fmt, failure, level, folded=0, aggregated=key, **fields)
+        else:
+            log.emit(level, fmt, folded=0, aggregated=key, **fields)
+        return True
+
+    def _report(self, key: str, window: _Window) -> None:
+        folded, window.folded = window.folded, 0
+        window.log.emit(
+            window.level,
+            window.fmt + " ({folded} more like this in the last {interval:g}s)",
+            folded=folded,
+            interval=self.interval,
+            aggregated=key,
+            **window.fields,
+        )
+
+    def _close(self, key: str) -> None:
+        window = self._windows.get(key)
+        if window is None:
+            return
+        if not window.folded:
+            del self._windows[key]
+            return
+        self._report(key, window)
+        window.timer = self.clock.callLater(self.interval, self._close, key)
+
+    def pending(self, key: str) -> int:
+        """Events of ``key`` counted and not reported yet."""
+        window = self._windows.get(key)
+        return window.folded if window is not None else 0
+
+    def stop(self) -> None:
+        """Report what is counted and cancel the timers (the node is stopping)."""
+        windows, self._windows = self._windows, {}
+        for key, window in windows.items():
+            if window.timer is not None and window.timer.active():
+                window.timer.cancel()
+            if window.folded:
+                self._report(key, window)
+
+
+class AggregatingLogger(Logger):
+    """A :class:`Logger` whose every event goes through an :class:`Aggregator`, keyed by its format.
+
+    For code that logs per operation and has no aggregator of its own (the
+    stores: a failing disk fails every request's write); the node hands its
+    store one of these in place of the store's own logger.
+    """
+
+    def __init__(self, inner: Logger, agg: Aggregator, prefix: str = "") -> None:
+        super().__init__(namespace=inner.namespace, source=inner.source, observer=inner.observer)
+        self._inner = inner
+        self._agg = agg
+        self._prefix = prefix
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
+        failure = kwargs.pop("log_failure", None)
+        fmt = format or ""
+        self._agg.emit(self._inner, self._prefix + fmt, fmt, level, failure, **kwargs)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from meshrelay.config import ConfigError, load_config
+from meshrelay.config import ConfigError, load_config, read_secret_file
 from meshrelay.store import migrations
 from meshrelay.store.sqlite import DB_NAME
 
@@ -354,10 +354,10 @@ def _resolve(args: argparse.Namespace) -> tuple[str, str]:
     dsn: str | None = args.dsn
     if args.to_file:
         try:
-            with open(args.to_file, encoding="utf-8") as fh:
-                dsn = fh.read().strip()
-        except OSError as e:
-            raise MigrationError(f"--to-file: cannot read {args.to_file}: {e.strerror or e}") from None
+            # Same rule as store.dsn_file: refused when group or others may access it.
+            dsn = read_secret_file("--to-file", args.to_file, ".")
+        except ConfigError as e:
+            raise MigrationError(str(e)) from None
     if args.config:
         try:
             cfg = load_config(args.config)

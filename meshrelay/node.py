@@ -20,6 +20,7 @@ from meshrelay.api import ClientAPI
 from meshrelay.config import Config, PeerConfig
 from meshrelay.executor import ThreadExecutor
 from meshrelay.fairness import AddressPolicy
+from meshrelay.logs import AggregatingLogger
 from meshrelay.metrics import Metrics
 from meshrelay.peer_api import PeerAPI
 from meshrelay.peers import PeerAuthenticator
@@ -63,6 +64,10 @@ class Node(Service):
             else Verifier()
         )
         self.relay = Relay(self.store, config, reactor, self.metrics, self.verifier)
+        store_log = getattr(self.store, "log", None)
+        if isinstance(store_log, Logger):
+            # The store logs per operation (a failing disk fails every write): aggregate it too.
+            self.store.log = AggregatingLogger(store_log, self.relay.log_agg, "store:")  # type: ignore[attr-defined]
         # Deposits committed by other processes sharing the store wake our long-polls too.
         self.store.set_wake_callback(self.relay.wake, self.relay.waiting_mailboxes)
         lim = config.limits
@@ -82,7 +87,7 @@ class Node(Service):
         self.peer_limiter = RateLimiter(lim.peer_rate, lim.peer_burst, reactor)
         #: mailbox-filtered changes (a peer's fetch_remote) draw from this budget, not peer_limiter
         self.peer_fetch_limiter = RateLimiter(lim.peer_fetch_rate, lim.peer_fetch_burst, reactor)
-        self.peer_auth = PeerAuthenticator(config, self.store, self.metrics, reactor)
+        self.peer_auth = PeerAuthenticator(config, self.store, self.metrics, reactor, self.relay.log_agg)
         self.peer_api = PeerAPI(
             self.relay, self.peer_auth, limiter=self.peer_limiter, fetch_limiter=self.peer_fetch_limiter
         )
@@ -113,6 +118,7 @@ class Node(Service):
             policy,
             self.deposit_limiter,
             metrics=self.metrics,
+            log_agg=self.relay.log_agg,
         )
 
     def site(self, address_means_nothing: bool | None = None, max_connections: int | None = None) -> MeshSite:
@@ -132,6 +138,7 @@ class Node(Service):
             max_connections=lim.max_connections if max_connections is None else max_connections,
             max_connections_per_address=lim.max_connections_per_address,
             policy=policy,
+            log_agg=self.relay.log_agg,
         )
 
     def startService(self) -> None:
@@ -169,6 +176,7 @@ class Node(Service):
         if self.sweeper.running:
             self.sweeper.stop()
         self.verifier.stop()
+        self.relay.log_agg.stop()
         d = self.store.close() if self.store is not None else succeed(None)
         if self._http_pool is not None:
             pool = self._http_pool

@@ -8,6 +8,7 @@ only ever errs toward serving).  ``rate <= 0`` disables the limiter.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
@@ -53,6 +54,12 @@ class RateLimiter:
         for bucket in buckets:
             bucket[0] -= cost
         return True
+
+    def retry_after(self, cost: float = 1.0) -> int:
+        """Whole seconds after which an empty bucket holds ``cost`` tokens again (a 429's ``Retry-After``)."""
+        if self.rate <= 0:
+            return 1
+        return min(3600, max(1, math.ceil(cost / self.rate)))
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -1,11 +1,20 @@
-"""A bounded nonce replay cache that never lets a replay through.
+"""Nonce replay checks: the store's durable claim decides, a bounded cache only answers early.
 
-Entries live for ``window`` seconds after they are first seen.  When the
-cache is full the oldest entry is dropped and the cache's *watermark* rises to
-that entry's timestamp: from then on a request whose ``ts`` is at or below the
-watermark is refused as ``stale``.  A replay of a dropped nonce carries the
-dropped timestamp, so it is refused too; under a flood the cost is that old
-(but still in-skew) timestamps are refused, never that a replay passes.
+Every poll, count and peer request carries a nonce.  :meth:`ReplayCache.use`
+refuses it as ``replayed`` when this process saw it recently (no store trip);
+otherwise the store's ``claim_nonce`` decides: it records ``(scope, nonce)``
+durably and says whether it was new.  The claim is shared by every process on
+the database and survives restarts, so a replay is refused whether or not the
+cache still remembers it.
+
+The cache holds at most ``max_entries`` keys.  When full, the oldest key is
+forgotten and nothing else happens: eviction never refuses a request, so no
+request (however its ``ts`` is chosen) can make another caller's fresh
+request fail.  (An earlier design raised a "watermark" on eviction and refused
+every ``ts`` below it as ``stale``; a flood stamped ``now + clock_skew`` moved
+the watermark into the future and locked every other caller out.)  The time
+window itself is checked before a nonce is used: the caller's ``ts`` must be
+within ``clock_skew`` of the node's clock.
 """
 
 from __future__ import annotations
@@ -19,16 +28,14 @@ from meshrelay.deferutil import shield
 
 OK = "ok"
 REPLAYED = "replayed"
-STALE = "stale"
 
 
 class ReplayCache:
     def __init__(self, window: int, max_entries: int) -> None:
         self.window = window
         self.max_entries = max_entries
-        #: key -> (expires, ts), in insertion (and so expiry) order
-        self._entries: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()
-        self.watermark = -1
+        #: key -> expiry time, in insertion (and so expiry) order
+        self._entries: OrderedDict[Hashable, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -36,45 +43,36 @@ class ReplayCache:
     def _expire(self, now: float) -> None:
         entries = self._entries
         while entries:
-            key, (expires, _) = next(iter(entries.items()))
+            key, expires = next(iter(entries.items()))
             if expires > now:
                 break
             del entries[key]
 
-    def check(self, key: Hashable, ts: int, now: float) -> str:
-        """Return ``REPLAYED`` or ``STALE`` for a refused key; else ``OK`` (not recorded)."""
-        if ts <= self.watermark:
-            return STALE
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] > now:
+    def check(self, key: Hashable, now: float) -> str:
+        """``REPLAYED`` when ``key`` was recorded within the window; else ``OK`` (not recorded)."""
+        expires = self._entries.get(key)
+        if expires is not None and expires > now:
             return REPLAYED
         return OK
 
-    def add(self, key: Hashable, ts: int, now: float) -> str:
-        """Check ``key`` and, when it passes, record it.  Returns OK/REPLAYED/STALE."""
-        verdict = self.check(key, ts, now)
-        if verdict != OK:
-            return verdict
+    def add(self, key: Hashable, now: float) -> None:
+        """Remember ``key`` for ``window`` seconds; the oldest key is forgotten when full."""
         self._expire(now)
         entries = self._entries
         entries.pop(key, None)
-        entries[key] = (now + self.window, ts)
+        entries[key] = now + self.window
         while len(entries) > self.max_entries:
-            _, (_, dropped_ts) = entries.popitem(last=False)
-            if dropped_ts > self.watermark:
-                self.watermark = dropped_ts
-        return OK
+            entries.popitem(last=False)
 
-    async def use(self, key: Hashable, ts: int, now: Callable[[], float], claim: Callable[[], Deferred[bool]]) -> str:
-        """Use up a nonce: this cache first, then ``claim()`` in the store, then record it here.
+    async def use(self, key: Hashable, now: Callable[[], float], claim: Callable[[], Deferred[bool]]) -> str:
+        """Use up a nonce: ``REPLAYED`` if this cache or the store's ``claim()`` has seen it, else ``OK``.
 
         The store's claim (durable, shared by every process on the database)
-        is what makes a replay fail across restarts and processes; this
-        cache answers most replays without it.  Returns OK/REPLAYED/STALE.
+        is the authority; this cache only saves it the replays it remembers.
         """
-        verdict = self.check(key, ts, now())
-        if verdict != OK:
-            return verdict
+        if self.check(key, now()) != OK:
+            return REPLAYED
         fresh = await shield(claim())
-        verdict = self.add(key, ts, now())
-        return verdict if fresh else REPLAYED
+        # Remember it either way: a replay seen once is likely to come again.
+        self.add(key, now())
+        return OK if fresh else REPLAYED

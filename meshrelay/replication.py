@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import treq
 from treq.client import HTTPClient as TreqHTTPClient
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 
@@ -414,7 +414,14 @@ class PeerClient:
             if count:
                 self._pushed[outcome].inc(count)
         if rejected:
-            self.log.debug("peer {peer} rejected {n} pushed items", peer=self.url, n=rejected)
+            self.relay.log_agg.emit(
+                self.log,
+                "push_rejected:" + self.url,
+                "peer {peer} rejected {n} pushed items",
+                LogLevel.debug,
+                peer=self.url,
+                n=rejected,
+            )
         self.last_push_outcome = "error" if errors else "rejected" if rejected else "ok"
         self.last_push_at = self.clock.seconds()
         self._mark(True)
@@ -625,7 +632,14 @@ class PeerClient:
 
         def failed(f: Failure) -> None:
             if not f.check(CancelledError):
-                self.log.debug("fetch_remote from {peer} failed: {why}", peer=self.url, why=_describe(f))
+                self.relay.log_agg.emit(
+                    self.log,
+                    "fetch_remote:" + self.url,
+                    "fetch_remote from {peer} failed: {why}",
+                    LogLevel.debug,
+                    peer=self.url,
+                    why=_describe(f),
+                )
             return None
 
         d.addErrback(failed)

@@ -18,14 +18,14 @@ from typing import Any
 from klein import Klein
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IAddress
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from meshrelay.envelope import dumps_json, loads_json
-from meshrelay.errors import MeshError, UnsupportedMediaType
+from meshrelay.errors import DEFAULT_RETRY_AFTER, RETRY_AFTER_BY_CODE, MeshError, UnsupportedMediaType
 from meshrelay.fairness import AddressPolicy, request_key
 from meshrelay.store.base import StoreError
 
@@ -51,6 +51,31 @@ _REASONS = {
     500: b"Internal Server Error",
     503: b"Service Unavailable",
 }
+
+
+#: refusals logged where they are decided, with more detail: the relay's "cap hit" lines and
+#: the peer gate's "peer request refused (reason)" lines
+_LOGGED_BY_RELAY = frozenset(("sender_cap", "mailbox_full", "storage_full", "forbidden"))
+
+
+def note_refusal(agg: Any, key: str, fmt: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:
+    """Log a refused or failed request through the node's :class:`~meshrelay.logs.Aggregator`.
+
+    One line per ``key`` per interval, with counts; a plain line when there is
+    no aggregator (a bare resource in a test).
+    """
+    if agg is not None:
+        agg.emit(log, key, fmt, level, **fields)
+    else:
+        log.emit(level, fmt, **fields)
+
+
+def _site_agg(channel: Any) -> Any:
+    return getattr(getattr(channel, "site", None), "log_agg", None)
+
+
+def _shown_path(request: Any) -> str:
+    return repr(request_path(request)[:100].decode("latin-1"))
 
 
 def request_path(request: Any) -> bytes:
@@ -113,6 +138,9 @@ class MeshRequest(server.Request):
         self._refused = True
         site = getattr(self.channel, "site", None)
         metrics = getattr(site, "metrics", None)
+        note_refusal(
+            _site_agg(self.channel), "too_large", "refused 413 too_large: a body over {cap} bytes", cap=self.body_cap
+        )
         if metrics is not None:
             metrics.refused_total.labels("too_large").inc()
             if getattr(self.channel, "_path", b"").split(b"?", 1)[0] == b"/api/mesh/dm/send":
@@ -179,6 +207,9 @@ class MeshChannel(http.HTTPChannel):
 
     def _read_timed_out(self) -> None:
         self._read_deadline = None
+        note_refusal(
+            _site_agg(self), "read_timeout", "refused 408: a request not read whole within {t:g}s", t=self.read_timeout
+        )
         metrics = getattr(self.site, "metrics", None)
         if metrics is not None:
             metrics.refused_total.labels("read_timeout").inc()
@@ -191,6 +222,7 @@ class MeshChannel(http.HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's answer to a request it cannot parse (request line, headers, framing) is a
         # bare 400 with no body; give it the protocol's error shape, then close as Twisted does.
+        note_refusal(_site_agg(self), "bad_http", "refused 400 bad_request: malformed HTTP")
         body = dumps_json(error_body("bad_request", "malformed HTTP request"))
         if self.transport is not None:
             self.transport.write(  # type: ignore[call-arg, misc]
@@ -225,8 +257,11 @@ class MeshSite(server.Site):
         max_connections: int = 10240,
         max_connections_per_address: int = 0,
         policy: AddressPolicy | None = None,
+        log_agg: Any = None,
     ) -> None:
         super().__init__(resource, timeout=timeout, reactor=reactor)
+        #: the node's log aggregator for refusals (meshrelay.logs.Aggregator), or None
+        self.log_agg = log_agg
         # No API takes HTML form posts: skip Twisted's Content-Type parsing of
         # every POST (it builds an email.message each time: tens of microseconds).
         self._parsePOSTFormSubmission = False
@@ -246,6 +281,7 @@ class MeshSite(server.Site):
         self.connections_by_address: dict[str, int] = {}
 
     def _refuse(self, reason: str) -> None:
+        note_refusal(self.log_agg, reason, "refused a connection ({reason})", reason=reason)
         if self.metrics is not None:
             self.metrics.refused_total.labels(reason).inc()
 
@@ -295,9 +331,18 @@ def body_caps_for(max_body_bytes: int, max_replicate_body_bytes: int) -> Callabl
 # ---------------------------------------------------------------------- JSON in and out
 
 
-def json_response(request: Any, status: int, value: Any) -> bytes:
-    """Set status and content type; return the JSON body bytes."""
+def json_response(request: Any, status: int, value: Any, retry_after: int | None = None) -> bytes:
+    """Set status and content type; return the JSON body bytes.
+
+    Every 429 carries ``Retry-After`` (``retry_after`` seconds, else the code's
+    default from :data:`meshrelay.errors.RETRY_AFTER_BY_CODE`).
+    """
     request.setResponseCode(status)
+    if status == 429:
+        if retry_after is None:
+            code = value.get("error") if isinstance(value, dict) else None
+            retry_after = RETRY_AFTER_BY_CODE.get(str(code), DEFAULT_RETRY_AFTER)
+        request.setHeader(b"Retry-After", b"%d" % max(1, retry_after))
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
     return dumps_json(value)
@@ -323,6 +368,18 @@ def _request_failure(args: tuple[Any, ...]) -> tuple[Any, Failure]:
     return args[-2], args[-1]
 
 
+def _owner_agg(args: tuple[Any, ...]) -> Any:
+    """The log aggregator of the API instance that served the request (its own, its relay's, its node's)."""
+    if len(args) < 3:
+        return None
+    owner = args[0]
+    for holder in (owner, getattr(owner, "relay", None), getattr(getattr(owner, "node", None), "relay", None)):
+        agg = getattr(holder, "log_agg", None)
+        if agg is not None:
+            return agg
+    return None
+
+
 def install_error_table(app: Klein) -> None:
     """Register the one exception -> response table on a Klein app."""
 
@@ -333,14 +390,31 @@ def install_error_table(app: Klein) -> None:
         request, failure = _request_failure(args)
         e = failure.value
         assert isinstance(e, MeshError)
-        return json_response(request, e.status, e.body())
+        if e.code not in _LOGGED_BY_RELAY:
+            note_refusal(
+                _owner_agg(args),
+                "refused:" + e.code,
+                "refused {status} {code} on {path}: {detail}",
+                status=e.status,
+                code=e.code,
+                path=_shown_path(request),
+                detail=" ".join(e.detail.split())[:200],
+            )
+        return json_response(request, e.status, e.body(), e.retry_after)
 
     @app.handle_errors(  # type: ignore[arg-type]
         StoreError
     )
     def store_error(*args: Any) -> bytes:
         request, failure = _request_failure(args)
-        log.error("store error while serving {path}: {err}", path=request.path, err=failure.value)
+        note_refusal(
+            _owner_agg(args),
+            "store_error",
+            "store error while serving {path}: {err}",
+            LogLevel.error,
+            path=_shown_path(request),
+            err=failure.value,
+        )
         return json_response(request, 503, error_body("unavailable", "the store is unavailable; retry later"))
 
     @app.handle_errors(  # type: ignore[arg-type]
@@ -348,6 +422,7 @@ def install_error_table(app: Klein) -> None:
     )
     def not_found(*args: Any) -> bytes:
         request, failure = _request_failure(args)
+        note_refusal(_owner_agg(args), "refused:not_found", "refused 404 not_found: {path}", path=_shown_path(request))
         return json_response(request, 404, error_body("not_found", "no such endpoint"))
 
     @app.handle_errors(  # type: ignore[arg-type]
@@ -355,6 +430,12 @@ def install_error_table(app: Klein) -> None:
     )
     def not_allowed(*args: Any) -> bytes:
         request, failure = _request_failure(args)
+        note_refusal(
+            _owner_agg(args),
+            "refused:method_not_allowed",
+            "refused 405 method_not_allowed: {path}",
+            path=_shown_path(request),
+        )
         return json_response(request, 405, error_body("method_not_allowed", "method not allowed here"))
 
     @app.handle_errors(  # type: ignore[arg-type]
@@ -370,7 +451,18 @@ def install_error_table(app: Klein) -> None:
     )
     def internal(*args: Any) -> bytes:
         request, failure = _request_failure(args)
-        log.failure("unexpected error serving {path}", failure, path=request.path)
+        agg = _owner_agg(args)
+        if agg is not None:
+            agg.emit(
+                log,
+                "internal",
+                "unexpected error serving {path}",
+                LogLevel.critical,
+                failure,
+                path=_shown_path(request),
+            )
+        else:
+            log.failure("unexpected error serving {path}", failure, path=_shown_path(request))
         return json_response(request, 500, error_body("internal", "internal error"))
 
 
@@ -413,9 +505,11 @@ class NodeRoot(Resource):
         policy: AddressPolicy | None = None,
         deposit_limiter: Any = None,
         metrics: Any = None,
+        log_agg: Any = None,
     ) -> None:
         super().__init__()
         self.metrics = metrics
+        self.log_agg = log_agg
         self.client = client
         self.peer = peer
         self.client_limiter = client_limiter
@@ -432,7 +526,7 @@ class NodeRoot(Resource):
             return self.client.render(request)
         limiter = self.client_limiter
         if limiter is not None and limiter.enabled and not limiter.allow(key):
-            return self._limited(request, "client_rate", "too many requests from this address")
+            return self._limited(request, "client_rate", "too many requests from this address", limiter.retry_after())
         deposits = self.deposit_limiter
         if (
             deposits is not None
@@ -440,13 +534,25 @@ class NodeRoot(Resource):
             and request_path(request) == SEND_PATH
             and not deposits.allow(key, body_length(request))
         ):
-            return self._limited(request, "deposit_bytes", "too many deposit bytes from this address; slow down")
+            return self._limited(
+                request,
+                "deposit_bytes",
+                "too many deposit bytes from this address; slow down",
+                deposits.retry_after(body_length(request)),
+            )
         return self.client.render(request)
 
-    def _limited(self, request: Any, reason: str, detail: str) -> bytes:
+    def _limited(self, request: Any, reason: str, detail: str, retry_after: int | None = None) -> bytes:
+        note_refusal(
+            self.log_agg,
+            "refused:" + reason,
+            "refused 429 rate_limited ({reason}): {detail}",
+            reason=reason,
+            detail=detail,
+        )
         if self.metrics is not None:
             self.metrics.refused_total.labels(reason).inc()
-        return json_response(request, 429, error_body("rate_limited", detail))
+        return json_response(request, 429, error_body("rate_limited", detail), retry_after)
 
 
 def client_ip(request: Any, trusted_proxies: frozenset[str] = frozenset()) -> str:

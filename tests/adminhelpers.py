@@ -55,7 +55,7 @@ class AdminClient:
         self.http = StubTreq(self.api.resource())
 
     def get(self, path: str) -> tuple[int, dict[bytes, list[bytes]], str]:
-        resp, body = stub_answer(self.http, self.http.get("http://admin.test" + path))
+        resp, body = stub_answer(self.http, self.http.get("http://127.0.0.1:9090" + path))
         headers = dict(resp.headers.getAllRawHeaders())
         return resp.code, headers, body.decode("utf-8")
 

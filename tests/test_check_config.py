@@ -109,11 +109,36 @@ class CheckConfigTests(SynchronousTestCase):
 
     def test_secret_file_relative_to_config(self) -> None:
         """A secret_file is read relative to the config file and never printed."""
-        self.write("s3cret-from-a-file-0123\n", "b.secret")
+        os.chmod(self.write("s3cret-from-a-file-0123\n", "b.secret"), 0o600)
         path = self.write('[[peers]]\nurl = "http://b.test"\nsecret_file = "b.secret"\n')
         code, out, _ = check(path)
         self.assertEqual(code, 0)
         self.assertNotIn("s3cret", out)
+
+    def test_group_or_world_readable_secret_files_are_refused(self) -> None:
+        """check-config refuses a secret_file or dsn_file that group or others may read, in one line, as ssh does."""
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        secret = self.write("s3cret-from-a-file-0123\n", "b.secret")
+        dsn = self.write("postgresql://u:pw@db/x\n", "dsn")
+        cases = [
+            ('[[peers]]\nurl = "http://b.test"\nsecret_file = "b.secret"\n', secret, "peers[0].secret_file"),
+            ('[store]\nbackend = "postgresql"\ndsn_file = "dsn"\n', dsn, "store.dsn_file"),
+        ]
+        for text, file, key in cases:
+            path = self.write(text)
+            for mode in (0o644, 0o640, 0o604, 0o660):
+                os.chmod(file, mode)
+                code, out, err = check(path)
+                self.assertEqual((code, out), (1, ""), mode)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertIn(key, err)
+                self.assertIn(f"mode {mode:04o}", err)
+                self.assertIn(f"chmod 600 {os.path.abspath(file)}", err)
+                self.assertNotIn("s3cret", err)
+                self.assertNotIn("pw@", err)
+            os.chmod(file, 0o600)
+            self.assertEqual(check(path)[0], 0, key)
 
     @pytest.mark.integration
     def test_real_command(self) -> None:

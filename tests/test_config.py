@@ -72,6 +72,7 @@ class ConfigTests(SynchronousTestCase):
             '[[peers]]\nurl = "http://b.test"\nsecret_file = "/nonexistent/secret"\n', "peers[0].secret_file"
         )
         secret = os.path.abspath(self.write("0123456789abcdef0123\n"))
+        os.chmod(secret, 0o600)
         cfg = load_config(self.write(f'[[peers]]\nurl = "HTTP://B.test:80/"\nsecret_file = "{secret}"\n'))
         self.assertEqual(cfg.peers[0].url, "http://b.test")
         self.assertEqual(cfg.peers[0].secret, "0123456789abcdef0123")

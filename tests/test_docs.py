@@ -83,6 +83,7 @@ class ConfigDocsTests(SynchronousTestCase):
         os.makedirs(d)
         with open(os.path.join(d, "peer-b.secret"), "w") as fh:
             fh.write("a-long-enough-secret\n")
+        os.chmod(os.path.join(d, "peer-b.secret"), 0o600)
         text = read(EXAMPLE_TOML)
         text = re.sub(r"(?m)^#(\[\[peers\]\]|url = |connect = )", r"\1", text)
         text = text.replace("#secret_file = ", "secret_file = ").replace(

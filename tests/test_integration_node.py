@@ -377,6 +377,7 @@ class CommandLineTests(SynchronousTestCase):
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as fh:
             fh.write("short\n")
+        os.chmod(path, 0o600)
         line = self.run_bad({"peers": [{"url": "http://127.0.0.1:1", "secret_file": path}]})
         self.assertNames(line, "peers[0].secret_file")
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from twisted.application.service import Application
-from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -131,17 +130,6 @@ class TwistdWiringTests(SynchronousTestCase):
 
 
 class CapLogTests(SynchronousTestCase):
-    def test_throttle_folds_repeats(self) -> None:
-        """A throttle allows one line per key per interval and counts the folded ones."""
-        clock = Clock()
-        t = logs.Throttle(clock, 60)
-        self.assertEqual(t.allow("a"), 0)
-        self.assertIsNone(t.allow("a"))
-        self.assertIsNone(t.allow("a"))
-        self.assertEqual(t.allow("b"), 0)
-        clock.advance(60)
-        self.assertEqual(t.allow("a"), 2)
-
     def test_cap_hits_are_logged_once_a_minute(self) -> None:
         """Hitting the per-sender cap logs one 'cap hit' line, then one a minute with a count."""
         mem = MemNode(self.mktemp(), per_sender_pending=1)

@@ -161,6 +161,7 @@ class MigrateStoreTests(SynchronousTestCase):
         os.makedirs(conf_dir)
         with open(os.path.join(conf_dir, "dsn"), "w") as fh:
             fh.write(self.dsn + "\n")
+        os.chmod(os.path.join(conf_dir, "dsn"), 0o600)
         path = os.path.join(conf_dir, "meshrelay.toml")
         with open(path, "w") as fh:
             fh.write(
@@ -188,6 +189,19 @@ class MigrateCommandLineTests(SynchronousTestCase):
         code, _, err = run_main("--from", self.mktemp())
         self.assertEqual(code, 1)
         self.assertIn("give --to DSN", err)
+
+    def test_open_dsn_file_is_refused(self) -> None:
+        """--to-file refuses a DSN file that group or others may access, in one line, like store.dsn_file."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as fh:
+            fh.write("postgresql://u:pw@127.0.0.1:1/x\n")
+        os.chmod(path, 0o644)
+        code, _, err = run_main("--from", self.mktemp(), "--to-file", path)
+        self.assertEqual(code, 1)
+        self.assertEqual(err.count("\n"), 1)
+        self.assertIn("--to-file", err)
+        self.assertIn(f"chmod 600 {path}", err)
+        self.assertNotIn("pw@", err)
 
     @pytest.mark.integration
     def test_runs_as_a_module(self) -> None:

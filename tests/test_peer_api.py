@@ -627,3 +627,30 @@ class BodyCapTests(PeerAPITestCase):
             out = self.exchange(self.request_bytes(data, chunked=chunked))
             self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out[:200])
             self.assertIn(b'"accepted"', out)
+
+
+class PeerNonceLockoutTests(PeerAPITestCase):
+    """Issue 10 item 2, peers: one peer's future-stamped flood cannot lock the other peers out."""
+
+    limits = {"max_nonces": 100}
+
+    def flood(self, n: int = 150) -> None:
+        for _ in range(n):
+            self.assertEqual(self.peer("GET", CHANGES, ts=self.now() + 300)[0], 200)
+
+    def test_future_stamped_flood_does_not_lock_out_another_peer(self) -> None:
+        """After 1.5x max_nonces requests from B stamped now+clock_skew, C's (and B's) in-window requests pass."""
+        self.flood()
+        self.assertEqual(self.peer("GET", CHANGES, caller=C_URL, secret=SECRET_C)[0], 200)
+        self.assertEqual(self.peer("GET", CHANGES, caller=C_URL, secret=SECRET_C, ts=self.now() - 100)[0], 200)
+        self.assertEqual(self.peer("GET", CHANGES)[0], 200)
+        self.assertEqual(self.failures("stale"), 0.0)
+
+    def test_replay_is_refused_after_the_cache_forgot_it(self) -> None:
+        """A peer request replayed after its nonce left the in-memory cache is refused by the store's claim."""
+        hdrs = self.signed_headers("GET", CHANGES, b"", caller=C_URL, secret=SECRET_C)
+        self.assertEqual(self.node.request("GET", CHANGES, raw=b"", headers=hdrs)[0], 200)
+        self.flood()
+        status, body = self.node.request("GET", CHANGES, raw=b"", headers=hdrs)
+        self.assertEqual((status, body["error"]), (403, "forbidden"))
+        self.assertEqual(self.failures("replayed"), 1.0)

@@ -163,3 +163,54 @@ class WriterProcessTests(TestCase):
         reopened = SQLiteStore(self.dir, self.caps)
         self.assertEqual(reopened.stats().envelopes, 20)
         reopened._wconn.close()
+
+
+class WriterIsolationTests(TestCase):
+    """Issue 10 item 6: the writer child imports only the real package, and writes private files."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        self.caps = Caps(per_sender_pending=2, per_mailbox_pending=10, max_stored_bytes=1 << 20)
+
+    def open_store(self, data_dir: str) -> SQLiteStore:
+        writer = ProcessWriter(reactor, os.path.join(data_dir, DB_NAME), "normal", self.caps)
+        store = SQLiteStore(data_dir, self.caps, writer_process=writer)
+        store.start()
+        self.addCleanup(store.close)
+        return store
+
+    @inlineCallbacks
+    def test_bogus_package_in_the_working_directory_is_not_imported(self) -> Any:
+        """A meshrelay/ package in the cwd is not imported by the writer child; its writes still commit."""
+        cwd = os.path.join(self.base, "cwd")
+        marker = os.path.join(self.base, "imported-from-cwd")
+        os.makedirs(os.path.join(cwd, "meshrelay", "store"))
+        with open(os.path.join(cwd, "meshrelay", "__init__.py"), "w") as fh:
+            fh.write(f"open({marker!r}, 'w').close()\nraise ImportError('bogus meshrelay from the cwd')\n")
+        open(os.path.join(cwd, "meshrelay", "store", "__init__.py"), "w").close()
+        old = os.getcwd()
+        os.chdir(cwd)
+        self.addCleanup(os.chdir, old)
+        store = self.open_store(os.path.join(self.base, "data"))
+        fresh = yield store.claim_nonce("poll:x", "n1", int(time.time()) + 600)
+        self.assertTrue(fresh)
+        self.assertFalse(os.path.exists(marker))
+
+    @inlineCallbacks
+    def test_data_directory_and_files_are_private_whatever_the_umask(self) -> Any:
+        """With umask 000 the data dir is 0700 and the database, -wal and -shm the child writes are 0600."""
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        data_dir = os.path.join(self.base, "data")
+        store = self.open_store(data_dir)
+        env = E.parse_envelope(Identity().envelope(Identity(), b"x", ts=int(time.time())), 8192)
+        result = yield store.add_envelope(env, int(time.time()))
+        self.assertEqual(result.status, "accepted")
+        self.assertEqual(os.stat(data_dir).st_mode & 0o777, 0o700)
+        names = sorted(os.listdir(data_dir))
+        self.assertIn(DB_NAME + "-wal", names)
+        for name in names:
+            self.assertEqual(os.stat(os.path.join(data_dir, name)).st_mode & 0o777, 0o600, name)

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 from meshrelay.envelope import Envelope, SignedAck, dumps_json, verify_signature
 from meshrelay.executor import Executor, InlineExecutor
+from meshrelay.filemodes import private_dir, private_file
 from meshrelay.store import migrations
 from meshrelay.store.base import (
     ACCEPTED,
@@ -436,7 +437,10 @@ class SQLiteStore:
         self._metrics = metrics
         self._durability = durability
         try:
-            os.makedirs(data_dir, exist_ok=True)
+            # 0700 directory, 0600 files whatever the umask (SQLite gives -wal/-shm the database's mode).
+            private_dir(data_dir)
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                private_file(self.path + suffix, create=not suffix)
             self._wconn = _connect(self.path, durability)
             self.migrated_from = migrate(self._wconn)
             self.feed_id = _meta_get(self._wconn, "feed_id") or ""

@@ -49,6 +49,30 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(meshrelay.__file__)))
 
 
+#: the child's ``-c`` program: its import path is exactly the one it is given (argv[1]), then child_main
+_BOOTSTRAP = (
+    "import sys; sys.path[:] = [p for p in sys.argv.pop(1).split({sep!r}) if p]; "
+    "from meshrelay.store.writer_process import child_main; sys.exit(child_main(sys.argv[1:]))"
+)
+
+
+def child_import_path() -> list[str]:
+    """The child's ``sys.path``: this package's root, then this process's absolute entries but the cwd.
+
+    The child runs ``python -I`` (no ``PYTHON*`` variables, no user site, no
+    script directory or cwd on the path), so a ``meshrelay/`` directory in the
+    working directory is never imported in place of the real package; the
+    path is handed over explicitly so it finds what this process found.
+    """
+    root = _package_root()
+    cwd = os.getcwd()
+    path = [root]
+    for entry in sys.path:
+        if entry and os.path.isabs(entry) and entry not in path and (entry != cwd or entry == root):
+            path.append(entry)
+    return path
+
+
 class _WriterProtocol(ProcessProtocol):
     def __init__(self, owner: ProcessWriter) -> None:
         self.owner = owner
@@ -83,8 +107,10 @@ class ProcessWriter:
         self.reactor = reactor
         self.argv = [
             sys.executable,
-            "-m",
-            "meshrelay.store.writer_process",
+            "-I",
+            "-c",
+            _BOOTSTRAP.format(sep=os.pathsep),
+            os.pathsep.join(child_import_path()),
             path,
             durability,
             str(caps.per_sender_pending),
@@ -107,11 +133,10 @@ class ProcessWriter:
             self._spawn()
 
     def _spawn(self) -> None:
-        env = dict(os.environ)
-        root = _package_root()
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         proto = _WriterProtocol(self)
-        self.reactor.spawnProcess(proto, sys.executable, self.argv, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        self.reactor.spawnProcess(
+            proto, sys.executable, self.argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"}
+        )
         self._proto = proto
         self.spawned += 1
         self.log.info("store writer process started (pid {pid})", pid=self.pid)
