@@ -13,9 +13,10 @@ from typing import Any
 
 from klein import Klein
 
-from meshrelay.envelope import KEY_LEN, MAX_INT, RawJSON, b64u_decode, require_object
+from meshrelay.envelope import KEY_LEN, MAX_INT, RawJSON, b64u_decode, require_object, strip_v3_fields
 from meshrelay.errors import BadRequest
 from meshrelay.peers import PeerAuthenticator, peer_route
+from meshrelay.policy_sync import MAX_POLICIES, POLICIES_PATH, policies_page
 from meshrelay.relay import Relay
 from meshrelay.web import (
     ACK_PATH,
@@ -101,6 +102,39 @@ def parse_changes_query(args: dict[bytes, list[bytes]]) -> tuple[int, int, str |
     return since, limit, mailbox
 
 
+def split_ext(args: dict[bytes, list[bytes]]) -> tuple[dict[bytes, list[bytes]], bool]:
+    """Take the v3 ``ext=1`` parameter off a query (envelopes with their permit and stamp); 400 otherwise."""
+    if b"ext" not in args:
+        return args, False
+    if args[b"ext"] != [b"1"]:
+        raise BadRequest("ext must be 1")
+    return {k: v for k, v in args.items() if k != b"ext"}, True
+
+
+def v3_body(kind: str, body: str, ext: bool) -> str:
+    """A feed item's text for a caller: envelopes lose ``permit``/``stamp`` unless it speaks v3 (12.5)."""
+    return body if ext or kind != "envelope" else strip_v3_fields(body)
+
+
+def parse_policy_feed_query(args: dict[bytes, list[bytes]]) -> tuple[int, int]:
+    """``since`` and ``limit`` of a policy feed read (v3); anything else is 400."""
+    unknown = set(args) - {b"since", b"limit"}
+    if unknown:
+        raise BadRequest("unknown query parameter(s): " + ", ".join(sorted(u.decode("latin-1") for u in unknown)))
+    since, limit = 0, MAX_POLICIES
+    raw_since = _query_param(args, b"since")
+    if raw_since is not None:
+        if _UINT_RE.fullmatch(raw_since) is None or int(raw_since) > MAX_INT:
+            raise BadRequest("since must be a non-negative integer")
+        since = int(raw_since)
+    raw_limit = _query_param(args, b"limit")
+    if raw_limit is not None:
+        if _UINT_RE.fullmatch(raw_limit) is None or not 1 <= int(raw_limit) <= MAX_POLICIES:
+            raise BadRequest(f"limit must be an integer in [1, {MAX_POLICIES}]")
+        limit = int(raw_limit)
+    return since, limit
+
+
 class PeerAPI:
     """Routes of the public listener that peers call (HMAC-gated)."""
 
@@ -139,9 +173,25 @@ class PeerAPI:
 
     @peer_route(app, CHANGES_PATH, ["GET"])
     async def changes(self, request: Any, peer: str) -> bytes:
-        since, limit, mailbox = parse_changes_query(request.args)
+        args, ext = split_ext(request.args)
+        since, limit, mailbox = parse_changes_query(args)
         page = await self.relay.changes(since, limit, mailbox)
-        items = [{"seq": item.seq, item.kind: RawJSON(item.body)} for item in page.items]
+        # Envelopes keep their v3 fields only for a caller that asked (ext=1, a v3 puller).
+        items = [{"seq": item.seq, item.kind: RawJSON(v3_body(item.kind, item.body, ext))} for item in page.items]
         return json_response(
             request, 200, {"ok": True, "feed": page.feed, "items": items, "next": page.next, "more": page.more}
         )
+
+    @peer_route(app, POLICIES_PATH, ["POST"])
+    async def push_policies(self, request: Any, peer: str) -> bytes:
+        """Signed mailbox policies from a peer (v3, 12.5): one result each."""
+        policies = _item_list(read_json(request), "policies")
+        results = await self.relay.accept_policies(policies) if policies else []
+        return json_response(request, 200, {"ok": True, "results": results})
+
+    @peer_route(app, POLICIES_PATH, ["GET"])
+    async def policy_feed(self, request: Any, peer: str) -> bytes:
+        """This node's policy feed (v3, 12.5): the newest policy of each mailbox, by pseq."""
+        since, limit = parse_policy_feed_query(request.args)
+        rows = await self.relay.policy_feed(since, limit + 1)
+        return json_response(request, 200, policies_page(rows, since, limit))

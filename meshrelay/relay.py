@@ -622,6 +622,10 @@ class Relay:
             self.policies.put(policy)  # keeps the newer one: put orders them
         return status
 
+    def policy_feed(self, since: int, limit: int) -> Deferred[list[tuple[int, str]]]:
+        """This node's policy feed for peers: ``(pseq, body)`` after ``since`` (v3, 12.5)."""
+        return shield(self.store.policies_since(since, limit))  # type: ignore[attr-defined]
+
     def accept_policies(self, objs: list[Any]) -> Deferred[list[dict[str, Any]]]:
         """Signed policies from a peer (push or sync): one result each; never pushed on."""
         return _run(self._accept_policies(objs))

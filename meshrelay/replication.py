@@ -51,6 +51,7 @@ from meshrelay.envelope import MAX_INT, dumps_json, loads_json
 from meshrelay.metrics import Metrics
 from meshrelay.peer_api import MAX_BATCH, MAX_CHANGES_LIMIT
 from meshrelay.peers import PeerSigner, url_path
+from meshrelay.policy_sync import PolicyPeer
 from meshrelay.relay import Relay
 from meshrelay.store.base import Cursor, Store, StoreError
 from meshrelay.web import ACK_PATH, CHANGES_PATH, REPLICATE_PATH
@@ -206,6 +207,8 @@ class PeerClient:
         self.last_push_at: float | None = None
         self.last_sync_outcome: str | None = None
         self.last_sync_at: float | None = None
+        #: v3: this peer's policy push and pull (set by Replication)
+        self.policy_peer: PolicyPeer | None = None
         self.reachable: bool | None = None
         self._stopped = True
         self._outstanding: set[Deferred[Any]] = set()
@@ -593,6 +596,8 @@ class PeerClient:
     async def _pull(self, since: int, limit: int, mailbox: str | None = None) -> Page:
         """GET one changes page; counts ``sync_pull_total`` (ok/error)."""
         query = f"since={since}&limit={limit}" + (f"&mailbox={mailbox}" if mailbox else "")
+        if self.policy_peer is not None and self.policy_peer.speaks_v3:
+            query += "&ext=1"  # v3: envelopes with their permit and stamp
         try:
             status, body = await self._request("GET", CHANGES_PATH, query, cap=self.max_page_response)
             if status != 200:
@@ -674,6 +679,9 @@ class Replication:
         self.peers = [
             PeerClient(p, config, relay, store, metrics, client_factory(p), clock, self.holder) for p in config.peers
         ]
+        # v3: each peer's policy push and pull, over that peer's signed transport.
+        for peer in self.peers:
+            peer.policy_peer = PolicyPeer(peer.url, peer._request, relay, clock, config.sync.interval)
         self.running = False
 
     def start(self) -> None:
@@ -683,8 +691,11 @@ class Replication:
         self.relay.envelope_listeners.append(self._on_envelope)
         self.relay.ack_listeners.append(self._on_ack)
         self.relay.remote_fetch = self.fetch_remote
+        self.relay.policy_listeners.append(self._on_policy)
         for peer in self.peers:
             peer.start()
+            if peer.policy_peer is not None:
+                peer.policy_peer.start()
 
     def stop(self) -> None:
         if not self.running:
@@ -696,13 +707,25 @@ class Replication:
             self.relay.ack_listeners.remove(self._on_ack)
         if self.relay.remote_fetch == self.fetch_remote:
             self.relay.remote_fetch = None
+        if self._on_policy in self.relay.policy_listeners:
+            self.relay.policy_listeners.remove(self._on_policy)
         for peer in self.peers:
             peer.stop()
+            if peer.policy_peer is not None:
+                peer.policy_peer.stop()
 
     def _on_envelope(self, env: Any) -> None:
         text = env.raw
+        # v3 (12.5): permit and stamp go only to peers that speak v3; the others get the v1 text.
+        v1_text = env.raw_v1
         for peer in self.peers:
-            peer.enqueue(ENVELOPE, text)
+            v3 = peer.policy_peer is not None and peer.policy_peer.speaks_v3
+            peer.enqueue(ENVELOPE, text if v3 else v1_text)
+
+    def _on_policy(self, policy: Any) -> None:
+        for peer in self.peers:
+            if peer.policy_peer is not None:
+                peer.policy_peer.push(policy)
 
     def _on_ack(self, ack: Any) -> None:
         text = dumps_json(ack.to_json()).decode("utf-8")

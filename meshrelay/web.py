@@ -36,7 +36,9 @@ log = Logger()
 REPLICATE_PATH = "/api/mesh/dm/replicate-envelope"
 ACK_PATH = "/api/mesh/dm/ack"
 CHANGES_PATH = "/api/mesh/dm/changes"
-PEER_PATHS = frozenset(p.encode() for p in (REPLICATE_PATH, ACK_PATH, CHANGES_PATH))
+#: protocol v3: mailbox policies between peers (meshrelay.policy_sync)
+POLICIES_PATH = "/api/mesh/dm/policies"
+PEER_PATHS = frozenset(p.encode() for p in (REPLICATE_PATH, ACK_PATH, CHANGES_PATH, POLICIES_PATH))
 
 _REASONS = {
     400: b"Bad Request",

@@ -16,7 +16,12 @@ BITS = 4
 
 
 class MeshCase(SynchronousTestCase):
-    limits: dict[str, Any] = {"per_mailbox_pending": 40, "per_sender_pending": 40}
+    limits: dict[str, Any] = {
+        "per_mailbox_pending": 40,
+        "per_sender_pending": 40,
+        "client_rate": 0,
+        "deposit_bytes_rate": 0,
+    }
 
     def setUp(self) -> None:
         self.mesh = Mesh(self.mktemp(), limits=self.limits)

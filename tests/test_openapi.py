@@ -47,6 +47,7 @@ SECRET_B = "secret-of-the-a-b-link-for-openapi"
 SEND = "/api/mesh/dm/send"
 POLL = "/api/mesh/dm/poll"
 POLICY = "/api/mesh/dm/policy"
+POLICIES = "/api/mesh/dm/policies"
 COUNT = "/api/mesh/dm/count"
 HEALTH = "/api/mesh/health"
 REPLICATE = "/api/mesh/dm/replicate-envelope"
@@ -554,6 +555,32 @@ class RealAnswersTests(SynchronousTestCase):
         self._peer_gate_answers(ACK, "POST", {"acks": []})
         self.assert_all_seen(ACK, "POST")
         self.assertEqual(self.items["AckItemResult"], documented_items(self.spec, "AckItemResult"))
+
+    def test_policies_peer_routes(self) -> None:
+        """Every documented answer of the v3 policy push and policy feed is real and matches its schema."""
+        n = self.node()
+        now = self.now(n)
+        owner = Identity()
+        pol = P.make_policy(owner.key, version=2, mode="contacts", ts=now)
+        old = P.make_policy(owner.key, version=1, mode="open", ts=now)
+        status, answer = self.call(n, "POST", POLICIES, {"policies": [pol, pol, old, {"x": 1}]})
+        self.assertEqual(status, 200)
+        self.assertEqual(
+            [(r["status"], r.get("error")) for r in answer["results"]],
+            [("accepted", None), ("duplicate", None), ("rejected", "stale_policy"), ("rejected", "bad_policy")],
+        )
+        self.assertEqual(self.call(n, "POST", POLICIES, raw=b"{")[1]["error"], "bad_json")
+        self.assertEqual(self.call(n, "POST", POLICIES, {"policy": []})[1]["error"], "bad_request")
+        self.assertEqual(
+            self.call(n, "POST", POLICIES, {"policies": []}, ctype="text/plain")[1]["error"], "unsupported_media_type"
+        )
+        self._peer_gate_answers(POLICIES, "POST", {"policies": []})
+        self.assert_all_seen(POLICIES, "POST")
+        status, page = self.call(n, "GET", POLICIES + "?since=0&limit=10")
+        self.assertEqual((status, [i["policy"] for i in page["items"]], page["more"]), (200, [pol], False))
+        self.assertEqual(self.call(n, "GET", POLICIES + "?since=x")[1]["error"], "bad_request")
+        self._peer_gate_answers(POLICIES, "GET", None)
+        self.assert_all_seen(POLICIES, "GET")
 
     def test_changes(self) -> None:
         """Every documented answer of changes is real and matches its schema, items of both kinds included."""
