@@ -18,8 +18,10 @@ from twisted.web.resource import Resource
 from meshrelay import __version__
 from meshrelay.api import ClientAPI
 from meshrelay.config import Config, PeerConfig
+from meshrelay.cors import CorsPolicy, CorsResource
 from meshrelay.executor import ThreadExecutor
 from meshrelay.fairness import AddressPolicy
+from meshrelay.inbox import InboxResource
 from meshrelay.metrics import Metrics
 from meshrelay.peer_api import PeerAPI
 from meshrelay.peers import PeerAuthenticator
@@ -106,14 +108,19 @@ class Node(Service):
         policy = self.address_policy
         if address_means_nothing is not None:
             policy = policy.with_address_meaning_nothing(address_means_nothing)
-        return NodeRoot(
-            self.client_api.resource(),
+        client: Resource = self.client_api.resource()
+        if self.config.web.inbox_dir:
+            client = InboxResource(self.config.web.inbox_dir, client)
+        root = NodeRoot(
+            client,
             self.peer_resource,
             self.client_limiter,
             policy,
             self.deposit_limiter,
             metrics=self.metrics,
         )
+        # CORS wraps the whole root so that the per-address 429s carry it too (client routes only).
+        return CorsResource(root, CorsPolicy(self.config.web.cors_origins))
 
     def site(self, address_means_nothing: bool | None = None, max_connections: int | None = None) -> MeshSite:
         """A public listener's site; by default the one of ``node.listen``."""
