@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import threading
+import time
 from typing import Any
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay.config import ConfigError, build_config, load_config
 from meshrelay.cors import CorsPolicy, normalize_origin
+from tests.harness import NodeProcess
 from tests.helpers import Identity, MemNode, make_config, stub_answer
 
 PAGE = "https://inbox.example"
@@ -279,3 +284,48 @@ class InboxTests(SynchronousTestCase):
         self.addCleanup(n.stop)
         self.assertEqual(answer(n, "GET", "/inbox/")[0], 404)
         self.assertEqual(make_config(self.mktemp()).web.inbox_dir, "")
+
+
+@pytest.mark.integration
+class RealNodeCorsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        base = os.path.abspath(self.mktemp())
+        inbox = os.path.join(base, "inbox")
+        os.makedirs(inbox)
+        with open(os.path.join(inbox, "index.html"), "w") as fh:
+            fh.write("<!doctype html><title>inbox</title>")
+        self.node = NodeProcess(base, "n", config={"web": {"inbox_dir": inbox}}).start()
+        self.addCleanup(self.node.stop)
+
+    def test_preflight_long_poll_and_inbox_over_real_sockets(self) -> None:
+        """On a real twistd node: a preflight, a cross-origin long-poll woken by a deposit, and /inbox/."""
+        status, body = self.node.request(
+            "OPTIONS", "/api/mesh/dm/poll", headers={"Origin": PAGE, "Access-Control-Request-Method": "POST"}
+        )
+        self.assertEqual((status, body), (204, b""))
+        alice, bob = Identity(), Identity()
+        result: list[Any] = []
+        conn = http.client.HTTPConnection("127.0.0.1", self.node.port, timeout=60)
+        self.addCleanup(conn.close)
+        conn.request(
+            "POST",
+            "/api/mesh/dm/poll",
+            body=json.dumps(bob.poll_body(ts=int(time.time()), wait=30)),
+            headers={"Content-Type": "application/json", "Origin": PAGE},
+        )
+        waiter = threading.Thread(target=lambda: result.append(conn.getresponse()))
+        waiter.start()
+        # The poll waits (the node's gauge says so) until the deposit wakes it.
+        for _ in range(3000):
+            if self.node.metric("meshrelay_waiting_polls") >= 1:
+                break
+            time.sleep(0.02)
+        self.assertEqual(self.node.metric("meshrelay_waiting_polls"), 1)
+        self.assertEqual(self.node.send(alice.envelope(bob, ts=int(time.time())))[0], 200)
+        waiter.join(60)
+        resp = result[0]
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.getheader("Access-Control-Allow-Origin"), "*")
+        self.assertEqual(len(json.loads(resp.read())["messages"]), 1)
+        status, page = self.node.request("GET", "/inbox/")
+        self.assertEqual((status, page), (200, b"<!doctype html><title>inbox</title>"))
