@@ -153,6 +153,16 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """What web pages get from the public listener: CORS on the client API, the browser inbox."""
+
+    #: origins whose pages may call the client API: "*" (any), comma-separated origins, or "" (none)
+    cors_origins: str = "*"
+    #: a directory holding the built browser inbox (clients/web/dist), served at /inbox/; "" = off
+    inbox_dir: str = ""
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     url: str
     secret: str = field(default="", repr=False)
@@ -176,6 +186,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     peers: tuple[PeerConfig, ...] = ()
     #: public listeners besides node.listen
     listeners: tuple[ListenerConfig, ...] = ()
@@ -191,6 +202,7 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitsConfig,
     "store": StoreConfig,
     "sync": SyncConfig,
+    "web": WebConfig,
 }
 
 #: command-line option -> (section, key)
@@ -364,7 +376,25 @@ def _cross_check(cfg: Config, base_dir: str) -> Config:
         cfg = cfg.replace(store=dataclasses.replace(store, dsn=dsn, dsn_file=""))
     if cfg.store.backend == "postgresql" and not cfg.store.dsn:
         raise ConfigError("store.dsn: required when store.backend is 'postgresql'")
-    return cfg
+    return _check_web(cfg, base_dir)
+
+
+def _check_web(cfg: Config, base_dir: str) -> Config:
+    """``[web]``: the origins parse; ``inbox_dir`` is a directory with an index.html (made absolute)."""
+    from meshrelay.cors import CorsPolicy
+
+    try:
+        CorsPolicy(cfg.web.cors_origins)
+    except ValueError as e:
+        raise ConfigError(f"web.cors_origins: {e}") from None
+    if not cfg.web.inbox_dir:
+        return cfg
+    path = os.path.abspath(os.path.join(base_dir, os.path.expanduser(cfg.web.inbox_dir)))
+    if not os.path.isfile(os.path.join(path, "index.html")):
+        raise ConfigError(
+            f"web.inbox_dir: no index.html in {path} (build the inbox: cd clients/web && npm ci && npm run build)"
+        )
+    return cfg.replace(web=dataclasses.replace(cfg.web, inbox_dir=path))
 
 
 def load_config(path: str | None = None, overrides: dict[str, str] | None = None) -> Config:

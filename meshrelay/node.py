@@ -18,8 +18,10 @@ from twisted.web.resource import Resource
 from meshrelay import __version__
 from meshrelay.api import ClientAPI
 from meshrelay.config import Config, PeerConfig
+from meshrelay.cors import CorsPolicy, CorsResource
 from meshrelay.executor import ThreadExecutor
 from meshrelay.fairness import AddressPolicy
+from meshrelay.inbox import InboxResource
 from meshrelay.logs import AggregatingLogger
 from meshrelay.metrics import Metrics
 from meshrelay.peer_api import PeerAPI
@@ -111,8 +113,11 @@ class Node(Service):
         policy = self.address_policy
         if address_means_nothing is not None:
             policy = policy.with_address_meaning_nothing(address_means_nothing)
-        return NodeRoot(
-            self.client_api.resource(),
+        client: Resource = self.client_api.resource()
+        if self.config.web.inbox_dir:
+            client = InboxResource(self.config.web.inbox_dir, client)
+        root = NodeRoot(
+            client,
             self.peer_resource,
             self.client_limiter,
             policy,
@@ -120,6 +125,8 @@ class Node(Service):
             metrics=self.metrics,
             log_agg=self.relay.log_agg,
         )
+        # CORS wraps the whole root so that the per-address 429s carry it too (client routes only).
+        return CorsResource(root, CorsPolicy(self.config.web.cors_origins))
 
     def site(self, address_means_nothing: bool | None = None, max_connections: int | None = None) -> MeshSite:
         """A public listener's site; by default the one of ``node.listen``."""

@@ -149,10 +149,14 @@ class MeshRequest(server.Request):
                 # An oversize deposit is a deposit outcome too (PROTOCOL.md section 6).
                 metrics.deposit_total.labels("oversize").inc()
         body = dumps_json({"ok": False, "error": "too_large", "detail": f"request body over {self.body_cap} bytes"})
+        from meshrelay.cors import raw_headers
+
+        path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
         head = (
             b"HTTP/1.1 413 Request Entity Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+            b"Content-Type: application/json\r\n%s"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+            % (raw_headers(site, path, self.getHeader(b"origin")), len(body))
         )
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.write(head + body)  # type: ignore[call-arg, misc]

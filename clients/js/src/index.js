@@ -1,0 +1,6 @@
+// meshrelay-client: a JavaScript client for meshrelay nodes (browsers and Node 20+).
+export * from "./encoding.js";
+export * from "./errors.js";
+export * from "./identity.js";
+export { NodeClient, parseRetryAfter, sleep } from "./client.js";
+export * as extensions from "./extensions.js";
