@@ -9,6 +9,7 @@ on the test thread, and every Deferred has fired by the time it is checked.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from meshrelay.store.base import (
     MAILBOX_FULL,
     SENDER_CAP,
     STORAGE_FULL,
+    STRANGER_FULL,
     AckResult,
     AddResult,
     Caps,
@@ -506,7 +508,52 @@ class StoreBehaviour:
         self.failureResultOf(store.add_envelope(make_env(Identity(), Identity()), T0), StoreError)
 
 
-class SQLiteStoreTests(StoreBehaviour, SynchronousTestCase):
+class FirstContactStoreBehaviour(StoreBehaviour):
+    """Protocol v3 in the store: two buckets per mailbox, the dedup upgrade, policies (both backends)."""
+
+    def test_buckets_are_counted_apart(self) -> None:
+        """Strangers stop at their cap (stranger_full), contacts at per_mailbox_pending, neither takes the other's room."""
+        store = self.make_store(Caps(per_mailbox_pending=3, per_sender_pending=10))
+        bob, friend = Identity(), Identity()
+        stranger = [dataclasses.replace(make_env(Identity(), bob, b"s%d" % i), stranger_cap=2) for i in range(3)]
+        self.assertEqual([self.add(store, e).status for e in stranger], [ACCEPTED, ACCEPTED, STRANGER_FULL])
+        contact = [dataclasses.replace(make_env(friend, bob, b"c%d" % i), contact=True) for i in range(4)]
+        self.assertEqual([self.add(store, e).status for e in contact], [ACCEPTED] * 3 + [MAILBOX_FULL])
+        # Without a policy a stranger meets the v1 cap (and the v1 answer) at per_mailbox_pending.
+        plain = [make_env(Identity(), bob, b"p%d" % i) for i in range(2)]
+        self.assertEqual([self.add(store, e).status for e in plain], [ACCEPTED, MAILBOX_FULL])
+
+    def test_contact_copy_upgrades_a_stranger_copy(self) -> None:
+        """The same envelope arriving with a permit turns the stored stranger copy into contact mail, once."""
+        store = self.make_store(Caps(per_mailbox_pending=1, per_sender_pending=10))
+        bob, friend = Identity(), Identity()
+        env = make_env(friend, bob)
+        self.assertEqual(self.add(store, env).status, ACCEPTED)
+        suffix = ',"stamp":"AAAAAAAAAAA"'
+        upgraded = dataclasses.replace(env, contact=True, suffix=suffix)
+        self.assertEqual(self.add(store, upgraded), AddResult(DUPLICATE, upgraded=True))
+        self.assertEqual(self.add(store, upgraded), AddResult(DUPLICATE))
+        bodies, _ = self.successResultOf(store.fetch(bob.pub, T0, 10))
+        self.assertEqual(bodies, [upgraded.raw])
+        self.assertEqual(store.stats().bytes, len(upgraded.raw))
+        # The stranger bucket is free again: a stranger fits beside the contact.
+        self.assertEqual(self.add(store, make_env(Identity(), bob, b"s")).status, ACCEPTED)
+
+    def test_latest_policy_wins(self) -> None:
+        """put_policy keeps the highest version, reports duplicates and stale ones, and feeds them by pseq."""
+        store = self.make_store()
+        self.assertEqual(self.successResultOf(store.put_policy("m", 2, "b" * 64, "{2}")), "accepted")
+        self.assertEqual(self.successResultOf(store.put_policy("m", 2, "b" * 64, "{2}")), "duplicate")
+        self.assertEqual(self.successResultOf(store.put_policy("m", 1, "f" * 64, "{1}")), "stale")
+        self.assertEqual(self.successResultOf(store.put_policy("n", 1, "a" * 64, "{n}")), "accepted")
+        self.assertEqual(self.successResultOf(store.put_policy("m", 3, "a" * 64, "{3}")), "accepted")
+        self.assertEqual(self.successResultOf(store.policies_since(0, 10)), [(2, "{n}"), (3, "{3}")])
+        self.assertEqual(self.successResultOf(store.policies_since(2, 10)), [(3, "{3}")])
+        store = self.reopen(store)
+        self.assertEqual(sorted(store.load_policies()), ["{3}", "{n}"])
+
+
+class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
     """The behaviour suite on the embedded SQLite store."""
 
     shared = False
@@ -519,7 +566,7 @@ class SQLiteStoreTests(StoreBehaviour, SynchronousTestCase):
 
 
 @requires_pg
-class PostgresStoreTests(StoreBehaviour, SynchronousTestCase):
+class PostgresStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
     """The behaviour suite on the PostgreSQL store (its own schema per test)."""
 
     shared = True
