@@ -208,3 +208,13 @@ class ReplicaTests(FirstContactCase):
             ["stamp_required", "bad_permit", "bad_permit", "permit_mismatch", "accepted", "accepted"],
         )
         self.assertEqual(self.n.metrics.sample("meshrelay_dm_replica_total", {"outcome": "stamp_required"}), 1)
+
+    def test_forged_copy_cannot_upgrade(self) -> None:
+        """A copy of a stored envelope with a valid permit but a forged sig is bad_signature; nothing changes."""
+        env = self.env(self.friend)
+        self.assertEqual(self.n.send(env)[0], 200)
+        forged = {**env, "sig": env["sig"][:-2] + ("AA" if env["sig"][-2:] != "AA" else "BA")}
+        forged["permit"] = self.permit(self.friend)
+        (result,) = self.successResultOf(self.n.relay.accept_replicas([forged]))
+        self.assertEqual(result.get("error"), "bad_signature")
+        self.assertEqual(self.polled(), [env])

@@ -125,3 +125,31 @@ class ConvergenceTests(MeshCase):
         for name in "abc":
             env = Identity().envelope(self.owner, b"x", ts=self.now())
             self.assertEqual(self.mesh[name].send(env)[1].get("error"), "contacts_only", name)
+
+
+class StrippingTests(MeshCase):
+    def body_at(self, node: str, msg_id: str) -> dict[str, Any]:
+        store: Any = self.mesh[node].store
+        (body,) = store._wconn.execute("SELECT body FROM envelopes WHERE msg_id = ?", (msg_id,)).fetchone()
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def test_peer_before_v3_gets_v1_text_and_the_real_copy_upgrades_it(self) -> None:
+        """Pushes to a peer not known to speak v3 carry no permit; the copy pulled with ext=1 upgrades it."""
+        a_to_c = next(p for p in self.mesh["a"].node.replication.peers if "c.test" in p.url)  # type: ignore[union-attr]
+        assert a_to_c.policy_peer is not None
+        a_to_c.policy_peer.stop()
+        a_to_c.policy_peer.speaks_v3 = False
+        self.mesh.set_mode("c", "a", "down")
+        self.mesh.set_mode("c", "b", "down")
+        permit = P.make_permit(self.owner.key, self.friend.pub, self.now() + 3600, 0)
+        env = {**self.friend.envelope(self.owner, b"hi", ts=self.now()), "permit": permit}
+        self.assertEqual(self.mesh["a"].send(env)[0], 200)
+        self.mesh.settle()
+        self.assertEqual(self.body_at("b", env["msg_id"])["permit"], permit)
+        self.assertNotIn("permit", self.body_at("c", env["msg_id"]))
+        self.mesh.set_mode("c", "a", "up")
+        self.mesh.sync_all()
+        self.assertEqual(self.body_at("c", env["msg_id"])["permit"], permit)
+        contacts = self.mesh["c"].store._wconn.execute("SELECT COUNT(*) FROM contacts").fetchone()[0]  # type: ignore[attr-defined]
+        self.assertEqual(contacts, 1)

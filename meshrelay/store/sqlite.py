@@ -149,8 +149,10 @@ def _op_add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
             stored, tombstoned, in_mailbox, from_sender = conn.execute(
                 _ADD_CHECKS, (msg_id, mailbox, now, sender)
             ).fetchone()
-            if stored or tombstoned:
+            if (stored or tombstoned) and not (stored and contact):
                 return AddResult(DUPLICATE)
+            # A new replica, or (v3) a contact copy that may upgrade a stored one: its
+            # signature is checked first, so an upgrade never stores a forged text.
             if not verify_signature(key, sig, signed):
                 return AddResult(BAD_SIGNATURE)
         else:
