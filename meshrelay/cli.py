@@ -142,13 +142,18 @@ def cmd_send(args: argparse.Namespace) -> int:
     else:
         text = args.text.encode("utf-8")
     env = ident.envelope(args.to, ident.seal_text(args.to, text), ttl=args.ttl)
-    token = args.permit or load_permits(permits_path(args)).get(E.b64u_encode(parse_address(args.to)))
-    permit = check_permit_token(token, ident.address) if token else None
+    permit = check_permit_token(args.permit, ident.address) if args.permit else kept_permit(args, ident.address)
     # A permit makes it contact mail; without one, the mailbox's policy says whether a stamp is needed.
     policy = None if permit is not None else client.get_policy(args.to)
     progress = Progress(sys.stderr)
     try:
-        result = client.send(first_contact(env, permit, policy, progress))
+        try:
+            result = client.send(first_contact(env, permit, policy, progress))
+        except ERROR_CLASSES["bad_envelope"]:
+            if permit is None:
+                raise
+            # A node before protocol v3 refuses the unknown permit field: it takes the v1 envelope.
+            result = client.send(env)
     except (ERROR_CLASSES["stamp_required"], ERROR_CLASSES["weak_stamp"]) as e:
         # The policy changed since we read it (or another node of the mesh has a newer one): once more.
         difficulty = e.body.get("difficulty")
@@ -209,6 +214,22 @@ def load_permits(path: str) -> dict[str, str]:
     if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
         raise ClientError(f"{path} is not a permits file (an object of address -> token)")
     return doc
+
+
+def kept_permit(args: argparse.Namespace, sender: str) -> P.Permit | None:
+    """The kept permit for ``--to`` from this key, if the permits file has a usable one.
+
+    A permits file may sit beside several keys: a permit for another sender
+    key, or one that no longer checks out, is not this send's business.
+    """
+    token = load_permits(permits_path(args)).get(E.b64u_encode(parse_address(args.to)))
+    if not token:
+        return None
+    try:
+        return check_permit_token(token, sender)
+    except ClientError as e:
+        _say(sys.stderr, f"meshrelay: not using the kept permit for this mailbox: {e}")
+        return None
 
 
 def cmd_policy(args: argparse.Namespace) -> int:

@@ -101,6 +101,36 @@ class CLIAgainstNodeTests(SynchronousTestCase):
         r = run_cli("poll", "--key", bob_key, "--node", self.node.url, "--ack")
         self.assertEqual((r.returncode, r.stdout), (0, b""))
 
+    def test_first_contact(self) -> None:
+        """policy set/show, permit issue/add: a stranger is refused in contacts mode, a stamp is computed in
+        stamps mode (with a progress line), the contact with a permit gets through, and bob reads both."""
+        owner_key, owner = self.keygen("owner")
+        friend_key, friend = self.keygen("friend")
+        stranger_key, _ = self.keygen("stranger")
+        r = run_cli("policy", "set", "--key", owner_key, "--node", self.node.url, "--mode", "contacts")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = run_cli("policy", "show", "--key", owner_key, "--node", self.node.url, "--mailbox", owner)
+        self.assertIn("mode contacts", r.stdout.decode())
+        self.assertCleanFailure(
+            run_cli("send", "--key", stranger_key, "--node", self.node.url, "--to", owner, "hi"), "permit"
+        )
+        r = run_cli("permit", "issue", "--key", owner_key, "--for", friend, "--node", self.node.url)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        token = r.stdout.decode().strip()
+        self.assertEqual(run_cli("permit", "add", token, "--key", friend_key).returncode, 0)
+        r = run_cli("send", "--key", friend_key, "--node", self.node.url, "--to", owner, "from a contact")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = run_cli(
+            "policy", "set", "--key", owner_key, "--node", self.node.url, "--mode", "stamps", "--difficulty", "12"
+        )
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = run_cli("send", "--key", stranger_key, "--node", self.node.url, "--to", owner, "first contact")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = run_cli("poll", "--key", owner_key, "--node", self.node.url)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("from a contact", r.stdout.decode())
+        self.assertIn("first contact", r.stdout.decode())
+
     def deposit(self, env: dict[str, Any]) -> None:
         status, body = self.node.send(env)
         self.assertEqual(status, 200, body)
