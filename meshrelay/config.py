@@ -111,12 +111,18 @@ class SyncConfig:
     push_timeout: int = field(default=10, metadata=_range(1, 3600))
     #: items waiting per peer before the queue is dropped (sync repairs)
     push_queue_max: int = field(default=10000, metadata=_range(1))
+    #: bytes waiting per peer before the queue is dropped (sync repairs)
+    push_queue_bytes: int = field(default=16 * 1024 * 1024, metadata=_range(65536, 1 << 30))
     #: concurrent push requests per peer
     push_inflight_max: int = field(default=4, metadata=_range(1, 256))
     #: items per changes page requested by the puller (protocol max 500)
     page_limit: int = field(default=500, metadata=_range(1, 500))
     #: seconds a poll with fetch_remote waits for peers
     fetch_remote_timeout: int = field(default=2, metadata=_range(1, 30))
+    #: byte budget of a changes page and of a bodies answer this node serves (wire v2)
+    page_bytes: int = field(default=1048576, metadata=_range(65536, 16777216))
+    #: refused replicas remembered for refetch, in all
+    max_refused: int = field(default=100000, metadata=_range(0))
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ cancel it: callers only ever see a :func:`~meshrelay.deferutil.shield`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.logger import Logger, LogLevel
@@ -48,6 +48,9 @@ from meshrelay.store.base import (
 )
 from meshrelay.verifier import Verifier
 
+if TYPE_CHECKING:
+    from meshrelay.store.base import Bodies
+
 T = TypeVar("T")
 
 #: add_envelope status -> replica metric outcome
@@ -62,8 +65,41 @@ _REPLICA_OUTCOME = {
 #: error code -> deposit metric outcome
 _DEPOSIT_OUTCOME = {"too_large": "oversize"}
 
-EnvelopeListener = Callable[[E.Envelope], None]
-AckListener = Callable[[E.SignedAck], None]
+
+
+class ReplicationHooks(Protocol):
+    """What the relay tells replication, and asks of it (one typed collaborator)."""
+
+    def envelope_committed(self, env: E.Envelope) -> None:
+        """A *client* deposit committed: push it to the peers."""
+
+    def ack_committed(self, ack: E.SignedAck) -> None:
+        """A new *client* ack committed: push it to the peers."""
+
+    def fetch_remote(self, mailbox: str) -> Deferred[None] | None:
+        """Pull ``mailbox`` from the peers (a poll with fetch_remote); None when there is nobody to ask."""
+
+    def space_freed(self, mailbox: str | None) -> None:
+        """Acks deleted envelopes of ``mailbox`` (None: the sweeper expired some): refused replicas may fit now."""
+
+
+class NoReplication:
+    """The replication collaborator of a node without peers: does nothing."""
+
+    def envelope_committed(self, env: E.Envelope) -> None:
+        pass
+
+    def ack_committed(self, ack: E.SignedAck) -> None:
+        pass
+
+    def fetch_remote(self, mailbox: str) -> Deferred[None] | None:
+        return None
+
+    def space_freed(self, mailbox: str | None) -> None:
+        pass
+
+
+NO_REPLICATION: ReplicationHooks = NoReplication()
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> Deferred[T]:
@@ -134,11 +170,8 @@ class Relay:
         #: mailbox -> waiters; the values are insertion-ordered dicts used as sets
         self._waiters: dict[str, dict[_Waiter, None]] = {}
         self._waiting = 0
-        #: called after a *client* deposit / client ack commits (replication pushes these)
-        self.envelope_listeners: list[EnvelopeListener] = []
-        self.ack_listeners: list[AckListener] = []
-        #: set by replication: pull one mailbox from the peers (poll fetch_remote)
-        self.remote_fetch: Callable[[str], Deferred[None]] | None = None
+        #: push, fetch_remote and refetch of refused replicas (set by replication while it runs)
+        self.replication: ReplicationHooks = NO_REPLICATION
         #: one "cap hit" log line per cap per minute, with a count of the ones folded in
         self._cap_log = Throttle(clock, 60.0)
         self._update_gauges()
@@ -160,19 +193,25 @@ class Relay:
         suffix = " (and {folded} more since the last such line)" if folded else ""
         self.log.emit(level, "cap hit: " + fmt + suffix, cap=cap, folded=folded, **fields)
 
-    def _notify(self, listeners: list[Callable[[Any], None]], item: Any) -> None:
-        for listener in listeners:
-            try:
-                listener(item)
-            except Exception:
-                self.log.failure("a replication listener failed")
+    def attach_replication(self, hooks: ReplicationHooks | None) -> None:
+        """Install (or with None remove) the replication collaborator."""
+        self.replication = hooks if hooks is not None else NO_REPLICATION
+
+    def _tell(self, method: str, *args: Any) -> None:
+        # Replication must never fail a write that has committed.
+        try:
+            getattr(self.replication, method)(*args)
+        except Exception:
+            self.log.failure("replication failed to take {what}", what=method)
 
     async def _verify(self, key: bytes, sig: bytes, msg: bytes) -> None:
         E.require_valid_signature(await shield(self.verifier.verify(key, sig, msg)))
 
     # ------------------------------------------------------------------ envelopes
 
-    def _store_envelope(self, env: E.Envelope, origin: str, verify: str | None = None) -> Deferred[AddResult]:
+    def _store_envelope(
+        self, env: E.Envelope, origin: str, verify: str | None = None, peer: str | None = None
+    ) -> Deferred[AddResult]:
         """Add ``env``; on commit wake its mailbox's long-polls (and push a client deposit).
 
         With ``verify`` the store checks the signature in its writer
@@ -185,15 +224,17 @@ class Relay:
                 self._update_gauges()
                 self.wake(env.mailbox)
                 if origin == "client":
-                    self._notify(self.envelope_listeners, env)
+                    self._tell("envelope_committed", env)
                 else:
                     self.metrics.replication_lag.observe(max(0, now - env.ts))
             return result
 
+        kwargs: dict[str, Any] = {}
         if verify is not None:
-            d = self.store.add_envelope(env, now, verify=verify)  # type: ignore[call-arg]
-        else:
-            d = self.store.add_envelope(env, now)
+            kwargs["verify"] = verify
+        if peer is not None:
+            kwargs["peer"] = peer
+        d = self.store.add_envelope(env, now, **kwargs)
         return d.addCallback(committed)
 
     @property
@@ -270,11 +311,15 @@ class Relay:
         )
         raise StorageFull("the node's storage is full")
 
-    def accept_replicas(self, objs: list[Any]) -> Deferred[list[dict[str, Any]]]:
-        """Replicas from a peer (push or sync): per-envelope results, never pushed on."""
-        return _run(self._accept_replicas(objs))
+    def accept_replicas(self, objs: list[Any], peer: str | None = None) -> Deferred[list[dict[str, Any]]]:
+        """Replicas from ``peer`` (push, sync, refetch, fetch_remote): per-envelope results, never pushed on.
 
-    async def _accept_replicas(self, objs: list[Any]) -> list[dict[str, Any]]:
+        A replica refused at a cap is remembered by the store with ``peer``, so
+        replication can obtain it again from that peer once space frees.
+        """
+        return _run(self._accept_replicas(objs, peer))
+
+    async def _accept_replicas(self, objs: list[Any], peer: str | None) -> list[dict[str, Any]]:
         lim = self.limits
         results: list[dict[str, Any] | None] = [None] * len(objs)
         parsed: list[tuple[int, E.Envelope]] = []
@@ -317,7 +362,7 @@ class Relay:
                 kept.append((i, env))
             parsed = kept
         adds: list[tuple[int, E.Envelope, Deferred[AddResult]]] = [
-            (i, env, self._store_envelope(env, "peer", verify="replica" if in_store else None)) for i, env in parsed
+            (i, env, self._store_envelope(env, "peer", "replica" if in_store else None, peer)) for i, env in parsed
         ]
         done = await shield(gatherResults([d for _, _, d in adds])) if adds else []
         refused: dict[str, int] = {}
@@ -348,8 +393,9 @@ class Relay:
             if result.deleted:
                 self.metrics.acks_total.inc(len(result.deleted))
                 self._update_gauges()
+                self._tell("space_freed", ack.mailbox)
             if origin == "client" and result.new:
-                self._notify(self.ack_listeners, ack)
+                self._tell("ack_committed", ack)
             return result
 
         return self.store.apply_ack(ack, expires).addCallback(committed)
@@ -426,7 +472,7 @@ class Relay:
         auth = req.auth
         if auth.ack:
             await shield(self._store_ack(auth, "client"))
-        if req.fetch_remote and self.remote_fetch is not None:
+        if req.fetch_remote:
             await self._fetch_remote(auth.mailbox)
         result = await self._messages(auth.mailbox, req.limit)
         if result["messages"] or req.wait == 0:
@@ -450,8 +496,9 @@ class Relay:
         return {"ok": True, "messages": [E.RawJSON(b) for b in bodies], "has_more": more}
 
     async def _fetch_remote(self, mailbox: str) -> None:
-        assert self.remote_fetch is not None
-        d = self.remote_fetch(mailbox)
+        d = self.replication.fetch_remote(mailbox)
+        if d is None:
+            return
         d.addTimeout(self.config.sync.fetch_remote_timeout, self.clock)
         try:
             await d
@@ -502,9 +549,20 @@ class Relay:
 
     # ------------------------------------------------------------------ feed and upkeep
 
-    def changes(self, since: int, limit: int, mailbox: str | None = None) -> Deferred[ChangesPage]:
-        """One page of this node's feed (5.3)."""
-        return shield(self.store.changes(since, limit, self.now(), mailbox))
+    def changes(
+        self,
+        since: int,
+        limit: int,
+        mailbox: str | None = None,
+        max_bytes: int | None = None,
+        ids_only: bool = False,
+    ) -> Deferred[ChangesPage]:
+        """One page of this node's feed (5.3): bodies within ``max_bytes``, or ids only (wire v2)."""
+        return shield(self.store.changes(since, limit, self.now(), mailbox, max_bytes=max_bytes, ids_only=ids_only))
+
+    def bodies(self, msg_ids: Sequence[str], acks: Sequence[tuple[str, str]], max_bytes: int) -> Deferred[Bodies]:
+        """The held envelopes and signed acks among those asked for (wire v2 ``bodies``)."""
+        return shield(self.store.bodies(msg_ids, acks, self.now(), max_bytes))
 
     def sweep(self) -> Deferred[SweepResult | None]:
         """Delete expired envelopes, tombstones, acks and nonces (the sweeper's tick)."""
@@ -516,6 +574,7 @@ class Relay:
                     self.metrics.expired_total.labels(kind).inc(n)
             if result.envelopes:
                 self._update_gauges()
+                self._tell("space_freed", None)
                 self.log.info(
                     "expiry sweep removed {envelopes} envelopes, {tombstones} tombstones",
                     envelopes=result.envelopes,
