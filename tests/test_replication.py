@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 from treq.testing import StubTreq
@@ -13,6 +14,7 @@ from twisted.web.resource import Resource
 
 from meshrelay.config import build_config
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
+from meshrelay.protocol import Features
 from meshrelay.replication import MAX_FETCH_PAGES, PeerError, parse_page
 from meshrelay.status import PEER_KEYS
 from tests.helpers import Identity, MemNode, Mesh
@@ -42,6 +44,7 @@ class MeshTestCase(SynchronousTestCase):
     sync: dict[str, Any] = {}
     limits: dict[str, Any] = {}
     overrides: dict[str, Any] = {}
+    v1_only: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         self.mesh = Mesh(
@@ -51,6 +54,7 @@ class MeshTestCase(SynchronousTestCase):
             sync=dict(self.sync),
             limits=dict(self.limits),
             overrides=self.overrides,
+            v1_only=self.v1_only,
         )
         self.addCleanup(self.mesh.stop)
         self.mesh.settle()  # the start-up sync of every node
@@ -794,3 +798,210 @@ class StopTests(MeshTestCase):
         self.mesh.settle()
         self.assertEqual(self.push_count("a", "b", "error"), 0)
         self.assertEqual(self.peer_client("a", "b").transport.outstanding, set())
+
+
+def random_ids(n: int) -> list[str]:
+    return [os.urandom(32).hex() for _ in range(n)]
+
+
+class IdsFirstTests(MeshTestCase):
+    names = ("a", "b")
+    sync = {"interval": 600}
+
+    def test_a_pushed_envelope_is_not_transferred_again_by_sync(self) -> None:
+        """After a push, the peer's pull of the feed reads ids only and fetches no body."""
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual(self.live("b"), [env["msg_id"]])
+        link = self.mesh.link("b", "a")
+        link.requests.clear()
+        self.replication("b").sync_now()
+        self.mesh.settle()
+        self.assertEqual([m for m, url in link.requests], ["GET"])
+        self.assertIn("ids=1", link.requests[0][1])
+        self.assertEqual(self.metric("b", "meshrelay_sync_items_total", peer=Mesh.url("a"), kind="envelope"), 0)
+
+    def test_lacking_items_are_fetched_through_bodies(self) -> None:
+        """Items missed by push are fetched with bodies requests, acks before envelopes, and all arrive."""
+        self.mesh.set_mode("a", "b", "down")
+        envs = [self.send("a", b"m%d" % i, sender=Identity()) for i in range(6)]
+        self.poll("a", ack=[envs[0]["msg_id"]])
+        client = self.peer_client("b", "a")
+        client.puller.features = dataclasses.replace(client.puller.features, page_bytes=1)  # one body per request
+        self.replication("b").sync_now()
+        self.mesh.settle()
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs[1:]))
+        self.assertEqual(self.tombstones("b"), [(self.bob.pub, envs[0]["msg_id"])])
+        bodies = [url for m, url in self.mesh.link("b", "a").requests if url.endswith(BODIES)]
+        self.assertEqual(len(bodies), 6)  # 5 envelopes and 1 ack, one per request (page_bytes)
+
+
+class PushQueueBytesTests(MeshTestCase):
+    names = ("a", "b")
+    sync = {"interval": 60, "push_inflight_max": 1, "push_timeout": 120, "push_queue_bytes": 65536}
+
+    def test_queue_is_bounded_in_bytes(self) -> None:
+        """Queued pushes over sync.push_queue_bytes drop the queue (counted); sync brings everything."""
+        self.mesh.set_mode("a", "b", "hold")
+        client = self.peer_client("a", "b")
+        envs = [self.send("a", b"first")]
+        self.mesh.settle()
+        for i in range(7):  # about 9.6 KB each: the seventh goes over 64 KiB
+            envs.append(self.send("a", os.urandom(7000), sender=Identity()))
+            self.assertLessEqual(client.push.bytes, 65536)
+        self.mesh.settle()
+        self.assertEqual(self.metric("a", "meshrelay_dm_replication_dropped_total", peer=Mesh.url("b")), 7)
+        self.assertEqual((client.push.depth, client.push.bytes), (0, 0))
+        self.mesh.set_mode("a", "b", "up")
+        self.mesh.link("a", "b").release()
+        self.mesh.advance(60, step=10)
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
+
+
+class V1PeerTests(MeshTestCase):
+    """B speaks wire v1 only (no features, bodies or ids; unbounded pages): both directions still work."""
+
+    names = ("a", "b")
+    sync = {"interval": 30}
+    v1_only = ("b",)
+
+    def test_push_and_sync_both_ways(self) -> None:
+        """Pushes and pulls between a v2 node and a v1-only node deliver everything, with v1 requests only."""
+        e1, e2 = self.send("a", b"from a"), self.send("b", b"from b", sender=Identity())
+        self.mesh.settle()
+        self.assertEqual(sorted(self.live("a")), sorted(self.live("b")))
+        self.mesh.set_mode("a", "b", "down", both=True)
+        e3, e4 = self.send("a", b"a again", sender=Identity()), self.send("b", b"b again", sender=Identity())
+        self.mesh.set_mode("a", "b", "up", both=True)
+        self.mesh.advance(30, step=5)
+        want = sorted(e["msg_id"] for e in (e1, e2, e3, e4))
+        self.assertEqual((sorted(self.live("a")), sorted(self.live("b"))), (want, want))
+        # B (v1) never asked for anything v2; A found B is v1 and pulled v1 pages.
+        from_b = [url for m, url in self.mesh.link("b", "a").requests]
+        self.assertFalse([u for u in from_b if FEATURES in u or BODIES in u or "ids=" in u], from_b)
+        from_a = [url for m, url in self.mesh.link("a", "b").requests if m == "GET"]
+        self.assertTrue(any(u.endswith(FEATURES) for u in from_a))
+        self.assertFalse([u for u in from_a if "ids=" in u or BODIES in u], from_a)
+        self.assertEqual(self.peer_client("a", "b").puller.features.versions, (1,))
+
+    def test_v2_request_refused_downgrades(self) -> None:
+        """A peer that answered features with v2 but then refuses ids=1 with 400 is pulled with v1 pages."""
+        client = self.peer_client("a", "b")
+        client.puller.features = Features((1, 2), 1 << 20, 5000, 500)
+        self.mesh.set_mode("a", "b", "down", both=True)
+        env = self.send("b", b"late", sender=Identity())
+        self.mesh.set_mode("a", "b", "up", both=True)
+        client.sync_now()
+        self.mesh.settle()
+        self.assertIn(env["msg_id"], self.live("a"))
+        self.assertEqual((client.puller.features.versions, client.puller.last_sync_outcome), ((1,), "ok"))
+
+
+class BigAckTests(MeshTestCase):
+    """Acks of 500 ids each make a feed whose v1 pages are larger than a puller accepts (issue 9 finding 3)."""
+
+    names = ("a", "b")
+    sync = {"interval": 30}
+    count = 185
+
+    def fill(self) -> None:
+        self.mesh.set_mode("a", "b", "down")  # no push: only sync carries the acks to B
+        for _ in range(self.count):
+            status, _ = self.poll("a", ack=random_ids(500))
+            self.assertEqual(status, 200)
+
+    def test_huge_acks_do_not_stop_sync(self) -> None:
+        """185 acks of 500 ids at A reach B by sync; B's pulls succeed."""
+        self.fill()
+        self.mesh.advance(30, step=10)
+        self.assertEqual(self.metric("b", "meshrelay_dm_ack_intake_total", outcome="applied"), self.count)
+        self.assertEqual(self.peer_client("b", "a").puller.last_sync_outcome, "ok")
+        self.assertEqual(len(self.tombstones("b")), self.count * 500)
+
+
+class BigAckFromV1PeerTests(BigAckTests):
+    """The same from a v1-only origin (unbounded pages): the puller halves its limit until pages fit."""
+
+    v1_only = ("a",)
+
+    def test_huge_acks_do_not_stop_sync(self) -> None:
+        """185 acks of 500 ids at a v1-only A reach B; B's page limit was halved for the run."""
+        super().test_huge_acks_do_not_stop_sync()
+        self.assertLess(self.peer_client("b", "a").puller.run_limit, 500)
+
+
+class CappedConvergenceTestCase(MeshTestCase):
+    """Issue 9 finding 2: a mailbox filled on both sides of a partition converges."""
+
+    names = ("a", "b")
+    sync = {"interval": 30}
+    limits = {"per_mailbox_pending": 5}
+
+    def fill_both_sides(self) -> tuple[list[str], list[str]]:
+        for n in self.names:
+            for o in self.names:
+                if n < o:
+                    self.mesh.set_mode(n, o, "down", both=True)
+        at_a = sorted(self.send("a", b"a%d" % i, sender=Identity())["msg_id"] for i in range(5))
+        at_b = sorted(self.send("b", b"b%d" % i, sender=Identity())["msg_id"] for i in range(5))
+        for n in self.names:
+            for o in self.names:
+                if n < o:
+                    self.mesh.set_mode(n, o, "up", both=True)
+        self.mesh.advance(30, step=5)
+        return at_a, at_b
+
+    def drain(self, name: str) -> list[str]:
+        """The recipient polls everything at ``name`` and acks it."""
+        _, polled = self.poll(name)
+        ids = sorted(m["msg_id"] for m in polled["messages"])
+        status, _ = self.poll(name, ack=ids)
+        self.assertEqual(status, 200)
+        return ids
+
+    def assert_capped(self) -> None:
+        for n in self.names:
+            self.assertLessEqual(len(self.live(n)), 5, n)
+
+
+class CappedConvergenceTests(CappedConvergenceTestCase):
+    def test_two_nodes_converge_after_the_recipient_drains_at_a(self) -> None:
+        """5 at A and 5 at B while cut off; the recipient drains at A; A and B end with B's 5, then nothing."""
+        at_a, at_b = self.fill_both_sides()
+        self.assertEqual((sorted(self.live("a")), sorted(self.live("b"))), (at_a, at_b))
+        self.assertEqual(self.drain("a"), at_a)
+        self.mesh.advance(5)
+        self.assert_capped()
+        self.assertEqual((sorted(self.live("a")), sorted(self.live("b"))), (at_b, at_b))
+        self.assertEqual(self.drain("a"), at_b)
+        self.mesh.advance(60, step=5)
+        self.assertEqual((self.live("a"), self.live("b")), ([], []))
+
+    def test_refused_again_is_remembered_again(self) -> None:
+        """A refetch that meets the cap again keeps the refusal, and a later drain brings the replicas."""
+        at_a, at_b = self.fill_both_sides()
+        # Space frees at A, but the recipient's next deposits at A fill it again before the refetch.
+        self.drain("a")
+        late = sorted(self.send("a", b"late%d" % i, sender=Identity())["msg_id"] for i in range(5))
+        self.mesh.advance(5)
+        self.assertEqual(sorted(self.live("a")), late)
+        self.assertEqual(self.drain("a"), late)
+        self.mesh.advance(5)
+        self.assertEqual(sorted(self.live("a")), at_b)
+        self.assertEqual(sorted(self.live("b")), at_b)
+
+
+class CappedConvergenceThreeNodeTests(CappedConvergenceTestCase):
+    names = ("a", "b", "c")
+
+    def test_three_nodes_converge_after_the_recipient_drains_at_a(self) -> None:
+        """Three nodes: 5 at A, 5 at B, all cut off; after the drain at A all three hold B's 5, then nothing."""
+        at_a, at_b = self.fill_both_sides()
+        self.assertIn(sorted(self.live("c")), (at_a, at_b))
+        self.assertEqual(self.drain("a"), at_a)
+        self.mesh.advance(5)
+        self.assert_capped()
+        self.assertEqual([sorted(self.live(n)) for n in self.names], [at_b] * 3)
+        self.assertEqual(self.drain("a"), at_b)
+        self.mesh.advance(60, step=5)
+        self.assertEqual([self.live(n) for n in self.names], [[], [], []])
