@@ -212,9 +212,9 @@ def parse_ids_page(obj: Any, since: int, limit: int) -> IdsPage:
         if not is_mailbox(mailbox) or type(size) is not int or not 0 <= size <= MAX_INT:
             raise PeerError("an ids item needs a mailbox and a size")
         if kind == "envelope" and len(item) == 5 and is_msg_id(item.get("msg_id")):
-            envelopes.append((mailbox, item["msg_id"], size))
+            envelopes.append((str(mailbox), item["msg_id"], size))
         elif kind == "ack" and len(item) == 5 and is_nonce(item.get("nonce")):
-            acks.append((mailbox, item["nonce"], size))
+            acks.append((str(mailbox), item["nonce"], size))
         else:
             raise PeerError("an ids item must be {seq, kind, mailbox, msg_id | nonce, size}")
     return IdsPage(feed, envelopes, acks, nxt, more)

@@ -66,7 +66,6 @@ _REPLICA_OUTCOME = {
 _DEPOSIT_OUTCOME = {"too_large": "oversize"}
 
 
-
 class ReplicationHooks(Protocol):
     """What the relay tells replication, and asks of it (one typed collaborator)."""
 

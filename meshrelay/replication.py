@@ -45,7 +45,7 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredList,
-    DeferredSemaphore,
+    FirstError,
     TimeoutError,
     gatherResults,
 )
@@ -287,7 +287,7 @@ class PushQueue:
         return len(self.queues[ENVELOPE]) + len(self.queues[ACK])
 
     @property
-    def bytes(self) -> int:
+    def byte_size(self) -> int:
         return self.queued_bytes[ENVELOPE] + self.queued_bytes[ACK]
 
     def update_gauge(self) -> None:
@@ -298,7 +298,7 @@ class PushQueue:
         if self._stopped:
             return
         depth = self.depth
-        if depth >= self.queue_max or self.bytes + len(text) > self.queue_bytes_max:
+        if depth >= self.queue_max or self.byte_size + len(text) > self.queue_bytes_max:
             self._drop_all(depth + 1)
             return
         self.queues[kind].append(text)
@@ -431,7 +431,7 @@ class PushQueue:
         self.last_push_outcome = "throttled"
         self.last_push_at = self.clock.seconds()
         size = sum(len(i) for i in items)
-        if self.depth + len(items) > self.queue_max or self.bytes + size > self.queue_bytes_max:
+        if self.depth + len(items) > self.queue_max or self.byte_size + size > self.queue_bytes_max:
             self._dropped.inc(len(items))
             self.log.warn(
                 "push queue for peer {peer} full: dropped {n} items; sync will repair", peer=self.url, n=len(items)
@@ -797,10 +797,21 @@ class SyncPuller:
                 used += size
         if cur_e or cur_a:
             chunks.append((cur_e, cur_a))
-        sem = DeferredSemaphore(BODIES_INFLIGHT)
-        results = await gatherResults(
-            [sem.run(lambda c=c: Deferred.fromCoroutine(self._bodies(*c))) for c in chunks], consumeErrors=True
-        ).addErrback(lambda f: f.value.subFailure)
+        # Up to BODIES_INFLIGHT workers take the chunks in turn; results keep the chunks' order.
+        results: list[tuple[list[Any], list[Any], list[str]]] = [([], [], [])] * len(chunks)
+        todo = iter(enumerate(chunks))
+
+        async def worker() -> None:
+            for i, (msg_ids, ack_keys) in todo:
+                results[i] = await self._bodies(msg_ids, ack_keys)
+
+        workers = [Deferred.fromCoroutine(worker()) for _ in range(min(BODIES_INFLIGHT, len(chunks)))]
+        try:
+            await gatherResults(workers, consumeErrors=True)
+        except FirstError as err:
+            for w in workers:
+                w.cancel()
+            err.subFailure.raiseException()
         out_e: list[Any] = []
         out_a: list[Any] = []
         for e, a, _ in results:
@@ -808,9 +819,7 @@ class SyncPuller:
             out_a.extend(a)
         return out_e, out_a
 
-    async def _bodies(
-        self, msg_ids: list[str], acks: list[tuple[str, str]]
-    ) -> tuple[list[Any], list[Any], list[str]]:
+    async def _bodies(self, msg_ids: list[str], acks: list[tuple[str, str]]) -> tuple[list[Any], list[Any], list[str]]:
         """Ask for these bodies until each is returned or gone; (envelopes, acks, gone msg_ids)."""
         f = self.features
         cap = bounded_response_cap(f.page_bytes if f is not None else 1 << 20, self.max_message_bytes)

@@ -119,7 +119,12 @@ class MemNode:
 
             store = V2Shim(store)
         self.node = Node(
-            self.config, self.clock, threaded=False, peer_client_factory=peer_client_factory, metrics=metrics, store=store
+            self.config,
+            self.clock,
+            threaded=False,
+            peer_client_factory=peer_client_factory,
+            metrics=metrics,
+            store=store,
         )
         self.node.startService()
         self.relay = self.node.relay

@@ -533,7 +533,10 @@ class RealAnswersTests(SynchronousTestCase):
             BODIES,
             {
                 "envelopes": [env["msg_id"], "f" * 64],
-                "acks": [{"mailbox": ack["mailbox"], "nonce": ack["nonce"]}, {"mailbox": self.bob.pub, "nonce": "A" * 22}],
+                "acks": [
+                    {"mailbox": ack["mailbox"], "nonce": ack["nonce"]},
+                    {"mailbox": self.bob.pub, "nonce": "A" * 22},
+                ],
             },
         )[1]
         self.assertEqual((answer["envelopes"], answer["acks"], answer["gone"]["envelopes"]), ([env], [ack], ["f" * 64]))

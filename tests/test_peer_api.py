@@ -657,10 +657,15 @@ class WireV2Tests(PeerAPITestCase):
         _, full = self.peer("GET", CHANGES)
         status, body = self.peer("GET", CHANGES + "?since=0&ids=1")
         self.assertEqual(status, 200)
-        sizes = [len(json.dumps(i.get("envelope") or i.get("ack"), separators=(",", ":")).encode()) for i in full["items"]]
+        sizes = [
+            len(json.dumps(i.get("envelope") or i.get("ack"), separators=(",", ":")).encode()) for i in full["items"]
+        ]
         self.assertEqual(
             [(i["kind"], i.get("msg_id") or i.get("nonce"), i["mailbox"], i["size"]) for i in body["items"]],
-            [("ack", ack["nonce"], self.mailbox.pub, sizes[0]), ("envelope", other["msg_id"], self.mailbox.pub, sizes[1])],
+            [
+                ("ack", ack["nonce"], self.mailbox.pub, sizes[0]),
+                ("envelope", other["msg_id"], self.mailbox.pub, sizes[1]),
+            ],
         )
         self.assertEqual((body["next"], body["more"], body["feed"]), (full["next"], False, full["feed"]))
 
@@ -676,7 +681,10 @@ class WireV2Tests(PeerAPITestCase):
         e1, e2 = self.stored_envelope(b"one"), self.stored_envelope(b"two")
         ack = self.mailbox.signed(ts=self.now(), ack=[os.urandom(32).hex()])
         self.peer("POST", ACK, {"acks": [ack]})
-        unknown_id, unknown_ack = os.urandom(32).hex(), {"mailbox": Identity().pub, "nonce": E.b64u_encode(os.urandom(16))}
+        unknown_id, unknown_ack = (
+            os.urandom(32).hex(),
+            {"mailbox": Identity().pub, "nonce": E.b64u_encode(os.urandom(16))},
+        )
         status, body = self.peer(
             "POST",
             BODIES,

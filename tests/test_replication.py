@@ -846,12 +846,12 @@ class PushQueueBytesTests(MeshTestCase):
         client = self.peer_client("a", "b")
         envs = [self.send("a", b"first")]
         self.mesh.settle()
-        for i in range(7):  # about 9.6 KB each: the seventh goes over 64 KiB
+        for _ in range(7):  # about 9.6 KB each: the seventh goes over 64 KiB
             envs.append(self.send("a", os.urandom(7000), sender=Identity()))
-            self.assertLessEqual(client.push.bytes, 65536)
+            self.assertLessEqual(client.push.byte_size, 65536)
         self.mesh.settle()
         self.assertEqual(self.metric("a", "meshrelay_dm_replication_dropped_total", peer=Mesh.url("b")), 7)
-        self.assertEqual((client.push.depth, client.push.bytes), (0, 0))
+        self.assertEqual((client.push.depth, client.push.byte_size), (0, 0))
         self.mesh.set_mode("a", "b", "up")
         self.mesh.link("a", "b").release()
         self.mesh.advance(60, step=10)

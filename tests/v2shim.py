@@ -56,8 +56,15 @@ class V2Shim:
             out[0].raiseException()
         return out[0]
 
-    def changes(self, since: int, limit: int, now: int, mailbox: str | None = None, max_bytes: int | None = None,
-                ids_only: bool = False) -> Deferred[ChangesPage]:
+    def changes(
+        self,
+        since: int,
+        limit: int,
+        now: int,
+        mailbox: str | None = None,
+        max_bytes: int | None = None,
+        ids_only: bool = False,
+    ) -> Deferred[ChangesPage]:
         page = self._sync(self.inner.changes(since, limit, now, mailbox))
         items = []
         used = 0
@@ -77,11 +84,18 @@ class V2Shim:
     def missing(self, envelopes: Any, acks: Any, now: int) -> Deferred[Any]:
         c = self.inner._wconn
         envs = [
-            (m, k) for m, k in envelopes
+            (m, k)
+            for m, k in envelopes
             if not c.execute("SELECT 1 FROM envelopes WHERE msg_id = ?", (k,)).fetchone()
-            and not c.execute("SELECT 1 FROM tombstones WHERE mailbox = ? AND msg_id = ? AND expires > ?", (m, k, now)).fetchone()
+            and not c.execute(
+                "SELECT 1 FROM tombstones WHERE mailbox = ? AND msg_id = ? AND expires > ?", (m, k, now)
+            ).fetchone()
         ]
-        ak = [(m, n) for m, n in acks if not c.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (m, n)).fetchone()]
+        ak = [
+            (m, n)
+            for m, n in acks
+            if not c.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (m, n)).fetchone()
+        ]
         return succeed((envs, ak))
 
     def bodies(self, msg_ids: Any, acks: Any, now: int, max_bytes: int) -> Deferred[Bodies]:
@@ -101,7 +115,9 @@ class V2Shim:
                 used += size
                 out.envelopes.append(row[0])
         for mb, n in acks:
-            row = c.execute("SELECT body FROM acks WHERE mailbox = ? AND nonce = ? AND expires > ?", (mb, n, now)).fetchone()
+            row = c.execute(
+                "SELECT body FROM acks WHERE mailbox = ? AND nonce = ? AND expires > ?", (mb, n, now)
+            ).fetchone()
             if row is None:
                 out.gone_acks.append((mb, n))
             elif not full:
