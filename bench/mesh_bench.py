@@ -84,6 +84,12 @@ def make_client(reactor: Any, per_host: int) -> Any:
     return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool
 
 
+def reactor_of() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def ms(x: float) -> str:
     return f"{x * 1000:.1f} ms"
 
@@ -154,14 +160,22 @@ async def post(client: Any, url: str, body: bytes) -> tuple[int, bytes]:
     return int(resp.code), content
 
 
-async def closed_loop(client: Any, url: str, bodies: list[bytes], concurrency: int) -> tuple[float, int]:
-    """POST every body with ``concurrency`` workers; returns (seconds, failures)."""
+async def closed_loop(
+    client: Any, url: str, bodies: list[bytes], concurrency: int, rate: float = 0.0
+) -> tuple[float, int]:
+    """POST every body with ``concurrency`` workers (at most ``rate`` per second if given); (seconds, failures)."""
     it = iter(bodies)
     failures = 0
+    sent = 0
 
     async def worker() -> None:
-        nonlocal failures
+        nonlocal failures, sent
         for body in it:
+            if rate:
+                sent += 1
+                delay = started + sent / rate - time.perf_counter()
+                if delay > 0:
+                    await task.deferLater(reactor_of(), delay, lambda: None)
             try:
                 status, _ = await post(client, url, body)
             except Exception:
@@ -231,20 +245,21 @@ def _stat(pid: int) -> tuple[int, float]:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def node_cpu(node: NodeProcess) -> float:
-    """CPU seconds used so far by a node process and its children (the store writer)."""
+def node_cpu(node: NodeProcess) -> tuple[float, float]:
+    """CPU seconds used so far by a node process, and by its children (the store writer)."""
     assert node.proc is not None
     pid = node.proc.pid
-    total = _stat(pid)[1]
+    own = _stat(pid)[1]
+    children = 0.0
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != pid:
             try:
-                ppid, cpu = _stat(int(entry))
+                ppid, used = _stat(int(entry))
             except (OSError, IndexError, ValueError):
                 continue
             if ppid == pid:
-                total += cpu
-    return total
+                children += used
+    return own, children
 
 
 async def cpu(reactor: Any, args: argparse.Namespace) -> None:
@@ -269,7 +284,7 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                 bodies = make_envelopes(args.count)
                 node = cluster[name]
                 before = node_cpu(node)
-                seconds, failures = await closed_loop(client, node.url + SEND, bodies, args.concurrency)
+                seconds, failures = await closed_loop(client, node.url + SEND, bodies, args.concurrency, args.rate)
                 if name == "a":
                     marks = {p: pulls_from_a(p) for p in ("b", "c")}
                     target = cluster.gauge("a", "meshrelay_stored_envelopes")
@@ -286,12 +301,14 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                         )
                 else:
                     await task.deferLater(reactor, 1.0, lambda: None)
-                used = node_cpu(node) - before
-                per[name].append(used / (args.count - failures))
+                after = node_cpu(node)
+                done = args.count - failures
+                own, writer = (after[0] - before[0]) / done, (after[1] - before[1]) / done
+                per[name].append(own + writer)
                 label = "no peers " if name == "solo" else "2 peers  "
                 print(
-                    f"  round {r + 1} {label}: {used / (args.count - failures) * 1e6:7.0f} us CPU per deposit "
-                    f"({(args.count - failures) / seconds:.0f} deposits/s, {failures} failed)"
+                    f"  round {r + 1} {label}: {(own + writer) * 1e6:7.0f} us CPU per deposit "
+                    f"(node {own * 1e6:.0f} + writer {writer * 1e6:.0f}; {done / seconds:.0f} deposits/s, {failures} failed)"
                 )
         solo, mesh = statistics.median(per["solo"]), statistics.median(per["a"])
         print(
@@ -507,6 +524,7 @@ def main() -> None:
     p.add_argument("--count", type=int, default=3000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--interval", type=int, default=30)
+    p.add_argument("--rate", type=float, default=0.0, help="deposits/s offered in both cases (default: closed loop)")
     p = sub.add_parser("latency")
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--rate", type=float, default=0.0)
