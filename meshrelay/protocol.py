@@ -129,6 +129,8 @@ class Page:
     acks: list[Any]
     next: int
     more: bool
+    #: the envelopes were fetched because the puller lacked them (an ids-first pull)
+    lacking: bool = False
 
 
 @dataclass(frozen=True)

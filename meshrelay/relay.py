@@ -310,15 +310,23 @@ class Relay:
         )
         raise StorageFull("the node's storage is full")
 
-    def accept_replicas(self, objs: list[Any], peer: str | None = None) -> Deferred[list[dict[str, Any]]]:
+    def accept_replicas(
+        self, objs: list[Any], peer: str | None = None, new: bool = False
+    ) -> Deferred[list[dict[str, Any]]]:
         """Replicas from ``peer`` (push, sync, refetch, fetch_remote): per-envelope results, never pushed on.
 
         A replica refused at a cap is remembered by the store with ``peer``, so
         replication can obtain it again from that peer once space frees.
+        ``new`` says the caller fetched these because this node lacks them (an
+        ids-first pull): they are then verified on this node's verifier threads
+        rather than in the store's writer, so a catch-up uses both, and the
+        writer only stores.  Otherwise (a push may carry many duplicates) a
+        store that verifies does it in its writer, only for replicas it does
+        not hold.
         """
-        return _run(self._accept_replicas(objs, peer))
+        return _run(self._accept_replicas(objs, peer, new))
 
-    async def _accept_replicas(self, objs: list[Any], peer: str | None) -> list[dict[str, Any]]:
+    async def _accept_replicas(self, objs: list[Any], peer: str | None, new: bool) -> list[dict[str, Any]]:
         lim = self.limits
         results: list[dict[str, Any] | None] = [None] * len(objs)
         parsed: list[tuple[int, E.Envelope]] = []
@@ -328,7 +336,7 @@ class Relay:
             except MeshError as e:
                 results[i] = self._replica_rejected(obj, e)
         now = self.now()
-        in_store = self._store_verifies
+        in_store = self._store_verifies and not new
         if in_store:
             # The store verifies in its writer; here only the replicas the
             # time rule refuses, so a forged one reports bad_signature.

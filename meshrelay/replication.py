@@ -770,7 +770,7 @@ class SyncPuller:
                     [(m, k, sizes.get((m, k), 0)) for m, k in lacking_envs],
                     [(m, k, sizes.get((m, k), 0)) for m, k in lacking_acks],
                 )
-        return Page(ids.feed, envs, acks, ids.next, ids.more)
+        return Page(ids.feed, envs, acks, ids.next, ids.more, lacking=True)
 
     async def fetch_bodies(
         self, envelopes: Sequence[tuple[str, str, int]], acks: Sequence[tuple[str, str, int]]
@@ -859,7 +859,7 @@ class SyncPuller:
             await self.relay.accept_acks(page.acks)
         if page.envelopes:
             self.metrics.sync_items_total.labels(self.url, ENVELOPE).inc(len(page.envelopes))
-            await self.relay.accept_replicas(page.envelopes, peer=self.url)
+            await self.relay.accept_replicas(page.envelopes, peer=self.url, new=page.lacking)
 
     # ------------------------------------------------------------------ fetch_remote and refetch
 

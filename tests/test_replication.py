@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
+from meshrelay import envelope as E
 from meshrelay.config import build_config
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
 from meshrelay.protocol import Features
@@ -682,6 +683,56 @@ class HostileFeedTests(MeshTestCase):
         client = self.run_sync()
         self.assertEqual(client.puller.last_sync_outcome, "ok")
         self.assertEqual(self.live("b"), [env["msg_id"]])
+        self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="bad_signature"), 1)
+        self.assertEqual(self.metric("b", "meshrelay_dm_ack_intake_total", outcome="bad_signature"), 1)
+
+    def test_forged_bodies_from_a_v2_peer_are_rejected(self) -> None:
+        """A forged envelope a v2 peer lists by id and serves through bodies is verified here and refused."""
+        forged = dict(self.alice.envelope(self.bob, b"forged", ts=self.now()), sig=E.b64u_encode(b"\0" * 64))
+        forged_ack = dict(Identity().signed(ts=self.now(), ack=[forged["msg_id"]]), mailbox=self.bob.pub)
+        size = len(json.dumps(forged).encode())
+        answers = {
+            b"/api/mesh/dm/features": {
+                "ok": True,
+                "versions": [1, 2],
+                "page_bytes": 65536,
+                "max_ids": 5000,
+                "max_bodies": 500,
+            },
+            b"/api/mesh/dm/changes": {
+                "ok": True,
+                "feed": "hostile",
+                "items": [
+                    {"seq": 1, "kind": "envelope", "mailbox": self.bob.pub, "msg_id": forged["msg_id"], "size": size},
+                    {"seq": 2, "kind": "ack", "mailbox": self.bob.pub, "nonce": forged_ack["nonce"], "size": 300},
+                ],
+                "next": 2,
+                "more": False,
+            },
+            b"/api/mesh/dm/bodies": {
+                "ok": True,
+                "envelopes": [forged],
+                "acks": [forged_ack],
+                "gone": {"envelopes": [], "acks": []},
+            },
+        }
+
+        class V2Feed(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                request.setHeader(b"Content-Type", b"application/json")
+                return json.dumps(answers[request.path]).encode()
+
+        stub = StubTreq(V2Feed())
+        client = self.peer_client("b", "a")
+        client.transport.http = stub
+        client.puller.features = None
+        self.mesh.links[("b", "a")]._broken = stub  # flushed by settle()
+        client = self.run_sync()
+        self.assertEqual(client.puller.last_sync_outcome, "ok")
+        self.assertEqual(client.puller.features.versions, (1, 2))
+        self.assertEqual(self.live("b"), [])
         self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="bad_signature"), 1)
         self.assertEqual(self.metric("b", "meshrelay_dm_ack_intake_total", outcome="bad_signature"), 1)
 
