@@ -196,12 +196,25 @@ class Relay:
         """Install (or with None remove) the replication collaborator."""
         self.replication = hooks if hooks is not None else NO_REPLICATION
 
-    def _tell(self, method: str, *args: Any) -> None:
-        # Replication must never fail a write that has committed.
+    # Replication must never fail a write that has committed: these three never raise.
+
+    def _envelope_committed(self, env: E.Envelope) -> None:
         try:
-            getattr(self.replication, method)(*args)
+            self.replication.envelope_committed(env)
         except Exception:
-            self.log.failure("replication failed to take {what}", what=method)
+            self.log.failure("replication failed to take a deposit")
+
+    def _ack_committed(self, ack: E.SignedAck) -> None:
+        try:
+            self.replication.ack_committed(ack)
+        except Exception:
+            self.log.failure("replication failed to take an ack")
+
+    def _space_freed(self, mailbox: str | None) -> None:
+        try:
+            self.replication.space_freed(mailbox)
+        except Exception:
+            self.log.failure("replication failed to take freed space")
 
     async def _verify(self, key: bytes, sig: bytes, msg: bytes) -> None:
         E.require_valid_signature(await shield(self.verifier.verify(key, sig, msg)))
@@ -223,7 +236,7 @@ class Relay:
                 self._update_gauges()
                 self.wake(env.mailbox)
                 if origin == "client":
-                    self._tell("envelope_committed", env)
+                    self._envelope_committed(env)
                 else:
                     self.metrics.replication_lag.observe(max(0, now - env.ts))
             return result
@@ -400,9 +413,9 @@ class Relay:
             if result.deleted:
                 self.metrics.acks_total.inc(len(result.deleted))
                 self._update_gauges()
-                self._tell("space_freed", ack.mailbox)
+                self._space_freed(ack.mailbox)
             if origin == "client" and result.new:
-                self._tell("ack_committed", ack)
+                self._ack_committed(ack)
             return result
 
         return self.store.apply_ack(ack, expires).addCallback(committed)
@@ -581,7 +594,7 @@ class Relay:
                     self.metrics.expired_total.labels(kind).inc(n)
             if result.envelopes:
                 self._update_gauges()
-                self._tell("space_freed", None)
+                self._space_freed(None)
                 self.log.info(
                     "expiry sweep removed {envelopes} envelopes, {tombstones} tombstones",
                     envelopes=result.envelopes,
