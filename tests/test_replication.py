@@ -995,6 +995,7 @@ class CappedConvergenceTestCase(MeshTestCase):
                     self.mesh.set_mode(n, o, "down", both=True)
         at_a = sorted(self.send("a", b"a%d" % i, sender=Identity())["msg_id"] for i in range(5))
         at_b = sorted(self.send("b", b"b%d" % i, sender=Identity())["msg_id"] for i in range(5))
+        self.mesh.settle()  # the pushes fail while cut off
         for n in self.names:
             for o in self.names:
                 if n < o:
@@ -1056,3 +1057,23 @@ class CappedConvergenceThreeNodeTests(CappedConvergenceTestCase):
         self.assertEqual(self.drain("a"), at_b)
         self.mesh.advance(60, step=5)
         self.assertEqual([self.live(n) for n in self.names], [[], [], []])
+
+
+class ExpiryFreesSpaceTests(CappedConvergenceTestCase):
+    names = ("a", "b")
+
+    def test_expired_envelopes_make_room_for_refused_replicas(self) -> None:
+        """B's mailbox is full of envelopes that expire; once the sweeper removes them, B obtains A's five."""
+        self.mesh.set_mode("a", "b", "down", both=True)
+        at_a = sorted(self.send("a", b"a%d" % i, sender=Identity())["msg_id"] for i in range(5))
+        for i in range(5):
+            env = Identity().envelope(self.bob, b"short%d" % i, ts=self.now(), ttl=60)
+            self.assertEqual(self.mesh["b"].send(env)[0], 200)
+        self.mesh.settle()  # the pushes fail while cut off
+        self.mesh.set_mode("a", "b", "up", both=True)
+        self.mesh.advance(30, step=5)
+        self.assertEqual(len(self.live("b")), 5)
+        self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="drop_full"), 5)
+        self.mesh.advance(100, step=5)  # past the short ttl and a sweep
+        self.assertEqual(sorted(self.live("b")), at_a)
+        self.assertEqual(sorted(self.live("a")), at_a)
