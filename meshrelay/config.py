@@ -117,6 +117,10 @@ class SyncConfig:
     page_limit: int = field(default=500, metadata=_range(1, 500))
     #: seconds a poll with fetch_remote waits for peers
     fetch_remote_timeout: int = field(default=2, metadata=_range(1, 30))
+    #: bytes of item bodies per changes/bodies page this node serves (the first item always goes)
+    page_bytes: int = field(default=1048576, metadata=_range(65536, 16777216))
+    #: replicas refused at a cap remembered in all, to be obtained again when space frees
+    max_refused: int = field(default=100000, metadata=_range(0))
 
 
 @dataclass(frozen=True)
