@@ -119,9 +119,9 @@ class SyncConfig:
     page_limit: int = field(default=500, metadata=_range(1, 500))
     #: seconds a poll with fetch_remote waits for peers
     fetch_remote_timeout: int = field(default=2, metadata=_range(1, 30))
-    #: byte budget of a changes page and of a bodies answer this node serves (wire v2)
+    #: bytes of item bodies per changes/bodies page this node serves (the first item always goes)
     page_bytes: int = field(default=1048576, metadata=_range(65536, 16777216))
-    #: refused replicas remembered for refetch, in all
+    #: replicas refused at a cap remembered in all, to be obtained again when space frees
     max_refused: int = field(default=100000, metadata=_range(0))
 
 

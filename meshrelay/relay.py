@@ -10,7 +10,7 @@ cancel it: callers only ever see a :func:`~meshrelay.deferutil.shield`.
 from __future__ import annotations
 
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.logger import Logger, LogLevel
@@ -42,14 +42,12 @@ from meshrelay.store.base import (
     STORAGE_FULL,
     AckResult,
     AddResult,
+    Bodies,
     ChangesPage,
     Store,
     SweepResult,
 )
 from meshrelay.verifier import Verifier
-
-if TYPE_CHECKING:
-    from meshrelay.store.base import Bodies
 
 T = TypeVar("T")
 

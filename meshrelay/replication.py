@@ -36,7 +36,7 @@ import secrets
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import treq
@@ -87,10 +87,7 @@ from meshrelay.protocol import (
     v1_response_cap,
 )
 from meshrelay.relay import Relay
-from meshrelay.store.base import STORAGE_FULL, Cursor, Store, StoreError
-
-if TYPE_CHECKING:
-    from meshrelay.store.base import Refused
+from meshrelay.store.base import STORAGE_FULL, Cursor, Refused, Store, StoreError
 
 __all__ = ["PeerError", "Page", "parse_page", "Replication", "PeerClient", "PooledHTTPClients", "MAX_FETCH_PAGES"]
 

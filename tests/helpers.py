@@ -109,23 +109,7 @@ class MemNode:
         if peer_client_factory is None and self.config.peers:
             # Peers that nobody wired up are unreachable (never a real socket).
             peer_client_factory = _unreachable
-        from meshrelay.metrics import Metrics
-        from meshrelay.store import open_store
-
-        metrics = Metrics()
-        store: Any = open_store(self.config, self.clock, False, metrics)
-        if not hasattr(store, "missing"):  # TEMPORARY until the store9 merge
-            from tests.v2shim import V2Shim
-
-            store = V2Shim(store)
-        self.node = Node(
-            self.config,
-            self.clock,
-            threaded=False,
-            peer_client_factory=peer_client_factory,
-            metrics=metrics,
-            store=store,
-        )
+        self.node = Node(self.config, self.clock, threaded=False, peer_client_factory=peer_client_factory)
         self.node.startService()
         self.relay = self.node.relay
         self.store = self.node.store
