@@ -127,14 +127,14 @@ class MeshMachine(RuleBasedStateMachine):
         relay = self.mesh[name].relay
         original = relay.accept_replicas
 
-        def accept_replicas(objs: list[Any]) -> Any:
+        def accept_replicas(objs: list[Any], **kw: Any) -> Any:
             def seen(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 for r in results:
                     if r["status"] == "rejected" and r.get("error") in CAP_ERRORS:
                         self.capped.add(r["msg_id"])
                 return results
 
-            return original(objs).addCallback(seen)
+            return original(objs, **kw).addCallback(seen)
 
         relay.accept_replicas = accept_replicas  # type: ignore[method-assign]
 
