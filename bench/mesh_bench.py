@@ -3,7 +3,8 @@
 Run from the repository root (the nodes run this checkout's code)::
 
     python bench/mesh_bench.py throughput [--rounds 3] [--count 3000] [--concurrency 32]
-    python bench/mesh_bench.py latency    [--count 2000] [--rate R]   (default: half the measured max)
+    python bench/mesh_bench.py cpu        [--rounds 3] [--count 3000] [--concurrency 32] [--interval 30]
+    python bench/mesh_bench.py latency    [--count 2000] [--rate R] [--background 4]
     python bench/mesh_bench.py catchup    [--backlog 100000]
     python bench/mesh_bench.py ackprop    [--count 300] [--concurrency 4]
 
@@ -15,13 +16,21 @@ client's signing cost is not measured.
 - ``throughput``: deposits/s at a node with no peers (the baseline) and at a node
   with 2 peers (a full mesh of 3), alternating rounds in the same run; the
   figure is median(mesh) / median(baseline).
+- ``cpu``: the origin's CPU per deposit (utime + stime of the node process and
+  its store writer child, from ``/proc/<pid>/stat``) with no peers and with 2
+  peers, alternating rounds in one run.  With peers, a round's CPU is counted
+  from the first deposit until both peers hold every envelope *and* have each
+  pulled A's feed again after the last deposit (so serving the sync of those
+  envelopes is included); the figure is median(no peers) / median(2 peers).
 - ``latency``: deposits at A at a fixed open-loop rate (half the sustainable
   rate measured first in the same run unless ``--rate``); for each envelope a
   long-poll waits at B on its own mailbox; latency = B's answer - deposit start.
   The sustainable rate is that of the same workload (a deposit at A and its
   long-poll at B), closed-loop with 32 at a time: on one machine the client's
   and B's work for the long-polls competes with A for the same cores, so the
-  rate of bare deposits at A would not be sustainable here.
+  rate of bare deposits at A would not be sustainable here.  With
+  ``--background N``, N more clients deposit at A closed-loop meanwhile (the
+  issue's ``wrk -c4`` load), and the rate is not halved but given or 50/s.
 - ``catchup``: A holds a backlog of ``--backlog`` envelopes; a fresh node B
   peered with A starts and pulls it by sync; rate = backlog / (time B holds all
   of it - B's launch).
@@ -75,6 +84,12 @@ def make_client(reactor: Any, per_host: int) -> Any:
     return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool
 
 
+def reactor_of() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def ms(x: float) -> str:
     return f"{x * 1000:.1f} ms"
 
@@ -103,6 +118,21 @@ class Cluster:
             p.stop()
         shutil.rmtree(self.base, ignore_errors=True)
 
+    def gauge_labelled(self, name: str, metric: str, **labels: str) -> float:
+        """A metric's value summed over the samples whose labels include ``labels``; -1 when unreachable."""
+        try:
+            status, body = self.procs[name].admin("/api/mesh/metrics")
+        except OSError:
+            return -1.0
+        assert status == 200, body
+        return float(
+            sum(
+                s["value"]
+                for s in body["metrics"].get(metric, [])
+                if all(s["labels"].get(k) == v for k, v in labels.items())
+            )
+        )
+
     def gauge(self, name: str, metric: str) -> float:
         """A metric's value (summed over labels); -1 while the node is not answering yet."""
         try:
@@ -130,14 +160,22 @@ async def post(client: Any, url: str, body: bytes) -> tuple[int, bytes]:
     return int(resp.code), content
 
 
-async def closed_loop(client: Any, url: str, bodies: list[bytes], concurrency: int) -> tuple[float, int]:
-    """POST every body with ``concurrency`` workers; returns (seconds, failures)."""
+async def closed_loop(
+    client: Any, url: str, bodies: list[bytes], concurrency: int, rate: float = 0.0
+) -> tuple[float, int]:
+    """POST every body with ``concurrency`` workers (at most ``rate`` per second if given); (seconds, failures)."""
     it = iter(bodies)
     failures = 0
+    sent = 0
 
     async def worker() -> None:
-        nonlocal failures
+        nonlocal failures, sent
         for body in it:
+            if rate:
+                sent += 1
+                delay = started + sent / rate - time.perf_counter()
+                if delay > 0:
+                    await task.deferLater(reactor_of(), delay, lambda: None)
             try:
                 status, _ = await post(client, url, body)
             except Exception:
@@ -195,6 +233,93 @@ async def throughput(reactor: Any, args: argparse.Namespace) -> None:
         cluster.stop()
 
 
+# --------------------------------------------------------------------------- CPU per deposit
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[int, float]:
+    """(parent pid, utime + stime seconds) of a process."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def node_cpu(node: NodeProcess) -> tuple[float, float]:
+    """CPU seconds used so far by a node process, and by its children (the store writer)."""
+    assert node.proc is not None
+    pid = node.proc.pid
+    own = _stat(pid)[1]
+    children = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid:
+            try:
+                ppid, used = _stat(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                children += used
+    return own, children
+
+
+async def cpu(reactor: Any, args: argparse.Namespace) -> None:
+    config = {"limits": BENCH_LIMITS, "sync": {"interval": args.interval}}
+    cluster = Cluster(["solo", "a", "b", "c"], [("a", "b"), ("a", "c"), ("b", "c")], config)
+    client, pool = make_client(reactor, args.concurrency)
+
+    def pulls_from_a(peer: str) -> float:
+        return cluster.gauge_labelled(peer, "meshrelay_sync_pull_total", peer=cluster["a"].url, outcome="ok")
+
+    try:
+        cluster.start()
+        per: dict[str, list[float]] = {"solo": [], "a": []}
+        print(
+            f"cpu: {args.rounds} rounds x {args.count} deposits, concurrency {args.concurrency}, "
+            f"sync.interval {args.interval}s; CPU = node process + store writer child"
+        )
+        await closed_loop(client, cluster["solo"].url + SEND, make_envelopes(200), args.concurrency)  # warm-up
+        await closed_loop(client, cluster["a"].url + SEND, make_envelopes(200), args.concurrency)
+        for r in range(args.rounds):
+            for name in ("solo", "a"):
+                bodies = make_envelopes(args.count)
+                node = cluster[name]
+                before = node_cpu(node)
+                seconds, failures = await closed_loop(client, node.url + SEND, bodies, args.concurrency, args.rate)
+                if name == "a":
+                    marks = {p: pulls_from_a(p) for p in ("b", "c")}
+                    target = cluster.gauge("a", "meshrelay_stored_envelopes")
+                    for peer in ("b", "c"):
+                        await wait_until(
+                            reactor,
+                            lambda p=peer, t=target, m=marks[peer]: (
+                                cluster.gauge(p, "meshrelay_stored_envelopes")  # type: ignore[misc]
+                                >= t
+                                and pulls_from_a(p) > m
+                            ),
+                            args.interval * 3 + 120,
+                            0.2,
+                        )
+                else:
+                    await task.deferLater(reactor, 1.0, lambda: None)
+                after = node_cpu(node)
+                done = args.count - failures
+                own, writer = (after[0] - before[0]) / done, (after[1] - before[1]) / done
+                per[name].append(own + writer)
+                label = "no peers " if name == "solo" else "2 peers  "
+                print(
+                    f"  round {r + 1} {label}: {(own + writer) * 1e6:7.0f} us CPU per deposit "
+                    f"(node {own * 1e6:.0f} + writer {writer * 1e6:.0f}; {done / seconds:.0f} deposits/s, {failures} failed)"
+                )
+        solo, mesh = statistics.median(per["solo"]), statistics.median(per["a"])
+        print(
+            f"median CPU per deposit: no peers {solo * 1e6:.0f} us, with 2 peers {mesh * 1e6:.0f} us, "
+            f"ratio (no peers / 2 peers) {solo / mesh:.2f}"
+        )
+    finally:
+        await pool.closeCachedConnections()
+        cluster.stop()
+
+
 # --------------------------------------------------------------------------- latency
 
 
@@ -233,9 +358,24 @@ async def latency(reactor: Any, args: argparse.Namespace) -> None:
             local.append(t_local)
             lat.append(t1 - t0)
 
+    background_done = False
+
+    async def background() -> None:
+        """Closed-loop deposits at A (bounded: stops when the measurement ends or after 1M)."""
+        for body in (b for _ in range(1000) for b in make_envelopes(1000)):
+            if background_done:
+                return
+            try:
+                await post(client, cluster["a"].url + SEND, body)
+            except Exception:
+                pass
+
     try:
         cluster.start()
-        rate = args.rate
+        rate = args.rate or (50.0 if args.background else 0.0)
+        loaders = [defer.Deferred.fromCoroutine(background()) for _ in range(args.background)]
+        if args.background:
+            print(f"latency: {args.background} clients deposit at A closed-loop meanwhile")
         if not rate:
             # The sustainable rate of this workload: deposits at A *with* their
             # long-polls at B, closed-loop (all nodes and this client share the machine).
@@ -268,6 +408,8 @@ async def latency(reactor: Any, args: argparse.Namespace) -> None:
                 await task.deferLater(reactor, delay, lambda: None)
             running.append(defer.Deferred.fromCoroutine(one(env, poll, lead, True)))
         await defer.gatherResults(running)
+        background_done = True
+        await defer.gatherResults(loaders)
         print(
             f"  {len(lat)} envelopes: deposit at A -> available at B: p50 {ms(percentile(lat, 50))}, p99 {ms(percentile(lat, 99))}"
             f" (A's own answer p50 {ms(percentile(local, 50))}); {errors} errors"
@@ -377,16 +519,23 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--count", type=int, default=3000)
     p.add_argument("--concurrency", type=int, default=32)
+    p = sub.add_parser("cpu")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--count", type=int, default=3000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--interval", type=int, default=30)
+    p.add_argument("--rate", type=float, default=0.0, help="deposits/s offered in both cases (default: closed loop)")
     p = sub.add_parser("latency")
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--rate", type=float, default=0.0)
+    p.add_argument("--background", type=int, default=0)
     p = sub.add_parser("catchup")
     p.add_argument("--backlog", type=int, default=100000)
     p = sub.add_parser("ackprop")
     p.add_argument("--count", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
-    fn = {"throughput": throughput, "latency": latency, "catchup": catchup, "ackprop": ackprop}[args.cmd]
+    fn = {"throughput": throughput, "cpu": cpu, "latency": latency, "catchup": catchup, "ackprop": ackprop}[args.cmd]
     task.react(lambda reactor: defer.Deferred.fromCoroutine(fn(reactor, args)))
 
 

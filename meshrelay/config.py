@@ -140,6 +140,8 @@ class SyncConfig:
     push_timeout: int = field(default=10, metadata=_range(1, 3600))
     #: items waiting per peer before the queue is dropped (sync repairs)
     push_queue_max: int = field(default=10000, metadata=_range(1))
+    #: bytes waiting per peer before the queue is dropped (sync repairs)
+    push_queue_bytes: int = field(default=16 * 1024 * 1024, metadata=_range(65536, 1 << 30))
     #: concurrent push requests per peer
     push_inflight_max: int = field(default=4, metadata=_range(1, 256))
     #: items per changes page requested by the puller (protocol max 500)
@@ -150,6 +152,10 @@ class SyncConfig:
     fetch_remote_max_concurrent: int = field(default=8, metadata=_range(1, 1024))
     #: seconds before the same mailbox is fetched from the peers again (polls in between use local data)
     fetch_remote_min_interval: int = field(default=5, metadata=_range(0, 3600))
+    #: bytes of item bodies per changes/bodies page this node serves (the first item always goes)
+    page_bytes: int = field(default=1048576, metadata=_range(65536, 16777216))
+    #: replicas refused at a cap remembered in all, to be obtained again when space frees
+    max_refused: int = field(default=100000, metadata=_range(0))
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,11 @@ class Metrics:
             registry=r,
         )
         self.store_errors_total = Counter("meshrelay_store_errors", "Store operations that failed", registry=r)
+        self.replica_refusals_forgotten_total = Counter(
+            "meshrelay_replica_refusals_forgotten",
+            "Replicas refused at a cap that were not remembered (a bound of the refused table was reached)",
+            registry=r,
+        )
         self.deposit_latency = Histogram(
             "meshrelay_dm_deposit_latency_seconds",
             "Time from a parsed deposit to its committed answer",

@@ -8,7 +8,10 @@
 What is copied: envelopes and acks with their ``seq``, tombstones, sync
 cursors, unexpired nonces, and the feed id, so peers that follow this node's
 ``changes`` feed carry on from their cursors.  ``last_seq`` becomes at least
-the source's, so a ``seq`` is never handed out twice.
+the source's, so a ``seq`` is never handed out twice.  Not copied: the
+remembered cap refusals (table ``refused``, schema 3): they are hints for
+fetching refused replicas again, the target starts with none, and replicas
+refused before the move still arrive by sync or are fetched by clients.
 
 Resumable: each table is copied in chunks in key order, and each chunk
 commits together with its checkpoint, so an interrupted run (Ctrl-C, kill,

@@ -9,6 +9,7 @@ read and parsed only then.  Each route decodes, calls one
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from klein import Klein
@@ -16,28 +17,41 @@ from klein import Klein
 from meshrelay.envelope import KEY_LEN, MAX_INT, RawJSON, b64u_decode, require_object, strip_v3_fields
 from meshrelay.errors import BadRequest
 from meshrelay.peers import PeerAuthenticator, peer_route
-from meshrelay.policy_sync import MAX_POLICIES, POLICIES_PATH, policies_page
-from meshrelay.relay import Relay
-from meshrelay.web import (
+from meshrelay.policy_sync import MAX_POLICIES, policies_page
+from meshrelay.protocol import (
     ACK_PATH,
+    BODIES_PATH,
     CHANGES_PATH,
+    DEFAULT_CHANGES_LIMIT,
+    DEFAULT_IDS_LIMIT,
+    FEATURES_PATH,
+    MAX_BATCH,
+    MAX_BODIES,
+    MAX_CHANGES_LIMIT,
+    MAX_IDS_LIMIT,
+    POLICIES_PATH,
+    PROTOCOL_VERSIONS,
     REPLICATE_PATH,
-    install_error_table,
-    json_response,
-    read_json,
-    request_path,
+    parse_bodies_request,
 )
+from meshrelay.relay import Relay
+from meshrelay.web import install_error_table, json_response, read_json, request_path
 
 CHANGES = CHANGES_PATH.encode()
 
-#: items per replicate-envelope / ack request
-MAX_BATCH = 500
-#: the largest ``limit`` of a changes page
-MAX_CHANGES_LIMIT = 500
-DEFAULT_CHANGES_LIMIT = 100
-CHANGES_PARAMS = frozenset((b"since", b"limit", b"mailbox"))
+__all__ = ["MAX_BATCH", "MAX_CHANGES_LIMIT", "DEFAULT_CHANGES_LIMIT", "PeerAPI", "parse_changes_query"]
+
+CHANGES_PARAMS = frozenset((b"since", b"limit", b"mailbox", b"ids"))
 
 _UINT_RE = re.compile(rb"0|[1-9][0-9]{0,15}")
+
+
+@dataclass(frozen=True)
+class ChangesQuery:
+    since: int
+    limit: int
+    mailbox: str | None
+    ids: bool
 
 
 def _item_list(obj: Any, name: str) -> list[Any]:
@@ -72,11 +86,15 @@ def _query_param(args: dict[bytes, list[bytes]], name: bytes) -> bytes | None:
     return values[0]
 
 
-def parse_changes_query(args: dict[bytes, list[bytes]]) -> tuple[int, int, str | None]:
-    """Validate ``since``, ``limit`` and ``mailbox`` of a changes request."""
+def parse_changes_query(args: dict[bytes, list[bytes]]) -> ChangesQuery:
+    """Validate ``since``, ``limit``, ``mailbox`` and ``ids`` of a changes request."""
     unknown = set(args) - CHANGES_PARAMS
     if unknown:
         raise BadRequest("unknown query parameter(s): " + ", ".join(sorted(u.decode("latin-1") for u in unknown)))
+    raw_ids = _query_param(args, b"ids")
+    if raw_ids is not None and raw_ids != b"1":
+        raise BadRequest("ids must be 1")
+    ids = raw_ids is not None
     raw_since = _query_param(args, b"since")
     since = 0
     if raw_since is not None:
@@ -84,10 +102,11 @@ def parse_changes_query(args: dict[bytes, list[bytes]]) -> tuple[int, int, str |
             raise BadRequest("since must be a non-negative integer")
         since = int(raw_since)
     raw_limit = _query_param(args, b"limit")
-    limit = DEFAULT_CHANGES_LIMIT
+    top = MAX_IDS_LIMIT if ids else MAX_CHANGES_LIMIT
+    limit = DEFAULT_IDS_LIMIT if ids else DEFAULT_CHANGES_LIMIT
     if raw_limit is not None:
-        if _UINT_RE.fullmatch(raw_limit) is None or not 1 <= int(raw_limit) <= MAX_CHANGES_LIMIT:
-            raise BadRequest(f"limit must be an integer in [1, {MAX_CHANGES_LIMIT}]")
+        if _UINT_RE.fullmatch(raw_limit) is None or not 1 <= int(raw_limit) <= top:
+            raise BadRequest(f"limit must be an integer in [1, {top}]")
         limit = int(raw_limit)
     raw_mailbox = _query_param(args, b"mailbox")
     mailbox: str | None = None
@@ -99,7 +118,7 @@ def parse_changes_query(args: dict[bytes, list[bytes]]) -> tuple[int, int, str |
         except ValueError:
             raise BadRequest("mailbox must be a canonical b64u 32-byte key") from None
         mailbox = text
-    return since, limit, mailbox
+    return ChangesQuery(since, limit, mailbox, ids)
 
 
 def split_ext(args: dict[bytes, list[bytes]]) -> tuple[dict[bytes, list[bytes]], bool]:
@@ -109,6 +128,15 @@ def split_ext(args: dict[bytes, list[bytes]]) -> tuple[dict[bytes, list[bytes]],
     if args[b"ext"] != [b"1"]:
         raise BadRequest("ext must be 1")
     return {k: v for k, v in args.items() if k != b"ext"}, True
+
+
+def split_ext_body(obj: Any) -> tuple[Any, bool]:
+    """Take the v3 ``"ext": true`` key off a bodies request (envelopes with permit and stamp)."""
+    if not isinstance(obj, dict) or "ext" not in obj:
+        return obj, False
+    if obj["ext"] is not True:
+        raise BadRequest("ext must be true")
+    return {k: v for k, v in obj.items() if k != "ext"}, True
 
 
 def v3_body(kind: str, body: str, ext: bool) -> str:
@@ -162,7 +190,7 @@ class PeerAPI:
     @peer_route(app, REPLICATE_PATH, ["POST"])
     async def replicate(self, request: Any, peer: str) -> bytes:
         envelopes = replicate_items(read_json(request))
-        results = await self.relay.accept_replicas(envelopes) if envelopes else []
+        results = await self.relay.accept_replicas(envelopes, peer=peer) if envelopes else []
         return json_response(request, 200, {"ok": True, "results": results})
 
     @peer_route(app, ACK_PATH, ["POST"])
@@ -171,13 +199,36 @@ class PeerAPI:
         results = await self.relay.accept_acks(acks) if acks else []
         return json_response(request, 200, {"ok": True, "results": results})
 
+    @peer_route(app, FEATURES_PATH, ["GET"])
+    async def features(self, request: Any, peer: str) -> bytes:
+        if request.args:
+            raise BadRequest("features takes no query")
+        return json_response(
+            request,
+            200,
+            {
+                "ok": True,
+                "versions": list(PROTOCOL_VERSIONS),
+                "page_bytes": self.relay.config.sync.page_bytes,
+                "max_ids": MAX_IDS_LIMIT,
+                "max_bodies": MAX_BODIES,
+            },
+        )
+
     @peer_route(app, CHANGES_PATH, ["GET"])
     async def changes(self, request: Any, peer: str) -> bytes:
         args, ext = split_ext(request.args)
-        since, limit, mailbox = parse_changes_query(args)
-        page = await self.relay.changes(since, limit, mailbox)
-        # Envelopes keep their v3 fields only for a caller that asked (ext=1, a v3 puller).
-        items = [{"seq": item.seq, item.kind: RawJSON(v3_body(item.kind, item.body, ext))} for item in page.items]
+        q = parse_changes_query(args)
+        if q.ids:
+            page = await self.relay.changes(q.since, q.limit, q.mailbox, ids_only=True)
+            items: list[dict[str, Any]] = [
+                {"seq": i.seq, "kind": i.kind, "mailbox": i.mailbox, _KEY_NAME[i.kind]: i.key, "size": i.size}
+                for i in page.items
+            ]
+        else:
+            page = await self.relay.changes(q.since, q.limit, q.mailbox, max_bytes=self.page_bytes())
+            # Envelopes keep their v3 fields only for a caller that asked (ext=1, a v3 puller).
+            items = [{"seq": item.seq, item.kind: RawJSON(v3_body(item.kind, item.body, ext))} for item in page.items]
         return json_response(
             request, 200, {"ok": True, "feed": page.feed, "items": items, "next": page.next, "more": page.more}
         )
@@ -195,3 +246,32 @@ class PeerAPI:
         since, limit = parse_policy_feed_query(request.args)
         rows = await self.relay.policy_feed(since, limit + 1)
         return json_response(request, 200, policies_page(rows, since, limit))
+
+    @peer_route(app, BODIES_PATH, ["POST"])
+    async def bodies(self, request: Any, peer: str) -> bytes:
+        obj, ext = split_ext_body(read_json(request))
+        try:
+            msg_ids, acks = parse_bodies_request(obj)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        found = await self.relay.bodies(msg_ids, acks, self.relay.config.sync.page_bytes)
+        return json_response(
+            request,
+            200,
+            {
+                "ok": True,
+                "envelopes": [RawJSON(b if ext else strip_v3_fields(b)) for b in found.envelopes],
+                "acks": [RawJSON(b) for b in found.acks],
+                "gone": {
+                    "envelopes": found.gone_envelopes,
+                    "acks": [{"mailbox": m, "nonce": n} for m, n in found.gone_acks],
+                },
+            },
+        )
+
+    def page_bytes(self) -> int | None:
+        """The byte budget of a v1 changes page (``sync.page_bytes``)."""
+        return self.relay.config.sync.page_bytes
+
+
+_KEY_NAME = {"envelope": "msg_id", "ack": "nonce"}

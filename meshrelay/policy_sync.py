@@ -32,8 +32,8 @@ from twisted.python.failure import Failure
 
 from meshrelay import policy as P
 from meshrelay.envelope import RawJSON, loads_json
+from meshrelay.protocol import POLICIES_PATH
 
-POLICIES_PATH = "/api/mesh/dm/policies"
 #: policies per push or page
 MAX_POLICIES = 500
 #: pages per pull before waiting for the next interval

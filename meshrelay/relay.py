@@ -9,8 +9,8 @@ cancel it: callers only ever see a :func:`~meshrelay.deferutil.shield`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger, LogLevel
@@ -48,6 +48,7 @@ from meshrelay.store.base import (
     STRANGER_FULL,
     AckResult,
     AddResult,
+    Bodies,
     ChangesPage,
     Store,
     SweepResult,
@@ -69,8 +70,40 @@ _REPLICA_OUTCOME = {
 #: error code -> deposit metric outcome
 _DEPOSIT_OUTCOME = {"too_large": "oversize"}
 
-EnvelopeListener = Callable[[E.Envelope], None]
-AckListener = Callable[[E.SignedAck], None]
+
+class ReplicationHooks(Protocol):
+    """What the relay tells replication, and asks of it (one typed collaborator)."""
+
+    def envelope_committed(self, env: E.Envelope) -> None:
+        """A *client* deposit committed: push it to the peers."""
+
+    def ack_committed(self, ack: E.SignedAck) -> None:
+        """A new *client* ack committed: push it to the peers."""
+
+    def fetch_remote(self, mailbox: str) -> Deferred[None] | None:
+        """Pull ``mailbox`` from the peers (a poll with fetch_remote); None when there is nobody to ask."""
+
+    def space_freed(self, mailbox: str | None) -> None:
+        """Acks deleted envelopes of ``mailbox`` (None: the sweeper expired some): refused replicas may fit now."""
+
+
+class NoReplication:
+    """The replication collaborator of a node without peers: does nothing."""
+
+    def envelope_committed(self, env: E.Envelope) -> None:
+        pass
+
+    def ack_committed(self, ack: E.SignedAck) -> None:
+        pass
+
+    def fetch_remote(self, mailbox: str) -> Deferred[None] | None:
+        return None
+
+    def space_freed(self, mailbox: str | None) -> None:
+        pass
+
+
+NO_REPLICATION: ReplicationHooks = NoReplication()
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> Deferred[T]:
@@ -145,19 +178,16 @@ class Relay:
         self._waiting = 0
         #: share key -> waiting polls (only keys with at least one)
         self._waiting_by_share: dict[str, int] = {}
-        #: called after a *client* deposit / client ack commits (replication pushes these)
-        self.envelope_listeners: list[EnvelopeListener] = []
-        self.ack_listeners: list[AckListener] = []
-        #: set by replication: pull one mailbox from the peers (poll fetch_remote)
-        self.remote_fetch: Callable[[str], Deferred[None]] | None = None
+        #: push, fetch_remote and refetch of refused replicas (set by replication while it runs)
+        self.replication: ReplicationHooks = NO_REPLICATION
         #: per-request log lines (cap hits, refusals, peer auth failures...): one per reason per
         #: minute, with counts; the node's APIs share it
         self.log_agg = Aggregator(clock, 60.0)
-        #: the bounds on fetch_remote (coalescing, interval, concurrency, timeout) around remote_fetch
+        #: the bounds on fetch_remote (coalescing, interval, concurrency, timeout) around replication's
         sync = config.sync
         self.fetch_gate = RemoteFetchGate(
             clock,
-            lambda mailbox: self.remote_fetch(mailbox) if self.remote_fetch is not None else succeed(None),
+            self._remote_fetch,
             max_concurrent=sync.fetch_remote_max_concurrent,
             min_interval=sync.fetch_remote_min_interval,
             timeout=sync.fetch_remote_timeout,
@@ -184,21 +214,47 @@ class Relay:
     def _cap_hit(self, cap: str, fmt: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:
         self.log_agg.emit(self.log, "cap:" + cap, "cap hit: " + fmt, level, cap=cap, **fields)
 
-    def _notify(self, listeners: list[Callable[[Any], None]], item: Any) -> None:
-        for listener in listeners:
-            try:
-                listener(item)
-            except Exception:
-                self.log_agg.emit(
-                    self.log, "listener_failed", "a replication listener failed", LogLevel.critical, Failure()
-                )
+    def attach_replication(self, hooks: ReplicationHooks | None) -> None:
+        """Install (or with None remove) the replication collaborator."""
+        self.replication = hooks if hooks is not None else NO_REPLICATION
+
+    # Replication must never fail a write that has committed: these three never raise.
+
+    def _envelope_committed(self, env: E.Envelope) -> None:
+        try:
+            self.replication.envelope_committed(env)
+        except Exception:
+            self._replication_failed("a deposit")
+
+    def _ack_committed(self, ack: E.SignedAck) -> None:
+        try:
+            self.replication.ack_committed(ack)
+        except Exception:
+            self._replication_failed("an ack")
+
+    def _space_freed(self, mailbox: str | None) -> None:
+        try:
+            self.replication.space_freed(mailbox)
+        except Exception:
+            self._replication_failed("freed space")
+
+    def _replication_failed(self, what: str) -> None:
+        self.log_agg.emit(
+            self.log, "replication_failed", "replication failed to take " + what, LogLevel.critical, Failure()
+        )
+
+    def _remote_fetch(self, mailbox: str) -> Deferred[None]:
+        d = self.replication.fetch_remote(mailbox)
+        return d if d is not None else succeed(None)
 
     async def _verify(self, key: bytes, sig: bytes, msg: bytes) -> None:
         E.require_valid_signature(await shield(self.verifier.verify(key, sig, msg)))
 
     # ------------------------------------------------------------------ envelopes
 
-    def _store_envelope(self, env: E.Envelope, origin: str, verify: str | None = None) -> Deferred[AddResult]:
+    def _store_envelope(
+        self, env: E.Envelope, origin: str, verify: str | None = None, peer: str | None = None
+    ) -> Deferred[AddResult]:
         """Add ``env``; on commit wake its mailbox's long-polls (and push a client deposit).
 
         With ``verify`` the store checks the signature in its writer
@@ -211,15 +267,17 @@ class Relay:
                 self._update_gauges()
                 self.wake(env.mailbox)
                 if origin == "client":
-                    self._notify(self.envelope_listeners, env)
+                    self._envelope_committed(env)
                 else:
                     self.metrics.replication_lag.observe(max(0, now - env.ts))
             return result
 
+        kwargs: dict[str, Any] = {}
         if verify is not None:
-            d = self.store.add_envelope(env, now, verify=verify)  # type: ignore[call-arg]
-        else:
-            d = self.store.add_envelope(env, now)
+            kwargs["verify"] = verify
+        if peer is not None:
+            kwargs["peer"] = peer
+        d = self.store.add_envelope(env, now, **kwargs)
         return d.addCallback(committed)
 
     @property
@@ -312,11 +370,23 @@ class Relay:
         )
         raise StorageFull("the node's storage is full")
 
-    def accept_replicas(self, objs: list[Any]) -> Deferred[list[dict[str, Any]]]:
-        """Replicas from a peer (push or sync): per-envelope results, never pushed on."""
-        return _run(self._accept_replicas(objs))
+    def accept_replicas(
+        self, objs: list[Any], peer: str | None = None, new: bool = False
+    ) -> Deferred[list[dict[str, Any]]]:
+        """Replicas from ``peer`` (push, sync, refetch, fetch_remote): per-envelope results, never pushed on.
 
-    async def _accept_replicas(self, objs: list[Any]) -> list[dict[str, Any]]:
+        A replica refused at a cap is remembered by the store with ``peer``, so
+        replication can obtain it again from that peer once space frees.
+        ``new`` says the caller fetched these because this node lacks them (an
+        ids-first pull): they are then verified on this node's verifier threads
+        rather than in the store's writer, so a catch-up uses both, and the
+        writer only stores.  Otherwise (a push may carry many duplicates) a
+        store that verifies does it in its writer, only for replicas it does
+        not hold.
+        """
+        return _run(self._accept_replicas(objs, peer, new))
+
+    async def _accept_replicas(self, objs: list[Any], peer: str | None, new: bool) -> list[dict[str, Any]]:
         lim = self.limits
         results: list[dict[str, Any] | None] = [None] * len(objs)
         parsed: list[tuple[int, E.Envelope]] = []
@@ -330,7 +400,7 @@ class Relay:
             except MeshError as e:
                 results[i] = self._replica_rejected(obj, e)
         now = self.now()
-        in_store = self._store_verifies
+        in_store = self._store_verifies and not new
         if in_store:
             # The store verifies in its writer; here only the replicas the
             # time rule refuses, so a forged one reports bad_signature.
@@ -371,7 +441,7 @@ class Relay:
                 results[i] = self._replica_rejected(env.to_json(), e)
         parsed = admitted
         adds: list[tuple[int, E.Envelope, Deferred[AddResult]]] = [
-            (i, env, self._store_envelope(env, "peer", verify="replica" if in_store else None)) for i, env in parsed
+            (i, env, self._store_envelope(env, "peer", "replica" if in_store else None, peer)) for i, env in parsed
         ]
         done = await shield(gatherResults([d for _, _, d in adds])) if adds else []
         refused: dict[str, int] = {}
@@ -402,8 +472,9 @@ class Relay:
             if result.deleted:
                 self.metrics.acks_total.inc(len(result.deleted))
                 self._update_gauges()
+                self._space_freed(ack.mailbox)
             if origin == "client" and result.new:
-                self._notify(self.ack_listeners, ack)
+                self._ack_committed(ack)
             return result
 
         return self.store.apply_ack(ack, expires).addCallback(committed)
@@ -484,7 +555,7 @@ class Relay:
         auth = req.auth
         if auth.ack:
             await shield(self._store_ack(auth, "client"))
-        if req.fetch_remote and self.remote_fetch is not None:
+        if req.fetch_remote and self.replication is not NO_REPLICATION:
             await self._fetch_remote(auth.mailbox)
         result = await self._messages(auth.mailbox, req.limit)
         if result["messages"] or req.wait == 0:
@@ -646,9 +717,20 @@ class Relay:
 
     # ------------------------------------------------------------------ feed and upkeep
 
-    def changes(self, since: int, limit: int, mailbox: str | None = None) -> Deferred[ChangesPage]:
-        """One page of this node's feed (5.3)."""
-        return shield(self.store.changes(since, limit, self.now(), mailbox))
+    def changes(
+        self,
+        since: int,
+        limit: int,
+        mailbox: str | None = None,
+        max_bytes: int | None = None,
+        ids_only: bool = False,
+    ) -> Deferred[ChangesPage]:
+        """One page of this node's feed (5.3): bodies within ``max_bytes``, or ids only (wire v2)."""
+        return shield(self.store.changes(since, limit, self.now(), mailbox, max_bytes=max_bytes, ids_only=ids_only))
+
+    def bodies(self, msg_ids: Sequence[str], acks: Sequence[tuple[str, str]], max_bytes: int) -> Deferred[Bodies]:
+        """The held envelopes and signed acks among those asked for (wire v2 ``bodies``)."""
+        return shield(self.store.bodies(msg_ids, acks, self.now(), max_bytes))
 
     def sweep(self) -> Deferred[SweepResult | None]:
         """Delete expired envelopes, tombstones, acks and nonces (the sweeper's tick)."""
@@ -660,6 +742,7 @@ class Relay:
                     self.metrics.expired_total.labels(kind).inc(n)
             if result.envelopes:
                 self._update_gauges()
+                self._space_freed(None)
                 self.log.info(
                     "expiry sweep removed {envelopes} envelopes, {tombstones} tombstones",
                     envelopes=result.envelopes,

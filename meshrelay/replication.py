@@ -1,30 +1,32 @@
 """Mesh replication: batched push to every peer, anti-entropy sync from every peer.
 
-One :class:`PeerClient` per configured peer holds an injected treq-style HTTP
-client (anything with ``request(method, url, data=, headers=)``: a
-``treq.HTTPClient`` in production, ``treq.testing.StubTreq`` in tests) and the
-injected clock.
+Each configured peer gets a :class:`PeerClient` made of three parts:
 
-**Push** (the fast path).  :class:`Replication` listens to the relay's
-``envelope_listeners`` / ``ack_listeners``, which fire only for *client*
-deposits and acks after they commit (replicas are never pushed on: one hop).
-Each item is queued for every peer; a peer's queue is coalesced into batched
-requests (``{"envelopes": [...]}`` / ``{"acks": [...]}``) split by bytes under
-``limits.max_replicate_body_bytes`` and by count under
-:data:`~meshrelay.peer_api.MAX_BATCH`, with at most ``sync.push_inflight_max``
-requests in flight.  A queue that reaches ``sync.push_queue_max`` is dropped
-whole (``push_dropped_total``): sync repairs it.  Every request times out on
-the injected clock and ends in an errback that only counts
-``push_total{outcome="error"}``; nothing a peer does can delay or fail a
-client's answer.
+- :class:`Transport`: signed requests (HMAC, section 4) through an injected
+  treq-style HTTP client (``treq.HTTPClient`` in production,
+  ``treq.testing.StubTreq`` in tests), each with a timeout on the injected
+  clock and a cap on the answer's size.
+- :class:`PushQueue` (the fast path): client deposits and acks, after they
+  commit, are queued per peer and coalesced into batched requests split by
+  bytes under ``limits.max_replicate_body_bytes`` and by count under
+  :data:`~meshrelay.protocol.MAX_BATCH`, with at most
+  ``sync.push_inflight_max`` requests in flight.  The queue is bounded in
+  items (``sync.push_queue_max``) and in bytes (``sync.push_queue_bytes``);
+  past either it is dropped whole (``push_dropped_total``): sync repairs it.
+  Nothing a peer does can delay or fail a client's answer.
+- :class:`SyncPuller` (the sure path): the peer's ``changes`` feed is pulled
+  at start-up and every ``sync.interval`` seconds from a durable cursor.  With
+  a wire-v2 peer (negotiated through ``features``) it pulls ids-only pages,
+  asks its own store which items it lacks and fetches only those through
+  ``bodies`` (several requests in flight); with a v1-only peer it pulls v1
+  pages, halving ``limit`` for the rest of the run when a page is too large.
+  Every item is treated like a replica, so a partial mesh converges.
 
-**Sync** (the sure path).  Each peer's ``changes`` feed is pulled at start-up
-and every ``sync.interval`` seconds, page after page until ``more`` is false,
-from a cursor stored durably per peer; every item is treated like a replica,
-so what a node learned from others spreads on and a partial mesh converges.
-A change of the peer's feed id restarts from ``since=0``.  Failed runs back off
-(doubling, up to ``sync.interval``).  A store lease makes sure only one
-process sharing a database pulls from a given peer.
+:class:`Replication` is the relay's one replication collaborator
+(:class:`~meshrelay.relay.ReplicationHooks`): it fans pushes out to the
+peers, answers ``fetch_remote``, and when space frees (``space_freed``) it
+obtains again, after a short debounce, the replicas this node refused at a
+cap from the peers that offered them (wire-v2.md "Capped replicas converge").
 """
 
 from __future__ import annotations
@@ -33,42 +35,85 @@ import os
 import secrets
 import socket
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import treq
 from treq.client import HTTPClient as TreqHTTPClient
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    FirstError,
+    TimeoutError,
+    gatherResults,
+)
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 
 from meshrelay.config import Config, PeerConfig
 from meshrelay.deferutil import shield
-from meshrelay.envelope import MAX_INT, dumps_json, loads_json
+from meshrelay.envelope import Envelope, SignedAck
+from meshrelay.logs import Aggregator
 from meshrelay.metrics import Metrics
-from meshrelay.peer_api import MAX_BATCH, MAX_CHANGES_LIMIT
 from meshrelay.peers import PeerSigner, url_path
 from meshrelay.policy_sync import PolicyPeer
+from meshrelay.protocol import (
+    ACK_PATH,
+    BODIES_PATH,
+    CHANGES_PATH,
+    DEFAULT_IDS_LIMIT,
+    FEATURES_PATH,
+    MAX_BATCH,
+    MAX_BODIES,
+    MAX_CHANGES_LIMIT,
+    MAX_IDS_LIMIT,
+    PAGE_OVERHEAD,
+    PROTOCOL_VERSIONS,
+    REPLICATE_PATH,
+    V1_ONLY,
+    Features,
+    IdsPage,
+    Page,
+    PeerError,
+    bodies_request,
+    bounded_response_cap,
+    dumps_json,
+    loads_json,
+    parse_bodies,
+    parse_features,
+    parse_ids_page,
+    parse_page,
+    v1_response_cap,
+)
 from meshrelay.relay import Relay
-from meshrelay.store.base import Cursor, Store, StoreError
-from meshrelay.web import ACK_PATH, CHANGES_PATH, REPLICATE_PATH
+from meshrelay.store.base import STORAGE_FULL, Cursor, Refused, Store, StoreError
+
+__all__ = ["PeerError", "Page", "parse_page", "Replication", "PeerClient", "PooledHTTPClients", "MAX_FETCH_PAGES"]
 
 ENVELOPE = "envelope"
 ACK = "ack"
 
 #: pages one sync run pulls before it yields (the next run starts at once)
 MAX_PAGES_PER_RUN = 1000
-#: pages a fetch_remote pulls from each peer for one mailbox
+#: pages a fetch_remote (or a refetch from a v1-only peer) pulls from a peer for one mailbox
 MAX_FETCH_PAGES = 4
 #: cap on a push answer's body (results are ~100 bytes per item)
 MAX_PUSH_RESPONSE = 1 << 20
+#: cap on an ids page's answer (an id item is ~170 bytes)
+IDS_ITEM_BYTES = 400
 #: first back-off step after a failed sync run (doubles up to sync.interval)
 MIN_BACKOFF = 1.0
 #: pause after a peer answers a push with 429 (rate limited) before pushing again
 THROTTLE_PAUSE = 0.2
+#: bodies requests in flight per peer while pulling a page
+BODIES_INFLIGHT = 4
+#: debounce between space freeing and the refetch of refused replicas
+REFETCH_DELAY = 1.0
+#: remembered refusals read per refetch round
+REFETCH_ROUND = 500
 
 _BATCH_OPEN = {ENVELOPE: '{"envelopes":[', ACK: '{"acks":['}
 _BATCH_CLOSE = "]}"
@@ -84,10 +129,6 @@ class HTTPClient(Protocol):
 ClientFactory = Callable[[PeerConfig], HTTPClient]
 
 
-class PeerError(Exception):
-    """A peer answered something other than a well-formed success."""
-
-
 class ResponseTooLarge(PeerError):
     pass
 
@@ -96,44 +137,8 @@ class Throttled(PeerError):
     """The peer answered 429: slow down and send the same items again."""
 
 
-@dataclass(frozen=True)
-class Page:
-    """One validated ``changes`` page from a peer."""
-
-    feed: str
-    envelopes: list[Any]
-    acks: list[Any]
-    next: int
-    more: bool
-
-
-def parse_page(obj: Any, since: int, limit: int) -> Page:
-    """Validate a ``changes`` answer; raise :class:`PeerError` for anything malformed."""
-    if not isinstance(obj, dict) or obj.get("ok") is not True:
-        raise PeerError("changes answer is not {ok: true, ...}")
-    feed, items, nxt, more = obj.get("feed"), obj.get("items"), obj.get("next"), obj.get("more")
-    if not isinstance(feed, str) or not 0 < len(feed) <= 200:
-        raise PeerError("changes answer has no feed id")
-    if not isinstance(items, list) or len(items) > limit:
-        raise PeerError("changes items must be a list of at most limit items")
-    if type(nxt) is not int or not since <= nxt <= MAX_INT:
-        raise PeerError("changes next must be an integer >= since")
-    if type(more) is not bool:
-        raise PeerError("changes more must be a boolean")
-    if more and (nxt == since or not items):
-        raise PeerError("changes answer says more but made no progress")
-    envelopes: list[Any] = []
-    acks: list[Any] = []
-    for item in items:
-        if not isinstance(item, dict) or len(item) != 2 or type(item.get("seq")) is not int:
-            raise PeerError("a changes item must be {seq, envelope | ack}")
-        if "envelope" in item:
-            envelopes.append(item["envelope"])
-        elif "ack" in item:
-            acks.append(item["ack"])
-        else:
-            raise PeerError("a changes item must be {seq, envelope | ack}")
-    return Page(feed, envelopes, acks, nxt, more)
+class Downgrade(PeerError):
+    """A v2 request was answered 400/404: the peer speaks v1 only (now)."""
 
 
 def _describe(f: Failure) -> str:
@@ -146,38 +151,20 @@ def _describe(f: Failure) -> str:
     return f.getErrorMessage() or f.type.__name__  # type: ignore[union-attr]
 
 
-class PeerClient:
-    """Push queue, sync puller and remote fetch for one peer."""
+# ---------------------------------------------------------------------- transport
+
+
+class Transport:
+    """Signed requests to one peer: HMAC headers, a timeout on the injected clock, a size cap."""
 
     log = Logger()
 
-    def __init__(
-        self,
-        peer: PeerConfig,
-        config: Config,
-        relay: Relay,
-        store: Store,
-        metrics: Metrics,
-        http: HTTPClient,
-        clock: Any,
-        holder: str,
-    ) -> None:
+    def __init__(self, peer: PeerConfig, config: Config, http: HTTPClient, clock: Any) -> None:
         self.url = peer.url
-        self.relay = relay
-        self.store = store
-        self.metrics = metrics
         self.http = http
         self.clock = clock
-        self.holder = holder
         self.signer = PeerSigner(config.node.public_url, peer.secret)
-        sync = config.sync
-        self.timeout = sync.push_timeout
-        self.interval = sync.interval
-        self.queue_max = sync.push_queue_max
-        self.inflight_max = sync.push_inflight_max
-        self.page_limit = min(sync.page_limit, MAX_CHANGES_LIMIT)
-        self.max_body = config.limits.max_replicate_body_bytes
-        self.lease_ttl = max(60, 3 * sync.push_timeout)
+        self.timeout = config.sync.push_timeout
         # Where to dial: ``connect`` (scheme://host:port) when given, else the
         # URL itself; the path prefix, identity and keys always come from url.
         target = urlsplit(peer.url)
@@ -185,70 +172,24 @@ class PeerClient:
         dial = urlsplit(peer.connect) if peer.connect else target
         self.origin = f"{dial.scheme}://{dial.netloc}"
         self.host_header = target.netloc if peer.connect else None
-        # A changes page holds at most page_limit envelopes of at most
-        # max_message_bytes (4/3 for b64u, plus the JSON around them).
-        per_item = config.limits.max_message_bytes * 4 // 3 + 1024
-        self.max_page_response = MAX_CHANGES_LIMIT * per_item + 4096
-        # push state
-        self.queues: dict[str, deque[str]] = {ENVELOPE: deque(), ACK: deque()}
-        self.queued_bytes = {ENVELOPE: 0, ACK: 0}
-        self.inflight = 0
-        self.paused_until = 0.0
-        self._turn = ACK
-        self._pump_call: Any = None
-        # sync state
-        self._sync_call: Any = None
-        self._syncing = False
-        self.backoff = 0.0
-        self.synced_at: float | None = None
-        self.started_at = clock.seconds()
-        # status (peer_status)
-        self.last_push_outcome: str | None = None
-        self.last_push_at: float | None = None
-        self.last_sync_outcome: str | None = None
-        self.last_sync_at: float | None = None
-        #: v3: this peer's policy push and pull (set by Replication)
-        self.policy_peer: PolicyPeer | None = None
         self.reachable: bool | None = None
-        self._stopped = True
-        self._outstanding: set[Deferred[Any]] = set()
-        # This peer's metric children, looked up once (enqueue runs per item).
-        self._depth = metrics.push_queue_depth.labels(self.url)
-        self._pushed = {o: metrics.push_total.labels(self.url, o) for o in ("ok", "rejected", "error")}
-        self._dropped = metrics.push_dropped_total.labels(self.url)
-        self._depth.set(0)
-        metrics.peer_sync_lag.labels(self.url).set_function(self.lag_gauge_value)
+        #: everything in flight for this peer (pushes, pulls, runs): cancelled on stop
+        self.outstanding: set[Deferred[Any]] = set()
 
-    # ------------------------------------------------------------------ lifecycle
-
-    def start(self) -> None:
-        self._stopped = False
-        self._sync_call = self.clock.callLater(0, self._sync_tick)
-
-    def stop(self) -> None:
-        """Cancel timers and everything in flight; queued pushes are left to sync."""
-        self._stopped = True
-        for call in (self._pump_call, self._sync_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._pump_call = self._sync_call = None
-        for d in list(self._outstanding):
-            d.cancel()
-        self._clear_queues()
-        self._depth.set(0)
-
-    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
-        self._outstanding.add(d)
+    def track(self, d: Deferred[Any]) -> Deferred[Any]:
+        self.outstanding.add(d)
 
         def forget(result: Any) -> Any:
-            self._outstanding.discard(d)
+            self.outstanding.discard(d)
             return result
 
         return d.addBoth(forget)
 
-    # ------------------------------------------------------------------ HTTP
+    def cancel_all(self) -> None:
+        for d in list(self.outstanding):
+            d.cancel()
 
-    def _request(
+    def request(
         self, method: str, path: str, query: str = "", body: bytes = b"", cap: int = MAX_PUSH_RESPONSE
     ) -> Deferred[tuple[int, bytes]]:
         """A signed request with a timeout on the injected clock: fires with (status, body)."""
@@ -287,7 +228,7 @@ class PeerClient:
         await treq.collect(response, collect)
         return int(response.code), b"".join(chunks)
 
-    def _mark(self, reachable: bool, why: str = "") -> None:
+    def mark(self, reachable: bool, why: str = "") -> None:
         """Record the peer's state; log once per change."""
         if reachable and self.reachable is False:
             self.log.info("peer {peer} up", peer=self.url)
@@ -295,46 +236,97 @@ class PeerClient:
             self.log.warn("peer {peer} down: {why}", peer=self.url, why=why)
         self.reachable = reachable
 
-    # ------------------------------------------------------------------ push
+
+# ---------------------------------------------------------------------- push
+
+
+class PushQueue:
+    """One peer's push queues (envelopes, acks): batching, in-flight bound, requeue on 429."""
+
+    log = Logger()
+
+    def __init__(self, transport: Transport, config: Config, metrics: Metrics, clock: Any, log_agg: Aggregator) -> None:
+        self.transport = transport
+        self.url = transport.url
+        self.clock = clock
+        self.log_agg = log_agg
+        sync = config.sync
+        self.queue_max = sync.push_queue_max
+        self.queue_bytes_max = sync.push_queue_bytes
+        self.inflight_max = sync.push_inflight_max
+        self.max_body = config.limits.max_replicate_body_bytes
+        self.queues: dict[str, deque[str]] = {ENVELOPE: deque(), ACK: deque()}
+        self.queued_bytes = {ENVELOPE: 0, ACK: 0}
+        self.inflight = 0
+        self.paused_until = 0.0
+        self._turn = ACK
+        self._pump_call: Any = None
+        self._stopped = True
+        self.last_push_outcome: str | None = None
+        self.last_push_at: float | None = None
+        # This peer's metric children, looked up once (enqueue runs per item).
+        self._depth = metrics.push_queue_depth.labels(self.url)
+        self._pushed = {o: metrics.push_total.labels(self.url, o) for o in ("ok", "rejected", "error")}
+        self._dropped = metrics.push_dropped_total.labels(self.url)
+        self._depth.set(0)
+
+    def start(self) -> None:
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Cancel the pump; queued items are left to sync (requests are cancelled by the transport)."""
+        self._stopped = True
+        if self._pump_call is not None and self._pump_call.active():
+            self._pump_call.cancel()
+        self._pump_call = None
+        self._clear()
+        self._depth.set(0)
 
     @property
-    def queue_depth(self) -> int:
+    def depth(self) -> int:
         return len(self.queues[ENVELOPE]) + len(self.queues[ACK])
+
+    @property
+    def byte_size(self) -> int:
+        return self.queued_bytes[ENVELOPE] + self.queued_bytes[ACK]
+
+    def update_gauge(self) -> None:
+        self._depth.set(self.depth)
 
     def enqueue(self, kind: str, text: str) -> None:
         """Queue one envelope or signed ack (canonical JSON text) for this peer."""
         if self._stopped:
             return
-        depth = self.queue_depth
-        if depth >= self.queue_max:
-            dropped = depth + 1
-            self._clear_queues()
-            self._dropped.inc(dropped)
-            self._depth.set(0)
-            self.last_push_outcome = "dropped"
-            self.last_push_at = self.clock.seconds()
-            self.log.warn(
-                "push queue for peer {peer} full: dropped {n} items; sync will repair", peer=self.url, n=dropped
-            )
+        depth = self.depth
+        if depth >= self.queue_max or self.byte_size + len(text) > self.queue_bytes_max:
+            self._drop_all(depth + 1)
             return
         self.queues[kind].append(text)
         self.queued_bytes[kind] += len(text)
         self._depth.set(depth + 1)
         self._schedule_pump()
 
+    def _drop_all(self, dropped: int) -> None:
+        self._clear()
+        self._dropped.inc(dropped)
+        self._depth.set(0)
+        self.last_push_outcome = "dropped"
+        self.last_push_at = self.clock.seconds()
+        self.log.warn("push queue for peer {peer} full: dropped {n} items; sync will repair", peer=self.url, n=dropped)
+
+    def _clear(self) -> None:
+        for kind, q in self.queues.items():
+            q.clear()
+            self.queued_bytes[kind] = 0
+
     def _schedule_pump(self) -> None:
-        if self._pump_call is not None or self._stopped or not self.queue_depth:
+        if self._pump_call is not None or self._stopped or not self.depth:
             return
         pause = self.paused_until - self.clock.seconds()
         if pause > 0:
             self._pump_call = self.clock.callLater(pause, self._pump)
         elif self._may_send():
             self._pump_call = self.clock.callLater(0, self._pump)
-
-    def _clear_queues(self) -> None:
-        for kind, q in self.queues.items():
-            q.clear()
-            self.queued_bytes[kind] = 0
 
     def _may_send(self) -> bool:
         """Whether to start a request now.
@@ -344,7 +336,7 @@ class PeerClient:
         coalesce into the next batch (fewer, bigger requests under load), and
         a backlog still gets up to ``push_inflight_max`` requests at once.
         """
-        if self._stopped or not self.queue_depth or self.inflight >= self.inflight_max:
+        if self._stopped or not self.depth or self.inflight >= self.inflight_max:
             return False
         if self.clock.seconds() < self.paused_until:
             return False
@@ -361,7 +353,7 @@ class PeerClient:
             kind = self._next_kind()
             items, body = self._take_batch(kind)
             self._send(kind, items, body)
-        self._depth.set(self.queue_depth)
+        self._depth.set(self.depth)
         self._schedule_pump()
 
     def _next_kind(self) -> str:
@@ -381,19 +373,19 @@ class PeerClient:
             item = q.popleft()
             size += 1 + len(item)
             parts.append(item)
-        self.queued_bytes[kind] -= sum(len(p) for p in parts)
+        self.queued_bytes[kind] -= size - len(opening) - len(closing) - (len(parts) - 1)
         return parts, (opening + ",".join(parts) + closing).encode("utf-8")
 
     def _send(self, kind: str, items: list[str], body: bytes) -> None:
         self.inflight += 1
         path = REPLICATE_PATH if kind == ENVELOPE else ACK_PATH
-        d = self._request("POST", path, body=body)
-        d.addCallback(self._push_answered, kind, len(items))
-        d.addErrback(self._push_failed, kind, items)
-        d.addBoth(self._push_done)
-        self._track(d)
+        d = self.transport.request("POST", path, body=body)
+        d.addCallback(self._answered, kind, len(items))
+        d.addErrback(self._failed, kind, items)
+        d.addBoth(self._done)
+        self.transport.track(d)
 
-    def _push_answered(self, answer: tuple[int, bytes], kind: str, n: int) -> None:
+    def _answered(self, answer: tuple[int, bytes], kind: str, n: int) -> None:
         status, body = answer
         if status == 429:
             raise Throttled("HTTP 429")
@@ -417,7 +409,7 @@ class PeerClient:
             if count:
                 self._pushed[outcome].inc(count)
         if rejected:
-            self.relay.log_agg.emit(
+            self.log_agg.emit(
                 self.log,
                 "push_rejected:" + self.url,
                 "peer {peer} rejected {n} pushed items",
@@ -427,40 +419,100 @@ class PeerClient:
             )
         self.last_push_outcome = "error" if errors else "rejected" if rejected else "ok"
         self.last_push_at = self.clock.seconds()
-        self._mark(True)
+        self.transport.mark(True)
 
-    def _push_failed(self, f: Failure, kind: str, items: list[str]) -> None:
+    def _failed(self, f: Failure, kind: str, items: list[str]) -> None:
         if self._stopped and f.check(CancelledError):
             return
         if f.check(Throttled):
             self._requeue(kind, items)
             return
-        n = len(items)
-        self._pushed["error"].inc(n)
+        self._pushed["error"].inc(len(items))
         self.last_push_outcome = "error"
         self.last_push_at = self.clock.seconds()
-        self._mark(False, f"push failed: {_describe(f)}")
+        self.transport.mark(False, f"push failed: {_describe(f)}")
 
     def _requeue(self, kind: str, items: list[str]) -> None:
         """A rate-limited batch goes back to the head of its queue; pushing pauses briefly."""
         self.paused_until = self.clock.seconds() + THROTTLE_PAUSE
         self.last_push_outcome = "throttled"
         self.last_push_at = self.clock.seconds()
-        if self.queue_depth + len(items) > self.queue_max:
+        size = sum(len(i) for i in items)
+        if self.depth + len(items) > self.queue_max or self.byte_size + size > self.queue_bytes_max:
             self._dropped.inc(len(items))
             self.log.warn(
                 "push queue for peer {peer} full: dropped {n} items; sync will repair", peer=self.url, n=len(items)
             )
             return
         self.queues[kind].extendleft(reversed(items))
-        self.queued_bytes[kind] += sum(len(i) for i in items)
-        self._depth.set(self.queue_depth)
+        self.queued_bytes[kind] += size
+        self._depth.set(self.depth)
 
-    def _push_done(self, _: Any) -> None:
+    def _done(self, _: Any) -> None:
         self.inflight -= 1
         self._schedule_pump()
 
-    # ------------------------------------------------------------------ sync
+
+# ---------------------------------------------------------------------- sync
+
+
+class SyncPuller:
+    """One peer's anti-entropy: negotiation, cursor, pages, bodies, and refetch of refused replicas."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        transport: Transport,
+        config: Config,
+        relay: Relay,
+        store: Store,
+        metrics: Metrics,
+        clock: Any,
+        holder: str,
+    ) -> None:
+        self.transport = transport
+        self.url = transport.url
+        self.relay = relay
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.holder = holder
+        sync = config.sync
+        self.interval = sync.interval
+        self.page_limit = min(sync.page_limit, MAX_CHANGES_LIMIT)
+        self.ids_limit = DEFAULT_IDS_LIMIT
+        self.lease_ttl = max(60, 3 * sync.push_timeout)
+        self.max_message_bytes = config.limits.max_message_bytes
+        #: the protocol versions this side speaks (a test double may narrow it to (1,))
+        self.versions: tuple[int, ...] = PROTOCOL_VERSIONS
+        #: what the peer speaks: None until negotiated (again after a failed run)
+        self.features: Features | None = None
+        #: v3: the peer's policy push and pull; when it speaks v3, envelopes are asked with permit and stamp
+        self.policy_peer: PolicyPeer | None = None
+        #: the v1 page limit of the current run (halved when a v1 page is too large)
+        self.run_limit = self.page_limit
+        self._sync_call: Any = None
+        self._syncing = False
+        self._stopped = True
+        self.backoff = 0.0
+        self.synced_at: float | None = None
+        self.started_at = clock.seconds()
+        self.last_sync_outcome: str | None = None
+        self.last_sync_at: float | None = None
+        metrics.peer_sync_lag.labels(self.url).set_function(self.lag_gauge_value)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._stopped = False
+        self._sync_call = self.clock.callLater(0, self._tick)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._sync_call is not None and self._sync_call.active():
+            self._sync_call.cancel()
+        self._sync_call = None
 
     def lag_gauge_value(self) -> float:
         """``peer_sync_lag_seconds``: since the last complete pull (or since start-up if none yet)."""
@@ -478,50 +530,106 @@ class PeerClient:
             return
         if self._sync_call is not None and self._sync_call.active():
             self._sync_call.cancel()
-        self._sync_tick()
+        self._tick()
 
-    def _sync_tick(self) -> None:
+    def _tick(self) -> None:
         self._sync_call = None
         if self._stopped or self._syncing:
             return
         self._syncing = True
-        d = Deferred.fromCoroutine(self._sync_run())
-        d.addCallbacks(self._sync_ended, self._sync_failed)
-        self._track(d)
+        d = Deferred.fromCoroutine(self._run())
+        d.addCallbacks(self._ended, self._failed)
+        self.transport.track(d)
 
-    def _schedule_sync(self, delay: float) -> None:
+    def _schedule(self, delay: float) -> None:
         self._syncing = False
         if not self._stopped:
-            self._sync_call = self.clock.callLater(delay, self._sync_tick)
+            self._sync_call = self.clock.callLater(delay, self._tick)
 
-    def _sync_ended(self, outcome: str) -> None:
+    def _ended(self, outcome: str) -> None:
         self.last_sync_outcome = outcome
         self.last_sync_at = self.clock.seconds()
         self.backoff = 0.0
-        self._schedule_sync(0 if outcome == "partial" else self.interval)
+        self._schedule(0 if outcome == "partial" else self.interval)
 
-    def _sync_failed(self, f: Failure) -> None:
+    def _failed(self, f: Failure) -> None:
         if self._stopped and f.check(CancelledError):
             self._syncing = False
             return
         self.last_sync_outcome = "error"
         self.last_sync_at = self.clock.seconds()
         self.backoff = min(float(self.interval), max(MIN_BACKOFF, self.backoff * 2))
+        # The peer may come back with another version: ask again next run.
+        self.features = None
         if f.check(PeerError):
-            self._mark(False, f"sync failed: {_describe(f)}")
+            self.transport.mark(False, f"sync failed: {_describe(f)}")
         elif f.check(StoreError):
             self.log.error("sync from peer {peer} stopped: {err}", peer=self.url, err=f.value)
         else:
             self.log.failure("sync from peer {peer} failed", f, peer=self.url)
-        self._schedule_sync(self.backoff)
+        self._schedule(self.backoff)
+
+    # ------------------------------------------------------------------ negotiation
+
+    async def negotiate(self) -> Features:
+        """Ask the peer's ``features`` (404/405: v1 only; anything else unexpected is an error)."""
+        if 2 not in self.versions:
+            self.features = V1_ONLY
+            return V1_ONLY
+        try:
+            status, body = await self.transport.request("GET", FEATURES_PATH)
+            if status in (404, 405):
+                features = V1_ONLY
+            elif status != 200:
+                raise PeerError(f"features: HTTP {status}")
+            else:
+                features = parse_features(loads_json(body))
+                if not features.v2:
+                    features = V1_ONLY
+        except CancelledError:
+            raise
+        except PeerError:
+            raise
+        except Exception as e:
+            raise PeerError(_describe(Failure(e))) from e
+        self.features = features
+        return features
+
+    @property
+    def speaks_v3(self) -> bool:
+        """The peer serves the v3 policy feed: ask for envelopes with their permit and stamp."""
+        return self.policy_peer is not None and bool(self.policy_peer.speaks_v3)
+
+    def _downgrade(self) -> None:
+        self.log.info("peer {peer} refused a wire v2 request: using v1 with it", peer=self.url)
+        self.features = V1_ONLY
+
+    def _page_cap(self) -> int:
+        """The answer cap for a v1 changes page from this peer."""
+        f = self.features
+        if f is not None and f.v2:
+            return bounded_response_cap(f.page_bytes, self.max_message_bytes)
+        return v1_response_cap(self.max_message_bytes)
+
+    # ------------------------------------------------------------------ runs
 
     async def _lease(self) -> bool:
         return await shield(self.store.acquire_lease("sync:" + self.url, self.holder, self.lease_ttl))
 
-    async def _sync_run(self) -> str:
+    async def _run(self) -> str:
         if not await self._lease():
             self.metrics.sync_pull_total.labels(self.url, "skipped").inc()
             return "skipped"
+        if self.features is None:
+            await self.negotiate()
+        self.run_limit = self.page_limit
+        while True:
+            try:
+                return await self._run_pages()
+            except Downgrade:
+                self._downgrade()
+
+    async def _run_pages(self) -> str:
         cursor = await shield(self.store.get_cursor(self.url))
         feed = cursor.feed_id if cursor is not None else ""
         since = cursor.since if cursor is not None else 0
@@ -529,9 +637,9 @@ class PeerClient:
         if synced_at and (self.synced_at is None or synced_at > self.synced_at):
             self.synced_at = synced_at
         # A pipeline two pages deep: while page N is verified and stored, page
-        # N+1 is already being fetched (the peer builds it meanwhile) and then
-        # parsed.  The durable cursor only ever moves past a page whose items
-        # are all applied, in order.
+        # N+1 (with its bodies, for a v2 peer) is already being fetched.  The
+        # durable cursor only ever moves past a page whose items are all
+        # applied, in order.
         prefetch: Deferred[Page] | None = None
         applying: tuple[Deferred[None], Page] | None = None
         pages = 0
@@ -543,7 +651,7 @@ class PeerClient:
                         applying = None
                     return "skipped"
                 if prefetch is None:
-                    prefetch = self._pull_page(since)
+                    prefetch = self._load_page(since)
                 page = await prefetch
                 prefetch = None
                 if feed and page.feed != feed and since:
@@ -559,7 +667,7 @@ class PeerClient:
                 pages += 1
                 last = not page.more or pages >= MAX_PAGES_PER_RUN
                 if not last:
-                    prefetch = self._pull_page(since)
+                    prefetch = self._load_page(since)
                 if applying is not None and applying[1].acks:
                     # This page's envelopes must not overtake the previous
                     # page's acks (see _apply): let those finish first.
@@ -590,19 +698,41 @@ class PeerClient:
         await shield(self.store.set_cursor(Cursor(self.url, page.feed, page.next, synced_at)))
         return synced_at
 
-    def _pull_page(self, since: int) -> Deferred[Page]:
-        return Deferred.fromCoroutine(self._pull(since, self.page_limit))
+    def _load_page(self, since: int) -> Deferred[Page]:
+        f = self.features
+        if f is not None and f.v2:
+            return Deferred.fromCoroutine(self._load_ids_page(since))
+        return Deferred.fromCoroutine(self._load_v1_page(since))
 
-    async def _pull(self, since: int, limit: int, mailbox: str | None = None) -> Page:
-        """GET one changes page; counts ``sync_pull_total`` (ok/error)."""
-        query = f"since={since}&limit={limit}" + (f"&mailbox={mailbox}" if mailbox else "")
-        if self.policy_peer is not None and self.policy_peer.speaks_v3:
-            query += "&ext=1"  # v3: envelopes with their permit and stamp
+    async def _load_v1_page(self, since: int) -> Page:
+        """A v1 page; from a v1-only peer, halve the run's limit while the answer is too large."""
+        while True:
+            try:
+                return await self._pull(since, self.run_limit)
+            except ResponseTooLarge:
+                if self.run_limit == 1 or (self.features is not None and self.features.v2):
+                    raise
+                self.run_limit = max(1, self.run_limit // 2)
+                self.log.info(
+                    "a changes page from peer {peer} was too large: limit {limit} for the rest of this run",
+                    peer=self.url,
+                    limit=self.run_limit,
+                )
+
+    async def _checked(
+        self, method: str, path: str, query: str = "", body: bytes = b"", cap: int = 0, v2: bool = False
+    ) -> Any:
+        """One pull-side request: the decoded JSON of a 200; counts ``sync_pull_total`` errors.
+
+        A v2 request answered 400 or 404 raises :class:`Downgrade`.
+        """
         try:
-            status, body = await self._request("GET", CHANGES_PATH, query, cap=self.max_page_response)
+            status, answer = await self.transport.request(method, path, query, body, cap=cap)
+            if v2 and status in (400, 404):
+                raise Downgrade(f"HTTP {status} to {path}")
             if status != 200:
                 raise PeerError(f"HTTP {status}")
-            page = parse_page(loads_json(body), since, limit)
+            return loads_json(answer)
         except CancelledError:
             raise
         except Exception as e:
@@ -610,26 +740,146 @@ class PeerClient:
             if isinstance(e, PeerError):
                 raise
             raise PeerError(_describe(Failure(e))) from e
+
+    async def _pull(self, since: int, limit: int, mailbox: str | None = None) -> Page:
+        """GET one v1 changes page; counts ``sync_pull_total`` (ok/error)."""
+        query = f"since={since}&limit={limit}" + (f"&mailbox={mailbox}" if mailbox else "")
+        if self.speaks_v3:
+            query += "&ext=1"  # v3: envelopes with their permit and stamp (12.5)
+        obj = await self._checked("GET", CHANGES_PATH, query, cap=self._page_cap())
+        try:
+            page = parse_page(obj, since, limit)
+        except PeerError:
+            self.metrics.sync_pull_total.labels(self.url, "error").inc()
+            raise
         self.metrics.sync_pull_total.labels(self.url, "ok").inc()
-        self._mark(True)
+        self.transport.mark(True)
         return page
+
+    async def _pull_ids(self, since: int, limit: int) -> IdsPage:
+        query = f"since={since}&limit={limit}&ids=1"
+        obj = await self._checked("GET", CHANGES_PATH, query, cap=limit * IDS_ITEM_BYTES + PAGE_OVERHEAD, v2=True)
+        try:
+            page = parse_ids_page(obj, since, limit)
+        except PeerError:
+            self.metrics.sync_pull_total.labels(self.url, "error").inc()
+            raise
+        self.metrics.sync_pull_total.labels(self.url, "ok").inc()
+        self.transport.mark(True)
+        return page
+
+    async def _load_ids_page(self, since: int) -> Page:
+        """An ids page, then the bodies of the items this node lacks (several requests in flight)."""
+        ids = await self._pull_ids(since, min(self.ids_limit, MAX_IDS_LIMIT))
+        envs: list[Any] = []
+        acks: list[Any] = []
+        if ids.envelopes or ids.acks:
+            lacking_envs, lacking_acks = await shield(
+                self.store.missing(
+                    [(m, k) for m, k, _ in ids.envelopes], [(m, k) for m, k, _ in ids.acks], self.relay.now()
+                )
+            )
+            if lacking_envs or lacking_acks:
+                sizes = {(m, k): s for m, k, s in ids.envelopes}
+                sizes.update({(m, k): s for m, k, s in ids.acks})
+                envs, acks = await self.fetch_bodies(
+                    [(m, k, sizes.get((m, k), 0)) for m, k in lacking_envs],
+                    [(m, k, sizes.get((m, k), 0)) for m, k in lacking_acks],
+                )
+        return Page(ids.feed, envs, acks, ids.next, ids.more, lacking=True)
+
+    async def fetch_bodies(
+        self, envelopes: Sequence[tuple[str, str, int]], acks: Sequence[tuple[str, str, int]]
+    ) -> tuple[list[Any], list[Any]]:
+        """Fetch bodies in chunks (by count and bytes), up to BODIES_INFLIGHT requests at once.
+
+        Fires with (envelopes, acks) as returned; what the peer says is gone is left out.
+        """
+        f = self.features
+        budget = f.page_bytes if f is not None and f.page_bytes else 1 << 20
+        chunks: list[tuple[list[str], list[tuple[str, str]]]] = []
+        cur_e: list[str] = []
+        cur_a: list[tuple[str, str]] = []
+        used = 0
+        for kind, items in ((ACK, acks), (ENVELOPE, envelopes)):
+            for mailbox, key, size in items:
+                if (cur_e or cur_a) and (len(cur_e) + len(cur_a) >= MAX_BODIES or used + size > budget):
+                    chunks.append((cur_e, cur_a))
+                    cur_e, cur_a, used = [], [], 0
+                if kind == ACK:
+                    cur_a.append((mailbox, key))
+                else:
+                    cur_e.append(key)
+                used += size
+        if cur_e or cur_a:
+            chunks.append((cur_e, cur_a))
+        # Up to BODIES_INFLIGHT workers take the chunks in turn; results keep the chunks' order.
+        results: list[tuple[list[Any], list[Any], list[str]]] = [([], [], [])] * len(chunks)
+        todo = iter(enumerate(chunks))
+
+        async def worker() -> None:
+            for i, (msg_ids, ack_keys) in todo:
+                results[i] = await self._bodies(msg_ids, ack_keys)
+
+        workers = [Deferred.fromCoroutine(worker()) for _ in range(min(BODIES_INFLIGHT, len(chunks)))]
+        try:
+            await gatherResults(workers, consumeErrors=True)
+        except FirstError as err:
+            for w in workers:
+                w.cancel()
+            err.subFailure.raiseException()
+        out_e: list[Any] = []
+        out_a: list[Any] = []
+        for e, a, _ in results:
+            out_e.extend(e)
+            out_a.extend(a)
+        return out_e, out_a
+
+    async def _bodies(self, msg_ids: list[str], acks: list[tuple[str, str]]) -> tuple[list[Any], list[Any], list[str]]:
+        """Ask for these bodies until each is returned or gone; (envelopes, acks, gone msg_ids)."""
+        f = self.features
+        cap = bounded_response_cap(f.page_bytes if f is not None else 1 << 20, self.max_message_bytes)
+        envs: list[Any] = []
+        got_acks: list[Any] = []
+        gone: list[str] = []
+        while msg_ids or acks:
+            obj = await self._checked(
+                "POST", BODIES_PATH, body=bodies_request(msg_ids, acks, ext=self.speaks_v3), cap=cap, v2=True
+            )
+            try:
+                answer = parse_bodies(obj, len(msg_ids), len(acks))
+            except PeerError:
+                self.metrics.sync_pull_total.labels(self.url, "error").inc()
+                raise
+            envs.extend(answer.envelopes)
+            got_acks.extend(answer.acks)
+            gone.extend(answer.gone_envelopes)
+            done_e = {e.get("msg_id") for e in answer.envelopes if isinstance(e, dict)} | set(answer.gone_envelopes)
+            done_a = {(a.get("mailbox"), a.get("nonce")) for a in answer.acks if isinstance(a, dict)}
+            done_a |= set(answer.gone_acks)
+            rest_e = [m for m in msg_ids if m not in done_e]
+            rest_a = [k for k in acks if k not in done_a]
+            if len(rest_e) + len(rest_a) == len(msg_ids) + len(acks):
+                raise PeerError("bodies answer made no progress")
+            msg_ids, acks = rest_e, rest_a
+        self.transport.mark(True)
+        return envs, got_acks, gone
 
     async def _apply(self, page: Page) -> None:
         """Treat every item like a replica (idempotent); the acks first.
 
         An ack only deletes and tombstones, so applying it early never changes
         the outcome, while an envelope applied before an ack that comes before
-        it in the feed could meet a cap the ack frees at the peer, and a
-        replica refused at a cap is never offered again.
+        it in the feed could meet a cap the ack frees at the peer.
         """
         if page.acks:
             self.metrics.sync_items_total.labels(self.url, ACK).inc(len(page.acks))
             await self.relay.accept_acks(page.acks)
         if page.envelopes:
             self.metrics.sync_items_total.labels(self.url, ENVELOPE).inc(len(page.envelopes))
-            await self.relay.accept_replicas(page.envelopes)
+            await self.relay.accept_replicas(page.envelopes, peer=self.url, new=page.lacking)
 
-    # ------------------------------------------------------------------ fetch_remote
+    # ------------------------------------------------------------------ fetch_remote and refetch
 
     def fetch_mailbox(self, mailbox: str) -> Deferred[None]:
         """Pull one mailbox's items from this peer (bounded pages); never fails."""
@@ -648,7 +898,7 @@ class PeerClient:
             return None
 
         d.addErrback(failed)
-        return self._track(d)
+        return self.transport.track(d)
 
     async def _fetch_mailbox(self, mailbox: str) -> None:
         since = 0
@@ -659,9 +909,90 @@ class PeerClient:
                 return
             since = page.next
 
+    def refetch(self, rows: Sequence[Refused]) -> Deferred[None]:
+        """Obtain again the replicas this node refused from this peer; never fails."""
+        d = Deferred.fromCoroutine(self._refetch(rows))
+
+        def failed(f: Failure) -> None:
+            if not f.check(CancelledError):
+                self.log.info("refetch of refused replicas from {peer} failed: {why}", peer=self.url, why=_describe(f))
+            return None
+
+        d.addErrback(failed)
+        return self.transport.track(d)
+
+    async def _refetch(self, rows: Sequence[Refused]) -> None:
+        if self.features is None:
+            await self.negotiate()
+        f = self.features
+        if f is not None and f.v2:
+            try:
+                for i in range(0, len(rows), MAX_BODIES):
+                    chunk = [r.msg_id for r in rows[i : i + MAX_BODIES]]
+                    envs, _, gone = await self._bodies(chunk, [])
+                    if envs:
+                        await self.relay.accept_replicas(envs, peer=self.url)
+                    if gone:
+                        await shield(self.store.forget_refused([(m, self.url) for m in gone]))
+                return
+            except Downgrade:
+                self._downgrade()
+        # A v1-only peer: read the mailboxes' items again (bounded pages).
+        for mailbox in dict.fromkeys(r.mailbox for r in rows):
+            await self._fetch_mailbox(mailbox)
+
+
+class PeerClient:
+    """One peer: its transport, push queue and sync puller."""
+
+    def __init__(
+        self,
+        peer: PeerConfig,
+        config: Config,
+        relay: Relay,
+        store: Store,
+        metrics: Metrics,
+        http: HTTPClient,
+        clock: Any,
+        holder: str,
+    ) -> None:
+        self.url = peer.url
+        self.transport = Transport(peer, config, http, clock)
+        self.push = PushQueue(self.transport, config, metrics, clock, relay.log_agg)
+        self.puller = SyncPuller(self.transport, config, relay, store, metrics, clock, holder)
+        #: v3: this peer's policy push and pull (set by Replication)
+        self.policy_peer: PolicyPeer | None = None
+
+    def start(self) -> None:
+        self.push.start()
+        self.puller.start()
+
+    def stop(self) -> None:
+        """Cancel timers and everything in flight; queued pushes are left to sync."""
+        self.push.stop()
+        self.puller.stop()
+        self.transport.cancel_all()
+
+    def sync_now(self) -> None:
+        self.puller.sync_now()
+
+    def status(self) -> dict[str, Any]:
+        """This peer's entry of ``peer_status()``."""
+        return {
+            "url": self.url,
+            "last_push_outcome": self.push.last_push_outcome,
+            "last_push_at": self.push.last_push_at,
+            "last_sync_outcome": self.puller.last_sync_outcome,
+            "last_sync_at": self.puller.last_sync_at,
+            "sync_lag_seconds": self.puller.sync_lag(),
+            "queue_depth": self.push.depth,
+            "inflight": self.push.inflight,
+            "backoff_seconds": self.puller.backoff,
+        }
+
 
 class Replication:
-    """Every peer's :class:`PeerClient`, wired to the relay's hooks."""
+    """Every peer's :class:`PeerClient`; the relay's :class:`~meshrelay.relay.ReplicationHooks`."""
 
     log = Logger()
 
@@ -675,22 +1006,29 @@ class Replication:
         client_factory: ClientFactory,
     ) -> None:
         self.relay = relay
+        self.store = store
+        self.clock = clock
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.peers = [
             PeerClient(p, config, relay, store, metrics, client_factory(p), clock, self.holder) for p in config.peers
         ]
+        self._by_url = {p.url: p for p in self.peers}
         # v3: each peer's policy push and pull, over that peer's signed transport.
         for peer in self.peers:
-            peer.policy_peer = PolicyPeer(peer.url, peer._request, relay, clock, config.sync.interval)
+            peer.policy_peer = peer.puller.policy_peer = PolicyPeer(
+                peer.url, peer.transport.request, relay, clock, config.sync.interval
+            )
         self.running = False
+        #: mailboxes whose space freed since the last refetch round (None: any mailbox)
+        self._freed: set[str | None] = set()
+        self._refetch_call: Any = None
+        self._refetching: Deferred[None] | None = None
 
     def start(self) -> None:
         if self.running:
             return
         self.running = True
-        self.relay.envelope_listeners.append(self._on_envelope)
-        self.relay.ack_listeners.append(self._on_ack)
-        self.relay.remote_fetch = self.fetch_remote
+        self.relay.attach_replication(self)
         self.relay.policy_listeners.append(self._on_policy)
         for peer in self.peers:
             peer.start()
@@ -701,12 +1039,13 @@ class Replication:
         if not self.running:
             return
         self.running = False
-        if self._on_envelope in self.relay.envelope_listeners:
-            self.relay.envelope_listeners.remove(self._on_envelope)
-        if self._on_ack in self.relay.ack_listeners:
-            self.relay.ack_listeners.remove(self._on_ack)
-        if self.relay.remote_fetch == self.fetch_remote:
-            self.relay.remote_fetch = None
+        if self.relay.replication is self:
+            self.relay.attach_replication(None)
+        if self._refetch_call is not None and self._refetch_call.active():
+            self._refetch_call.cancel()
+        self._refetch_call = None
+        if self._refetching is not None:
+            self._refetching.cancel()
         if self._on_policy in self.relay.policy_listeners:
             self.relay.policy_listeners.remove(self._on_policy)
         for peer in self.peers:
@@ -714,28 +1053,81 @@ class Replication:
             if peer.policy_peer is not None:
                 peer.policy_peer.stop()
 
-    def _on_envelope(self, env: Any) -> None:
+    # ------------------------------------------------------------------ ReplicationHooks
+
+    def envelope_committed(self, env: Envelope) -> None:
         text = env.raw
         # v3 (12.5): permit and stamp go only to peers that speak v3; the others get the v1 text.
         v1_text = env.raw_v1
         for peer in self.peers:
             v3 = peer.policy_peer is not None and peer.policy_peer.speaks_v3
-            peer.enqueue(ENVELOPE, text if v3 else v1_text)
+            peer.push.enqueue(ENVELOPE, text if v3 else v1_text)
 
     def _on_policy(self, policy: Any) -> None:
         for peer in self.peers:
             if peer.policy_peer is not None:
                 peer.policy_peer.push(policy)
 
-    def _on_ack(self, ack: Any) -> None:
+    def ack_committed(self, ack: SignedAck) -> None:
         text = dumps_json(ack.to_json()).decode("utf-8")
         for peer in self.peers:
-            peer.enqueue(ACK, text)
+            peer.push.enqueue(ACK, text)
 
-    def fetch_remote(self, mailbox: str) -> Deferred[None]:
+    def fetch_remote(self, mailbox: str) -> Deferred[None] | None:
         """Pull ``mailbox`` from every peer; fires when all have answered or failed."""
-        ds = [peer.fetch_mailbox(mailbox) for peer in self.peers]
+        ds = [peer.puller.fetch_mailbox(mailbox) for peer in self.peers]
         return DeferredList(ds, consumeErrors=True).addCallback(lambda _: None)
+
+    def space_freed(self, mailbox: str | None) -> None:
+        """Debounce, then obtain again the replicas refused at a cap that may fit now."""
+        if not self.running:
+            return
+        self._freed.add(mailbox)
+        if self._refetch_call is None:
+            self._refetch_call = self.clock.callLater(REFETCH_DELAY, self._refetch_tick)
+
+    def _refetch_tick(self) -> None:
+        self._refetch_call = None
+        if not self.running:
+            return
+        if self._refetching is not None:
+            # One round at a time; this one runs when the current one ends.
+            self._refetch_call = self.clock.callLater(REFETCH_DELAY, self._refetch_tick)
+            return
+        freed, self._freed = self._freed, set()
+        d = Deferred.fromCoroutine(self._refetch_round(freed))
+
+        def ended(result: Any) -> None:
+            self._refetching = None
+            if isinstance(result, Failure) and not result.check(CancelledError):
+                self.log.failure("refetch of refused replicas failed", result)
+
+        d.addBoth(ended)
+        self._refetching = d if self._refetching is None and not d.called else None
+
+    async def _refetch_round(self, freed: set[str | None]) -> None:
+        now = self.relay.now()
+        rows: dict[tuple[str, str], Refused] = {}
+
+        def keep(found: list[Refused]) -> None:
+            for r in found:
+                rows.setdefault((r.msg_id, r.peer), r)
+
+        if None in freed:
+            keep(await shield(self.store.refused(now, REFETCH_ROUND)))
+        else:
+            for mailbox in sorted(m for m in freed if m is not None):
+                keep(await shield(self.store.refused(now, REFETCH_ROUND, mailbox)))
+            # Storage freed anywhere may let in a replica refused for storage_full.
+            keep([r for r in await shield(self.store.refused(now, REFETCH_ROUND)) if r.reason == STORAGE_FULL])
+        by_peer: dict[str, list[Refused]] = {}
+        for r in rows.values():
+            by_peer.setdefault(r.peer, []).append(r)
+        ds = [self._by_url[url].puller.refetch(found) for url, found in by_peer.items() if url in self._by_url]
+        if ds:
+            await DeferredList(ds, consumeErrors=True)
+
+    # ------------------------------------------------------------------ admin and status
 
     def sync_now(self) -> None:
         for peer in self.peers:
@@ -744,24 +1136,11 @@ class Replication:
     def update_gauges(self) -> None:
         """Refresh the per-peer gauges (the lag gauge is also computed at scrape time)."""
         for peer in self.peers:
-            peer._depth.set(peer.queue_depth)
+            peer.push.update_gauge()
 
     def peer_status(self) -> list[dict[str, Any]]:
         """One dict per peer for the status page (None where unknown)."""
-        return [
-            {
-                "url": p.url,
-                "last_push_outcome": p.last_push_outcome,
-                "last_push_at": p.last_push_at,
-                "last_sync_outcome": p.last_sync_outcome,
-                "last_sync_at": p.last_sync_at,
-                "sync_lag_seconds": p.sync_lag(),
-                "queue_depth": p.queue_depth,
-                "inflight": p.inflight,
-                "backoff_seconds": p.backoff,
-            }
-            for p in self.peers
-        ]
+        return [p.status() for p in self.peers]
 
 
 class PooledHTTPClients:
@@ -776,8 +1155,9 @@ class PooledHTTPClients:
 
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool._factory = QuietClientFactory
-        # Pushes in flight plus the sync puller and a fetch_remote, per peer.
-        self.pool.maxPersistentPerHost = config.sync.push_inflight_max + 2
+        # Pushes in flight, the sync puller with its prefetch and bodies
+        # requests, and a fetch_remote or refetch, per peer.
+        self.pool.maxPersistentPerHost = config.sync.push_inflight_max + BODIES_INFLIGHT + 4
         self.pool.cachedConnectionTimeout = 120
         agent = Agent(reactor, connectTimeout=config.sync.push_timeout, pool=self.pool)
         self.client = TreqHTTPClient(agent)  # type: ignore[arg-type]

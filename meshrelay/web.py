@@ -24,21 +24,14 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from meshrelay.envelope import dumps_json, loads_json
 from meshrelay.errors import DEFAULT_RETRY_AFTER, RETRY_AFTER_BY_CODE, MeshError, UnsupportedMediaType
 from meshrelay.fairness import AddressPolicy, request_key
+from meshrelay.protocol import ACK_PATH, CHANGES_PATH, PEER_PATHS, REPLICATE_PATH, dumps_json, loads_json
 from meshrelay.store.base import StoreError
 
 log = Logger()
 
-#: request paths served by the peer API (HMAC-gated, ``max_replicate_body_bytes``)
-#: the peer API's routes (HMAC-gated, with their own body cap)
-REPLICATE_PATH = "/api/mesh/dm/replicate-envelope"
-ACK_PATH = "/api/mesh/dm/ack"
-CHANGES_PATH = "/api/mesh/dm/changes"
-#: protocol v3: mailbox policies between peers (meshrelay.policy_sync)
-POLICIES_PATH = "/api/mesh/dm/policies"
-PEER_PATHS = frozenset(p.encode() for p in (REPLICATE_PATH, ACK_PATH, CHANGES_PATH, POLICIES_PATH))
+__all__ = ["ACK_PATH", "CHANGES_PATH", "PEER_PATHS", "REPLICATE_PATH"]
 
 _REASONS = {
     400: b"Bad Request",

@@ -225,29 +225,35 @@ class NodeProcess:
         return self.request("POST", "/api/mesh/dm/poll", body, timeout=timeout)
 
 
+def changes_page(node: NodeProcess, reader_url: str, secret: str, since: int, limit: int = 500) -> dict[str, Any]:
+    """One page of ``node``'s changes feed, read (peer-HMAC-signed) as the peer ``reader_url``."""
+    key = derive_key(secret, reader_url)
+    target = f"/api/mesh/dm/changes?since={since}&limit={limit}"
+    ts = int(time.time())
+    nonce = E.b64u_encode(os.urandom(16))
+    headers = {
+        H_URL: reader_url,
+        H_TS: str(ts),
+        H_NONCE: nonce,
+        H_HMAC: compute_mac(key, "GET", target, ts, nonce, b""),
+    }
+    status, page = http_request(node.port, "GET", target, headers=headers, timeout=30)
+    if status != 200:
+        raise AssertionError(f"changes at {node.name} answered {status}: {page!r}")
+    return dict(page)
+
+
 def feed_ids(node: NodeProcess, reader_url: str, secret: str) -> tuple[set[str], set[tuple[str, str]]]:
     """Every live envelope id and signed ack (mailbox, nonce) in ``node``'s changes feed.
 
     Read page by page as the peer ``reader_url``, whose link to ``node`` has
     ``secret``.
     """
-    key = derive_key(secret, reader_url)
     envelopes: set[str] = set()
     acks: set[tuple[str, str]] = set()
     since = 0
     for _ in range(100000):
-        target = f"/api/mesh/dm/changes?since={since}&limit=500"
-        ts = int(time.time())
-        nonce = E.b64u_encode(os.urandom(16))
-        headers = {
-            H_URL: reader_url,
-            H_TS: str(ts),
-            H_NONCE: nonce,
-            H_HMAC: compute_mac(key, "GET", target, ts, nonce, b""),
-        }
-        status, page = http_request(node.port, "GET", target, headers=headers, timeout=30)
-        if status != 200:
-            raise AssertionError(f"changes at {node.name} answered {status}: {page!r}")
+        page = changes_page(node, reader_url, secret, since)
         for item in page["items"]:
             if "envelope" in item:
                 envelopes.add(item["envelope"]["msg_id"])

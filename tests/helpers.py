@@ -173,6 +173,39 @@ class _Answer(Resource):
         return self.body
 
 
+class V1OnlyPeer(Resource):
+    """A test double of a node that speaks wire v1 only, in front of a real node's resource.
+
+    No ``features`` or ``bodies`` route (404 as for any unknown path, before
+    auth), ``ids`` is an unknown ``changes`` parameter (400 after routing, as a
+    v1 node refuses it), and the node's v1 pages are not bounded in bytes.
+    """
+
+    isLeaf = True
+
+    def __init__(self, node: MemNode) -> None:
+        super().__init__()
+        self.node = node
+
+    def render(self, request: Any) -> Any:
+        path = request.uri.split(b"?", 1)[0]
+        if path in (b"/api/mesh/dm/features", b"/api/mesh/dm/bodies"):
+            return _Answer(404, "not_found").render(request)
+        if path == b"/api/mesh/dm/changes" and b"ids" in request.args:
+            return _Answer(400, "bad_request").render(request)
+        return self.node.node.resource().render(request)
+
+
+def make_v1_only(node: MemNode) -> None:
+    """Make ``node`` behave as a v1 node: unbounded pages served, v1 requests only when it pulls."""
+    node.node.peer_api.page_bytes = lambda: None  # type: ignore[method-assign]
+    replication = node.node.replication
+    if replication is not None:
+        for peer in replication.peers:
+            peer.puller.versions = (1,)
+            peer.puller.features = None
+
+
 class Link:
     """One direction of a peer link: what node ``src`` uses as its HTTP client for ``dst``.
 
@@ -199,7 +232,8 @@ class Link:
     def stub(self) -> StubTreq:
         target = self.mesh.nodes[self.dst]
         if self._stub is None or self._stub_node is not target:
-            self._stub = StubTreq(target.node.resource())
+            resource = V1OnlyPeer(target) if self.dst in self.mesh.v1_only else target.node.resource()
+            self._stub = StubTreq(resource)
             self._stub_node = target
         return self._stub
 
@@ -251,8 +285,11 @@ class Mesh:
         sync: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
         overrides: dict[str, dict[str, dict[str, Any]]] | None = None,
+        v1_only: tuple[str, ...] = (),
     ) -> None:
         self.base_dir = base_dir
+        #: nodes that speak wire v1 only (see :class:`V1OnlyPeer`)
+        self.v1_only = v1_only
         self.clock = Clock()
         self.clock.advance(T0)
         self.names = names
@@ -304,12 +341,15 @@ class Mesh:
         gen = self._generation.get(name, 0)
         self._generation[name] = gen + 1
         data_dir = os.path.join(self.base_dir, f"{name}{gen}")
-        return MemNode(
+        node = MemNode(
             data_dir,
             clock=self.clock,
             config=self.config(name, data_dir),
             peer_client_factory=lambda peer: self.link(name, self.name_of(peer.url)),
         )
+        if name in self.v1_only:
+            make_v1_only(node)
+        return node
 
     def replace(self, name: str) -> MemNode:
         """Stop ``name`` and start a fresh node (new, empty store) at the same URL."""
@@ -332,6 +372,8 @@ class Mesh:
             config=old.config,
             peer_client_factory=lambda peer: self.link(name, self.name_of(peer.url)),
         )
+        if name in self.v1_only:
+            make_v1_only(self.nodes[name])
         return self.nodes[name]
 
     def __getitem__(self, name: str) -> MemNode:

@@ -157,7 +157,7 @@ class RealClientCancelTests(TestCase):
         status, _ = self.node.send(Identity().envelope(Identity(), b"hi", ts=int(self.node.clock.seconds())))
         self.assertEqual(status, 200)
         self.node.clock.advance(0)  # the push leaves (the start-up pull too)
-        yield self.wait_for(lambda: self.server.received > 0 and self.peer.inflight == 1, "the push on the wire")
+        yield self.wait_for(lambda: self.server.received > 0 and self.peer.push.inflight == 1, "the push on the wire")
 
     def warnings(self) -> list[str]:
         return [formatEvent(e) for e in self.events if e.get("log_level") == LogLevel.warn]
@@ -167,8 +167,8 @@ class RealClientCancelTests(TestCase):
         """A push the peer never answers fails after push_timeout as "timed out", counted once as an error."""
         yield self.push_in_flight()
         self.node.clock.advance(5)
-        yield self.wait_for(lambda: self.peer.inflight == 0, "the push to fail")
-        self.assertEqual(self.peer._pushed["error"]._value.get(), 1)
+        yield self.wait_for(lambda: self.peer.push.inflight == 0, "the push to fail")
+        self.assertEqual(self.peer.push._pushed["error"]._value.get(), 1)
         # The pull that started with the push timed out too; the peer is marked down once.
         [warning] = self.warnings()
         self.assertRegex(warning, r"^peer http://b.test down: (push|sync) failed: timed out$")
@@ -178,8 +178,8 @@ class RealClientCancelTests(TestCase):
         """Stopping the node with a push in flight counts no error and logs no "peer down"."""
         yield self.push_in_flight()
         self.node.stop()
-        yield self.wait_for(lambda: not self.peer._outstanding, "the push to be cancelled")
-        self.assertEqual(self.peer._pushed["error"]._value.get(), 0)
+        yield self.wait_for(lambda: not self.peer.transport.outstanding, "the push to be cancelled")
+        self.assertEqual(self.peer.push._pushed["error"]._value.get(), 0)
         self.assertEqual(self.warnings(), [])
 
 

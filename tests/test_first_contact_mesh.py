@@ -135,7 +135,7 @@ class StrippingTests(MeshCase):
         return result
 
     def test_peer_before_v3_gets_v1_text_and_the_real_copy_upgrades_it(self) -> None:
-        """Pushes to a peer not known to speak v3 carry no permit; the copy pulled with ext=1 upgrades it."""
+        """Pushes to a peer not known to speak v3 carry no permit; the copy a fetch_remote pulls (ext=1) upgrades it."""
         a_to_c = next(p for p in self.mesh["a"].node.replication.peers if "c.test" in p.url)  # type: ignore[union-attr]
         assert a_to_c.policy_peer is not None
         a_to_c.policy_peer.stop()
@@ -150,6 +150,10 @@ class StrippingTests(MeshCase):
         self.assertNotIn("permit", self.body_at("c", env["msg_id"]))
         self.mesh.set_mode("c", "a", "up")
         self.mesh.sync_all()
+        # ids-first sync does not fetch what c holds; a poll with fetch_remote reads a's pages with ext=1.
+        status, _ = self.mesh["c"].poll(self.owner, fetch_remote=True)
+        self.assertEqual(status, 200)
+        self.mesh.settle()
         self.assertEqual(self.body_at("c", env["msg_id"])["permit"], permit)
         contacts = self.mesh["c"].store._wconn.execute("SELECT COUNT(*) FROM contacts").fetchone()[0]  # type: ignore[attr-defined]
         self.assertEqual(contacts, 1)

@@ -53,6 +53,8 @@ HEALTH = "/api/mesh/health"
 REPLICATE = "/api/mesh/dm/replicate-envelope"
 ACK = "/api/mesh/dm/ack"
 CHANGES = "/api/mesh/dm/changes"
+FEATURES = "/api/mesh/dm/features"
+BODIES = "/api/mesh/dm/bodies"
 
 
 def klein_routes(app: Any) -> set[tuple[str, str]]:
@@ -599,5 +601,46 @@ class RealAnswersTests(SynchronousTestCase):
         self.assertEqual((len(mailbox["items"]), mailbox["more"]), (1, True))
         for query in ("since=-1", "limit=0", "limit=501", "since=01", "mailbox=x", "other=1", "since=1&since=2"):
             self.assertEqual(self.call(n, "GET", f"{CHANGES}?{query}")[1]["error"], "bad_request", query)
+        ids = self.call(n, "GET", f"{CHANGES}?ids=1")[1]
+        self.assertEqual([item["kind"] for item in ids["items"]], ["envelope", "ack"])
+        self.assertEqual(self.call(n, "GET", f"{CHANGES}?ids=2")[1]["error"], "bad_request")
         self._peer_gate_answers(CHANGES, "GET", None)
         self.assert_all_seen(CHANGES, "GET")
+
+    def test_features(self) -> None:
+        """Every documented answer of features is real and matches its schema."""
+        n = self.node()
+        self.assertEqual(self.call(n, "GET", FEATURES)[1]["versions"], [1, 2, 3])
+        self.assertEqual(self.call(n, "GET", FEATURES + "?x=1")[1]["error"], "bad_request")
+        self._peer_gate_answers(FEATURES, "GET", None)
+        self.assert_all_seen(FEATURES, "GET")
+
+    def test_bodies(self) -> None:
+        """Every documented answer of bodies is real and matches its schema, gone items included."""
+        n = self.node()
+        now = self.now(n)
+        env = self.alice.envelope(self.bob, b"held", ts=now)
+        self.assertEqual(self.call(n, "POST", SEND, env)[0], 200)
+        ack = self.bob.signed(ts=now, ack=["e" * 64])
+        self.assertEqual(self.call(n, "POST", ACK, {"acks": [ack]})[1]["results"], [{"status": "applied"}])
+        answer = self.call(
+            n,
+            "POST",
+            BODIES,
+            {
+                "envelopes": [env["msg_id"], "f" * 64],
+                "acks": [
+                    {"mailbox": ack["mailbox"], "nonce": ack["nonce"]},
+                    {"mailbox": self.bob.pub, "nonce": "A" * 22},
+                ],
+            },
+        )[1]
+        self.assertEqual((answer["envelopes"], answer["acks"], answer["gone"]["envelopes"]), ([env], [ack], ["f" * 64]))
+        self.assertEqual(self.call(n, "POST", BODIES, {"envelopes": []})[1]["error"], "bad_request")
+        self.assertEqual(self.call(n, "POST", BODIES, raw=b"{")[1]["error"], "bad_json")
+        self.assertEqual(
+            self.call(n, "POST", BODIES, {"envelopes": [], "acks": []}, ctype="text/plain")[1]["error"],
+            "unsupported_media_type",
+        )
+        self._peer_gate_answers(BODIES, "POST", {"envelopes": [], "acks": []})
+        self.assert_all_seen(BODIES, "POST")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -654,3 +655,108 @@ class PeerNonceLockoutTests(PeerAPITestCase):
         status, body = self.node.request("GET", CHANGES, raw=b"", headers=hdrs)
         self.assertEqual((status, body["error"]), (403, "forbidden"))
         self.assertEqual(self.failures("replayed"), 1.0)
+
+
+FEATURES = "/api/mesh/dm/features"
+BODIES = "/api/mesh/dm/bodies"
+
+
+class WireV2Tests(PeerAPITestCase):
+    """features, changes?ids=1, bodies and byte-bounded pages (wire v2)."""
+
+    def test_features(self) -> None:
+        """features answers the versions, this node's page_bytes and the v2 limits; a query is 400."""
+        self.assertEqual(
+            self.peer("GET", FEATURES),
+            (200, {"ok": True, "versions": [1, 2, 3], "page_bytes": 1048576, "max_ids": 5000, "max_bodies": 500}),
+        )
+        status, body = self.peer("GET", FEATURES + "?x=1")
+        self.assertEqual((status, body["error"]), (400, "bad_request"))
+        status, body = self.node.request("GET", FEATURES, headers={})
+        self.assertEqual((status, body["error"]), (403, "forbidden"))
+
+    def test_ids_page(self) -> None:
+        """ids=1 lists seq, kind, mailbox, msg_id or nonce and the body's size, in feed order."""
+        env = self.stored_envelope()
+        ack = self.mailbox.signed(ts=self.now(), ack=[env["msg_id"]])
+        self.peer("POST", ACK, {"acks": [ack]})
+        other = self.stored_envelope(b"second")
+        _, full = self.peer("GET", CHANGES)
+        status, body = self.peer("GET", CHANGES + "?since=0&ids=1")
+        self.assertEqual(status, 200)
+        sizes = [
+            len(json.dumps(i.get("envelope") or i.get("ack"), separators=(",", ":")).encode()) for i in full["items"]
+        ]
+        self.assertEqual(
+            [(i["kind"], i.get("msg_id") or i.get("nonce"), i["mailbox"], i["size"]) for i in body["items"]],
+            [
+                ("ack", ack["nonce"], self.mailbox.pub, sizes[0]),
+                ("envelope", other["msg_id"], self.mailbox.pub, sizes[1]),
+            ],
+        )
+        self.assertEqual((body["next"], body["more"], body["feed"]), (full["next"], False, full["feed"]))
+
+    def test_ids_query_values(self) -> None:
+        """ids must be exactly 1; with ids, limit goes up to 5000."""
+        for query in ("ids=2", "ids=true", "ids=", "ids=1&ids=1", "ids=1&limit=5001", "ids=1&limit=0", "limit=501"):
+            status, body = self.peer("GET", CHANGES + "?" + query)
+            self.assertEqual((status, body["error"]), (400, "bad_request"), query)
+        self.assertEqual(self.peer("GET", CHANGES + "?ids=1&limit=5000")[0], 200)
+
+    def test_bodies(self) -> None:
+        """bodies returns held items in request order and lists what it does not hold as gone."""
+        e1, e2 = self.stored_envelope(b"one"), self.stored_envelope(b"two")
+        ack = self.mailbox.signed(ts=self.now(), ack=[os.urandom(32).hex()])
+        self.peer("POST", ACK, {"acks": [ack]})
+        unknown_id, unknown_ack = (
+            os.urandom(32).hex(),
+            {"mailbox": Identity().pub, "nonce": E.b64u_encode(os.urandom(16))},
+        )
+        status, body = self.peer(
+            "POST",
+            BODIES,
+            {
+                "envelopes": [e2["msg_id"], unknown_id, e1["msg_id"]],
+                "acks": [{"mailbox": ack["mailbox"], "nonce": ack["nonce"]}, unknown_ack],
+            },
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(body["envelopes"], [e2, e1])
+        self.assertEqual(body["acks"], [ack])
+        self.assertEqual(body["gone"], {"envelopes": [unknown_id], "acks": [unknown_ack]})
+
+    def test_bad_bodies_requests_answer_400(self) -> None:
+        """Missing or extra keys, wrong types, malformed ids and more than 500 entries are 400 bad_request."""
+        mid = os.urandom(32).hex()
+        key = {"mailbox": Identity().pub, "nonce": E.b64u_encode(os.urandom(16))}
+        for body in (
+            {},
+            {"envelopes": []},
+            {"acks": []},
+            {"envelopes": [], "acks": [], "x": 1},
+            {"envelopes": mid, "acks": []},
+            {"envelopes": [mid.upper()], "acks": []},
+            {"envelopes": [1], "acks": []},
+            {"envelopes": [], "acks": [dict(key, nonce="short")]},
+            {"envelopes": [], "acks": [dict(key, extra=1)]},
+            {"envelopes": [], "acks": [[key["mailbox"], key["nonce"]]]},
+            {"envelopes": [mid] * 300, "acks": [key] * 201},
+            [],
+        ):
+            status, answer = self.peer("POST", BODIES, body)
+            self.assertEqual((status, answer["error"]), (400, "bad_request"), body)
+        self.assertEqual(self.peer("POST", BODIES, {"envelopes": [mid] * 300, "acks": [key] * 200})[0], 200)
+
+    def test_pages_and_bodies_are_bounded_in_bytes(self) -> None:
+        """A v1 page and a bodies answer stop at sync.page_bytes (the first item always goes)."""
+        cfg = self.node.relay.config
+        self.node.relay.config = cfg.replace(sync=dataclasses.replace(cfg.sync, page_bytes=65536))
+        envs = [Identity().envelope(self.mailbox, os.urandom(7000), ts=self.now()) for _ in range(10)]
+        for env in envs:
+            self.assertEqual(self.node.send(env)[0], 200)
+        _, page = self.peer("GET", CHANGES + "?limit=500")
+        self.assertTrue(page["more"])
+        self.assertEqual(len(page["items"]), 6)  # about 9.6 KB each
+        self.assertEqual(page["next"], page["items"][-1]["seq"])
+        _, answer = self.peer("POST", BODIES, {"envelopes": [e["msg_id"] for e in envs], "acks": []})
+        self.assertEqual((len(answer["envelopes"]), answer["gone"]["envelopes"]), (6, []))

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from meshrelay.config import build_config
 from meshrelay.executor import ThreadExecutor
-from meshrelay.store import open_store
+from meshrelay.store import migrations, open_store
 from meshrelay.store.base import ACCEPTED, MAILBOX_FULL, SENDER_CAP, STORAGE_FULL, AddResult, Caps, StoreError
 from tests.helpers import T0, Identity
 from tests.pgtest import create_schema, requires_pg, sql
@@ -193,8 +193,10 @@ class SharedStateTests(_StoreCase):
         for s in stores:
             self.addCleanup(s.close)
         self.assertEqual(len({s.feed_id for s in stores}), 1)
-        self.assertEqual(sorted(s.migrated_from for s in stores), [0, 2, 2, 2, 2])
-        self.assertEqual(sql(self.dsn, "SELECT value FROM meta WHERE key = 'schema_version'"), [("2",)])
+        self.assertEqual(sorted(s.migrated_from for s in stores), [0] + [migrations.LATEST_VERSION] * 4)
+        self.assertEqual(
+            sql(self.dsn, "SELECT value FROM meta WHERE key = 'schema_version'"), [(str(migrations.LATEST_VERSION),)]
+        )
 
     def test_stats_follow_other_processes_after_a_sweep(self) -> None:
         """A process's totals include other processes' writes once it commits or sweeps."""

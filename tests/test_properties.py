@@ -127,14 +127,14 @@ class MeshMachine(RuleBasedStateMachine):
         relay = self.mesh[name].relay
         original = relay.accept_replicas
 
-        def accept_replicas(objs: list[Any]) -> Any:
+        def accept_replicas(objs: list[Any], **kw: Any) -> Any:
             def seen(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 for r in results:
                     if r["status"] == "rejected" and r.get("error") in CAP_ERRORS:
                         self.capped.add(r["msg_id"])
                 return results
 
-            return original(objs).addCallback(seen)
+            return original(objs, **kw).addCallback(seen)
 
         relay.accept_replicas = accept_replicas  # type: ignore[method-assign]
 
@@ -637,5 +637,140 @@ TestMeshProperties.settings = settings(
     database=None,
     derandomize=SEED is None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    print_blob=True,
+)
+
+
+# ---------------------------------------------------------------------- the changes feed never skips
+
+FEED_OPS = st.sampled_from(["deposit", "deposit", "ack_held", "ack_unknown"])
+
+
+class FeedMachine(RuleBasedStateMachine):
+    """A follower pages through one SQLite store's changes feed while writes commit between a page's statements.
+
+    The store's ``between_statements`` seam runs the drawn writes (deposits, acks of held or unknown
+    ids) right after each statement a page read runs, on another connection, so a page read in two
+    snapshots (envelopes, then acks) would see an ack newer than an envelope it missed and move
+    ``next`` past it.  Invariant after every step: every envelope at or below the follower's cursor
+    that was never acked has been seen by the follower (and at the end, after catching up, every
+    envelope never acked).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from meshrelay.store.base import Caps
+        from meshrelay.store.sqlite import SQLiteStore
+
+        self.dir = tempfile.mkdtemp(prefix="meshrelay-feed-")
+        self.store = SQLiteStore(self.dir, Caps(per_sender_pending=10_000, per_mailbox_pending=10_000))
+        self.store.start()
+        #: msg_id -> seq of every accepted envelope
+        self.seqs: dict[str, int] = {}
+        self.acked: set[str] = set()
+        self.seen: set[str] = set()
+        self.since = 0
+        self.counter = 0
+
+    def now(self) -> int:
+        return T0_FEED
+
+    def write(self, op: str, pick: int) -> None:
+        """One write, committed at once (the store's writer is inline)."""
+        self.counter += 1
+        box = MAILBOXES[self.counter % len(MAILBOXES)]
+        if op == "deposit":
+            env = SENDERS[self.counter % len(SENDERS)].envelope(box, b"m%d" % self.counter, ts=T0_FEED, ttl=3600)
+            out: list[Any] = []
+            self.store.add_envelope(E.parse_envelope(env, 65536), self.now()).addCallback(out.append)
+            assert out and out[0].status == "accepted", out
+            self.seqs[env["msg_id"]] = out[0].seq
+            return
+        held = sorted(m for m in self.seqs if m not in self.acked)
+        ids = [held[pick % len(held)]] if op == "ack_held" and held else [f"{10**6 + self.counter:064x}"]
+        owner = MAILBOXES[0]
+        if op == "ack_held":
+            env_box = self._mailbox_of(ids[0])
+            owner = next(m for m in MAILBOXES if m.pub == env_box) if env_box else owner
+        ack = E.parse_signed_ack(owner.signed(ts=T0_FEED, ack=ids, nonce=self.counter.to_bytes(16, "big")))
+        done: list[Any] = []
+        self.store.apply_ack(ack, T0_FEED + 10_000).addCallback(done.append)
+        assert done
+        self.acked.update(done[0].deleted)
+
+    def _mailbox_of(self, msg_id: str) -> str | None:
+        rows = self.store._wconn.execute("SELECT mailbox FROM envelopes WHERE msg_id = ?", (msg_id,)).fetchall()
+        return str(rows[0][0]) if rows else None
+
+    @rule(op=FEED_OPS, pick=st.integers(0, 50))
+    def commit(self, op: str, pick: int) -> None:
+        """A write between page reads."""
+        self.write(op, pick)
+
+    @rule(
+        limit=st.integers(1, 4),
+        max_bytes=st.sampled_from([None, 1, 2000]),
+        ids_only=st.booleans(),
+        during=st.lists(st.tuples(FEED_OPS, st.integers(0, 50)), max_size=4),
+    )
+    def read_page(self, limit: int, max_bytes: int | None, ids_only: bool, during: list[tuple[str, int]]) -> None:
+        """The follower reads one page; ``during`` commits right after the page's first statement."""
+        queued = list(during)
+
+        def between() -> None:
+            while queued:
+                self.write(*queued.pop(0))
+
+        self.store.between_statements = between
+        pages: list[Any] = []
+        try:
+            self.store.changes(self.since, limit, self.now(), max_bytes=max_bytes, ids_only=ids_only).addCallback(
+                pages.append
+            )
+        finally:
+            self.store.between_statements = None
+        between()
+        (page,) = pages
+        for item in page.items:
+            if item.kind == "envelope":
+                self.seen.add(item.key if ids_only else json.loads(item.body)["msg_id"])
+        assert page.next >= self.since
+        self.since = page.next
+
+    @invariant()
+    def nothing_skipped(self) -> None:
+        skipped = {m for m, s in self.seqs.items() if s <= self.since and m not in self.acked and m not in self.seen}
+        assert not skipped, f"the follower's cursor ({self.since}) passed envelopes it never saw: {skipped}"
+
+    def teardown(self) -> None:
+        try:
+            for _ in range(10_000):
+                pages: list[Any] = []
+                self.store.changes(self.since, 50, self.now()).addCallback(pages.append)
+                (page,) = pages
+                self.seen.update(json.loads(i.body)["msg_id"] for i in page.items if i.kind == "envelope")
+                self.since = page.next
+                if not page.more:
+                    break
+            never_acked = set(self.seqs) - self.acked
+            assert never_acked <= self.seen, f"never seen: {never_acked - self.seen}"
+        finally:
+            self.store.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+T0_FEED = 1_700_000_000
+
+TestFeedNeverSkips = FeedMachine.TestCase
+TestFeedNeverSkips.__doc__ = (
+    "A follower of the changes feed sees every envelope never acked, whatever commits mid-page."
+)
+TestFeedNeverSkips.settings = settings(
+    max_examples=int(os.environ.get("MESHRELAY_FEED_EXAMPLES", "60")),
+    stateful_step_count=20,
+    deadline=None,
+    database=None,
+    derandomize=SEED is None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )

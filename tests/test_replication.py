@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 from treq.testing import StubTreq
@@ -11,8 +12,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
+from meshrelay import envelope as E
 from meshrelay.config import build_config
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
+from meshrelay.protocol import Features
 from meshrelay.replication import MAX_FETCH_PAGES, PeerError, parse_page
 from meshrelay.status import PEER_KEYS
 from tests.helpers import Identity, MemNode, Mesh
@@ -20,6 +23,9 @@ from tests.helpers import Identity, MemNode, Mesh
 REPLICATE = "/api/mesh/dm/replicate-envelope"
 ACK = "/api/mesh/dm/ack"
 CHANGES = "/api/mesh/dm/changes"
+FEATURES = "/api/mesh/dm/features"
+POLICIES = "/api/mesh/dm/policies"
+BODIES = "/api/mesh/dm/bodies"
 
 
 def answered(d: Deferred[Any]) -> bool:
@@ -40,6 +46,7 @@ class MeshTestCase(SynchronousTestCase):
     sync: dict[str, Any] = {}
     limits: dict[str, Any] = {}
     overrides: dict[str, Any] = {}
+    v1_only: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         self.mesh = Mesh(
@@ -49,6 +56,7 @@ class MeshTestCase(SynchronousTestCase):
             sync=dict(self.sync),
             limits=dict(self.limits),
             overrides=self.overrides,
+            v1_only=self.v1_only,
         )
         self.addCleanup(self.mesh.stop)
         self.mesh.settle()  # the start-up sync of every node
@@ -136,7 +144,7 @@ class PushTests(MeshTestCase):
     def test_batches_are_split_under_the_peer_body_cap(self) -> None:
         """A queue bigger than max_replicate_body_bytes goes out in several bodies, each under the cap."""
         rep = self.peer_client("a", "b")
-        rep.max_body = 2048
+        rep.push.max_body = 2048
         envs = [self.send("a", b"x" * 300, sender=Identity()) for i in range(12)]
         self.mesh.settle()
         sizes = [n for m, url, n in self.mesh.link("a", "b").sizes if url.endswith(REPLICATE)]
@@ -150,7 +158,7 @@ class PushTests(MeshTestCase):
         self.mesh.set_mode("a", "c", "hang")
         env = self.send("a")
         self.mesh.settle()
-        self.assertEqual(self.peer_client("a", "b").inflight, 1)
+        self.assertEqual(self.peer_client("a", "b").push.inflight, 1)
         self.assertEqual(self.live("a"), [env["msg_id"]])
 
     def test_push_outcomes_ok_rejected_error(self) -> None:
@@ -164,7 +172,7 @@ class PushTests(MeshTestCase):
         self.assertEqual(self.push_count("a", "b", "ok"), 1)
         self.assertEqual(self.push_count("a", "b", "rejected"), 1)
         self.assertEqual(self.push_count("a", "c", "ok"), 2)
-        self.assertEqual(self.peer_client("a", "b").last_push_outcome, "rejected")
+        self.assertEqual(self.peer_client("a", "b").push.last_push_outcome, "rejected")
         self.mesh.set_mode("a", "b", "down")
         self.send("a", b"three", sender=Identity())
         self.mesh.settle()
@@ -178,7 +186,7 @@ class PushTests(MeshTestCase):
         self.poll("a", ack=[e1["msg_id"], e2["msg_id"]])
         self.assertEqual(self.push_count("a", "b", "ok"), 2)
         self.assertEqual(self.push_count("a", "b", "rejected"), 1)
-        self.assertEqual(self.peer_client("a", "b").last_push_outcome, "ok")
+        self.assertEqual(self.peer_client("a", "b").push.last_push_outcome, "ok")
 
     def test_push_outcome_of_a_hanging_peer_is_a_timeout_error(self) -> None:
         """A peer that never answers costs a timeout on the injected clock, counted as error."""
@@ -188,8 +196,8 @@ class PushTests(MeshTestCase):
         self.assertEqual(self.push_count("a", "b", "error"), 0)
         self.mesh.advance(10)
         self.assertEqual(self.push_count("a", "b", "error"), 1)
-        self.assertEqual(self.peer_client("a", "b").inflight, 0)
-        self.assertEqual(self.peer_client("a", "b").reachable, False)
+        self.assertEqual(self.peer_client("a", "b").push.inflight, 0)
+        self.assertEqual(self.peer_client("a", "b").transport.reachable, False)
 
     def test_small_items_wait_for_the_request_in_flight_and_coalesce(self) -> None:
         """While one push is in flight, small items queue up and go together in the next batch."""
@@ -200,7 +208,7 @@ class PushTests(MeshTestCase):
         for i in range(5):
             self.send("a", b"m%d" % i, sender=Identity())
             self.mesh.settle()
-        self.assertEqual((client.inflight, client.queue_depth), (1, 5))
+        self.assertEqual((client.push.inflight, client.push.depth), (1, 5))
         self.mesh.set_mode("a", "b", "up")
         self.mesh.link("a", "b").release()
         self.mesh.settle()
@@ -212,19 +220,19 @@ class PushTests(MeshTestCase):
         """A backlog of full batches gets at most push_inflight_max requests at once; the rest waits."""
         self.mesh.set_mode("a", "b", "hold")
         client = self.peer_client("a", "b")
-        client.max_body = 2048  # about two envelopes per batch
+        client.push.max_body = 2048  # about two envelopes per batch
         envs = []
         for i in range(20):
             envs.append(self.send("a", b"x" * 300 + b"%d" % i, sender=Identity()))
             self.mesh.settle()
-        self.assertEqual(client.inflight, 4)
+        self.assertEqual(client.push.inflight, 4)
         self.assertEqual(len(self.mesh.link("a", "b").held), 4)
-        self.assertGreater(client.queue_depth, 0)
+        self.assertGreater(client.push.depth, 0)
         self.mesh.set_mode("a", "b", "up")
         self.mesh.link("a", "b").release()
         self.mesh.settle()
         self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
-        self.assertEqual((client.inflight, client.queue_depth), (0, 0))
+        self.assertEqual((client.push.inflight, client.push.depth), (0, 0))
         self.assertEqual(self.push_count("a", "b", "ok"), 20)
 
     def test_rate_limited_push_is_retried_not_lost(self) -> None:
@@ -233,10 +241,10 @@ class PushTests(MeshTestCase):
         client = self.peer_client("a", "b")
         env = self.send("a")
         self.mesh.settle()
-        self.assertEqual((client.queue_depth, client.last_push_outcome), (1, "throttled"))
+        self.assertEqual((client.push.depth, client.push.last_push_outcome), (1, "throttled"))
         self.assertEqual(self.push_count("a", "b", "error"), 0)
         self.mesh.advance(0.2, step=0.1)  # still limited: retried once more, requeued again
-        self.assertEqual(client.queue_depth, 1)
+        self.assertEqual(client.push.depth, 1)
         self.mesh.set_mode("a", "b", "up")
         self.mesh.advance(0.2, step=0.1)
         self.assertEqual(self.live("b"), [env["msg_id"]])
@@ -260,12 +268,12 @@ class QueueFullTests(MeshTestCase):
         self.mesh.set_mode("a", "b", "hold")
         envs = [self.send("a", b"first")]
         self.mesh.settle()
-        self.assertEqual(self.peer_client("a", "b").inflight, 1)
+        self.assertEqual(self.peer_client("a", "b").push.inflight, 1)
         for i in range(4):
             envs.append(self.send("a", b"m%d" % i, sender=Identity()))
         self.mesh.settle()
         self.assertEqual(self.metric("a", "meshrelay_dm_replication_dropped_total", peer=Mesh.url("b")), 4)
-        self.assertEqual(self.peer_client("a", "b").queue_depth, 0)
+        self.assertEqual(self.peer_client("a", "b").push.depth, 0)
         self.mesh.set_mode("a", "b", "up")
         self.mesh.link("a", "b").release()
         self.mesh.settle()
@@ -316,17 +324,17 @@ class RepairBySyncTests(MeshTestCase):
         self.mesh.set_mode("b", "a", "down")
         client.sync_now()
         self.mesh.settle()
-        backoffs = [client.backoff]
+        backoffs = [client.puller.backoff]
         for _ in range(6):
-            self.mesh.clock.advance(client.backoff)
+            self.mesh.clock.advance(client.puller.backoff)
             self.mesh.settle()
-            backoffs.append(client.backoff)
+            backoffs.append(client.puller.backoff)
         self.assertEqual(backoffs, [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0])
-        self.assertEqual(client.last_sync_outcome, "error")
+        self.assertEqual(client.puller.last_sync_outcome, "error")
         self.mesh.set_mode("b", "a", "up")
-        self.mesh.clock.advance(client.backoff)
+        self.mesh.clock.advance(client.puller.backoff)
         self.mesh.settle()
-        self.assertEqual((client.backoff, client.last_sync_outcome), (0.0, "ok"))
+        self.assertEqual((client.puller.backoff, client.puller.last_sync_outcome), (0.0, "ok"))
 
     def test_cursor_is_durable_and_pulls_resume_from_it(self) -> None:
         """The cursor is stored per peer; the next pull asks only for what is new."""
@@ -372,19 +380,21 @@ class RepairBySyncTests(MeshTestCase):
         self.mesh.settle()
         self.assertEqual(self.mesh.link("b", "a").requests, [])
         self.assertEqual(self.metric("b", "meshrelay_sync_pull_total", peer=Mesh.url("a"), outcome="skipped"), 1)
-        self.assertEqual(self.peer_client("b", "a").last_sync_outcome, "skipped")
+        self.assertEqual(self.peer_client("b", "a").puller.last_sync_outcome, "skipped")
 
     def test_sync_pages_until_more_is_false(self) -> None:
         """A backlog bigger than a page is pulled page after page in one run."""
         self.mesh.set_mode("a", "b", "down", both=True)
-        self.peer_client("b", "a").page_limit = 3
+        self.peer_client("b", "a").puller.ids_limit = 3
         envs = [self.send("a", b"m%d" % i, sender=Identity()) for i in range(10)]
         self.mesh.set_mode("a", "b", "up", both=True)
         self.mesh.link("b", "a").requests.clear()
         self.replication("b").sync_now()
         self.mesh.settle()
         self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
-        self.assertEqual(len([r for r in self.mesh.link("b", "a").requests if r[0] == "GET"]), 4)
+        pages = [url for m, url in self.mesh.link("b", "a").requests if CHANGES in url]
+        self.assertEqual(len(pages), 4)
+        self.assertTrue(all("ids=1" in url for url in pages), pages)
 
 
 class PartialMeshTests(MeshTestCase):
@@ -483,8 +493,9 @@ class TombstoneTests(MeshTestCase):
         self.assertEqual((self.live("a"), self.live("b")), ([env["msg_id"]], []))
         self.mesh.set_mode("b", "a", "up")  # B can pull from A first; A still cannot reach B
         self.mesh.advance(30, step=5)
-        self.assertEqual(self.metric("b", "meshrelay_sync_items_total", peer=Mesh.url("a"), kind="envelope"), 1)
-        self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="duplicate"), 1)
+        # B learns the envelope's id from A's feed and, holding its tombstone, does not even fetch it.
+        self.assertGreater(self.metric("b", "meshrelay_sync_pull_total", peer=Mesh.url("a"), outcome="ok"), 0)
+        self.assertEqual(self.metric("b", "meshrelay_sync_items_total", peer=Mesh.url("a"), kind="envelope"), 0)
         self.assertEqual((self.live("a"), self.live("b")), ([env["msg_id"]], []))
         self.mesh.set_mode("a", "b", "up")
         self.mesh.advance(30, step=5)
@@ -578,7 +589,7 @@ class FetchRemoteTests(MeshTestCase):
     def test_fetch_remote_pages_are_bounded(self) -> None:
         """fetch_remote pulls at most MAX_FETCH_PAGES pages from a peer."""
         self.mesh.set_mode("a", "b", "down")
-        self.peer_client("b", "a").page_limit = 1
+        self.peer_client("b", "a").puller.page_limit = 1
         for i in range(MAX_FETCH_PAGES + 2):
             self.send("a", b"m%d" % i, sender=Identity())
         self.mesh.link("b", "a").requests.clear()
@@ -622,11 +633,15 @@ class HostileFeedTests(MeshTestCase):
 
             def render(self, request: Any) -> bytes:
                 request.setHeader(b"Content-Type", b"application/json")
+                if request.path.endswith(b"/features"):
+                    request.setResponseCode(404)  # a v1 peer: sync pulls v1 pages
+                    return b'{"ok": false, "error": "not_found"}'
                 return answer
 
         stub = StubTreq(Feed())
         client = self.peer_client("b", "a")
-        client.http = stub
+        client.transport.http = stub
+        client.puller.features = None  # a new peer behind the same URL: negotiated again
         self.mesh.links[("b", "a")]._broken = stub  # flushed by settle()
 
     def run_sync(self) -> Any:
@@ -649,7 +664,7 @@ class HostileFeedTests(MeshTestCase):
         ):
             self.serve_feed(answer)
             client = self.run_sync()
-            self.assertEqual(client.last_sync_outcome, "error", answer)
+            self.assertEqual(client.puller.last_sync_outcome, "error", answer)
         self.assertEqual(self.live("b"), [])
 
     def test_forged_items_in_a_feed_are_rejected(self) -> None:
@@ -669,8 +684,58 @@ class HostileFeedTests(MeshTestCase):
             ).encode()
         )
         client = self.run_sync()
-        self.assertEqual(client.last_sync_outcome, "ok")
+        self.assertEqual(client.puller.last_sync_outcome, "ok")
         self.assertEqual(self.live("b"), [env["msg_id"]])
+        self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="bad_signature"), 1)
+        self.assertEqual(self.metric("b", "meshrelay_dm_ack_intake_total", outcome="bad_signature"), 1)
+
+    def test_forged_bodies_from_a_v2_peer_are_rejected(self) -> None:
+        """A forged envelope a v2 peer lists by id and serves through bodies is verified here and refused."""
+        forged = dict(self.alice.envelope(self.bob, b"forged", ts=self.now()), sig=E.b64u_encode(b"\0" * 64))
+        forged_ack = dict(Identity().signed(ts=self.now(), ack=[forged["msg_id"]]), mailbox=self.bob.pub)
+        size = len(json.dumps(forged).encode())
+        answers = {
+            b"/api/mesh/dm/features": {
+                "ok": True,
+                "versions": [1, 2],
+                "page_bytes": 65536,
+                "max_ids": 5000,
+                "max_bodies": 500,
+            },
+            b"/api/mesh/dm/changes": {
+                "ok": True,
+                "feed": "hostile",
+                "items": [
+                    {"seq": 1, "kind": "envelope", "mailbox": self.bob.pub, "msg_id": forged["msg_id"], "size": size},
+                    {"seq": 2, "kind": "ack", "mailbox": self.bob.pub, "nonce": forged_ack["nonce"], "size": 300},
+                ],
+                "next": 2,
+                "more": False,
+            },
+            b"/api/mesh/dm/bodies": {
+                "ok": True,
+                "envelopes": [forged],
+                "acks": [forged_ack],
+                "gone": {"envelopes": [], "acks": []},
+            },
+        }
+
+        class V2Feed(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                request.setHeader(b"Content-Type", b"application/json")
+                return json.dumps(answers[request.path]).encode()
+
+        stub = StubTreq(V2Feed())
+        client = self.peer_client("b", "a")
+        client.transport.http = stub
+        client.puller.features = None
+        self.mesh.links[("b", "a")]._broken = stub  # flushed by settle()
+        client = self.run_sync()
+        self.assertEqual(client.puller.last_sync_outcome, "ok")
+        self.assertEqual(client.puller.features.versions, (1, 2))
+        self.assertEqual(self.live("b"), [])
         self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="bad_signature"), 1)
         self.assertEqual(self.metric("b", "meshrelay_dm_ack_intake_total", outcome="bad_signature"), 1)
 
@@ -748,8 +813,9 @@ class ConnectOptionTests(SynchronousTestCase):
             a.metrics.sample("meshrelay_dm_replication_push_total", {"peer": "http://b.test/mesh", "outcome": "ok"}), 1
         )
         # The initial pull also went through connect with the prefix and the query in the MAC.
-        gets = [c for c in recorder.calls if c[0] == "GET" and CHANGES in c[1]]
-        self.assertTrue(gets and gets[0][1].startswith("http://127.0.0.1:18081/mesh" + CHANGES + "?since=0&limit="))
+        gets = [c for c in recorder.calls if c[0] == "GET" and POLICIES not in c[1]]
+        self.assertTrue(gets and gets[0][1] == "http://127.0.0.1:18081/mesh" + FEATURES)
+        self.assertTrue(gets[1][1].startswith("http://127.0.0.1:18081/mesh" + CHANGES + "?since=0&limit="))
 
 
 class _Recorder:
@@ -781,8 +847,236 @@ class StopTests(MeshTestCase):
         self.mesh.settle()
         self.peer_client("a", "b").sync_now()
         self.mesh.settle()
-        self.assertEqual(len(self.peer_client("a", "b")._outstanding), 2)
+        self.assertEqual(len(self.peer_client("a", "b").transport.outstanding), 2)
         self.mesh["a"].stop()
         self.mesh.settle()
         self.assertEqual(self.push_count("a", "b", "error"), 0)
-        self.assertEqual(self.peer_client("a", "b")._outstanding, set())
+        self.assertEqual(self.peer_client("a", "b").transport.outstanding, set())
+
+
+def random_ids(n: int) -> list[str]:
+    return [os.urandom(32).hex() for _ in range(n)]
+
+
+class IdsFirstTests(MeshTestCase):
+    names = ("a", "b")
+    sync = {"interval": 600}
+
+    def test_a_pushed_envelope_is_not_transferred_again_by_sync(self) -> None:
+        """After a push, the peer's pull of the feed reads ids only and fetches no body."""
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual(self.live("b"), [env["msg_id"]])
+        link = self.mesh.link("b", "a")
+        link.requests.clear()
+        self.replication("b").sync_now()
+        self.mesh.settle()
+        self.assertEqual([m for m, url in link.requests], ["GET"])
+        self.assertIn("ids=1", link.requests[0][1])
+        self.assertEqual(self.metric("b", "meshrelay_sync_items_total", peer=Mesh.url("a"), kind="envelope"), 0)
+
+    def test_lacking_items_are_fetched_through_bodies(self) -> None:
+        """Items missed by push are fetched with bodies requests, acks before envelopes, and all arrive."""
+        self.mesh.set_mode("a", "b", "down")
+        envs = [self.send("a", b"m%d" % i, sender=Identity()) for i in range(6)]
+        self.poll("a", ack=[envs[0]["msg_id"]])
+        client = self.peer_client("b", "a")
+        client.puller.features = dataclasses.replace(client.puller.features, page_bytes=1)  # one body per request
+        self.replication("b").sync_now()
+        self.mesh.settle()
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs[1:]))
+        self.assertEqual(self.tombstones("b"), [(self.bob.pub, envs[0]["msg_id"])])
+        bodies = [url for m, url in self.mesh.link("b", "a").requests if url.endswith(BODIES)]
+        self.assertEqual(len(bodies), 6)  # 5 envelopes and 1 ack, one per request (page_bytes)
+
+
+class PushQueueBytesTests(MeshTestCase):
+    names = ("a", "b")
+    sync = {"interval": 60, "push_inflight_max": 1, "push_timeout": 120, "push_queue_bytes": 65536}
+
+    def test_queue_is_bounded_in_bytes(self) -> None:
+        """Queued pushes over sync.push_queue_bytes drop the queue (counted); sync brings everything."""
+        self.mesh.set_mode("a", "b", "hold")
+        client = self.peer_client("a", "b")
+        envs = [self.send("a", b"first")]
+        self.mesh.settle()
+        for _ in range(7):  # about 9.6 KB each: the seventh goes over 64 KiB
+            envs.append(self.send("a", os.urandom(7000), sender=Identity()))
+            self.assertLessEqual(client.push.byte_size, 65536)
+        self.mesh.settle()
+        self.assertEqual(self.metric("a", "meshrelay_dm_replication_dropped_total", peer=Mesh.url("b")), 7)
+        self.assertEqual((client.push.depth, client.push.byte_size), (0, 0))
+        self.mesh.set_mode("a", "b", "up")
+        self.mesh.link("a", "b").release()
+        self.mesh.advance(60, step=10)
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
+
+
+class V1PeerTests(MeshTestCase):
+    """B speaks wire v1 only (no features, bodies or ids; unbounded pages): both directions still work."""
+
+    names = ("a", "b")
+    sync = {"interval": 30}
+    v1_only = ("b",)
+
+    def test_push_and_sync_both_ways(self) -> None:
+        """Pushes and pulls between a v2 node and a v1-only node deliver everything, with v1 requests only."""
+        e1, e2 = self.send("a", b"from a"), self.send("b", b"from b", sender=Identity())
+        self.mesh.settle()
+        self.assertEqual(sorted(self.live("a")), sorted(self.live("b")))
+        self.mesh.set_mode("a", "b", "down", both=True)
+        e3, e4 = self.send("a", b"a again", sender=Identity()), self.send("b", b"b again", sender=Identity())
+        self.mesh.set_mode("a", "b", "up", both=True)
+        self.mesh.advance(30, step=5)
+        want = sorted(e["msg_id"] for e in (e1, e2, e3, e4))
+        self.assertEqual((sorted(self.live("a")), sorted(self.live("b"))), (want, want))
+        # B (v1) never asked for anything v2; A found B is v1 and pulled v1 pages.
+        from_b = [url for m, url in self.mesh.link("b", "a").requests]
+        self.assertFalse([u for u in from_b if FEATURES in u or BODIES in u or "ids=" in u], from_b)
+        from_a = [url for m, url in self.mesh.link("a", "b").requests if m == "GET"]
+        self.assertTrue(any(u.endswith(FEATURES) for u in from_a))
+        self.assertFalse([u for u in from_a if "ids=" in u or BODIES in u], from_a)
+        self.assertEqual(self.peer_client("a", "b").puller.features.versions, (1,))
+
+    def test_v2_request_refused_downgrades(self) -> None:
+        """A peer that answered features with v2 but then refuses ids=1 with 400 is pulled with v1 pages."""
+        client = self.peer_client("a", "b")
+        client.puller.features = Features((1, 2), 1 << 20, 5000, 500)
+        self.mesh.set_mode("a", "b", "down", both=True)
+        env = self.send("b", b"late", sender=Identity())
+        self.mesh.set_mode("a", "b", "up", both=True)
+        client.sync_now()
+        self.mesh.settle()
+        self.assertIn(env["msg_id"], self.live("a"))
+        self.assertEqual((client.puller.features.versions, client.puller.last_sync_outcome), ((1,), "ok"))
+
+
+class BigAckTests(MeshTestCase):
+    """Acks of 500 ids each make a feed whose v1 pages are larger than a puller accepts (issue 9 finding 3)."""
+
+    names = ("a", "b")
+    sync = {"interval": 30}
+    count = 185
+
+    def fill(self) -> None:
+        self.mesh.set_mode("a", "b", "down")  # no push: only sync carries the acks to B
+        for _ in range(self.count):
+            status, _ = self.poll("a", ack=random_ids(500))
+            self.assertEqual(status, 200)
+
+    def test_huge_acks_do_not_stop_sync(self) -> None:
+        """185 acks of 500 ids at A reach B by sync; B's pulls succeed."""
+        self.fill()
+        self.mesh.advance(30, step=10)
+        self.assertEqual(self.metric("b", "meshrelay_dm_ack_intake_total", outcome="applied"), self.count)
+        self.assertEqual(self.peer_client("b", "a").puller.last_sync_outcome, "ok")
+        self.assertEqual(len(self.tombstones("b")), self.count * 500)
+
+
+class BigAckFromV1PeerTests(BigAckTests):
+    """The same from a v1-only origin (unbounded pages): the puller halves its limit until pages fit."""
+
+    v1_only = ("a",)
+
+    def test_huge_acks_do_not_stop_sync(self) -> None:
+        """185 acks of 500 ids at a v1-only A reach B; B's page limit was halved for the run."""
+        super().test_huge_acks_do_not_stop_sync()
+        self.assertLess(self.peer_client("b", "a").puller.run_limit, 500)
+
+
+class CappedConvergenceTestCase(MeshTestCase):
+    """Issue 9 finding 2: a mailbox filled on both sides of a partition converges."""
+
+    names = ("a", "b")
+    sync = {"interval": 30}
+    limits = {"per_mailbox_pending": 5}
+
+    def fill_both_sides(self) -> tuple[list[str], list[str]]:
+        for n in self.names:
+            for o in self.names:
+                if n < o:
+                    self.mesh.set_mode(n, o, "down", both=True)
+        at_a = sorted(self.send("a", b"a%d" % i, sender=Identity())["msg_id"] for i in range(5))
+        at_b = sorted(self.send("b", b"b%d" % i, sender=Identity())["msg_id"] for i in range(5))
+        self.mesh.settle()  # the pushes fail while cut off
+        for n in self.names:
+            for o in self.names:
+                if n < o:
+                    self.mesh.set_mode(n, o, "up", both=True)
+        self.mesh.advance(30, step=5)
+        return at_a, at_b
+
+    def drain(self, name: str) -> list[str]:
+        """The recipient polls everything at ``name`` and acks it."""
+        _, polled = self.poll(name)
+        ids = sorted(m["msg_id"] for m in polled["messages"])
+        status, _ = self.poll(name, ack=ids)
+        self.assertEqual(status, 200)
+        return ids
+
+    def assert_capped(self) -> None:
+        for n in self.names:
+            self.assertLessEqual(len(self.live(n)), 5, n)
+
+
+class CappedConvergenceTests(CappedConvergenceTestCase):
+    def test_two_nodes_converge_after_the_recipient_drains_at_a(self) -> None:
+        """5 at A and 5 at B while cut off; the recipient drains at A; A and B end with B's 5, then nothing."""
+        at_a, at_b = self.fill_both_sides()
+        self.assertEqual((sorted(self.live("a")), sorted(self.live("b"))), (at_a, at_b))
+        self.assertEqual(self.drain("a"), at_a)
+        self.mesh.advance(5)
+        self.assert_capped()
+        self.assertEqual((sorted(self.live("a")), sorted(self.live("b"))), (at_b, at_b))
+        self.assertEqual(self.drain("a"), at_b)
+        self.mesh.advance(60, step=5)
+        self.assertEqual((self.live("a"), self.live("b")), ([], []))
+
+    def test_refused_again_is_remembered_again(self) -> None:
+        """A refetch that meets the cap again keeps the refusal, and a later drain brings the replicas."""
+        at_a, at_b = self.fill_both_sides()
+        # Space frees at A, but the recipient's next deposits at A fill it again before the refetch.
+        self.drain("a")
+        late = sorted(self.send("a", b"late%d" % i, sender=Identity())["msg_id"] for i in range(5))
+        self.mesh.advance(5)
+        self.assertEqual(sorted(self.live("a")), late)
+        self.assertEqual(self.drain("a"), late)
+        self.mesh.advance(5)
+        self.assertEqual(sorted(self.live("a")), at_b)
+        self.assertEqual(sorted(self.live("b")), at_b)
+
+
+class CappedConvergenceThreeNodeTests(CappedConvergenceTestCase):
+    names = ("a", "b", "c")
+
+    def test_three_nodes_converge_after_the_recipient_drains_at_a(self) -> None:
+        """Three nodes: 5 at A, 5 at B, all cut off; after the drain at A all three hold B's 5, then nothing."""
+        at_a, at_b = self.fill_both_sides()
+        self.assertIn(sorted(self.live("c")), (at_a, at_b))
+        self.assertEqual(self.drain("a"), at_a)
+        self.mesh.advance(5)
+        self.assert_capped()
+        self.assertEqual([sorted(self.live(n)) for n in self.names], [at_b] * 3)
+        self.assertEqual(self.drain("a"), at_b)
+        self.mesh.advance(60, step=5)
+        self.assertEqual([self.live(n) for n in self.names], [[], [], []])
+
+
+class ExpiryFreesSpaceTests(CappedConvergenceTestCase):
+    names = ("a", "b")
+
+    def test_expired_envelopes_make_room_for_refused_replicas(self) -> None:
+        """B's mailbox is full of envelopes that expire; once the sweeper removes them, B obtains A's five."""
+        self.mesh.set_mode("a", "b", "down", both=True)
+        at_a = sorted(self.send("a", b"a%d" % i, sender=Identity())["msg_id"] for i in range(5))
+        for i in range(5):
+            env = Identity().envelope(self.bob, b"short%d" % i, ts=self.now(), ttl=60)
+            self.assertEqual(self.mesh["b"].send(env)[0], 200)
+        self.mesh.settle()  # the pushes fail while cut off
+        self.mesh.set_mode("a", "b", "up", both=True)
+        self.mesh.advance(30, step=5)
+        self.assertEqual(len(self.live("b")), 5)
+        self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="drop_full"), 5)
+        self.mesh.advance(100, step=5)  # past the short ttl and a sweep
+        self.assertEqual(sorted(self.live("b")), at_a)
+        self.assertEqual(sorted(self.live("a")), at_a)

@@ -30,8 +30,10 @@ from meshrelay.store.base import (
     STRANGER_FULL,
     AckResult,
     AddResult,
+    Bodies,
     Caps,
     Cursor,
+    Refused,
     Store,
     StoreError,
 )
@@ -501,6 +503,244 @@ class StoreBehaviour:
         self.assertEqual(store.stats().envelopes, 2)
         self.assertEqual(self.successResultOf(store.count(bob.pub, T0)), 2)
 
+    # ------------------------------------------------------------------ wire v2: byte-bounded and ids-only pages
+
+    def feed(self, store: Store, **kw: Any) -> list[Any]:
+        """Every item of the feed, page by page (bounded loop)."""
+        items: list[Any] = []
+        since = 0
+        for _ in range(1000):
+            page = self.successResultOf(store.changes(since, kw.pop("limit", 100), T0, **kw))
+            items.extend(page.items)
+            since = page.next
+            if not page.more:
+                return items
+        raise AssertionError("the feed never ended")
+
+    def test_changes_pages_are_bounded_in_bytes(self) -> None:
+        """With max_bytes a page stops before its bodies pass the budget; more is set and nothing is skipped."""
+        store = self.make_store()
+        bob = Identity()
+        envs = [make_env(Identity(), bob, b"x" * 200) for _ in range(6)]
+        for e in envs:
+            self.add(store, e)
+        ack = make_ack(bob, [envs[0].msg_id])
+        self.ack(store, ack)
+        size = len(envs[1].raw)
+        page = self.successResultOf(store.changes(0, 100, T0, max_bytes=2 * size + size // 2))
+        self.assertEqual(len(page.items), 2)
+        self.assertTrue(page.more)
+        self.assertEqual(page.next, page.items[-1].seq)
+        self.assertEqual([i.size for i in page.items], [size, size])
+        # exactly at the budget: included
+        page = self.successResultOf(store.changes(0, 100, T0, max_bytes=3 * size))
+        self.assertEqual((len(page.items), page.more), (3, True))
+        items = []
+        since = 0
+        for _ in range(20):
+            page = self.successResultOf(store.changes(since, 100, T0, max_bytes=size))
+            self.assertEqual(len(page.items), 1)
+            items.extend(page.items)
+            since = page.next
+            if not page.more:
+                break
+        self.assertEqual([i.body for i in items[:5]], [e.raw for e in envs[1:]])
+        self.assertEqual(items[5].kind, "ack")
+        self.assertEqual(len(items), 6)
+
+    def test_an_item_over_the_budget_is_still_delivered_alone(self) -> None:
+        """A big ack larger than max_bytes is the whole page (first item always), whatever the mix."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        small = make_env(alice, bob, b"s")
+        self.add(store, small)
+        big = make_ack(bob, [f"{i:064x}" for i in range(500)])
+        self.ack(store, big)
+        after = make_env(alice, bob, b"t")
+        self.add(store, after)
+        page = self.successResultOf(store.changes(0, 100, T0, max_bytes=len(small.raw) + 10))
+        self.assertEqual(([i.kind for i in page.items], page.more), (["envelope"], True))
+        page = self.successResultOf(store.changes(page.next, 100, T0, max_bytes=len(small.raw) + 10))
+        self.assertEqual(([i.kind for i in page.items], page.more), (["ack"], True))
+        self.assertGreater(page.items[0].size, len(small.raw) + 10)
+        self.assertEqual(page.items[0].size, len(page.items[0].body.encode()))
+        page = self.successResultOf(store.changes(page.next, 100, T0, max_bytes=len(small.raw) + 10))
+        self.assertEqual(([i.body for i in page.items], page.more), ([after.raw], False))
+
+    def test_ids_only_pages_carry_size_mailbox_and_key(self) -> None:
+        """ids_only items have no body but the body's UTF-8 size, the mailbox and msg_id or nonce."""
+        store = self.make_store()
+        bob, carol, alice = Identity(), Identity(), Identity()
+        e1 = make_env(alice, bob, b"1")
+        e2 = make_env(alice, carol, b"22")
+        self.add(store, e1)
+        self.add(store, e2)
+        ack = make_ack(carol, [e2.msg_id, "4" * 64])
+        self.ack(store, ack)
+        full = self.successResultOf(store.changes(0, 100, T0)).items
+        ids = self.successResultOf(store.changes(0, 100, T0, ids_only=True)).items
+        self.assertEqual([i.body for i in ids], ["", ""])
+        self.assertEqual([(i.seq, i.kind) for i in ids], [(i.seq, i.kind) for i in full])
+        self.assertEqual([i.size for i in ids], [len(i.body.encode()) for i in full])
+        self.assertEqual([(i.mailbox, i.key) for i in ids], [(bob.pub, e1.msg_id), (carol.pub, ack.nonce)])
+        by_mailbox = self.successResultOf(store.changes(0, 100, T0, mailbox=bob.pub, ids_only=True)).items
+        self.assertEqual([i.key for i in by_mailbox], [e1.msg_id])
+
+    def test_missing_lists_what_the_store_lacks_in_input_order(self) -> None:
+        """missing: stored or live-tombstoned envelopes and recorded acks are not lacking; order is kept."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        held, acked, unknown, other = (make_env(alice, bob, b"%d" % i) for i in range(4))
+        self.add(store, held)
+        self.add(store, acked)
+        ack = make_ack(bob, [acked.msg_id, other.msg_id])
+        self.ack(store, ack)
+        envs = [(bob.pub, unknown.msg_id), (bob.pub, held.msg_id), (bob.pub, acked.msg_id), (bob.pub, other.msg_id)]
+        # a tombstone only stops its own mailbox
+        envs.append((alice.pub, other.msg_id))
+        acks = [(bob.pub, "nope"), (bob.pub, ack.nonce), (alice.pub, ack.nonce)]
+        lack_env, lack_ack = self.successResultOf(store.missing(envs, acks, T0))
+        self.assertEqual(lack_env, [(bob.pub, unknown.msg_id), (alice.pub, other.msg_id)])
+        self.assertEqual(lack_ack, [(bob.pub, "nope"), (alice.pub, ack.nonce)])
+        # an expired tombstone no longer stops it
+        lack_env, _ = self.successResultOf(store.missing([(bob.pub, other.msg_id)], [], tomb(ack)))
+        self.assertEqual(lack_env, [(bob.pub, other.msg_id)])
+        self.assertEqual(self.successResultOf(store.missing([], [], T0)), ([], []))
+
+    def test_bodies_in_request_order_within_the_budget(self) -> None:
+        """bodies returns held items in request order within max_bytes (the first always) and lists the gone."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        envs = [make_env(alice, bob, b"%d" % i) for i in range(3)]
+        for e in envs:
+            self.add(store, e)
+        gone = make_env(alice, bob, b"never")
+        ack = make_ack(bob, [envs[2].msg_id])
+        self.ack(store, ack)
+        ids = [envs[1].msg_id, gone.msg_id, envs[0].msg_id, envs[2].msg_id]
+        acks = [(bob.pub, ack.nonce), (bob.pub, "unknown")]
+        out = self.successResultOf(store.bodies(ids, acks, T0, 1 << 20))
+        ack_body = E.dumps_json(ack.to_json()).decode()
+        self.assertEqual(
+            out,
+            Bodies(
+                envelopes=[envs[1].raw, envs[0].raw],
+                acks=[ack_body],
+                gone_envelopes=[gone.msg_id, envs[2].msg_id],
+                gone_acks=[(bob.pub, "unknown")],
+            ),
+        )
+        cut = self.successResultOf(store.bodies(ids, acks, T0, len(envs[1].raw) + 1))
+        self.assertEqual(cut.envelopes, [envs[1].raw])
+        self.assertEqual(cut.acks, [])
+        self.assertEqual(cut.gone_envelopes, [gone.msg_id, envs[2].msg_id])
+        tiny = self.successResultOf(store.bodies([], acks, T0, 10))
+        self.assertEqual(tiny.acks, [ack_body])
+        # an expired envelope is gone
+        late = self.successResultOf(store.bodies([envs[0].msg_id], [], T0 + 3600, 1 << 20))
+        self.assertEqual(late.gone_envelopes, [envs[0].msg_id])
+
+    # ------------------------------------------------------------------ wire v2: remembered cap refusals
+
+    def test_cap_refusals_of_replicas_are_remembered(self) -> None:
+        """A replica refused at any cap with a peer given is remembered (reason, expiry); without a peer it is not."""
+        bob, alice = Identity(), Identity()
+        probe = make_env(alice, bob, b"0")
+        store = self.make_store(Caps(per_sender_pending=1, per_mailbox_pending=2, max_stored_bytes=3 * len(probe.raw)))
+        self.add(store, probe)
+        sender_capped = make_env(alice, bob, b"1", ttl=600)
+        r = self.successResultOf(store.add_envelope(sender_capped, T0, peer="http://p.test"))
+        self.assertEqual((r.status, r.remembered), (SENDER_CAP, True))
+        self.add(store, make_env(Identity(), bob, b"2"))
+        full = make_env(Identity(), bob, b"3")
+        r = self.successResultOf(store.add_envelope(full, T0 + 1, peer="http://q.test"))
+        self.assertEqual((r.status, r.remembered), (MAILBOX_FULL, True))
+        carol = Identity()
+        self.add(store, make_env(Identity(), carol, b"4"))
+        no_room = make_env(Identity(), carol, b"5")
+        r = self.successResultOf(store.add_envelope(no_room, T0 + 2, peer="http://p.test"))
+        self.assertEqual((r.status, r.remembered), (STORAGE_FULL, True))
+        # without a peer (a client deposit) nothing is remembered
+        self.assertIsNone(self.add(store, make_env(Identity(), bob, b"6")).remembered)
+        rows = self.successResultOf(store.refused(T0, 10))
+        self.assertEqual(
+            rows,
+            [
+                Refused(sender_capped.msg_id, bob.pub, "http://p.test", SENDER_CAP, sender_capped.expires),
+                Refused(full.msg_id, bob.pub, "http://q.test", MAILBOX_FULL, full.expires),
+                Refused(no_room.msg_id, carol.pub, "http://p.test", STORAGE_FULL, no_room.expires),
+            ],
+        )
+        self.assertEqual(
+            [r.msg_id for r in self.successResultOf(store.refused(T0, 10, mailbox=carol.pub))], [no_room.msg_id]
+        )
+        self.assertEqual(len(self.successResultOf(store.refused(T0, 2))), 2)
+        # the same refusal again is one row; an expired row is not listed
+        self.successResultOf(store.add_envelope(sender_capped, T0 + 5, peer="http://p.test"))
+        self.assertEqual(len(self.successResultOf(store.refused(T0, 10))), 3)
+        self.assertEqual(
+            self.successResultOf(store.refused(sender_capped.expires, 10, mailbox=bob.pub))[0].msg_id, full.msg_id
+        )
+        store = self.reopen(
+            store, Caps(per_sender_pending=1, per_mailbox_pending=2, max_stored_bytes=3 * len(probe.raw))
+        )
+        self.assertEqual(len(self.successResultOf(store.refused(T0, 10))), 3)
+
+    def test_remembered_refusals_are_bounded(self) -> None:
+        """At most per_mailbox_pending rows per (peer, mailbox) and max_refused in all; the rest are counted."""
+        metrics = Metrics()
+        store = self.make_store(Caps(per_sender_pending=1, per_mailbox_pending=2, max_refused=3), metrics=metrics)
+        bob, carol, alice = Identity(), Identity(), Identity()
+        self.add(store, make_env(alice, bob, b"held"))
+        self.add(store, make_env(alice, carol, b"held"))
+        results = [
+            self.successResultOf(store.add_envelope(make_env(alice, bob, b"%d" % i), T0, peer="http://p.test"))
+            for i in range(3)
+        ]
+        self.assertEqual([r.remembered for r in results], [True, True, False])
+        other_peer = self.successResultOf(store.add_envelope(make_env(alice, bob, b"x"), T0, peer="http://q.test"))
+        self.assertTrue(other_peer.remembered)
+        over_all = self.successResultOf(store.add_envelope(make_env(alice, carol, b"y"), T0, peer="http://q.test"))
+        self.assertEqual((over_all.status, over_all.remembered), (SENDER_CAP, False))
+        self.assertEqual(len(self.successResultOf(store.refused(T0, 100))), 3)
+        self.assertEqual(metrics.registry.get_sample_value("meshrelay_replica_refusals_forgotten_total"), 2)
+
+    def test_remembered_refusals_are_forgotten(self) -> None:
+        """A row goes when its msg_id is accepted, when an ack tombstones it, when it expires, or on forget_refused."""
+        store = self.make_store(Caps(per_sender_pending=1))
+        bob, alice = Identity(), Identity()
+        first = make_env(alice, bob, b"first")
+        self.add(store, first)
+        envs = [make_env(alice, bob, b"%d" % i, ttl=60 + i) for i in range(5)]
+        for e in envs[:4]:
+            self.successResultOf(store.add_envelope(e, T0, peer="http://p.test"))
+        self.successResultOf(store.add_envelope(envs[0], T0, peer="http://q.test"))
+        self.successResultOf(store.add_envelope(envs[4], T0, peer="http://q.test"))
+
+        def listed() -> list[tuple[str, str]]:
+            return [(r.msg_id, r.peer) for r in self.successResultOf(store.refused(T0, 100))]
+
+        self.assertEqual(len(listed()), 6)
+        # an ack of the held one frees the slot: envs[0] accepted (from anyone) forgets both its rows
+        self.ack(store, make_ack(bob, [first.msg_id, envs[1].msg_id]))
+        self.assertEqual(self.add(store, envs[0]).status, ACCEPTED)
+        self.assertNotIn(envs[0].msg_id, [m for m, _ in listed()])
+        # the ack tombstoned envs[1]: its row is gone
+        self.assertNotIn(envs[1].msg_id, [m for m, _ in listed()])
+        self.successResultOf(
+            store.forget_refused([(envs[2].msg_id, "http://p.test"), (envs[4].msg_id, "http://p.test")])
+        )
+        self.assertEqual(
+            sorted(listed()), sorted([(envs[3].msg_id, "http://p.test"), (envs[4].msg_id, "http://q.test")])
+        )
+        self.successResultOf(store.forget_refused([]))
+        swept = self.successResultOf(store.sweep(envs[3].expires))
+        self.assertEqual(swept.refused, 1)
+        self.assertEqual(listed(), [(envs[4].msg_id, "http://q.test")])
+        # an ack by another mailbox forgets nothing
+        self.ack(store, make_ack(alice, [envs[4].msg_id]))
+        self.assertEqual(listed(), [(envs[4].msg_id, "http://q.test")])
+
     def test_closed_store_refuses_writes(self) -> None:
         """Writes after close fail with StoreError instead of hanging."""
         store = self.make_store()
@@ -563,6 +803,30 @@ class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
 
     def open_store(self, caps: Caps, writer: Executor | None, metrics: Metrics | None) -> Store:
         return SQLiteStore(self.data_dir, caps, writer=writer or InlineExecutor(), metrics=metrics)
+
+    def test_a_page_is_read_under_one_snapshot(self) -> None:
+        """A deposit and an ack committed while a page is being read never move next past the deposit."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        first = make_env(alice, bob, b"first")
+        self.add(store, first)
+        racing = make_env(alice, bob, b"racing")
+        calls: list[int] = []
+
+        def between() -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                self.add(store, racing)
+                self.ack(store, make_ack(bob, ["5" * 64]))
+
+        store.between_statements = between
+        page = self.successResultOf(store.changes(0, 10, T0))
+        store.between_statements = None
+        rest = self.successResultOf(store.changes(page.next, 10, T0))
+        self.assertIn(racing.raw, [i.body for i in page.items + rest.items])
+        self.assertEqual([i.body for i in page.items], [first.raw])
+        self.assertEqual([i.kind for i in rest.items], ["envelope", "ack"])
+        self.assertEqual(len(calls), 1)
 
 
 @requires_pg

@@ -19,6 +19,7 @@ def caps_from(config: Config) -> Caps:
         per_sender_pending=lim.per_sender_pending,
         per_mailbox_pending=lim.per_mailbox_pending,
         max_stored_bytes=lim.max_stored_bytes,
+        max_refused=config.sync.max_refused,
     )
 
 

@@ -86,6 +86,8 @@ class Caps:
     per_sender_pending: int = 8
     per_mailbox_pending: int = 256
     max_stored_bytes: int = 1 << 30
+    #: remembered cap refusals of replicas (the ``refused`` table), in all
+    max_refused: int = 100000
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class AddResult:
     limit: int = 0
     #: protocol v3: a duplicate whose stored copy was stranger mail and is now contact mail
     upgraded: bool = False
+    #: for a replica refused at a cap with a peer given: whether the refusal was remembered
+    remembered: bool | None = None
 
 
 def bucket_refusal(
@@ -141,8 +145,63 @@ class FeedItem:
     seq: int
     #: "envelope" or "ack"
     kind: str
-    #: the canonical JSON text of the envelope or signed ack
+    #: the canonical JSON text of the envelope or signed ack ("" in an ids-only page)
     body: str
+    #: UTF-8 bytes of the canonical JSON body
+    size: int = 0
+    mailbox: str = ""
+    #: envelope: its msg_id; ack: its nonce
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class Bodies:
+    """What ``bodies`` found: held items in request order, and what the node does not hold.
+
+    An id in neither list was cut by the byte budget (ask again).
+    """
+
+    envelopes: list[str] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
+    gone_envelopes: list[str] = field(default_factory=list)
+    #: (mailbox, nonce)
+    gone_acks: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A replica refused at a cap, remembered so it can be obtained again when space frees."""
+
+    msg_id: str
+    mailbox: str
+    #: the peer that offered it
+    peer: str
+    #: sender_cap, mailbox_full or storage_full
+    reason: str
+    #: the envelope's own expiry
+    expires: int
+
+
+#: add_envelope outcomes that are remembered for a replica offered by a peer
+CAP_REFUSALS = frozenset({"sender_cap", "mailbox_full", "storage_full", "stranger_full"})
+
+
+def cut_page(rows: Sequence[FeedItem], limit: int, max_bytes: int | None) -> tuple[list[FeedItem], bool]:
+    """The items of a page: at most ``limit``, and while their sizes sum to at most ``max_bytes``.
+
+    The first item is always included, however big.  ``rows`` may hold more
+    than the page (up to ``limit + 1``); the second value is ``more``.
+    """
+    items: list[FeedItem] = []
+    total = 0
+    for item in rows:
+        if len(items) >= limit:
+            return items, True
+        if items and max_bytes is not None and total + item.size > max_bytes:
+            return items, True
+        items.append(item)
+        total += item.size
+    return items, False
 
 
 @dataclass(frozen=True)
@@ -168,6 +227,7 @@ class SweepResult:
     tombstones: int = 0
     acks: int = 0
     nonces: int = 0
+    refused: int = 0
 
 
 @dataclass(frozen=True)
@@ -191,8 +251,15 @@ class Store(Protocol):
     def stats(self) -> StoreStats:
         """Stored envelope count and bytes as of the last commit (no I/O)."""
 
-    def add_envelope(self, env: Envelope, now: int) -> Deferred[AddResult]:
-        """Store ``env`` after dedup, the tombstone check and the caps, in that order."""
+    def add_envelope(
+        self, env: Envelope, now: int, verify: str | None = None, peer: str | None = None
+    ) -> Deferred[AddResult]:
+        """Store ``env`` after dedup, the tombstone check and the caps, in that order.
+
+        With ``peer`` (a replica offered by that peer), a cap refusal is
+        remembered (bounded, see ``refused``) in the same transaction, and an
+        acceptance forgets every remembered refusal of that msg_id.
+        """
 
     def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
         """Delete the listed envelopes of ``ack.mailbox``, tombstone them, record the ack."""
@@ -203,8 +270,42 @@ class Store(Protocol):
     def count(self, mailbox: str, now: int) -> Deferred[int]:
         """Live envelopes pending in ``mailbox``."""
 
-    def changes(self, since: int, limit: int, now: int, mailbox: str | None = None) -> Deferred[ChangesPage]:
-        """Live envelopes and acks with ``seq > since``, ascending."""
+    def changes(
+        self,
+        since: int,
+        limit: int,
+        now: int,
+        mailbox: str | None = None,
+        max_bytes: int | None = None,
+        ids_only: bool = False,
+    ) -> Deferred[ChangesPage]:
+        """Live envelopes and acks with ``seq > since``, ascending, read under one snapshot.
+
+        At most ``limit`` items, and (with ``max_bytes``) while the items' body
+        sizes sum to at most ``max_bytes`` -- the first item always.  With
+        ``ids_only`` the items carry no body (size, mailbox and key only).
+        """
+
+    def missing(
+        self, envelopes: Sequence[tuple[str, str]], acks: Sequence[tuple[str, str]], now: int
+    ) -> Deferred[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
+        """Which of ``envelopes`` (mailbox, msg_id) and ``acks`` (mailbox, nonce) this store lacks, input order.
+
+        An envelope is lacking when no envelope with that msg_id is stored and
+        no live tombstone (mailbox, msg_id) exists; an ack when (mailbox,
+        nonce) is not recorded.
+        """
+
+    def bodies(
+        self, msg_ids: Sequence[str], acks: Sequence[tuple[str, str]], now: int, max_bytes: int
+    ) -> Deferred[Bodies]:
+        """The held envelopes and acks asked for, in request order, within ``max_bytes`` (the first always)."""
+
+    def refused(self, now: int, limit: int, mailbox: str | None = None) -> Deferred[list[Refused]]:
+        """Remembered cap refusals that have not expired, oldest first."""
+
+    def forget_refused(self, items: Sequence[tuple[str, str]]) -> Deferred[None]:
+        """Drop the remembered refusals ``(msg_id, peer)``."""
 
     def put_policy(self, mailbox: str, version: int, policy_id: str, body: str) -> Deferred[str]:
         """Store a mailbox's signed policy unless the stored one orders at or above it (v3).

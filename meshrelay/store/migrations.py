@@ -24,7 +24,7 @@ DIALECTS: dict[str, dict[str, str]] = {
 
 
 #: the migration that adds first contact's tables (after the store's own migrations)
-FIRST_CONTACT_VERSION = 3
+FIRST_CONTACT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,27 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
         only=(("postgresql", COMMIT_ROWS_V1),),
+    ),
+    Migration(
+        3,
+        "refused: replicas refused at a cap, to obtain again when space frees",
+        (
+            # expires is the envelope's own expiry; reason is sender_cap, mailbox_full or storage_full;
+            # at is the refusal's order (oldest first), unique within the table
+            """CREATE TABLE refused (
+                msg_id TEXT NOT NULL,
+                peer TEXT NOT NULL,
+                mailbox TEXT NOT NULL,
+                expires {bigint} NOT NULL,
+                reason TEXT NOT NULL,
+                at {bigint} NOT NULL,
+                PRIMARY KEY (msg_id, peer)
+            ){without_rowid}""",
+            "CREATE INDEX refused_by_mailbox ON refused (mailbox, at)",
+            "CREATE INDEX refused_by_peer ON refused (peer, mailbox)",
+            "CREATE INDEX refused_by_expiry ON refused (expires)",
+            "CREATE INDEX refused_by_age ON refused (at)",
+        ),
     ),
     Migration(
         FIRST_CONTACT_VERSION,

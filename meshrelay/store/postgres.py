@@ -67,7 +67,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -92,14 +92,17 @@ from meshrelay.store.base import (
     STORAGE_FULL,
     AckResult,
     AddResult,
+    Bodies,
     Caps,
     ChangesPage,
     Cursor,
     FeedItem,
+    Refused,
     StoreError,
     StoreStats,
     SweepResult,
     bucket_refusal,
+    cut_page,
     one_line,
     settle_batch,
 )
@@ -359,6 +362,47 @@ SELECT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = %(id)s),
        (SELECT count(*) FROM envelopes WHERE mailbox = %(mb)s AND expires > %(now)s),
        (SELECT count(*) FROM envelopes WHERE mailbox = %(mb)s AND sender = %(s)s AND expires > %(now)s)
 """
+
+
+#: an envelope the store holds, or whose live tombstone stops it
+_HELD_ENVELOPES = """
+SELECT t.mb, t.id,
+       EXISTS (SELECT 1 FROM envelopes e WHERE e.msg_id = t.id)
+       OR EXISTS (SELECT 1 FROM tombstones b WHERE b.mailbox = t.mb AND b.msg_id = t.id AND b.expires > %(now)s)
+FROM unnest(%(mb)s::text[], %(id)s::text[]) WITH ORDINALITY AS t(mb, id, i) ORDER BY t.i
+"""
+
+_HELD_ACKS = """
+SELECT t.mb, t.n, EXISTS (SELECT 1 FROM acks a WHERE a.mailbox = t.mb AND a.nonce = t.n)
+FROM unnest(%(mb)s::text[], %(n)s::text[]) WITH ORDINALITY AS t(mb, n, i) ORDER BY t.i
+"""
+
+
+def remember_refusal(cur: Cur, caps: Caps, refused: tuple[str, str, str, int, str, int]) -> bool:
+    """Remember a replica refused at a cap, within the two bounds; False when a bound stopped it.
+
+    ``refused`` is (msg_id, peer, mailbox, expires, reason, now).  The caller
+    holds the mailbox lock, so the per-(peer, mailbox) bound is exact; the
+    global bound may be passed by a few rows when several processes remember
+    at the same instant.
+    """
+    msg_id, peer, mailbox = refused[0], refused[1], refused[2]
+    cur.execute("SELECT 1 FROM refused WHERE msg_id = %s AND peer = %s", (msg_id, peer))
+    if cur.fetchone() is None:
+        cur.execute(
+            "SELECT (SELECT count(*) FROM refused WHERE peer = %s AND mailbox = %s), (SELECT count(*) FROM refused)",
+            (peer, mailbox),
+        )
+        row = cur.fetchone()
+        assert row is not None
+        if row[0] >= caps.per_mailbox_pending or row[1] >= caps.max_refused:
+            return False
+    cur.execute(
+        "INSERT INTO refused (msg_id, peer, mailbox, expires, reason, at) VALUES (%s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (msg_id, peer) DO UPDATE SET reason = excluded.reason, expires = excluded.expires",
+        refused,
+    )
+    return True
 
 
 LOCK_COUNTERS = "SELECT key, value FROM meta WHERE key = ANY(%s) ORDER BY key FOR UPDATE"
@@ -769,9 +813,23 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ writes
 
-    def add_envelope(self, env: Envelope, now: int) -> Deferred[AddResult]:
+    def add_envelope(
+        self, env: Envelope, now: int, verify: str | None = None, peer: str | None = None
+    ) -> Deferred[AddResult]:
+        """Add ``env`` (signatures are checked by the caller: ``verify`` is ignored).
+
+        With ``peer``, a sender or mailbox cap refusal is remembered in the
+        same transaction; a storage cap refusal (decided in phase 2, by the
+        server) in a transaction right after, before the answer.
+        """
         caps = self.caps
         body = env.raw
+
+        def refuse(cur: Cur, result: AddResult) -> AddResult:
+            if peer is None:
+                return result
+            remembered = remember_refusal(cur, caps, (env.msg_id, peer, env.mailbox, env.expires, result.status, now))
+            return AddResult(result.status, pending=result.pending, limit=result.limit, remembered=remembered)
 
         def op(cur: Cur, tx: _Tx) -> AddResult | _Pending:
             earlier = tx.envelopes.get(env.msg_id)
@@ -792,10 +850,11 @@ class PostgresStore:
 
             refusal = bucket_refusal(env.contact, env.stranger_cap, in_mailbox, count_contacts, caps)
             if refusal is not None:
-                return refusal
+                return refuse(cur, refusal)
             from_sender += tx.from_sender[(env.mailbox, env.sender)]
             if from_sender >= caps.per_sender_pending:
-                return AddResult(SENDER_CAP, pending=from_sender, limit=caps.per_sender_pending)
+                return refuse(cur, AddResult(SENDER_CAP, pending=from_sender, limit=caps.per_sender_pending))
+            cur.execute("DELETE FROM refused WHERE msg_id = %s", (env.msg_id,))
             if env.contact:
                 # Phase 1, before the row exists: a contacts row names a msg_id proven contact mail by
                 # a valid permit, so one left by a refusal in phase 2 (storage full) is still true.
@@ -811,8 +870,32 @@ class PostgresStore:
             tx.from_sender[(env.mailbox, env.sender)] += 1
             return new
 
+        def storage_full(cur: Cur, tx: _Tx) -> AddResult:
+            return refuse(cur, AddResult(STORAGE_FULL))
+
+        def done(result: AddResult) -> AddResult | Deferred[AddResult]:
+            if result.status == STORAGE_FULL and peer is not None and result.remembered is None:
+                return self._write((self._lock("m", env.mailbox),), storage_full).addCallback(done)
+            if result.remembered is False and self._metrics is not None:
+                self._metrics.replica_refusals_forgotten_total.inc()
+            return result
+
         check = (env.msg_id, env.mailbox, env.sender, now)
-        return self._write((self._lock("m", env.mailbox),), op, check)
+        return self._write((self._lock("m", env.mailbox),), op, check).addCallback(done)
+
+    def forget_refused(self, items: Sequence[tuple[str, str]]) -> Deferred[None]:
+        pairs = [(str(m), str(p)) for m, p in items]
+        if not pairs:
+            return succeed(None)
+
+        def op(cur: Cur, tx: _Tx) -> None:
+            cur.execute(
+                "DELETE FROM refused r USING unnest(%s::text[], %s::text[]) AS t(m, p) "
+                "WHERE r.msg_id = t.m AND r.peer = t.p",
+                ([m for m, _ in pairs], [p for _, p in pairs]),
+            )
+
+        return self._write((), op)
 
     @staticmethod
     def _upgrade(cur: Cur, tx: _Tx, env: Envelope, body: str) -> AddResult:
@@ -864,6 +947,7 @@ class PostgresStore:
                     "ON CONFLICT (mailbox, msg_id) DO UPDATE SET expires = GREATEST(tombstones.expires, excluded.expires)",
                     (mailbox, tombstone_expires, ids),
                 )
+                cur.execute("DELETE FROM refused WHERE mailbox = %s AND msg_id = ANY(%s)", (mailbox, ids))
             deleted = tuple(m for m in ids if m in gone)
             key = (mailbox, ack.nonce)
             if key in tx.acks:
@@ -919,9 +1003,9 @@ class PostgresStore:
 
     def sweep(self, now: int) -> Deferred[SweepResult]:
         """Delete expired rows, a chunk per table per transaction, until none is left."""
-        totals = [0, 0, 0, 0]
+        totals = [0, 0, 0, 0, 0]
 
-        def op(cur: Cur, tx: _Tx) -> tuple[tuple[int, int, int, int], bool]:
+        def op(cur: Cur, tx: _Tx) -> tuple[tuple[int, int, int, int, int], bool]:
             cur.execute(
                 "DELETE FROM envelopes WHERE seq = ANY(ARRAY("
                 "SELECT seq FROM envelopes WHERE expires <= %s LIMIT %s FOR UPDATE SKIP LOCKED)) RETURNING size",
@@ -932,12 +1016,12 @@ class PostgresStore:
             tx.d_count -= len(sizes)
             tx.d_bytes -= sum(sizes)
             counts = [len(sizes)]
-            for table in ("tombstones", "acks", "nonces"):
+            for table in ("tombstones", "acks", "nonces", "refused"):
                 cur.execute(_sweep_sql(table), (now, SWEEP_CHUNK))
                 counts.append(cur.rowcount)
-            return (counts[0], counts[1], counts[2], counts[3]), any(n == SWEEP_CHUNK for n in counts)
+            return (counts[0], counts[1], counts[2], counts[3], counts[4]), any(n == SWEEP_CHUNK for n in counts)
 
-        def step(result: tuple[tuple[int, int, int, int], bool]) -> Deferred[SweepResult] | SweepResult:
+        def step(result: tuple[tuple[int, int, int, int, int], bool]) -> Deferred[SweepResult] | SweepResult:
             counts, more = result
             for i, n in enumerate(counts):
                 totals[i] += n
@@ -1013,20 +1097,126 @@ class PostgresStore:
 
         return self._read(q)
 
-    def changes(self, since: int, limit: int, now: int, mailbox: str | None = None) -> Deferred[ChangesPage]:
+    def changes(
+        self,
+        since: int,
+        limit: int,
+        now: int,
+        mailbox: str | None = None,
+        max_bytes: int | None = None,
+        ids_only: bool = False,
+    ) -> Deferred[ChangesPage]:
         feed = self.feed_id
         where = "seq > %(since)s AND expires > %(now)s" + (" AND mailbox = %(mb)s" if mailbox is not None else "")
+        body = "''" if ids_only else "body"
         # One statement, so envelopes and acks come from one snapshot.
         query = (
-            f"(SELECT seq, 'envelope', body FROM envelopes WHERE {where} ORDER BY seq LIMIT %(n)s) UNION ALL "
-            f"(SELECT seq, 'ack', body FROM acks WHERE {where} ORDER BY seq LIMIT %(n)s) ORDER BY 1 LIMIT %(n)s"
+            f"(SELECT seq, 'envelope' AS kind, mailbox, msg_id AS key, size, {body} AS body FROM envelopes "
+            f"WHERE {where} ORDER BY seq LIMIT %(n)s) UNION ALL "
+            f"(SELECT seq, 'ack', mailbox, nonce, octet_length(body)::bigint, {body} FROM acks "
+            f"WHERE {where} ORDER BY seq LIMIT %(n)s) ORDER BY 1 LIMIT %(n)s"
         )
-        args = {"since": min(since, MAX_SEQ), "now": now, "mb": mailbox, "n": limit + 1}
+        if max_bytes is not None:
+            # Stop after the first row past the budget (returned so the caller knows there is more).
+            query = (
+                "SELECT seq, kind, mailbox, key, size, body FROM (SELECT m.*, "
+                "sum(size) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS run, "
+                "row_number() OVER (ORDER BY seq) AS rn "
+                f"FROM ({query}) AS m) AS r WHERE run - size <= %(max)s OR rn <= 2 ORDER BY seq"
+            )
+        args = {"since": min(since, MAX_SEQ), "now": now, "mb": mailbox, "n": limit + 1, "max": max_bytes}
 
         def q(conn: Conn) -> ChangesPage:
-            merged = [FeedItem(int(s), k, b) for s, k, b in conn.execute(query, args).fetchall()]
-            items = merged[:limit]
-            return ChangesPage(feed=feed, items=items, next=items[-1].seq if items else since, more=len(merged) > limit)
+            rows = [
+                FeedItem(int(s), k, b, int(z), m, key) for s, k, m, key, z, b in conn.execute(query, args).fetchall()
+            ]
+            items, more = cut_page(rows, limit, max_bytes)
+            return ChangesPage(feed=feed, items=items, next=items[-1].seq if items else since, more=more)
+
+        return self._read(q)
+
+    def missing(
+        self, envelopes: Sequence[tuple[str, str]], acks: Sequence[tuple[str, str]], now: int
+    ) -> Deferred[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
+        env_list = [(str(mb), str(m)) for mb, m in envelopes]
+        ack_list = [(str(mb), str(n)) for mb, n in acks]
+
+        def q(conn: Conn) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+            lack_env: list[tuple[str, str]] = []
+            lack_ack: list[tuple[str, str]] = []
+            if env_list:
+                rows = conn.execute(
+                    _HELD_ENVELOPES,
+                    {"now": now, "mb": [mb for mb, _ in env_list], "id": [m for _, m in env_list]},
+                ).fetchall()
+                lack_env = [(mb, m) for mb, m, held in rows if not held]
+            if ack_list:
+                rows = conn.execute(
+                    _HELD_ACKS, {"mb": [mb for mb, _ in ack_list], "n": [n for _, n in ack_list]}
+                ).fetchall()
+                lack_ack = [(mb, n) for mb, n, held in rows if not held]
+            return lack_env, lack_ack
+
+        return self._read(q)
+
+    def bodies(
+        self, msg_ids: Sequence[str], acks: Sequence[tuple[str, str]], now: int, max_bytes: int
+    ) -> Deferred[Bodies]:
+        ids = [str(m) for m in msg_ids]
+        ack_keys = [(str(mb), str(n)) for mb, n in acks]
+
+        def q(conn: Conn) -> Bodies:
+            env_rows: dict[str, tuple[int, str]] = {}
+            ack_rows: dict[tuple[str, str], tuple[int, str]] = {}
+            if ids:
+                for m, z, b in conn.execute(
+                    "SELECT msg_id, size, body FROM envelopes WHERE msg_id = ANY(%s) AND expires > %s", (ids, now)
+                ).fetchall():
+                    env_rows[m] = (int(z), b)
+            if ack_keys:
+                for mb, n, z, b in conn.execute(
+                    "SELECT a.mailbox, a.nonce, octet_length(a.body), a.body FROM acks a "
+                    "JOIN unnest(%s::text[], %s::text[]) AS t(mb, n) ON a.mailbox = t.mb AND a.nonce = t.n "
+                    "WHERE a.expires > %s",
+                    ([mb for mb, _ in ack_keys], [n for _, n in ack_keys], now),
+                ).fetchall():
+                    ack_rows[(mb, n)] = (int(z), b)
+            out = Bodies()
+            total = 0
+            cut = False
+            for m in ids:
+                found = env_rows.get(m)
+                if found is None:
+                    out.gone_envelopes.append(m)
+                elif not cut and (total == 0 or total + found[0] <= max_bytes):
+                    out.envelopes.append(found[1])
+                    total += found[0]
+                else:
+                    cut = True
+            for key in ack_keys:
+                found = ack_rows.get(key)
+                if found is None:
+                    out.gone_acks.append(key)
+                elif not cut and (total == 0 or total + found[0] <= max_bytes):
+                    out.acks.append(found[1])
+                    total += found[0]
+                else:
+                    cut = True
+            return out
+
+        return self._read(q)
+
+    def refused(self, now: int, limit: int, mailbox: str | None = None) -> Deferred[list[Refused]]:
+        where = "expires > %s" + (" AND mailbox = %s" if mailbox is not None else "")
+        args: tuple[Any, ...] = (now,) if mailbox is None else (now, mailbox)
+
+        def q(conn: Conn) -> list[Refused]:
+            rows = conn.execute(
+                f"SELECT msg_id, mailbox, peer, reason, expires FROM refused WHERE {where} "
+                "ORDER BY at, msg_id, peer LIMIT %s",
+                (*args, limit),
+            ).fetchall()
+            return [Refused(m, mb, p, r, int(e)) for m, mb, p, r, e in rows]
 
         return self._read(q)
 

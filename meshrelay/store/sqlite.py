@@ -25,7 +25,7 @@ import os
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -39,6 +39,7 @@ from meshrelay.store import migrations
 from meshrelay.store.base import (
     ACCEPTED,
     BAD_SIGNATURE,
+    CAP_REFUSALS,
     DUPLICATE,
     POLICY_ACCEPTED,
     POLICY_DUPLICATE,
@@ -47,14 +48,17 @@ from meshrelay.store.base import (
     STORAGE_FULL,
     AckResult,
     AddResult,
+    Bodies,
     Caps,
     ChangesPage,
     Cursor,
     FeedItem,
+    Refused,
     StoreError,
     StoreStats,
     SweepResult,
     bucket_refusal,
+    cut_page,
     settle_batch,
 )
 
@@ -78,6 +82,40 @@ SELECT
     (SELECT COUNT(*) FROM envelopes WHERE mailbox = ?2 AND expires > ?3),
     (SELECT COUNT(*) FROM envelopes WHERE mailbox = ?2 AND sender = ?4 AND expires > ?3)
 """
+
+
+#: an envelope the store holds, or whose live tombstone stops it (parameters: id, mb, now)
+_HELD_ENVELOPE = """
+SELECT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = :id)
+    OR EXISTS (SELECT 1 FROM tombstones WHERE mailbox = :mb AND msg_id = :id AND expires > :now)
+"""
+
+
+def _changes_sql(by_mailbox: bool, ids_only: bool, budget: bool) -> str:
+    """One statement for a page of the feed: envelopes and acks merged by seq under one snapshot.
+
+    Columns: seq, kind, mailbox, key, size, body.  With a byte budget the
+    rows stop after the first one whose running size passes ``:max`` (that
+    one is returned too, and always the first two rows, so the caller knows
+    when there is more), so at most one body beyond the page is read.
+    """
+    where = "seq > :since AND expires > :now" + (" AND mailbox = :mb" if by_mailbox else "")
+    body_e = "''" if ids_only else "body"
+    body_a = "''" if ids_only else "body"
+    merged = (
+        f"SELECT * FROM (SELECT seq, 'envelope' AS kind, mailbox, msg_id AS key, size, {body_e} AS body "
+        f"FROM envelopes WHERE {where} ORDER BY seq LIMIT :n) "
+        f"UNION ALL SELECT * FROM (SELECT seq, 'ack', mailbox, nonce, length(CAST(body AS BLOB)), {body_a} "
+        f"FROM acks WHERE {where} ORDER BY seq LIMIT :n) ORDER BY seq LIMIT :n"
+    )
+    if not budget:
+        return merged
+    return (
+        f"SELECT seq, kind, mailbox, key, size, body FROM ("
+        f"SELECT m.*, SUM(size) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS run, "
+        f"ROW_NUMBER() OVER (ORDER BY seq) AS rn FROM ({merged}) AS m"
+        f") WHERE run - size <= :max OR rn <= 2 ORDER BY seq"
+    )
 
 
 def _connect(path: str, durability: str) -> sqlite3.Connection:
@@ -138,8 +176,43 @@ class _Batch:
 # has one implementation whichever place it runs in.
 
 
+def _remember_refusal(conn: sqlite3.Connection, caps: Caps, refused: tuple[str, str, str, int, str, int]) -> bool:
+    """Remember a replica refused at a cap, within the two bounds; False when a bound stopped it.
+
+    ``refused`` is (msg_id, peer, mailbox, expires, reason, now).  Its only
+    write is its last statement.
+    """
+    msg_id, peer, mailbox = refused[0], refused[1], refused[2]
+    known = conn.execute("SELECT 1 FROM refused WHERE msg_id = ? AND peer = ?", (msg_id, peer)).fetchone()
+    if not known:
+        (per_mailbox,) = conn.execute(
+            "SELECT COUNT(*) FROM refused WHERE peer = ? AND mailbox = ?", (peer, mailbox)
+        ).fetchone()
+        if per_mailbox >= caps.per_mailbox_pending:
+            return False
+        (total,) = conn.execute("SELECT COUNT(*) FROM refused").fetchone()
+        if total >= caps.max_refused:
+            return False
+    conn.execute(
+        "INSERT INTO refused (msg_id, peer, mailbox, expires, reason, at) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (msg_id, peer) DO UPDATE SET reason = excluded.reason, expires = excluded.expires",
+        refused,
+    )
+    return True
+
+
 def _op_add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AddResult:
-    msg_id, mailbox, sender, expires, size, body, now, check, contact, stranger_cap = args
+    result = _add(conn, st, caps, args)
+    peer = args[8]
+    if peer is not None and result.status in CAP_REFUSALS:
+        msg_id, mailbox, _, expires, _, _, now, _, _ = args[:9]
+        remembered = _remember_refusal(conn, caps, (msg_id, peer, mailbox, expires, result.status, now))
+        return AddResult(result.status, pending=result.pending, limit=result.limit, remembered=remembered)
+    return result
+
+
+def _add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AddResult:
+    msg_id, mailbox, sender, expires, size, body, now, check, _peer, contact, stranger_cap = args
     if check is not None:
         key, sig, signed, replica = check
         if replica:
@@ -177,6 +250,10 @@ def _op_add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
         return refusal
     if from_sender >= caps.per_sender_pending:
         return AddResult(SENDER_CAP, pending=from_sender, limit=caps.per_sender_pending)
+    # Accepted: forget its remembered refusals first, so that the insert stays
+    # the last write (no savepoint).  Should the insert fail, a forgotten
+    # refusal only loses a hint.
+    conn.execute("DELETE FROM refused WHERE msg_id = ?", (msg_id,))
     conn.execute(
         "INSERT INTO envelopes (seq, msg_id, mailbox, sender, expires, size, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (st.seq + 1, msg_id, mailbox, sender, expires, size, body),
@@ -233,6 +310,8 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
             "ON CONFLICT (mailbox, msg_id) DO UPDATE SET expires = MAX(expires, excluded.expires)",
             (mailbox, msg_id, tombstone_expires),
         )
+    if ids:
+        conn.executemany("DELETE FROM refused WHERE msg_id = ? AND mailbox = ?", ((m, mailbox) for m in ids))
     if conn.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (mailbox, nonce)).fetchone():
         return AckResult(deleted=tuple(deleted), new=False)
     st.seq += 1
@@ -267,7 +346,12 @@ def _op_sweep(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any,
     st.count -= len(rows)
     st.bytes -= sum(r[0] for r in rows)
     out = {"envelopes": len(rows), "more": int(len(rows) == SWEEP_CHUNK)}
-    for table, key in (("tombstones", "mailbox, msg_id"), ("acks", "seq"), ("nonces", "scope, nonce")):
+    for table, key in (
+        ("tombstones", "mailbox, msg_id"),
+        ("acks", "seq"),
+        ("nonces", "scope, nonce"),
+        ("refused", "msg_id, peer"),
+    ):
         n = conn.execute(
             f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE expires <= ? LIMIT ?)",
             (now, SWEEP_CHUNK),
@@ -302,6 +386,11 @@ def _op_policy(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any
     return POLICY_ACCEPTED
 
 
+def _op_forget_refused(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> None:
+    (items,) = args
+    conn.executemany("DELETE FROM refused WHERE msg_id = ? AND peer = ?", items)
+
+
 OpFunction = Callable[[sqlite3.Connection, _Batch, Caps, tuple[Any, ...]], Any]
 
 #: name -> (function, its only write is its last statement)
@@ -313,6 +402,7 @@ OPS: dict[str, tuple[OpFunction, bool]] = {
     "sweep": (_op_sweep, False),
     "policy": (_op_policy, True),
     "contacts_sweep": (_op_contacts_sweep, True),
+    "forget_refused": (_op_forget_refused, False),
 }
 
 #: an operation: ``(name, args)``, or (in-process writers only) a callable ``f(conn, batch)``
@@ -468,6 +558,10 @@ class SQLiteStore:
         self._checkpointer: threading.Event | None = None
         self._shut = False
         self._closers: list[Deferred[None]] = []
+        #: test seam: when set, reads run on a connection of their own and this is
+        #: called after each statement they run (a test commits writes there)
+        self.between_statements: Callable[[], None] | None = None
+        self._hooked: sqlite3.Connection | None = None
 
     @property
     def caps(self) -> Caps:
@@ -517,6 +611,8 @@ class SQLiteStore:
                 return stopped.addBoth(lambda _: self._wconn.close())
             self._writer.stop()
             self._wconn.close()
+            if self._hooked is not None:
+                self._hooked.close()
             return None
 
         def finished(result: Any) -> Any:
@@ -587,6 +683,8 @@ class SQLiteStore:
                 d.callback(None)
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+        if self.between_statements is not None:
+            return InlineExecutor().run(self._guard, fn, self._hooked_reader())
         if self._readers is None:
             return InlineExecutor().run(self._guard, fn, self._wconn)
         return self._readers.run(self._read_in_thread, fn)
@@ -597,6 +695,24 @@ class SQLiteStore:
             conn = self._local.conn = _connect(self.path, self._durability)
         return self._guard(fn, conn)
 
+    def _hooked_reader(self) -> Any:
+        """Test seam: a reading connection of its own that calls ``between_statements`` after each statement."""
+        if self._hooked is None:
+            self._hooked = _connect(self.path, self._durability)
+        conn, hook = self._hooked, self.between_statements
+
+        class Hooked:
+            def execute(self, *args: Any) -> sqlite3.Cursor:
+                cur = conn.execute(*args)
+                if hook is not None:
+                    hook()
+                return cur
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(conn, name)
+
+        return Hooked()
+
     @staticmethod
     def _guard(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
         try:
@@ -606,16 +722,29 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ writes
 
-    def add_envelope(self, env: Envelope, now: int, verify: str | None = None) -> Deferred[AddResult]:
+    def add_envelope(
+        self, env: Envelope, now: int, verify: str | None = None, peer: str | None = None
+    ) -> Deferred[AddResult]:
         """Add ``env``; with ``verify`` ("deposit" or "replica") check its signature in the writer too.
 
         A failed signature answers ``AddResult("bad_signature")``.  A deposit
         is verified before dedup; a replica only when it is not a duplicate.
+        With ``peer``, a cap refusal is remembered (see ``refused``).
         """
         body = env.raw
         check = None if verify is None else (env.sender_key, env.sig_bytes, env.signed, verify == "replica")
-        args = (env.msg_id, env.mailbox, env.sender, env.expires, len(body), body, now, check)
-        return self._write(("add", (*args, env.contact, env.stranger_cap)))
+        args = (env.msg_id, env.mailbox, env.sender, env.expires, len(body), body, now, check, peer)
+        return self._write(("add", (*args, env.contact, env.stranger_cap))).addCallback(self._count_forgotten)
+
+    def _count_forgotten(self, result: AddResult) -> AddResult:
+        if result.remembered is False and self._metrics is not None:
+            self._metrics.replica_refusals_forgotten_total.inc()
+        return result
+
+    def forget_refused(self, items: Sequence[tuple[str, str]]) -> Deferred[None]:
+        if not items:
+            return succeed(None)
+        return self._write(("forget_refused", ([(str(m), str(p)) for m, p in items],)))
 
     def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
         body = dumps_json(ack.to_json()).decode("utf-8")
@@ -640,11 +769,11 @@ class SQLiteStore:
 
     def sweep(self, now: int) -> Deferred[SweepResult]:
         """Delete expired rows, a chunk per transaction, until none is left."""
-        totals = {"envelopes": 0, "tombstones": 0, "acks": 0, "nonces": 0}
+        totals = {"envelopes": 0, "tombstones": 0, "acks": 0, "nonces": 0, "refused": 0}
 
         def step(counts: dict[str, int]) -> Deferred[SweepResult] | SweepResult:
             for key in totals:
-                totals[key] += counts[key]
+                totals[key] += counts.get(key, 0)
             if counts["more"]:
                 return self._write(("sweep", (now,))).addCallback(step)
             return SweepResult(**totals)
@@ -672,27 +801,104 @@ class SQLiteStore:
 
         return self._read(q)
 
-    def changes(self, since: int, limit: int, now: int, mailbox: str | None = None) -> Deferred[ChangesPage]:
+    def changes(
+        self,
+        since: int,
+        limit: int,
+        now: int,
+        mailbox: str | None = None,
+        max_bytes: int | None = None,
+        ids_only: bool = False,
+    ) -> Deferred[ChangesPage]:
+        """One page of the feed, read by ONE statement (so under one snapshot: it never skips).
+
+        Two statements (envelopes, then acks) let an ack commit between them
+        move ``next`` past an envelope the first one missed.
+        """
         feed = self.feed_id
+        query = _changes_sql(mailbox is not None, ids_only, max_bytes is not None)
+        args: dict[str, Any] = {"since": min(since, MAX_SEQ), "now": now, "mb": mailbox, "n": limit + 1}
+        args["max"] = max_bytes
 
         def q(conn: sqlite3.Connection) -> ChangesPage:
-            where = "seq > ? AND expires > ?"
-            args: tuple[Any, ...] = (min(since, MAX_SEQ), now)
-            if mailbox is not None:
-                where = "mailbox = ? AND " + where
-                args = (mailbox, *args)
-            env = conn.execute(
-                f"SELECT seq, body FROM envelopes WHERE {where} ORDER BY seq LIMIT ?", (*args, limit + 1)
+            rows = [FeedItem(s, k, b, z, m, key) for s, k, m, key, z, b in conn.execute(query, args).fetchall()]
+            items, more = cut_page(rows, limit, max_bytes)
+            return ChangesPage(feed=feed, items=items, next=items[-1].seq if items else since, more=more)
+
+        return self._read(q)
+
+    def missing(
+        self, envelopes: Sequence[tuple[str, str]], acks: Sequence[tuple[str, str]], now: int
+    ) -> Deferred[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
+        env_list = [(str(mb), str(m)) for mb, m in envelopes]
+        ack_list = [(str(mb), str(n)) for mb, n in acks]
+
+        def q(conn: sqlite3.Connection) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+            lack_env = [
+                (mb, m)
+                for mb, m in env_list
+                if not conn.execute(_HELD_ENVELOPE, {"id": m, "mb": mb, "now": now}).fetchone()[0]
+            ]
+            lack_ack = [
+                (mb, n)
+                for mb, n in ack_list
+                if conn.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (mb, n)).fetchone() is None
+            ]
+            return lack_env, lack_ack
+
+        return self._read(q)
+
+    def bodies(
+        self, msg_ids: Sequence[str], acks: Sequence[tuple[str, str]], now: int, max_bytes: int
+    ) -> Deferred[Bodies]:
+        ids = [str(m) for m in msg_ids]
+        ack_keys = [(str(mb), str(n)) for mb, n in acks]
+
+        def q(conn: sqlite3.Connection) -> Bodies:
+            out = Bodies()
+            total = 0
+            taken = 0
+            cut = False
+            for m in ids:
+                row = conn.execute(
+                    "SELECT size, body FROM envelopes WHERE msg_id = ? AND expires > ?", (m, now)
+                ).fetchone()
+                if row is None:
+                    out.gone_envelopes.append(m)
+                elif not cut and (not taken or total + row[0] <= max_bytes):
+                    out.envelopes.append(row[1])
+                    total += row[0]
+                    taken += 1
+                else:
+                    cut = True
+            for mb, n in ack_keys:
+                row = conn.execute(
+                    "SELECT length(CAST(body AS BLOB)), body FROM acks WHERE mailbox = ? AND nonce = ? AND expires > ?",
+                    (mb, n, now),
+                ).fetchone()
+                if row is None:
+                    out.gone_acks.append((mb, n))
+                elif not cut and (not taken or total + row[0] <= max_bytes):
+                    out.acks.append(row[1])
+                    total += row[0]
+                    taken += 1
+                else:
+                    cut = True
+            return out
+
+        return self._read(q)
+
+    def refused(self, now: int, limit: int, mailbox: str | None = None) -> Deferred[list[Refused]]:
+        where = "expires > ?" + (" AND mailbox = ?" if mailbox is not None else "")
+        args: tuple[Any, ...] = (now,) if mailbox is None else (now, mailbox)
+
+        def q(conn: sqlite3.Connection) -> list[Refused]:
+            rows = conn.execute(
+                f"SELECT msg_id, mailbox, peer, reason, expires FROM refused WHERE {where} "
+                "ORDER BY at, msg_id, peer LIMIT ?",
+                (*args, limit),
             ).fetchall()
-            acks = conn.execute(
-                f"SELECT seq, body FROM acks WHERE {where} ORDER BY seq LIMIT ?", (*args, limit + 1)
-            ).fetchall()
-            merged = sorted(
-                [FeedItem(s, "envelope", b) for s, b in env] + [FeedItem(s, "ack", b) for s, b in acks],
-                key=lambda i: i.seq,
-            )
-            items = merged[:limit]
-            return ChangesPage(feed=feed, items=items, next=items[-1].seq if items else since, more=len(merged) > limit)
+            return [Refused(m, mb, p, r, int(e)) for m, mb, p, r, e in rows]
 
         return self._read(q)
 

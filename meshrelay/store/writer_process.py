@@ -116,6 +116,7 @@ class ProcessWriter:
             str(caps.per_sender_pending),
             str(caps.per_mailbox_pending),
             str(caps.max_stored_bytes),
+            str(caps.max_refused),
         ]
         self._proto: _WriterProtocol | None = None
         self._inflight: deque[Deferred[Any]] = deque()
@@ -220,8 +221,8 @@ def child_main(argv: list[str]) -> int:
     """The child: read batches on stdin, answer on stdout, until stdin closes."""
     from meshrelay.store.sqlite import WriterCore, _connect
 
-    path, durability, per_sender, per_mailbox, max_bytes = argv
-    caps = Caps(int(per_sender), int(per_mailbox), int(max_bytes))
+    path, durability, per_sender, per_mailbox, max_bytes, max_refused = argv
+    caps = Caps(int(per_sender), int(per_mailbox), int(max_bytes), int(max_refused))
     conn = _connect(path, durability)
     core = WriterCore(conn, caps)
     checkpointer = core.run_checkpointer(path, durability)
