@@ -401,17 +401,18 @@ def split_extras(obj: Any) -> tuple[Any, Extras]:
     """
     if not isinstance(obj, dict) or ("permit" not in obj and "stamp" not in obj):
         return obj, NO_EXTRAS
-    rest = dict(obj)
-    permit_obj = rest.pop("permit", None)
-    stamp_obj = rest.pop("stamp", None)
-    permit = parse_permit(permit_obj) if "permit" in obj else None
-    stamp = parse_stamp(stamp_obj) if "stamp" in obj else None
-    parts: dict[str, Any] = {}
+    rest = {k: v for k, v in obj.items() if k != "permit" and k != "stamp"}
+    permit = parse_permit(obj["permit"]) if "permit" in obj else None
+    stamp = parse_stamp(obj["stamp"]) if "stamp" in obj else None
+    # Canonical text, built directly: every value is ASCII b64u or a decimal integer.
+    suffix = ""
     if permit is not None:
-        parts["permit"] = permit.to_json()
+        suffix = (
+            f',"permit":{{"mailbox":"{permit.mailbox}","sender":"{permit.sender}",'
+            f'"expires":{permit.expires},"epoch":{permit.epoch},"sig":"{permit.sig}"}}'
+        )
     if stamp is not None:
-        parts["stamp"] = E.b64u_encode(stamp)
-    suffix = "," + E.dumps_json(parts).decode("ascii")[1:-1]
+        suffix += f',"stamp":"{obj["stamp"]}"'
     return rest, Extras(permit=permit, stamp=stamp, suffix=suffix)
 
 

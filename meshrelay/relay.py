@@ -196,6 +196,8 @@ class Relay:
         )
         #: first contact (v3): the newest policy of each mailbox, loaded from the store
         self.policies = contact.PolicyBook()
+        #: permits whose signature verified (a contact's later messages skip that check)
+        self.permits = contact.PermitCache()
         self._load_policies()
         #: called after a *client* sets a new policy (replication pushes it)
         self.policy_listeners: list[Callable[[P.Policy], None]] = []
@@ -301,14 +303,15 @@ class Relay:
             env = E.parse_envelope(body, lim.max_message_bytes)
         except MeshError as e:
             return fail(self._deposit_refused(e))
-        if not self._store_verifies or extras.permit is not None:
+        permit = extras.permit
+        if not self._store_verifies or (permit is not None and not self.permits.known(permit)):
             d = _run(self._verify_then_store(env, extras))
         else:
             try:
                 E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
-                # First contact (v3): no permit here, so this is the stranger rules only; no I/O.
-                if extras.stamp is not None or self.policies.get(env.mailbox) is not None:
-                    env = contact.admitted(env, extras, self.policies.get(env.mailbox), False)
+                # First contact (v3): no permit, or one already verified (cached): no I/O here.
+                if extras is not P.NO_EXTRAS or self.policies.get(env.mailbox) is not None:
+                    env = contact.admitted(env, extras, self.policies.get(env.mailbox), permit is not None)
                 d = shield(self._store_envelope(env, "client", verify="deposit"))
             except MeshError as e:
                 # Refused by the time rule: a forged envelope answers bad_signature instead.
@@ -329,7 +332,7 @@ class Relay:
         policy = self.policies.get(env.mailbox)
         if extras is P.NO_EXTRAS and policy is None:
             return env
-        ok = await shield(contact.verify_permit(self.verifier, extras)) if extras.permit is not None else False
+        ok = await shield(contact.verify_permit(self.verifier, extras, self.permits)) if extras.permit else False
         return contact.admitted(env, extras, policy, ok)
 
     def _deposit_refused(self, e: MeshError) -> MeshError:
