@@ -63,19 +63,19 @@ class PermitCache:
 
     def __init__(self, size: int = 65536) -> None:
         self.size = size
-        self._seen: dict[tuple[str, str, int, int, str], None] = {}
-
-    @staticmethod
-    def _key(permit: P.Permit) -> tuple[str, str, int, int, str]:
-        return (permit.mailbox, permit.sender, permit.expires, permit.epoch, permit.sig)
+        self._seen: dict[tuple[bytes, bytes], None] = {}
 
     def known(self, permit: P.Permit) -> bool:
-        return self._key(permit) in self._seen
+        return (permit.signed, permit.sig_bytes) in self._seen
 
     def add(self, permit: P.Permit) -> None:
+        self.add_signed(permit.signed, permit.sig_bytes)
+
+    def add_signed(self, signed: bytes, sig: bytes) -> None:
+        """Remember a permit by its signed bytes and signature (as a store's writer verified them)."""
         if len(self._seen) >= self.size:
             del self._seen[next(iter(self._seen))]
-        self._seen[self._key(permit)] = None
+        self._seen[(signed, sig)] = None
 
 
 def verify_permit(verifier: Any, extras: P.Extras, cache: PermitCache | None = None) -> Deferred[bool]:

@@ -211,6 +211,9 @@ class Envelope:
     #: version 3: the stranger bucket's cap under the mailbox policy it was admitted by (None: no
     #: policy; the store then uses its ``per_mailbox_pending``, and clamps any cap to it)
     stranger_cap: int | None = None
+    #: version 3: ``(mailbox key, sig, signed bytes)`` of a permit whose signature a store that
+    #: verifies signatures checks in its writer, after the envelope's (None: nothing to check)
+    permit_check: tuple[bytes, bytes, bytes] | None = None
 
     @property
     def expires(self) -> int:

@@ -9,6 +9,7 @@ cancel it: callers only ever see a :func:`~meshrelay.deferutil.shield`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -22,6 +23,7 @@ from meshrelay import policy as P
 from meshrelay.config import Config
 from meshrelay.deferutil import shield
 from meshrelay.errors import (
+    BadPermit,
     BadRequest,
     BadSignature,
     MailboxFull,
@@ -39,6 +41,7 @@ from meshrelay.metrics import Metrics
 from meshrelay.replay import REPLAYED, ReplayCache
 from meshrelay.store.base import (
     ACCEPTED,
+    BAD_PERMIT,
     BAD_SIGNATURE,
     DUPLICATE,
     MAILBOX_FULL,
@@ -304,14 +307,19 @@ class Relay:
         except MeshError as e:
             return fail(self._deposit_refused(e))
         permit = extras.permit
-        if not self._store_verifies or (permit is not None and not self.permits.known(permit)):
+        if not self._store_verifies:
             d = _run(self._verify_then_store(env, extras))
         else:
             try:
                 E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
-                # First contact (v3): no permit, or one already verified (cached): no I/O here.
+                # First contact (v3), no I/O here: the policy's rules and the permit's fields; a
+                # permit not verified before is verified by the writer, after the envelope.
                 if extras is not P.NO_EXTRAS or self.policies.get(env.mailbox) is not None:
                     env = contact.admitted(env, extras, self.policies.get(env.mailbox), permit is not None)
+                    if permit is not None and not self.permits.known(permit):
+                        env = dataclasses.replace(
+                            env, permit_check=(permit.mailbox_key, permit.sig_bytes, permit.signed)
+                        )
                 d = shield(self._store_envelope(env, "client", verify="deposit"))
             except MeshError as e:
                 # Refused by the time rule: a forged envelope answers bad_signature instead.
@@ -346,6 +354,12 @@ class Relay:
 
     def _deposit_result(self, result: AddResult, env: E.Envelope, started: float) -> dict[str, Any]:
         status = result.status
+        if status == BAD_PERMIT:
+            self.metrics.deposit_total.labels(status).inc()
+            raise BadPermit("the permit's signature is not the mailbox owner's")
+        if env.permit_check is not None and (status == ACCEPTED or status == DUPLICATE):
+            _, sig, signed = env.permit_check
+            self.permits.add_signed(signed, sig)
         self.metrics.deposit_total.labels(status).inc()
         if status == ACCEPTED or status == DUPLICATE:
             self.metrics.deposit_latency.observe(self.clock.seconds() - started)

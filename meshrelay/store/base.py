@@ -29,6 +29,8 @@ STORAGE_FULL = "storage_full"
 BAD_SIGNATURE = "bad_signature"
 #: protocol v3: the mailbox's stranger bucket is full (contact mail is counted apart)
 STRANGER_FULL = "stranger_full"
+#: protocol v3, only from a store that checks signatures itself: the permit's signature failed
+BAD_PERMIT = "bad_permit"
 
 #: put_policy outcomes (protocol v3)
 POLICY_ACCEPTED = "accepted"

@@ -38,6 +38,7 @@ from meshrelay.filemodes import private_dir, private_file
 from meshrelay.store import migrations
 from meshrelay.store.base import (
     ACCEPTED,
+    BAD_PERMIT,
     BAD_SIGNATURE,
     CAP_REFUSALS,
     DUPLICATE,
@@ -214,7 +215,7 @@ def _op_add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
 def _add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AddResult:
     msg_id, mailbox, sender, expires, size, body, now, check, _peer, contact, stranger_cap = args
     if check is not None:
-        key, sig, signed, replica = check
+        key, sig, signed, replica, permit_check = check
         if replica:
             # A replica of something already here (or tombstoned) is a
             # duplicate whatever its signature says: nothing is stored either
@@ -232,6 +233,9 @@ def _add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]
             # A deposit's signature is checked before dedup (PROTOCOL.md 3.1).
             if not verify_signature(key, sig, signed):
                 return AddResult(BAD_SIGNATURE)
+            # v3: then its permit's, when the relay left that to the writer too.
+            if permit_check is not None and not verify_signature(*permit_check):
+                return AddResult(BAD_PERMIT)
             stored, tombstoned, in_mailbox, from_sender = conn.execute(
                 _ADD_CHECKS, (msg_id, mailbox, now, sender)
             ).fetchone()
@@ -732,7 +736,11 @@ class SQLiteStore:
         With ``peer``, a cap refusal is remembered (see ``refused``).
         """
         body = env.raw
-        check = None if verify is None else (env.sender_key, env.sig_bytes, env.signed, verify == "replica")
+        check = (
+            None
+            if verify is None
+            else (env.sender_key, env.sig_bytes, env.signed, verify == "replica", env.permit_check)
+        )
         args = (env.msg_id, env.mailbox, env.sender, env.expires, len(body), body, now, check, peer)
         return self._write(("add", (*args, env.contact, env.stranger_cap))).addCallback(self._count_forgotten)
 
