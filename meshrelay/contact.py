@@ -97,8 +97,17 @@ def verify_permit(verifier: Any, extras: P.Extras, cache: PermitCache | None = N
     return d
 
 
-def admitted(env: E.Envelope, extras: P.Extras, policy: P.Policy | None, permit_ok: bool) -> E.Envelope:
-    """``env`` marked contact or stranger under ``policy`` with its v3 fields kept; raises the refusal."""
+def admitted(
+    env: E.Envelope,
+    extras: P.Extras,
+    policy: P.Policy | None,
+    permit_ok: bool,
+    permit_check: tuple[bytes, bytes, bytes] | None = None,
+) -> E.Envelope:
+    """``env`` marked contact or stranger under ``policy`` with its v3 fields kept; raises the refusal.
+
+    ``permit_check`` is left on the envelope for a store that verifies the permit in its writer.
+    """
     bucket = P.classify(env, extras, policy, permit_ok)
     cap = policy.stranger_cap if policy is not None else None
     if bucket == P.STRANGER and not extras.suffix and cap is None:
@@ -119,4 +128,5 @@ def admitted(env: E.Envelope, extras: P.Extras, policy: P.Policy | None, permit_
         extras.suffix,
         bucket == P.CONTACT,
         cap,
+        permit_check,
     )

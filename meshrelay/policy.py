@@ -393,17 +393,25 @@ class Extras:
 NO_EXTRAS = Extras()
 
 
-def split_extras(obj: Any) -> tuple[Any, Extras]:
+def split_extras(obj: Any, copy: bool = True) -> tuple[Any, Extras]:
     """Take ``permit`` and ``stamp`` off an envelope object; the rest is a v1 envelope.
 
     Raises ``bad_permit`` / ``bad_stamp`` for malformed values.  A non-object
-    passes through unchanged (``parse_envelope`` refuses it).
+    passes through unchanged (``parse_envelope`` refuses it).  With
+    ``copy=False`` the two keys are removed from ``obj`` itself (a request body
+    the caller owns: the deposit path saves the copy).
     """
     if not isinstance(obj, dict) or ("permit" not in obj and "stamp" not in obj):
         return obj, NO_EXTRAS
-    rest = {k: v for k, v in obj.items() if k != "permit" and k != "stamp"}
-    permit = parse_permit(obj["permit"]) if "permit" in obj else None
-    stamp = parse_stamp(obj["stamp"]) if "stamp" in obj else None
+    has_permit, has_stamp = "permit" in obj, "stamp" in obj
+    if copy:
+        rest = {k: v for k, v in obj.items() if k != "permit" and k != "stamp"}
+        permit_obj, stamp_text = obj.get("permit"), obj.get("stamp")
+    else:
+        rest = obj
+        permit_obj, stamp_text = obj.pop("permit", None), obj.pop("stamp", None)
+    permit = parse_permit(permit_obj) if has_permit else None
+    stamp = parse_stamp(stamp_text) if has_stamp else None
     # Canonical text, built directly: every value is ASCII b64u or a decimal integer.
     suffix = ""
     if permit is not None:
@@ -412,7 +420,7 @@ def split_extras(obj: Any) -> tuple[Any, Extras]:
             f'"expires":{permit.expires},"epoch":{permit.epoch},"sig":"{permit.sig}"}}'
         )
     if stamp is not None:
-        suffix += f',"stamp":"{obj["stamp"]}"'
+        suffix += f',"stamp":"{stamp_text}"'
     return rest, Extras(permit=permit, stamp=stamp, suffix=suffix)
 
 

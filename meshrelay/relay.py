@@ -9,7 +9,6 @@ cancel it: callers only ever see a :func:`~meshrelay.deferutil.shield`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -302,7 +301,8 @@ class Relay:
         lim = self.limits
         d: Deferred[Any]
         try:
-            body, extras = P.split_extras(obj)
+            # The request body is ours: the v3 fields are taken off it in place.
+            body, extras = P.split_extras(obj, copy=False)
             env = E.parse_envelope(body, lim.max_message_bytes)
         except MeshError as e:
             return fail(self._deposit_refused(e))
@@ -314,12 +314,12 @@ class Relay:
                 E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
                 # First contact (v3), no I/O here: the policy's rules and the permit's fields; a
                 # permit not verified before is verified by the writer, after the envelope.
-                if extras is not P.NO_EXTRAS or self.policies.get(env.mailbox) is not None:
-                    env = contact.admitted(env, extras, self.policies.get(env.mailbox), permit is not None)
+                policy = self.policies.get(env.mailbox)
+                if extras is not P.NO_EXTRAS or policy is not None:
+                    check = None
                     if permit is not None and not self.permits.known(permit):
-                        env = dataclasses.replace(
-                            env, permit_check=(permit.mailbox_key, permit.sig_bytes, permit.signed)
-                        )
+                        check = (permit.mailbox_key, permit.sig_bytes, permit.signed)
+                    env = contact.admitted(env, extras, policy, permit is not None, check)
                 d = shield(self._store_envelope(env, "client", verify="deposit"))
             except MeshError as e:
                 # Refused by the time rule: a forged envelope answers bad_signature instead.
