@@ -62,6 +62,10 @@ class Node(Service):
             else Verifier()
         )
         self.relay = Relay(self.store, config, reactor, self.metrics, self.verifier)
+        # Read at every scrape: acks and tombstones change the stored total too, also
+        # when an ack deletes nothing here.
+        store = self.store
+        self.metrics.stored_bytes.set_function(lambda: store.stats().bytes)
         # Deposits committed by other processes sharing the store wake our long-polls too.
         self.store.set_wake_callback(self.relay.wake, self.relay.waiting_mailboxes)
         self.client_api = ClientAPI(self.relay, peer_count=lambda: len(config.peers))
