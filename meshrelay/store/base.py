@@ -243,7 +243,13 @@ class Store(Protocol):
         """
 
     def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
-        """Delete the listed envelopes of ``ack.mailbox``, tombstone them, record the ack."""
+        """Delete and tombstone the held envelopes listed (always, even at the storage cap), record the ack.
+
+        Tombstones of ids not held here, and the ack itself when it deleted
+        nothing here, are kept only within ``junk_budget``; a signed ack that
+        does not fit the storage cap is applied but not recorded
+        (``AckResult.stored`` false, ``skipped`` counts untombstoned ids).
+        """
 
     def fetch(self, mailbox: str, now: int, limit: int) -> Deferred[tuple[list[str], bool]]:
         """Up to ``limit`` live envelopes of ``mailbox`` in arrival order, and has_more."""
