@@ -64,7 +64,11 @@ class Metrics:
             "meshrelay_peer_auth_failures", "Peer requests refused by authentication", ["reason"], registry=r
         )
         self.stored_envelopes = Gauge("meshrelay_stored_envelopes", "Envelopes stored", registry=r)
-        self.stored_bytes = Gauge("meshrelay_stored_bytes", "Bytes of envelopes stored", registry=r)
+        self.stored_bytes = Gauge(
+            "meshrelay_stored_bytes",
+            "Bytes stored, as counted toward max_stored_bytes: envelopes, signed acks and tombstones",
+            registry=r,
+        )
         self.tombstones = Gauge("meshrelay_stored_tombstones", "Live tombstones", registry=r)
         self.waiting_polls = Gauge("meshrelay_waiting_polls", "Long-polls waiting", registry=r)
         self.expired_total = Counter("meshrelay_expired", "Rows removed by the expiry sweeper", ["kind"], registry=r)
