@@ -2,7 +2,7 @@
 
 No module globals: every node (and every test) makes its own :class:`Metrics`
 and passes it in, so several nodes can live in one process.  Names follow
-PROTOCOL.md section 6.
+docs/protocol.md section 11.
 """
 
 from __future__ import annotations

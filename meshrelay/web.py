@@ -138,7 +138,7 @@ class MeshRequest(server.Request):
         if metrics is not None:
             metrics.refused_total.labels("too_large").inc()
             if getattr(self.channel, "_path", b"").split(b"?", 1)[0] == b"/api/mesh/dm/send":
-                # An oversize deposit is a deposit outcome too (PROTOCOL.md section 6).
+                # An oversize deposit is a deposit outcome too (docs/protocol.md section 11).
                 metrics.deposit_total.labels("oversize").inc()
         body = dumps_json({"ok": False, "error": "too_large", "detail": f"request body over {self.body_cap} bytes"})
         from meshrelay.cors import raw_headers

@@ -1,4 +1,4 @@
-"""Every metric PROTOCOL.md section 6 names appears in /metrics after the matching event."""
+"""Every metric docs/protocol.md section 11 names appears in /metrics after the matching event."""
 
 from __future__ import annotations
 

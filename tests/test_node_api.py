@@ -1,4 +1,4 @@
-"""The client API of one in-memory node: every rule of PROTOCOL.md section 3 and bad input."""
+"""The client API of one in-memory node: every rule of docs/protocol.md section 4 and bad input."""
 
 from __future__ import annotations
 

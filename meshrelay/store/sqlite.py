@@ -229,7 +229,7 @@ def _add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]
             if not verify_signature(key, sig, signed):
                 return AddResult(BAD_SIGNATURE)
         else:
-            # A deposit's signature is checked before dedup (PROTOCOL.md 3.1).
+            # A deposit's signature is checked before dedup (docs/protocol.md 4.2).
             if not verify_signature(key, sig, signed):
                 return AddResult(BAD_SIGNATURE)
             stored, tombstoned, in_mailbox, from_sender = conn.execute(
