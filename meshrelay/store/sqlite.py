@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from meshrelay.envelope import Envelope, SignedAck, dumps_json, verify_signature
 from meshrelay.executor import Executor, InlineExecutor
-from meshrelay.filemodes import private_dir, private_file
+from meshrelay.files import private_dir, private_file
 from meshrelay.store import migrations
 from meshrelay.store.base import (
     ACCEPTED,
