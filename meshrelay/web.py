@@ -440,13 +440,12 @@ def _answer_error(*args: Any) -> bytes:
             fields["err"] = e
         agg = _owner_agg(args)
         key = row.log_key.format(code=code)
-        unexpected = failure if row.status == 500 else None
-        if agg is not None:
-            agg.emit(log, key, row.log_fmt, row.level, unexpected, **fields)
-        elif unexpected is not None:
-            log.failure(row.log_fmt, unexpected, row.level, **fields)
+        if row.status != 500:
+            note_refusal(agg, key, row.log_fmt, row.level, **fields)
+        elif agg is not None:
+            agg.emit(log, key, row.log_fmt, row.level, failure, **fields)
         else:
-            log.emit(row.level, row.log_fmt, **fields)
+            log.failure(row.log_fmt, failure, row.level, **fields)
     return json_response(request, status, body, retry_after)
 
 
