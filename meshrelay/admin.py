@@ -1,4 +1,4 @@
-"""The admin listener (PROTOCOL.md section 6): metrics for machines, a status page for people.
+"""The admin listener (docs/protocol.md section 11): metrics for machines, a status page for people.
 
 Loopback by default (``node.admin_listen``).  ``/metrics`` is Prometheus text
 from the node's own registry; ``/api/mesh/metrics`` is the same as JSON;

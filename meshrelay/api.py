@@ -1,4 +1,4 @@
-"""The client API (PROTOCOL.md section 3): thin Klein routes over the relay core.
+"""The client API (docs/protocol.md section 4): thin Klein routes over the relay core.
 
 Each route decodes the body, calls one :class:`~meshrelay.relay.Relay`
 method and encodes its result; refusals are exceptions that the error table

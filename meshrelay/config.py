@@ -1,6 +1,6 @@
 """TOML configuration -> a frozen, validated :class:`Config`.
 
-Every key has a default (the embedded defaults of PROTOCOL.md section 7) and a
+Every key has a default (docs/protocol.md section 9 and docs/operator.md list them) and a
 type; a bad file raises :class:`ConfigError` whose message is one line naming
 the key, e.g. ``limits.clock_skew: expected an integer, got 'five'``.
 """

@@ -1,6 +1,6 @@
 """``meshrelay demo-mesh``: three peered nodes on loopback, in one step.
 
-Writes three configs with full peering (PROTOCOL.md section 7: each node's
+Writes three configs with full peering (docs/operator.md, peers: each node's
 ``public_url`` is what the others list as its peer ``url``; each link has one
 generated secret, in a mode-0600 file read by both ends), two identities to
 try messages with, starts ``twistd -n meshrelay`` for each node, prints the

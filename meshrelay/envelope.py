@@ -4,7 +4,7 @@ Pure: no I/O, no clock (callers pass ``now``), no randomness.  Everything a
 client or a peer sends goes through here before the relay core touches it,
 and every refusal raises the protocol's error (``meshrelay.errors``).
 
-Wire rules (PROTOCOL.md sections 1-3):
+Wire rules (docs/protocol.md sections 1-4):
 
 - ``b64u`` is base64url without padding; only the canonical encoding of a
   value is accepted, so one key cannot travel under two spellings.

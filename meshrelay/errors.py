@@ -2,7 +2,7 @@
 
 Core code raises a :class:`MeshError` subclass; the web layer turns it into
 ``{"ok": false, "error": code, "detail": ...}`` with the status below.  The
-codes and statuses are the protocol's (PROTOCOL.md section 3).
+codes and statuses are the protocol's (docs/protocol.md section 4.1).
 """
 
 from __future__ import annotations

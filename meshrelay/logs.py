@@ -10,8 +10,9 @@ the lines go; this module decides their shape:
   (default ``twistd.log``).  ``makeService`` installs it as the application's
   log observer (:class:`~meshrelay.tap.MeshrelayService`).
 - ``twistd --logger meshrelay.logs.observer ...`` uses :func:`observer`: stdout,
-  in the format the config selects (makeService runs before twistd starts
-  logging, so the choice is known by then), or ``$MESHRELAY_LOG_FORMAT``.
+  in the format ``$MESHRELAY_LOG_FORMAT`` names (text by default), whatever the
+  config says.  No module state: the config's format reaches twistd only as the
+  application's observer component.
 - :class:`Aggregator` keeps a flood of per-request lines (bad peer HMACs,
   refused requests, a sender hammering a cap, a failing store) to one line per
   reason per interval: the first event of a quiet reason is logged at once;
@@ -34,23 +35,15 @@ from zope.interface import implementer
 
 FORMATS = ("text", "json")
 
-_selected_format: str | None = None
 
 #: event keys that are plumbing, not fields
 _SKIP = frozenset(("format", "message", "isError", "printed", "time", "system", "failure", "why", "log_trace"))
 
 
-def select_format(fmt: str) -> None:
-    """Remember the configured format for :func:`observer` (called by ``makeService``)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"log format must be one of {FORMATS}, got {fmt!r}")
-    global _selected_format
-    _selected_format = fmt
-
-
-def selected_format() -> str:
+def env_format() -> str:
+    """The format ``$MESHRELAY_LOG_FORMAT`` names ("text" when unset or unknown)."""
     env = os.environ.get("MESHRELAY_LOG_FORMAT", "").strip().lower()
-    return _selected_format or (env if env in FORMATS else "text")
+    return env if env in FORMATS else "text"
 
 
 def _jsonable(value: Any, depth: int = 0) -> Any:
@@ -112,8 +105,8 @@ def make_observer(fmt: str, stream: IO[str] | Any) -> Any:
 
 
 def observer() -> Any:
-    """Observer factory for ``twistd --logger meshrelay.logs.observer``: stdout, configured format."""
-    return make_observer(selected_format(), sys.stdout)
+    """Observer factory for ``twistd --logger meshrelay.logs.observer``: stdout, ``$MESHRELAY_LOG_FORMAT``."""
+    return make_observer(env_format(), sys.stdout)
 
 
 def twistd_destination(twistd_options: Any) -> Any:

@@ -2,7 +2,7 @@
 
 No module globals: every node (and every test) makes its own :class:`Metrics`
 and passes it in, so several nodes can live in one process.  Names follow
-PROTOCOL.md section 6.
+docs/protocol.md section 11.
 """
 
 from __future__ import annotations
@@ -67,7 +67,11 @@ class Metrics:
             "meshrelay_peer_auth_failures", "Peer requests refused by authentication", ["reason"], registry=r
         )
         self.stored_envelopes = Gauge("meshrelay_stored_envelopes", "Envelopes stored", registry=r)
-        self.stored_bytes = Gauge("meshrelay_stored_bytes", "Bytes of envelopes stored", registry=r)
+        self.stored_bytes = Gauge(
+            "meshrelay_stored_bytes",
+            "Bytes stored, as counted toward max_stored_bytes: envelopes, signed acks and tombstones",
+            registry=r,
+        )
         self.tombstones = Gauge("meshrelay_stored_tombstones", "Live tombstones", registry=r)
         self.waiting_polls = Gauge("meshrelay_waiting_polls", "Long-polls waiting", registry=r)
         self.expired_total = Counter("meshrelay_expired", "Rows removed by the expiry sweeper", ["kind"], registry=r)

@@ -38,7 +38,9 @@ from typing import Any
 
 from meshrelay.config import ConfigError, load_config, read_secret_file
 from meshrelay.store import migrations
+from meshrelay.store.base import TOMBSTONE_BYTES
 from meshrelay.store.sqlite import DB_NAME
+from meshrelay.store.sqlite import migrate as sqlite_migrate
 
 DEFAULT_CHUNK = 2000
 
@@ -61,8 +63,8 @@ class Table:
 
 TABLES = (
     Table("envelopes", ("seq",), ("seq", "msg_id", "mailbox", "sender", "expires", "size", "body")),
-    Table("acks", ("seq",), ("seq", "mailbox", "nonce", "expires", "body")),
-    Table("tombstones", ("mailbox", "msg_id"), ("mailbox", "msg_id", "expires")),
+    Table("acks", ("seq",), ("seq", "mailbox", "nonce", "expires", "body", "size", "junk")),
+    Table("tombstones", ("mailbox", "msg_id"), ("mailbox", "msg_id", "expires", "junk")),
     Table("peer_cursors", ("peer",), ("peer", "feed_id", "since", "synced_at")),
     Table("nonces", ("scope", "nonce"), ("scope", "nonce", "expires"), verify=False),
 )
@@ -219,6 +221,13 @@ class Migrator:
             raise MigrationError(
                 f"the SQLite store at {path} has schema version {version}; this meshrelay knows 1..{migrations.LATEST_VERSION}"
             )
+        if version < migrations.LATEST_VERSION:
+            # Bring the source to this version's schema first (what starting the node would do).
+            try:
+                sqlite_migrate(conn)
+            except sqlite3.Error as e:
+                conn.close()
+                raise MigrationError(f"cannot upgrade the SQLite store at {path}: {_one_line(e)}") from e
         # One read transaction: the whole run copies one consistent snapshot.
         conn.execute("BEGIN")
         return conn
@@ -320,10 +329,18 @@ class Migrator:
             ).fetchone()[0]
             last_seq = max(current, src_last_seq, int(top or 0))
             count, nbytes = dst.execute("SELECT count(*), coalesce(sum(size), 0) FROM envelopes").fetchone()
+            # acks and tombstones are storage too (schema 4)
+            ack_bytes, ack_junk = dst.execute(
+                "SELECT coalesce(sum(size), 0), coalesce(sum(size * junk), 0) FROM acks"
+            ).fetchone()
+            tombs, tomb_junk = dst.execute("SELECT count(*), coalesce(sum(junk), 0) FROM tombstones").fetchone()
+            nbytes = int(nbytes) + int(ack_bytes) + TOMBSTONE_BYTES * int(tombs)
+            junk = int(ack_junk) + TOMBSTONE_BYTES * int(tomb_junk)
             for key, value in (
                 ("last_seq", last_seq),
                 ("stored_count", count),
                 ("stored_bytes", nbytes),
+                ("junk_bytes", junk),
                 ("migration_state", "done"),
             ):
                 dst.execute("UPDATE meta SET value = %s WHERE key = %s", (str(value), key))

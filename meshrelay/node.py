@@ -70,6 +70,10 @@ class Node(Service):
         if isinstance(store_log, Logger):
             # The store logs per operation (a failing disk fails every write): aggregate it too.
             self.store.log = AggregatingLogger(store_log, self.relay.log_agg, "store:")  # type: ignore[attr-defined]
+        # Read at every scrape: acks and tombstones change the stored total too, also
+        # when an ack deletes nothing here.
+        store = self.store
+        self.metrics.stored_bytes.set_function(lambda: store.stats().bytes)
         # Deposits committed by other processes sharing the store wake our long-polls too.
         self.store.set_wake_callback(self.relay.wake, self.relay.waiting_mailboxes)
         lim = config.limits

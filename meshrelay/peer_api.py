@@ -1,4 +1,4 @@
-"""The peer API (PROTOCOL.md section 5): HMAC-gated Klein routes over the relay core.
+"""The peer API (docs/protocol.md sections 6-7): HMAC-gated Klein routes over the relay core.
 
 Every route is registered with :func:`~meshrelay.peers.peer_route`, so it runs
 only after the caller proved it is a configured peer (section 4); the body is

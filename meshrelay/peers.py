@@ -1,4 +1,4 @@
-"""Peer authentication (PROTOCOL.md section 4): HKDF link keys, HMAC'd requests.
+"""Peer authentication (docs/protocol.md section 5): HKDF link keys, HMAC'd requests.
 
 Each peer link has a shared secret.  A caller signs with
 ``HKDF-SHA256(ikm=secret, salt=b"meshrelay-peer-auth-v1", info=<caller's
@@ -201,7 +201,7 @@ class PeerAuthenticator:
         if not hmac.compare_digest(expected, mac):
             raise _AuthFailure(BAD_HMAC, f"HMAC does not match for {peer}")
         # Only a request that carries a valid MAC may use up a nonce.
-        # Kept 2 x skew (PROTOCOL.md 4), and past every moment a request with this ts is in time
+        # Kept 2 x skew (docs/protocol.md 5.5), and past every moment a request with this ts is in time
         # (|ts - now| <= skew, so ts + skew < expires): a sweep never frees a nonce a replay could use.
         expires = int(now) + 2 * self.skew + 1
         verdict = await self.nonces.use(

@@ -527,7 +527,7 @@ class Relay:
         await self._verify(auth.mailbox_key, auth.sig_bytes, auth.signed)
         now = self.now()
         E.check_poll_time(auth, now, self.limits.clock_skew)
-        # Kept 2 x skew (PROTOCOL.md 3.2), and past every moment a request with this ts is in time
+        # Kept 2 x skew (docs/protocol.md 4.4), and past every moment a request with this ts is in time
         # (|ts - now| <= skew, so ts + skew < expires): a sweep never frees a nonce a replay could use.
         expires = now + 2 * self.limits.clock_skew + 1
         verdict = await self.poll_nonces.use(

@@ -14,12 +14,13 @@ on stderr naming the key or the path, before anything listens.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -116,6 +117,11 @@ def _die(message: str) -> None:
     raise SystemExit(1)
 
 
+def _factory(site: Site) -> IProtocolFactory:
+    # A Site provides IProtocolFactory (zope.interface), which mypy cannot see.
+    return cast(IProtocolFactory, site)
+
+
 def build_service(config: Config, reactor: Any) -> MultiService:
     """The whole service tree for ``config`` (opens the store)."""
     top = MeshrelayService()
@@ -125,7 +131,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     except StoreError as e:
         _die(str(e))
     node.setServiceParent(top)
-    public = StreamServerEndpointService(serverFromString(reactor, config.node.listen), node.site())
+    # strports.service: a port that cannot be bound stops twistd, not a half-started node.
+    public = strports.service(config.node.listen, _factory(node.site()), reactor=reactor)
     public.setName("public")
     public.setServiceParent(top)
     admin_api = AdminAPI(node.metrics, node=node)
@@ -133,18 +140,14 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         admin_api.sampler.setServiceParent(top)
     admin_site = Site(admin_api.resource())
     admin_site.log = lambda request: None  # type: ignore[method-assign]
-    admin = StreamServerEndpointService(serverFromString(reactor, config.node.admin_listen), admin_site)
+    admin = strports.service(config.node.admin_listen, _factory(admin_site), reactor=reactor)
     admin.setName("admin")
     admin.setServiceParent(top)
-    # A port that cannot be bound must stop twistd, not leave a half-started node.
-    public._raiseSynchronously = True
     for i, listener in enumerate(config.listeners):
         site = node.site(listener.address_means_nothing, listener.max_connections or None)
-        extra = StreamServerEndpointService(serverFromString(reactor, listener.endpoint), site)
+        extra = strports.service(listener.endpoint, _factory(site), reactor=reactor)
         extra.setName(f"public-{i + 1}")
         extra.setServiceParent(top)
-        extra._raiseSynchronously = True
-    admin._raiseSynchronously = True
     return top
 
 
@@ -161,7 +164,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         check_endpoints(config, reactor)
     except ConfigError as e:
         _die(f"config error: {e}")
-    logs.select_format(config.node.log_format)
     top = build_service(config, reactor)
     assert isinstance(top, MeshrelayService)
     top.log_observer = logs.observer_for_twistd(config.node.log_format, getattr(options, "parent", None))

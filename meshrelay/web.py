@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from klein import Klein
@@ -139,7 +140,7 @@ class MeshRequest(server.Request):
         if metrics is not None:
             metrics.refused_total.labels("too_large").inc()
             if getattr(self.channel, "_path", b"").split(b"?", 1)[0] == b"/api/mesh/dm/send":
-                # An oversize deposit is a deposit outcome too (PROTOCOL.md section 6).
+                # An oversize deposit is a deposit outcome too (docs/protocol.md section 11).
                 metrics.deposit_total.labels("oversize").inc()
         body = dumps_json({"ok": False, "error": "too_large", "detail": f"request body over {self.body_cap} bytes"})
         from meshrelay.cors import raw_headers
@@ -379,90 +380,79 @@ def _owner_agg(args: tuple[Any, ...]) -> Any:
     return None
 
 
-def install_error_table(app: Klein) -> None:
-    """Register the one exception -> response table on a Klein app."""
+@dataclass(frozen=True)
+class _ErrorRow:
+    """One row of the error table: the answer to an exception, and the (aggregated) line it logs."""
 
-    @app.handle_errors(  # type: ignore[arg-type]
-        MeshError
-    )
-    def mesh_error(*args: Any) -> bytes:
-        request, failure = _request_failure(args)
-        e = failure.value
-        assert isinstance(e, MeshError)
-        if e.code not in _LOGGED_BY_RELAY:
-            note_refusal(
-                _owner_agg(args),
-                "refused:" + e.code,
-                "refused {status} {code} on {path}: {detail}",
-                status=e.status,
-                code=e.code,
-                path=_shown_path(request),
-                detail=" ".join(e.detail.split())[:200],
-            )
-        return json_response(request, e.status, e.body(), e.retry_after)
+    kind: type[BaseException]
+    status: int
+    code: str
+    detail: str
+    #: aggregation key and format of the log line ("" = no line); the format sees path, status, code, detail, err
+    log_key: str = ""
+    log_fmt: str = ""
+    level: LogLevel = LogLevel.info
 
-    @app.handle_errors(  # type: ignore[arg-type]
-        StoreError
-    )
-    def store_error(*args: Any) -> bytes:
-        request, failure = _request_failure(args)
-        note_refusal(
-            _owner_agg(args),
-            "store_error",
-            "store error while serving {path}: {err}",
-            LogLevel.error,
-            path=_shown_path(request),
-            err=failure.value,
-        )
-        return json_response(request, 503, error_body("unavailable", "the store is unavailable; retry later"))
 
-    @app.handle_errors(  # type: ignore[arg-type]
-        NotFound
-    )
-    def not_found(*args: Any) -> bytes:
-        request, failure = _request_failure(args)
-        note_refusal(_owner_agg(args), "refused:not_found", "refused 404 not_found: {path}", path=_shown_path(request))
-        return json_response(request, 404, error_body("not_found", "no such endpoint"))
+#: exception -> answer, first match wins.  A :class:`MeshError` answers its own status, code,
+#: detail and Retry-After; a cancelled request (the client went away) gets no answer at all.
+ERROR_TABLE: tuple[_ErrorRow, ...] = (
+    _ErrorRow(MeshError, 0, "", "", "refused:{code}", "refused {status} {code} on {path}: {detail}"),
+    _ErrorRow(
+        StoreError,
+        503,
+        "unavailable",
+        "the store is unavailable; retry later",
+        "store_error",
+        "store error while serving {path}: {err}",
+        LogLevel.error,
+    ),
+    _ErrorRow(NotFound, 404, "not_found", "no such endpoint", "refused:not_found", "refused 404 not_found: {path}"),
+    _ErrorRow(
+        MethodNotAllowed,
+        405,
+        "method_not_allowed",
+        "method not allowed here",
+        "refused:method_not_allowed",
+        "refused 405 method_not_allowed: {path}",
+    ),
+    _ErrorRow(CancelledError, 0, "", ""),
+    _ErrorRow(
+        Exception, 500, "internal", "internal error", "internal", "unexpected error serving {path}", LogLevel.critical
+    ),
+)
 
-    @app.handle_errors(  # type: ignore[arg-type]
-        MethodNotAllowed
-    )
-    def not_allowed(*args: Any) -> bytes:
-        request, failure = _request_failure(args)
-        note_refusal(
-            _owner_agg(args),
-            "refused:method_not_allowed",
-            "refused 405 method_not_allowed: {path}",
-            path=_shown_path(request),
-        )
-        return json_response(request, 405, error_body("method_not_allowed", "method not allowed here"))
 
-    @app.handle_errors(  # type: ignore[arg-type]
-        CancelledError
-    )
-    def cancelled(*args: Any) -> bytes:
-        request, failure = _request_failure(args)
-        # The client went away; nothing will be written.
+def _answer_error(*args: Any) -> bytes:
+    request, failure = _request_failure(args)
+    row = next(r for r in ERROR_TABLE if failure.check(r.kind))
+    if row.kind is CancelledError:
         return b""
-
-    @app.handle_errors(  # type: ignore[arg-type]
-        Exception
-    )
-    def internal(*args: Any) -> bytes:
-        request, failure = _request_failure(args)
+    e = failure.value
+    status, body, retry_after = row.status, error_body(row.code, row.detail), None
+    if isinstance(e, MeshError):
+        status, body, retry_after = e.status, e.body(), e.retry_after
+    code = body["error"]
+    if row.log_key and not (isinstance(e, MeshError) and e.code in _LOGGED_BY_RELAY):
+        fields = {"path": _shown_path(request), "status": status, "code": code}
+        if isinstance(e, MeshError):
+            fields["detail"] = " ".join(e.detail.split())[:200]
+        elif row.status == 503:
+            fields["err"] = e
         agg = _owner_agg(args)
-        if agg is not None:
-            agg.emit(
-                log,
-                "internal",
-                "unexpected error serving {path}",
-                LogLevel.critical,
-                failure,
-                path=_shown_path(request),
-            )
+        key = row.log_key.format(code=code)
+        if row.status != 500:
+            note_refusal(agg, key, row.log_fmt, row.level, **fields)
+        elif agg is not None:
+            agg.emit(log, key, row.log_fmt, row.level, failure, **fields)
         else:
-            log.failure("unexpected error serving {path}", failure, path=_shown_path(request))
-        return json_response(request, 500, error_body("internal", "internal error"))
+            log.failure(row.log_fmt, failure, row.level, **fields)
+    return json_response(request, status, body, retry_after)
+
+
+def install_error_table(app: Klein) -> None:
+    """Register :data:`ERROR_TABLE` on a Klein app: one handler answers every exception."""
+    app.handle_errors(Exception)(_answer_error)  # type: ignore[arg-type]
 
 
 #: request attributes NodeRoot sets for the client API (see :mod:`meshrelay.fairness`)

@@ -28,11 +28,11 @@ Checks (each failure is a line in ``violations``):
   re-send at a node that acked it answers ``duplicate``;
 - no node log holds a traceback or an unhandled error.
 
-**Caps and convergence.**  PROTOCOL.md 5.1: a replica refused at a cap is not
-retried, so convergence is promised only while replicas do not meet a cap.
-Caps are per node, so deposits for one mailbox at two nodes cut off from each
-other can each fill it, and the union can never be held by both.  The load is
-laid out so that this cannot happen, while deposits still meet both caps:
+**Caps and convergence.**  Under wire v1 a replica refused at a cap was not
+retried, so convergence was promised only while replicas did not meet a cap;
+v2 remembers such refusals and fetches them again when space frees
+(docs/protocol.md 7.5).  The load still keeps the v1 layout, so that the run
+checks convergence of what a v1 peer could promise too:
 every (sender, mailbox) pair deposits at one "home" node, a *hot* mailbox takes
 all its deposits at one node from more senders than its cap holds (so
 ``mailbox_full`` happens there), and a *spread* mailbox takes deposits at all

@@ -45,6 +45,7 @@ from twisted.trial.unittest import TestCase
 
 from meshrelay import envelope as E
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL
+from meshrelay.store.base import TOMBSTONE_BYTES
 from meshrelay.store.sqlite import DB_NAME
 from tests.apispec import error_shape_problems, load_spec, peer_headers
 from tests.harness import NodeProcess, free_port
@@ -162,6 +163,10 @@ class LiveNodeFuzzTests(TestCase):
             self.assertEqual(db.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
             count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM envelopes").fetchone()
+            # acks and tombstones are storage too
+            (acked,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM acks").fetchone()
+            (tombs,) = db.execute("SELECT COUNT(*) FROM tombstones").fetchone()
+            size += acked + TOMBSTONE_BYTES * tombs
             self.assertEqual((int(meta["stored_count"]), int(meta["stored_bytes"])), (count, size))
             (last_seq,) = db.execute(
                 "SELECT MAX(seq) FROM (SELECT seq FROM envelopes UNION ALL SELECT seq FROM acks)"

@@ -53,22 +53,27 @@ class JSONLinesTests(SynchronousTestCase):
         self.assertEqual(line["level"], "critical")
         self.assertIn("ValueError: bad thing", line["failure"])
 
-    def test_observer_factory_follows_selected_format(self) -> None:
-        """meshrelay.logs.observer gives JSON lines after makeService selected json, text otherwise."""
-        self.addCleanup(setattr, logs, "_selected_format", logs._selected_format)
-        logs.select_format("json")
+    def test_observer_factory_follows_the_environment(self) -> None:
+        """meshrelay.logs.observer writes JSON lines when $MESHRELAY_LOG_FORMAT says json, text otherwise."""
+        old = os.environ.get("MESHRELAY_LOG_FORMAT")
+        self.addCleanup(
+            lambda: (
+                os.environ.pop("MESHRELAY_LOG_FORMAT", None)
+                if old is None
+                else os.environ.__setitem__("MESHRELAY_LOG_FORMAT", old)
+            )
+        )
+        os.environ["MESHRELAY_LOG_FORMAT"] = "json"
         self.assertIsInstance(logs.observer(), logs.JSONLinesObserver)
-        logs.select_format("text")
-        self.assertNotIsInstance(logs.observer(), logs.JSONLinesObserver)
-        with self.assertRaises(ValueError):
-            logs.select_format("xml")
+        for value in ("text", "xml", ""):
+            os.environ["MESHRELAY_LOG_FORMAT"] = value
+            self.assertNotIsInstance(logs.observer(), logs.JSONLinesObserver)
 
 
 class TwistdWiringTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = self.mktemp()
         os.makedirs(self.dir)
-        self.addCleanup(setattr, logs, "_selected_format", logs._selected_format)
 
     def service(self, log_format: str, twistd: dict[str, Any] | None = None) -> tuple[Any, list[dict[str, Any]]]:
         path = os.path.join(self.dir, "n.toml")

@@ -1,4 +1,4 @@
-"""The peer API and its gate: intake, the changes feed, and hostile peers (PROTOCOL.md sections 4-5)."""
+"""The peer API and its gate: intake, the changes feed, and hostile peers (docs/protocol.md sections 5-7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Peer authentication primitives: HKDF link keys and the request MAC (PROTOCOL.md section 4)."""
+"""Peer authentication primitives: HKDF link keys and the request MAC (docs/protocol.md section 5)."""
 
 from __future__ import annotations
 

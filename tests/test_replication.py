@@ -16,6 +16,7 @@ from meshrelay import envelope as E
 from meshrelay.config import build_config
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
 from meshrelay.protocol import Features
+from meshrelay.relay import NoReplication
 from meshrelay.replication import MAX_FETCH_PAGES, PeerError, parse_page
 from meshrelay.status import PEER_KEYS
 from tests.helpers import Identity, MemNode, Mesh
@@ -251,8 +252,22 @@ class PushTests(MeshTestCase):
         self.assertEqual((self.push_count("a", "b", "ok"), self.push_count("a", "b", "error")), (1, 0))
         self.assertEqual(self.metric("a", "meshrelay_dm_replication_dropped_total", peer=Mesh.url("b")), 0)
 
-    def test_push_never_raises_a_listener_error_into_the_deposit(self) -> None:
-        """Deposits answer 200 even when a peer client has been stopped."""
+    def test_push_never_raises_a_replication_error_into_the_deposit(self) -> None:
+        """A deposit answers 200 and stays stored when replication raises while taking it; the failure is logged."""
+
+        class Exploding(NoReplication):
+            def envelope_committed(self, env: E.Envelope) -> None:
+                raise RuntimeError("replication exploded")
+
+        self.mesh["a"].node.relay.attach_replication(Exploding())
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual(self.live("a"), [env["msg_id"]])
+        self.assertEqual(self.live("b"), [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_deposits_answer_while_replication_is_stopped(self) -> None:
+        """Deposits answer 200 even when a peer client has been stopped (sync brings them later)."""
         self.replication("a").stop()
         self.send("a")
         self.mesh.settle()

@@ -46,3 +46,76 @@ class RepoTests(SynchronousTestCase):
         with self.assertRaises(AssertionError) as cm:
             subprocess.run(["true"], check=False)
         self.assertIn("pytest.mark.integration", str(cm.exception))
+
+
+#: docs/architecture.md's layers: a module imports only from its own layer or those below
+LAYERS: dict[str, int] = {
+    **dict.fromkeys(
+        (
+            "meshrelay",
+            "errors",
+            "envelope",
+            "protocol",
+            "config",
+            "fairness",
+            "ratelimit",
+            "replay",
+            "fetchgate",
+            "logs",
+            "metrics",
+            "files",
+            "deferutil",
+            "executor",
+            "store.migrations",
+        ),
+        0,
+    ),
+    **dict.fromkeys(("store.base", "store.sqlite", "store.writer_process", "store.postgres", "store", "verifier"), 1),
+    **dict.fromkeys(("relay", "peers", "replication"), 2),
+    **dict.fromkeys(("web", "api", "peer_api", "cors", "inbox", "admin", "status"), 3),
+    **dict.fromkeys(("node", "tap"), 4),
+    **dict.fromkeys(("client", "cli", "demo", "migrate"), 5),
+}
+#: the upward imports docs/architecture.md names (function-local, on purpose)
+ALLOWED_UP = {("config", "cors")}
+
+
+def _imports(path: str) -> set[str]:
+    import ast
+
+    with open(path, encoding="utf-8") as fh:
+        tree = ast.parse(fh.read())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "meshrelay":
+            found.add(node.module)
+            if node.module == "meshrelay":
+                found.update(
+                    f"meshrelay.{a.name}" for a in node.names if f"meshrelay.{a.name}" != "meshrelay.__version__"
+                )
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "meshrelay")
+    return {"meshrelay" if m == "meshrelay" else m.removeprefix("meshrelay.") for m in found}
+
+
+class ArchitectureTests(SynchronousTestCase):
+    def test_imports_go_one_way(self) -> None:
+        """Every meshrelay module is in a layer of docs/architecture.md and imports nothing from a higher layer."""
+        package = os.path.join(REPO, "meshrelay")
+        seen = set()
+        for root, _, files in os.walk(package):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                rel = os.path.relpath(os.path.join(root, name), package)[:-3].replace(os.sep, ".")
+                module = "meshrelay" if rel == "__init__" else rel.removesuffix(".__init__")
+                seen.add(module)
+                self.assertIn(module, LAYERS, f"{module} is in no layer of docs/architecture.md")
+                for dep in _imports(os.path.join(root, name)):
+                    self.assertIn(dep, LAYERS, f"{module} imports {dep}, which is in no layer")
+                    if LAYERS[dep] > LAYERS[module]:
+                        self.assertIn((module, dep), ALLOWED_UP, f"{module} (layer {LAYERS[module]}) imports {dep}")
+        self.assertEqual(seen, set(LAYERS), "docs/architecture.md lists a module that does not exist")
+        doc = _read("docs", "architecture.md")
+        for module in LAYERS:
+            self.assertIn(f"`{module.removeprefix('meshrelay')}`" if module != "meshrelay" else "`__init__`", doc)

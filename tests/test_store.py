@@ -10,6 +10,8 @@ on the test thread, and every Deferred has fired by the time it is checked.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +30,7 @@ from meshrelay.store.base import (
     SENDER_CAP,
     STORAGE_FULL,
     STRANGER_FULL,
+    TOMBSTONE_BYTES,
     AckResult,
     AddResult,
     Bodies,
@@ -36,8 +39,9 @@ from meshrelay.store.base import (
     Refused,
     Store,
     StoreError,
+    junk_budget,
 )
-from meshrelay.store.sqlite import SQLiteStore
+from meshrelay.store.sqlite import DB_NAME, SQLiteStore
 from tests.helpers import T0, Identity
 from tests.pgtest import create_schema, requires_pg
 
@@ -54,6 +58,11 @@ def make_env(
 
 def make_ack(owner: Identity, ids: list[str], ts: int = T0) -> E.SignedAck:
     return E.parse_signed_ack(owner.signed(ts=ts, ack=ids))
+
+
+def ack_size(ack: E.SignedAck) -> int:
+    """Bytes a stored signed ack is accounted for (its canonical JSON)."""
+    return len(E.dumps_json(ack.to_json()))
 
 
 def tomb(ack: E.SignedAck) -> int:
@@ -95,6 +104,8 @@ class StoreBehaviour:
 
     #: does acquire_lease arbitrate between holders (a store shared by processes)?
     shared = False
+    #: the SQL dialect of migrations.Migration.render
+    dialect = ""
 
     # supplied by the TestCase
     successResultOf: Callable[..., Any]
@@ -190,13 +201,15 @@ class StoreBehaviour:
         e1, e2 = make_env(alice, bob, b"1"), make_env(alice, bob, b"2")
         self.add(store, e1)
         self.add(store, e2)
-        result = self.ack(store, make_ack(bob, [e1.msg_id, "0" * 64]))
+        ack = make_ack(bob, [e1.msg_id, "0" * 64])
+        result = self.ack(store, ack)
         self.assertEqual(result.deleted, (e1.msg_id,))
         self.assertTrue(result.new)
         self.assertEqual(self.fetch_ids(store, bob), [e2.msg_id])
         self.assertEqual(self.add(store, e1).status, DUPLICATE)
         self.assertEqual(store.stats().envelopes, 1)
-        self.assertEqual(store.stats().bytes, len(e2.raw))
+        # two tombstones and the signed ack are storage too
+        self.assertEqual(store.stats().bytes, len(e2.raw) + 2 * TOMBSTONE_BYTES + ack_size(ack))
 
     def test_tombstone_before_envelope_blocks_it(self) -> None:
         """An ack that arrives before its envelope still stops it (a late replica)."""
@@ -272,14 +285,16 @@ class StoreBehaviour:
     def test_storage_cap(self) -> None:
         """Deposits that would pass max_stored_bytes are refused until acks free space."""
         bob, alice = Identity(), Identity()
-        e1 = make_env(alice, bob, b"1")
-        store = self.make_store(Caps(max_stored_bytes=2 * len(e1.raw) + 10))
+        e1 = make_env(alice, bob, b"1" * 1000)
+        ack = make_ack(bob, [e1.msg_id])
+        # room for two envelopes, and for the tombstone and signed ack an ack leaves in place of one
+        store = self.make_store(Caps(max_stored_bytes=2 * len(e1.raw) + TOMBSTONE_BYTES + ack_size(ack) + 10))
         self.add(store, e1)
-        self.add(store, make_env(alice, bob, b"2"))
-        self.assertEqual(self.add(store, make_env(alice, bob, b"3")).status, STORAGE_FULL)
+        self.add(store, make_env(alice, bob, b"2" * 1000))
+        self.assertEqual(self.add(store, make_env(alice, bob, b"3" * 1000)).status, STORAGE_FULL)
         self.assertEqual(store.stats().envelopes, 2)
-        self.ack(store, make_ack(bob, [e1.msg_id]))
-        self.assertEqual(self.add(store, make_env(alice, bob, b"3")).status, ACCEPTED)
+        self.assertTrue(self.ack(store, ack).stored)
+        self.assertEqual(self.add(store, make_env(alice, bob, b"3" * 1000)).status, ACCEPTED)
 
     # ------------------------------------------------------------------ seq and the feed
 
@@ -415,7 +430,7 @@ class StoreBehaviour:
         result = self.successResultOf(store.sweep(T0 + 60))
         self.assertEqual((result.envelopes, result.tombstones, result.acks, result.nonces), (1, 0, 0, 1))
         self.assertEqual(store.stats().envelopes, 1)
-        self.assertEqual(store.stats().bytes, len(keep.raw))
+        self.assertEqual(store.stats().bytes, len(keep.raw) + TOMBSTONE_BYTES + ack_size(ack))
         result = self.successResultOf(store.sweep(tomb(ack)))
         self.assertEqual((result.envelopes, result.tombstones, result.acks), (1, 1, 1))
         self.assertEqual((store.stats().envelopes, store.stats().bytes), (0, 0))
@@ -428,10 +443,11 @@ class StoreBehaviour:
         envs = [make_env(alice, bob, b"%d" % i) for i in range(3)]
         for e in envs:
             self.add(store, e)
-        self.ack(store, make_ack(bob, [envs[1].msg_id]))
+        ack = make_ack(bob, [envs[1].msg_id])
+        self.ack(store, ack)
         store = self.reopen(store)
         self.assertEqual(store.stats().envelopes, 2)
-        self.assertEqual(store.stats().bytes, len(envs[0].raw) + len(envs[2].raw))
+        self.assertEqual(store.stats().bytes, len(envs[0].raw) + len(envs[2].raw) + TOMBSTONE_BYTES + ack_size(ack))
 
     def test_schema_is_at_the_latest_migration_and_feed_id_is_kept(self) -> None:
         """A new store is migrated to the latest version; reopening keeps its feed id."""
@@ -741,6 +757,132 @@ class StoreBehaviour:
         self.ack(store, make_ack(alice, [envs[4].msg_id]))
         self.assertEqual(listed(), [(envs[4].msg_id, "http://q.test")])
 
+    # ------------------------------------------------------------------ acks are storage (issue 10)
+
+    def test_acks_and_tombstones_count_toward_storage(self) -> None:
+        """Tombstones and stored signed acks are in stats().bytes (the stored_bytes gauge) and go with the sweep."""
+        store = self.make_store()
+        ack = make_ack(Identity(), [f"{i:064x}" for i in range(500)])
+        result = self.ack(store, ack)
+        self.assertEqual((result.stored, result.skipped), (True, 0))
+        self.assertEqual(store.stats().bytes, 500 * TOMBSTONE_BYTES + ack_size(ack))
+        store = self.reopen(store)
+        self.assertEqual(store.stats().bytes, 500 * TOMBSTONE_BYTES + ack_size(ack))
+        self.assertEqual(self.successResultOf(store.sweep(tomb(ack))).tombstones, 500)
+        self.assertEqual(store.stats().bytes, 0)
+
+    def test_junk_acks_are_bounded_and_never_block_deposits(self) -> None:
+        """Acks of ids never held from throwaway mailboxes stay within the junk budget; deposits still fit."""
+        cap = 64 * 1024
+        store = self.make_store(Caps(max_stored_bytes=cap, per_mailbox_pending=1000))
+        budget = junk_budget(Caps(max_stored_bytes=cap))
+        results = []
+        for n in range(30):
+            junk = make_ack(Identity(), [f"{n:08x}{i:056x}" for i in range(200)])
+            results.append(self.ack(store, junk))
+        self.assertLessEqual(store.stats().bytes, budget)
+        self.assertGreater(sum(r.skipped for r in results), 0)
+        self.assertFalse(results[-1].stored)
+        self.assertLessEqual(len(store.dump_live(T0)["tombstones"]), budget // TOMBSTONE_BYTES)
+        # the rest of the cap is still there for mail
+        bob = Identity()
+        big = make_env(Identity(), bob, b"x" * 4000)
+        accepted = 0
+        while self.add(store, make_env(Identity(), bob, b"x" * 4000)).status == ACCEPTED:
+            accepted += 1
+            self.assertLess(accepted, 100)
+        self.assertGreaterEqual(accepted * len(big.raw), cap - budget - len(big.raw))
+        self.assertLessEqual(store.stats().bytes, cap)
+
+    def test_owner_can_ack_held_mail_when_storage_is_full(self) -> None:
+        """With storage and the junk budget full, an ack of held mail still deletes and tombstones it."""
+        bob, alice = Identity(), Identity()
+        envs = [make_env(alice, bob, b"%d" % i + b"y" * 3000) for i in range(4)]
+        cap = 4 * len(envs[0].raw) + 1000
+        store = self.make_store(Caps(max_stored_bytes=cap, per_sender_pending=100))
+        for e in envs:
+            self.assertEqual(self.add(store, e).status, ACCEPTED)
+        for n in range(20):
+            self.ack(store, make_ack(Identity(), [f"{n:08x}{i:056x}" for i in range(100)]))
+        self.assertEqual(self.add(store, make_env(alice, bob, b"z" * 3000)).status, STORAGE_FULL)
+        before = store.stats().bytes
+        # the owner's ack also names many ids never held: they cost nothing past the budget
+        ack = make_ack(bob, [envs[0].msg_id, *[f"{i:064x}" for i in range(400)]])
+        result = self.ack(store, ack)
+        self.assertEqual(result.deleted, (envs[0].msg_id,))
+        self.assertLess(store.stats().bytes, before)
+        self.assertEqual(self.add(store, envs[0]).status, DUPLICATE)
+        self.assertEqual(self.fetch_ids(store, bob), [e.msg_id for e in envs[1:]])
+        self.assertLessEqual(store.stats().bytes, cap)
+
+    def test_early_ack_within_the_budget_still_stops_its_envelope(self) -> None:
+        """An ack that arrives before its envelope (a mesh race) tombstones it while the junk budget has room."""
+        store = self.make_store(Caps(max_stored_bytes=64 * 1024))
+        bob, alice = Identity(), Identity()
+        env = make_env(alice, bob)
+        result = self.ack(store, make_ack(bob, [env.msg_id]))
+        self.assertEqual((result.deleted, result.skipped, result.stored), ((), 0, True))
+        self.assertEqual(self.add(store, env), AddResult(DUPLICATE))
+
+    def test_the_sweep_gives_the_junk_budget_back(self) -> None:
+        """Once junk tombstones and acks expire and are swept, new ones fit again."""
+        cap = 64 * 1024
+        store = self.make_store(Caps(max_stored_bytes=cap))
+        first = [make_ack(Identity(), [f"{n:08x}{i:056x}" for i in range(200)]) for n in range(10)]
+        for a in first:
+            self.ack(store, a)
+        late = make_ack(Identity(), [f"{i:064x}" for i in range(10)], ts=T0 + MAX_TTL * 2)
+        self.assertEqual(self.ack(store, late).skipped, 10)
+        self.successResultOf(store.sweep(max(tomb(a) for a in first)))
+        self.assertEqual(store.stats().bytes, 0)
+        again = self.ack(store, late)
+        self.assertEqual((again.skipped, again.stored), (0, True))
+
+    def raw_sql(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run statements (``?`` placeholders) on the backend's database directly, in one transaction."""
+        raise NotImplementedError
+
+    def test_upgrade_from_schema_3_accounts_acks_and_tombstones(self) -> None:
+        """A store made at schema 3 upgrades: acks get sizes, stored_bytes counts acks and tombstones, mail is kept."""
+        bob, alice = Identity(), Identity()
+        kept, acked = make_env(alice, bob, b"kept"), make_env(alice, bob, b"acked")
+        ack = make_ack(bob, [acked.msg_id])
+        body = E.dumps_json(ack.to_json()).decode()
+        statements: list[tuple[str, tuple[Any, ...]]] = [
+            ("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)", ())
+        ]
+        for m in migrations.MIGRATIONS[:3]:
+            statements += [(stmt, ()) for stmt in m.render(self.dialect)]
+            statements += [
+                ("INSERT INTO meta (key, value) VALUES (?, ?)", kv) for kv in migrations.seed_meta(m.version).items()
+            ]
+        statements += [
+            ("INSERT INTO meta (key, value) VALUES ('schema_version', '3')", ()),
+            (
+                "INSERT INTO envelopes (seq, msg_id, mailbox, sender, expires, size, body) VALUES (1, ?, ?, ?, ?, ?, ?)",
+                (kept.msg_id, kept.mailbox, kept.sender, kept.expires, len(kept.raw), kept.raw),
+            ),
+            (
+                "INSERT INTO acks (seq, mailbox, nonce, expires, body) VALUES (3, ?, ?, ?, ?)",
+                (bob.pub, ack.nonce, tomb(ack), body),
+            ),
+            ("INSERT INTO tombstones (mailbox, msg_id, expires) VALUES (?, ?, ?)", (bob.pub, acked.msg_id, tomb(ack))),
+            ("UPDATE meta SET value = '3' WHERE key = 'last_seq'", ()),
+            ("UPDATE meta SET value = '1' WHERE key = 'stored_count'", ()),
+            ("UPDATE meta SET value = ? WHERE key = 'stored_bytes'", (str(len(kept.raw)),)),
+        ]
+        self.raw_sql(statements)
+        store = self.make_store()
+        self.assertEqual(store.migrated_from, 3)
+        self.assertEqual(store.stats().envelopes, 1)
+        self.assertEqual(store.stats().bytes, len(kept.raw) + ack_size(ack) + TOMBSTONE_BYTES)
+        items = self.successResultOf(store.changes(0, 10, T0, ids_only=True)).items
+        self.assertEqual([(i.kind, i.size) for i in items], [("envelope", len(kept.raw)), ("ack", ack_size(ack))])
+        self.assertEqual(self.add(store, acked), AddResult(DUPLICATE))
+        self.assertEqual(self.add(store, make_env(alice, bob, b"new")).seq, 4)
+        self.successResultOf(store.sweep(tomb(ack)))
+        self.assertEqual(store.stats().bytes, 0)
+
     def test_closed_store_refuses_writes(self) -> None:
         """Writes after close fail with StoreError instead of hanging."""
         store = self.make_store()
@@ -801,8 +943,21 @@ class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
     def setUp(self) -> None:
         self.data_dir = self.mktemp()
 
+    dialect = "sqlite"
+
     def open_store(self, caps: Caps, writer: Executor | None, metrics: Metrics | None) -> Store:
         return SQLiteStore(self.data_dir, caps, writer=writer or InlineExecutor(), metrics=metrics)
+
+    def raw_sql(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        os.makedirs(self.data_dir, exist_ok=True)
+        conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME), isolation_level=None)
+        try:
+            conn.execute("BEGIN")
+            for stmt, args in statements:
+                conn.execute(stmt, args)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
 
     def test_a_page_is_read_under_one_snapshot(self) -> None:
         """A deposit and an ack committed while a page is being read never move next past the deposit."""
@@ -838,7 +993,16 @@ class PostgresStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
     def setUp(self) -> None:
         self.dsn = create_schema(self.addCleanup)
 
+    dialect = "postgresql"
+
     def open_store(self, caps: Caps, writer: Executor | None, metrics: Metrics | None) -> Store:
         from meshrelay.store.postgres import PostgresStore
 
         return PostgresStore(self.dsn, caps, writer=writer or InlineExecutor(), metrics=metrics)
+
+    def raw_sql(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        import psycopg
+
+        with psycopg.connect(self.dsn) as conn:
+            for stmt, args in statements:
+                conn.execute(stmt.replace("?", "%s") if args else stmt, args or None)

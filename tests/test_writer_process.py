@@ -66,6 +66,23 @@ class WriterProcessTests(TestCase):
         self.assertEqual((fresh, again), (True, False))
 
     @inlineCallbacks
+    def test_refusals_and_junk_bounds_run_in_the_child(self) -> Any:
+        """A peer's capped replica is remembered and acks are accounted by the child, with its caps."""
+        yield self.store.add_envelope(self.env(b"1"), self.now, verify="deposit")
+        yield self.store.add_envelope(self.env(b"2"), self.now, verify="deposit")
+        capped = self.env(b"3")
+        result = yield self.store.add_envelope(capped, self.now, verify="replica", peer="http://p.test")
+        self.assertEqual((result.status, result.remembered), ("sender_cap", True))
+        rows = yield self.store.refused(self.now, 10)
+        self.assertEqual([(r.msg_id, r.peer) for r in rows], [(capped.msg_id, "http://p.test")])
+        before = self.store.stats().bytes
+        junk = E.parse_signed_ack(Identity().signed(ts=self.now, ack=[f"{i:064x}" for i in range(200)]))
+        ack_result = yield self.store.apply_ack(junk, self.now + 600)
+        self.assertGreater(self.store.stats().bytes, before)
+        # the child's junk budget (1/8 of max_stored_bytes = 128 KiB) holds the 200 tombstones and the ack
+        self.assertEqual((ack_result.skipped, ack_result.stored), (0, True))
+
+    @inlineCallbacks
     def test_writes_of_one_reactor_turn_leave_as_one_batch(self) -> Any:
         """The first write of a turn does not leave alone: every write made before the reactor turns joins it."""
         sent: list[int] = []

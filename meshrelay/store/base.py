@@ -140,6 +140,11 @@ class AckResult:
     #: False when this signed ack (mailbox, nonce) was already recorded
     new: bool = True
     seq: int = 0
+    #: False when the signed ack was applied but not recorded (it did not fit the storage
+    #: cap, or deleted nothing here and did not fit the junk budget): it is not in the feed
+    stored: bool = True
+    #: ids of mail never held here that got no tombstone (the junk budget was spent)
+    skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,19 @@ class Refused:
     reason: str
     #: the envelope's own expiry
     expires: int
+
+
+#: bytes a tombstone is accounted for in the stored total: its row and its expiry index entry
+#: on disk (measured about 270 bytes per tombstone on SQLite, rounded up)
+TOMBSTONE_BYTES = 300
+#: the share of ``max_stored_bytes`` that tombstones of ids never held here and signed acks that
+#: deleted nothing here may take in all (anyone with a key pair can create those)
+JUNK_SHARE = 8
+
+
+def junk_budget(caps: Caps) -> int:
+    """Bytes of tombstones of unheld ids and of acks that deleted nothing a store keeps at most."""
+    return caps.max_stored_bytes // JUNK_SHARE
 
 
 #: add_envelope outcomes that are remembered for a replica offered by a peer
@@ -264,7 +282,13 @@ class Store(Protocol):
         """
 
     def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
-        """Delete the listed envelopes of ``ack.mailbox``, tombstone them, record the ack."""
+        """Delete and tombstone the held envelopes listed (always, even at the storage cap), record the ack.
+
+        Tombstones of ids not held here, and the ack itself when it deleted
+        nothing here, are kept only within ``junk_budget``; a signed ack that
+        does not fit the storage cap is applied but not recorded
+        (``AckResult.stored`` false, ``skipped`` counts untombstoned ids).
+        """
 
     def fetch(self, mailbox: str, now: int, limit: int) -> Deferred[tuple[list[str], bool]]:
         """Up to ``limit`` live envelopes of ``mailbox`` in arrival order, and has_more."""

@@ -15,16 +15,18 @@ DIALECTS: dict[str, dict[str, str]] = {
     "sqlite": {
         "bigint": "INTEGER",
         "without_rowid": " WITHOUT ROWID",
+        "octets": "length(CAST(body AS BLOB))",
     },
     "postgresql": {
         "bigint": "BIGINT",
         "without_rowid": "",
+        "octets": "octet_length(body)",
     },
 }
 
 
 #: the migration that adds first contact's tables (after the store's own migrations)
-FIRST_CONTACT_VERSION = 4
+FIRST_CONTACT_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,19 @@ BEGIN
 END
 $fn$
 """
+
+#: migration 4's version of the PostgreSQL serial end: acks are inserted with their size and junk flag
+#: (two more arrays); an overload, so migration 2's function is left as released
+COMMIT_ROWS_V2 = COMMIT_ROWS_V1.replace(
+    "a_mailbox TEXT[], a_nonce TEXT[], a_expires BIGINT[], a_body TEXT[],",
+    "a_mailbox TEXT[], a_nonce TEXT[], a_expires BIGINT[], a_body TEXT[], a_size BIGINT[], a_junk BIGINT[],",
+).replace(
+    "INSERT INTO acks (seq, mailbox, nonce, expires, body)\n        SELECT * FROM unnest(ack_seq, a_mailbox, a_nonce, a_expires, a_body);",
+    "INSERT INTO acks (seq, mailbox, nonce, expires, body, size, junk)\n"
+    "        SELECT * FROM unnest(ack_seq, a_mailbox, a_nonce, a_expires, a_body, a_size, a_junk);",
+)
+#: bytes a tombstone is accounted for (store.base.TOMBSTONE_BYTES; migration 4 counts existing ones)
+TOMBSTONE_BYTES = 300
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -201,6 +216,24 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
+        4,
+        "acks and tombstones are storage: sizes, junk flags, and a stored total that counts them",
+        (
+            # size: UTF-8 bytes of the body; junk: 1 when the ack deleted nothing here (it counts
+            # toward the junk budget).  Acks and tombstones made before this migration are not junk.
+            "ALTER TABLE acks ADD COLUMN size {bigint} NOT NULL DEFAULT 0",
+            "ALTER TABLE acks ADD COLUMN junk {bigint} NOT NULL DEFAULT 0",
+            "UPDATE acks SET size = {octets}",
+            # junk: 1 for a tombstone of an id never held here
+            "ALTER TABLE tombstones ADD COLUMN junk {bigint} NOT NULL DEFAULT 0",
+            # stored_bytes now counts envelopes, acks and tombstones
+            "UPDATE meta SET value = CAST((SELECT COALESCE(SUM(size), 0) FROM envelopes) "
+            "+ (SELECT COALESCE(SUM(size), 0) FROM acks) "
+            f"+ {TOMBSTONE_BYTES} * (SELECT COUNT(*) FROM tombstones) AS TEXT) WHERE key = 'stored_bytes'",
+        ),
+        only=(("postgresql", COMMIT_ROWS_V2),),
+    ),
+    Migration(
         FIRST_CONTACT_VERSION,
         "first contact (protocol v3): mailbox policies and the contact bucket",
         (
@@ -233,6 +266,8 @@ def seed_meta(version: int) -> dict[str, str]:
     """The ``meta`` rows a migration creates along with its tables (both dialects)."""
     if version == 1:
         return {"feed_id": secrets.token_hex(16), **{key: "0" for key in COUNTER_KEYS}}
+    if version == 4:
+        return {"junk_bytes": "0"}
     return {}
 
 

@@ -90,6 +90,7 @@ from meshrelay.store.base import (
     POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
+    TOMBSTONE_BYTES,
     AckResult,
     AddResult,
     Bodies,
@@ -103,6 +104,7 @@ from meshrelay.store.base import (
     SweepResult,
     bucket_refusal,
     cut_page,
+    junk_budget,
     one_line,
     settle_batch,
 )
@@ -268,14 +270,19 @@ class _SameAs(_Pending):
 
 
 class _NewAck(_Pending):
-    __slots__ = ("mailbox", "nonce", "expires", "body", "deleted", "result")
+    __slots__ = ("mailbox", "nonce", "expires", "body", "size", "junk", "deleted", "skipped", "result")
 
-    def __init__(self, ack: SignedAck, expires: int, body: str, deleted: tuple[str, ...]) -> None:
+    def __init__(
+        self, ack: SignedAck, expires: int, body: str, deleted: tuple[str, ...], size: int, junk: int, skipped: int
+    ) -> None:
         self.mailbox = ack.mailbox
         self.nonce = ack.nonce
         self.expires = expires
         self.body = body
+        self.size = size
+        self.junk = junk
         self.deleted = deleted
+        self.skipped = skipped
         self.result: AckResult | None = None
 
     def value(self) -> AckResult:
@@ -301,6 +308,17 @@ class _Tx:
         #: mailboxes whose rows an earlier operation of this batch changed (their checks are re-read)
         self.dirty: set[str] = set()
         self.swept = False
+        #: the shared junk total (read under its row lock by the first operation that needs it)
+        self.junk: int | None = None
+        self.junk_delta = 0
+
+    def junk_now(self, cur: Cur) -> int:
+        """The junk bytes stored, with this batch's changes; locks the counter row until commit."""
+        if self.junk is None:
+            cur.execute("SELECT value FROM meta WHERE key = 'junk_bytes' FOR UPDATE")
+            row = cur.fetchone()
+            self.junk = int(row[0]) if row else 0
+        return self.junk + self.junk_delta
 
     def check(self, cur: Cur, key: _Check) -> tuple[bool, bool, int, int]:
         """(stored, tombstoned, live in mailbox, live from sender) for a deposit, as of now in this batch."""
@@ -408,7 +426,7 @@ def remember_refusal(cur: Cur, caps: Caps, refused: tuple[str, str, str, int, st
 LOCK_COUNTERS = "SELECT key, value FROM meta WHERE key = ANY(%s) ORDER BY key FOR UPDATE"
 _COMMIT_ROWS = (
     "SELECT meshrelay_commit_rows(%s, %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[], "
-    "%s::text[], %s::text[], %s::bigint[], %s::text[], %s, %s, %s, %s)"
+    "%s::text[], %s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s, %s, %s, %s)"
 )
 
 
@@ -750,6 +768,10 @@ class PostgresStore:
                     values.append(w.fn(cur, tx))
                 except Exception as e:
                     raise _OpFailed(i, e) from e
+            if tx.junk_delta:
+                cur.execute(
+                    "UPDATE meta SET value = (value::bigint + %s)::text WHERE key = 'junk_bytes'", (tx.junk_delta,)
+                )
             self._hook("before_seq")
             call = self._phase2(tx)
             if call is None:
@@ -786,7 +808,7 @@ class PostgresStore:
             return None
         kinds: list[str] = []
         env: list[list[Any]] = [[] for _ in range(6)]
-        ack: list[list[Any]] = [[] for _ in range(4)]
+        ack: list[list[Any]] = [[] for _ in range(6)]
         for item in tx.order:
             if isinstance(item, _NewEnvelope):
                 kinds.append("d" if item.deleted else "e")
@@ -794,7 +816,7 @@ class PostgresStore:
                     col.append(v)
             else:
                 kinds.append("a")
-                for col, v in zip(ack, (item.mailbox, item.nonce, item.expires, item.body)):
+                for col, v in zip(ack, (item.mailbox, item.nonce, item.expires, item.body, item.size, item.junk)):
                     col.append(v)
         args = ("".join(kinds), *env, *ack, tx.d_count, tx.d_bytes, self.caps.max_stored_bytes, self.channel)
         return _COMMIT_ROWS, args
@@ -806,7 +828,7 @@ class PostgresStore:
             if isinstance(item, _NewEnvelope):
                 item.result = AddResult(ACCEPTED, seq=item_seq) if item_seq else AddResult(STORAGE_FULL)
             else:
-                item.result = AckResult(deleted=item.deleted, new=True, seq=item_seq)
+                item.result = AckResult(deleted=item.deleted, new=True, seq=item_seq, skipped=item.skipped)
         if self._metrics is not None:
             self._metrics.store_seq_lock.observe(held_us / 1e6)
         return seq, count, nbytes
@@ -915,8 +937,15 @@ class PostgresStore:
         return AddResult(DUPLICATE, upgraded=True)
 
     def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
+        """Delete and tombstone held mail, tombstone unheld ids within the junk budget, record the ack.
+
+        The same rules as the SQLite store (``sqlite._op_ack``).
+        """
         body = dumps_json(ack.to_json()).decode("utf-8")
+        size = len(body.encode("utf-8"))
         mailbox = ack.mailbox
+        caps = self.caps
+        budget = junk_budget(caps)
 
         def op(cur: Cur, tx: _Tx) -> AckResult | _Pending:
             ids = list(dict.fromkeys(ack.ack))
@@ -937,26 +966,59 @@ class PostgresStore:
                     "DELETE FROM envelopes WHERE mailbox = %s AND msg_id = ANY(%s) RETURNING msg_id, size",
                     (mailbox, stored),
                 )
-                for msg_id, size in cur.fetchall():
+                for msg_id, freed in cur.fetchall():
                     gone.add(msg_id)
                     tx.d_count -= 1
-                    tx.d_bytes -= size
-            if ids:
-                cur.execute(
-                    "INSERT INTO tombstones (mailbox, msg_id, expires) SELECT %s, m, %s FROM unnest(%s::text[]) AS m "
-                    "ON CONFLICT (mailbox, msg_id) DO UPDATE SET expires = GREATEST(tombstones.expires, excluded.expires)",
-                    (mailbox, tombstone_expires, ids),
-                )
-                cur.execute("DELETE FROM refused WHERE mailbox = %s AND msg_id = ANY(%s)", (mailbox, ids))
+                    tx.d_bytes -= freed
             deleted = tuple(m for m in ids if m in gone)
+            held = list(deleted)
+            unheld = [m for m in ids if m not in gone]
+            if held:
+                cur.execute(
+                    "INSERT INTO tombstones (mailbox, msg_id, expires, junk) SELECT %s, m, %s, 0 "
+                    "FROM unnest(%s::text[]) AS m ON CONFLICT (mailbox, msg_id) DO UPDATE "
+                    "SET expires = GREATEST(tombstones.expires, excluded.expires) RETURNING (xmax = 0)",
+                    (mailbox, tombstone_expires, held),
+                )
+                tx.d_bytes += TOMBSTONE_BYTES * sum(1 for (inserted,) in cur.fetchall() if inserted)
+            skipped = 0
+            if unheld:
+                cur.execute(
+                    "UPDATE tombstones SET expires = GREATEST(expires, %s) WHERE mailbox = %s AND msg_id = ANY(%s) "
+                    "RETURNING msg_id",
+                    (tombstone_expires, mailbox, unheld),
+                )
+                known = {r[0] for r in cur.fetchall()}
+                rest = [m for m in unheld if m not in known]
+                if rest:
+                    # The shared total is this process's last view plus this batch (another
+                    # process's batch may add a little); the junk total is exact (row lock).
+                    room = min(budget - tx.junk_now(cur), caps.max_stored_bytes - self._bytes - tx.d_bytes)
+                    take = rest[: max(0, room // TOMBSTONE_BYTES)]
+                    skipped = len(rest) - len(take)
+                    if take:
+                        cur.execute(
+                            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) SELECT %s, m, %s, 1 "
+                            "FROM unnest(%s::text[]) AS m ON CONFLICT (mailbox, msg_id) DO NOTHING",
+                            (mailbox, tombstone_expires, take),
+                        )
+                        tx.d_bytes += TOMBSTONE_BYTES * cur.rowcount
+                        tx.junk_delta += TOMBSTONE_BYTES * cur.rowcount
+            if ids:
+                cur.execute("DELETE FROM refused WHERE mailbox = %s AND msg_id = ANY(%s)", (mailbox, ids))
             key = (mailbox, ack.nonce)
             if key in tx.acks:
-                return AckResult(deleted=deleted, new=False)
+                return AckResult(deleted=deleted, new=False, skipped=skipped)
             cur.execute("SELECT 1 FROM acks WHERE mailbox = %s AND nonce = %s", key)
             if cur.fetchone() is not None:
-                return AckResult(deleted=deleted, new=False)
+                return AckResult(deleted=deleted, new=False, skipped=skipped)
+            junk = 0 if deleted else 1
+            if self._bytes + tx.d_bytes + size > caps.max_stored_bytes or (junk and tx.junk_now(cur) + size > budget):
+                return AckResult(deleted=deleted, new=True, stored=False, skipped=skipped)
             tx.acks.add(key)
-            new_ack = _NewAck(ack, tombstone_expires, body, deleted)
+            tx.d_bytes += size
+            tx.junk_delta += size * junk
+            new_ack = _NewAck(ack, tombstone_expires, body, deleted, size, junk, skipped)
             tx.order.append(new_ack)
             return new_ack
 
@@ -1016,7 +1078,18 @@ class PostgresStore:
             tx.d_count -= len(sizes)
             tx.d_bytes -= sum(sizes)
             counts = [len(sizes)]
-            for table in ("tombstones", "acks", "nonces", "refused"):
+            # tombstones and acks are accounted too
+            cur.execute(_sweep_sql("tombstones") + " RETURNING junk", (now, SWEEP_CHUNK))
+            tombs = cur.fetchall()
+            cur.execute(_sweep_sql("acks") + " RETURNING size, junk", (now, SWEEP_CHUNK))
+            acks = cur.fetchall()
+            freed_junk = TOMBSTONE_BYTES * sum(r[0] for r in tombs) + sum(r[0] * r[1] for r in acks)
+            tx.d_bytes -= TOMBSTONE_BYTES * len(tombs) + sum(r[0] for r in acks)
+            if freed_junk:
+                tx.junk_now(cur)
+                tx.junk_delta -= freed_junk
+            counts += [len(tombs), len(acks)]
+            for table in ("nonces", "refused"):
                 cur.execute(_sweep_sql(table), (now, SWEEP_CHUNK))
                 counts.append(cur.rowcount)
             return (counts[0], counts[1], counts[2], counts[3], counts[4]), any(n == SWEEP_CHUNK for n in counts)
@@ -1113,7 +1186,7 @@ class PostgresStore:
         query = (
             f"(SELECT seq, 'envelope' AS kind, mailbox, msg_id AS key, size, {body} AS body FROM envelopes "
             f"WHERE {where} ORDER BY seq LIMIT %(n)s) UNION ALL "
-            f"(SELECT seq, 'ack', mailbox, nonce, octet_length(body)::bigint, {body} FROM acks "
+            f"(SELECT seq, 'ack', mailbox, nonce, size, {body} FROM acks "
             f"WHERE {where} ORDER BY seq LIMIT %(n)s) ORDER BY 1 LIMIT %(n)s"
         )
         if max_bytes is not None:
@@ -1175,7 +1248,7 @@ class PostgresStore:
                     env_rows[m] = (int(z), b)
             if ack_keys:
                 for mb, n, z, b in conn.execute(
-                    "SELECT a.mailbox, a.nonce, octet_length(a.body), a.body FROM acks a "
+                    "SELECT a.mailbox, a.nonce, a.size, a.body FROM acks a "
                     "JOIN unnest(%s::text[], %s::text[]) AS t(mb, n) ON a.mailbox = t.mb AND a.nonce = t.n "
                     "WHERE a.expires > %s",
                     ([mb for mb, _ in ack_keys], [n for _, n in ack_keys], now),

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from meshrelay.envelope import Envelope, SignedAck, dumps_json, verify_signature
 from meshrelay.executor import Executor, InlineExecutor
-from meshrelay.filemodes import private_dir, private_file
+from meshrelay.files import private_dir, private_file
 from meshrelay.store import migrations
 from meshrelay.store.base import (
     ACCEPTED,
@@ -47,6 +47,7 @@ from meshrelay.store.base import (
     POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
+    TOMBSTONE_BYTES,
     AckResult,
     AddResult,
     Bodies,
@@ -60,6 +61,7 @@ from meshrelay.store.base import (
     SweepResult,
     bucket_refusal,
     cut_page,
+    junk_budget,
     settle_batch,
 )
 
@@ -106,7 +108,7 @@ def _changes_sql(by_mailbox: bool, ids_only: bool, budget: bool) -> str:
     merged = (
         f"SELECT * FROM (SELECT seq, 'envelope' AS kind, mailbox, msg_id AS key, size, {body_e} AS body "
         f"FROM envelopes WHERE {where} ORDER BY seq LIMIT :n) "
-        f"UNION ALL SELECT * FROM (SELECT seq, 'ack', mailbox, nonce, length(CAST(body AS BLOB)), {body_a} "
+        f"UNION ALL SELECT * FROM (SELECT seq, 'ack', mailbox, nonce, size, {body_a} "
         f"FROM acks WHERE {where} ORDER BY seq LIMIT :n) ORDER BY seq LIMIT :n"
     )
     if not budget:
@@ -162,12 +164,15 @@ def migrate(conn: sqlite3.Connection) -> int:
 class _Batch:
     """Per-transaction scratch state the writer's operations update."""
 
-    __slots__ = ("seq", "count", "bytes")
+    __slots__ = ("seq", "count", "bytes", "junk")
 
-    def __init__(self, seq: int, count: int, nbytes: int) -> None:
+    def __init__(self, seq: int, count: int, nbytes: int, junk: int = 0) -> None:
         self.seq = seq
         self.count = count
+        #: everything accounted: envelopes, signed acks and tombstones
         self.bytes = nbytes
+        #: the part of ``bytes`` anyone can create without holding mail here (see ``junk_budget``)
+        self.junk = junk
 
 
 # ---------------------------------------------------------------------- write operations
@@ -230,7 +235,7 @@ def _add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]
             if not verify_signature(key, sig, signed):
                 return AddResult(BAD_SIGNATURE)
         else:
-            # A deposit's signature is checked before dedup (PROTOCOL.md 3.1).
+            # A deposit's signature is checked before dedup (docs/protocol.md 4.2).
             if not verify_signature(key, sig, signed):
                 return AddResult(BAD_SIGNATURE)
             # v3: then its permit's, when the relay left that to the writer too.
@@ -299,31 +304,72 @@ def _upgrade(
 
 
 def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AckResult:
+    """Delete and tombstone the held envelopes acked, tombstone unheld ids within the junk budget, record the ack.
+
+    What was held is always deleted and tombstoned (that frees space: a
+    tombstone costs far less than any envelope), even at the storage cap.
+    Tombstones of ids this node does not hold, and the signed ack when it
+    deleted nothing here, are "junk": anyone with a key can make them, so
+    they are kept only while they fit ``junk_budget(caps)`` and the storage
+    cap.  The signed ack of held mail is recorded when it fits the storage
+    cap; when it does not, it is applied but not recorded (``stored=False``).
+    """
     mailbox, nonce, ids, tombstone_expires, body = args
+    size = len(body.encode("utf-8"))
+    budget = junk_budget(caps)
     deleted = []
+    unheld = []
     for msg_id in ids:
         row = conn.execute(
             "DELETE FROM envelopes WHERE msg_id = ? AND mailbox = ? RETURNING size", (msg_id, mailbox)
         ).fetchall()
-        if row:
-            deleted.append(msg_id)
-            st.count -= 1
-            st.bytes -= row[0][0]
+        if not row:
+            unheld.append(msg_id)
+            continue
+        deleted.append(msg_id)
+        st.count -= 1
+        st.bytes -= row[0][0]
+        if conn.execute(
+            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) VALUES (?, ?, ?, 0) ON CONFLICT DO NOTHING",
+            (mailbox, msg_id, tombstone_expires),
+        ).rowcount:
+            st.bytes += TOMBSTONE_BYTES
+        else:
+            conn.execute(
+                "UPDATE tombstones SET expires = MAX(expires, ?) WHERE mailbox = ? AND msg_id = ?",
+                (tombstone_expires, mailbox, msg_id),
+            )
+    skipped = 0
+    for msg_id in unheld:
+        if conn.execute(
+            "UPDATE tombstones SET expires = MAX(expires, ?) WHERE mailbox = ? AND msg_id = ?",
+            (tombstone_expires, mailbox, msg_id),
+        ).rowcount:
+            continue
+        if st.junk + TOMBSTONE_BYTES > budget or st.bytes + TOMBSTONE_BYTES > caps.max_stored_bytes:
+            skipped += 1
+            continue
         conn.execute(
-            "INSERT INTO tombstones (mailbox, msg_id, expires) VALUES (?, ?, ?) "
-            "ON CONFLICT (mailbox, msg_id) DO UPDATE SET expires = MAX(expires, excluded.expires)",
+            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) VALUES (?, ?, ?, 1)",
             (mailbox, msg_id, tombstone_expires),
         )
+        st.bytes += TOMBSTONE_BYTES
+        st.junk += TOMBSTONE_BYTES
     if ids:
         conn.executemany("DELETE FROM refused WHERE msg_id = ? AND mailbox = ?", ((m, mailbox) for m in ids))
     if conn.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (mailbox, nonce)).fetchone():
-        return AckResult(deleted=tuple(deleted), new=False)
+        return AckResult(deleted=tuple(deleted), new=False, skipped=skipped)
+    junk = 0 if deleted else 1
+    if st.bytes + size > caps.max_stored_bytes or (junk and st.junk + size > budget):
+        return AckResult(deleted=tuple(deleted), new=True, stored=False, skipped=skipped)
     st.seq += 1
     conn.execute(
-        "INSERT INTO acks (seq, mailbox, nonce, expires, body) VALUES (?, ?, ?, ?, ?)",
-        (st.seq, mailbox, nonce, tombstone_expires, body),
+        "INSERT INTO acks (seq, mailbox, nonce, expires, body, size, junk) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (st.seq, mailbox, nonce, tombstone_expires, body, size, junk),
     )
-    return AckResult(deleted=tuple(deleted), new=True, seq=st.seq)
+    st.bytes += size
+    st.junk += size * junk
+    return AckResult(deleted=tuple(deleted), new=True, seq=st.seq, skipped=skipped)
 
 
 def _op_nonce(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> bool:
@@ -350,9 +396,23 @@ def _op_sweep(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any,
     st.count -= len(rows)
     st.bytes -= sum(r[0] for r in rows)
     out = {"envelopes": len(rows), "more": int(len(rows) == SWEEP_CHUNK)}
+    # tombstones and acks are accounted too
+    tombs = conn.execute(
+        "DELETE FROM tombstones WHERE (mailbox, msg_id) IN "
+        "(SELECT mailbox, msg_id FROM tombstones WHERE expires <= ? LIMIT ?) RETURNING junk",
+        (now, SWEEP_CHUNK),
+    ).fetchall()
+    st.bytes -= TOMBSTONE_BYTES * len(tombs)
+    st.junk -= TOMBSTONE_BYTES * sum(r[0] for r in tombs)
+    acks = conn.execute(
+        "DELETE FROM acks WHERE seq IN (SELECT seq FROM acks WHERE expires <= ? LIMIT ?) RETURNING size, junk",
+        (now, SWEEP_CHUNK),
+    ).fetchall()
+    st.bytes -= sum(r[0] for r in acks)
+    st.junk -= sum(r[0] * r[1] for r in acks)
+    out["tombstones"], out["acks"] = len(tombs), len(acks)
+    out["more"] |= int(SWEEP_CHUNK in (len(tombs), len(acks)))
     for table, key in (
-        ("tombstones", "mailbox, msg_id"),
-        ("acks", "seq"),
         ("nonces", "scope, nonce"),
         ("refused", "msg_id, peer"),
     ):
@@ -429,6 +489,7 @@ class WriterCore:
         self.seq = int(_meta_get(conn, "last_seq") or 0)
         self.count = int(_meta_get(conn, "stored_count") or 0)
         self.bytes = int(_meta_get(conn, "stored_bytes") or 0)
+        self.junk = int(_meta_get(conn, "junk_bytes") or 0)
 
     @property
     def state(self) -> tuple[int, int, int]:
@@ -464,7 +525,7 @@ class WriterCore:
     def run_batch(self, ops: list[WriteOp]) -> BatchOutcome:
         """Run ``ops`` in one transaction, each isolated from the others' failures."""
         conn = self.conn
-        st = _Batch(self.seq, self.count, self.bytes)
+        st = _Batch(self.seq, self.count, self.bytes, self.junk)
         results: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -474,7 +535,7 @@ class WriterCore:
                 guarded = callable(op) or not OPS[op[0]][1]
                 if guarded:
                     conn.execute("SAVEPOINT op")
-                saved = (st.seq, st.count, st.bytes)
+                saved = (st.seq, st.count, st.bytes, st.junk)
                 try:
                     if callable(op):
                         value = op(conn, st)
@@ -488,21 +549,26 @@ class WriterCore:
                         raise
                     if guarded:
                         conn.execute("ROLLBACK TO op")
-                    st.seq, st.count, st.bytes = saved
+                    st.seq, st.count, st.bytes, st.junk = saved
                     results.append((False, e))
                 if guarded:
                     conn.execute("RELEASE op")
-            if (st.seq, st.count, st.bytes) != self.state:
+            if (st.seq, st.count, st.bytes, st.junk) != (*self.state, self.junk):
                 conn.executemany(
                     "UPDATE meta SET value = ? WHERE key = ?",
-                    ((str(st.seq), "last_seq"), (str(st.count), "stored_count"), (str(st.bytes), "stored_bytes")),
+                    (
+                        (str(st.seq), "last_seq"),
+                        (str(st.count), "stored_count"),
+                        (str(st.bytes), "stored_bytes"),
+                        (str(st.junk), "junk_bytes"),
+                    ),
                 )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self.seq, self.count, self.bytes = st.seq, st.count, st.bytes
+        self.seq, self.count, self.bytes, self.junk = st.seq, st.count, st.bytes, st.junk
         return results, self.state
 
 
@@ -629,6 +695,7 @@ class SQLiteStore:
         return d.addCallback(shut).addBoth(finished)
 
     def stats(self) -> StoreStats:
+        """Stored envelopes, and the bytes accounted for envelopes, signed acks and tombstones."""
         return StoreStats(envelopes=self._count, bytes=self._bytes)
 
     # ------------------------------------------------------------------ plumbing
@@ -881,7 +948,7 @@ class SQLiteStore:
                     cut = True
             for mb, n in ack_keys:
                 row = conn.execute(
-                    "SELECT length(CAST(body AS BLOB)), body FROM acks WHERE mailbox = ? AND nonce = ? AND expires > ?",
+                    "SELECT size, body FROM acks WHERE mailbox = ? AND nonce = ? AND expires > ?",
                     (mb, n, now),
                 ).fetchone()
                 if row is None:
