@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import policy as P
-from tests.helpers import Identity, MemNode
+from tests.helpers import Identity, MemNode, make_config
+from tests.pgtest import create_schema, requires_pg
 
 SEND = "/api/mesh/dm/send"
 POLICY = "/api/mesh/dm/policy"
@@ -218,3 +220,40 @@ class ReplicaTests(FirstContactCase):
         (result,) = self.successResultOf(self.n.relay.accept_replicas([forged]))
         self.assertEqual(result.get("error"), "bad_signature")
         self.assertEqual(self.polled(), [env])
+
+
+@requires_pg
+class PostgresFirstContactTests(SynchronousTestCase):
+    """The node-level first-contact rules on the PostgreSQL store (the relay verifies; no writer checks)."""
+
+    def setUp(self) -> None:
+        dsn = create_schema(self.addCleanup)
+        d = self.mktemp()
+        cfg = make_config(d, per_mailbox_pending=3, per_sender_pending=8)
+        cfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, backend="postgresql", dsn=dsn))
+        self.n = MemNode(d, config=cfg)
+        self.addCleanup(self.n.stop)
+        self.owner, self.friend = Identity(), Identity()
+
+    def test_buckets_permits_and_stamps(self) -> None:
+        """stamps policy: stamp refusals, stranger_full at the stranger cap, contacts still in, bad permits refused."""
+        now = int(self.n.clock.seconds())
+        pol = P.make_policy(self.owner.key, version=1, mode="stamps", difficulty=BITS, stranger_cap=2, ts=now)
+        self.assertEqual(self.n.request("POST", POLICY, pol)[0], 200)
+
+        def send(sender: Identity, text: bytes, **extra: Any) -> str:
+            env = {**sender.envelope(self.owner, text, ts=now), **extra}
+            if extra.get("stamp") is True:
+                env["stamp"] = P.solve_stamp(env["msg_id"], BITS)
+            status, body = self.n.send(env)
+            return "ok" if status == 200 else str(body["error"])
+
+        self.assertEqual(send(Identity(), b"a"), "stamp_required")
+        self.assertEqual([send(Identity(), b"s%d" % i, stamp=True) for i in range(3)], ["ok", "ok", "stranger_full"])
+        permit = P.make_permit(self.owner.key, self.friend.pub, now + 60, 0)
+        self.assertEqual(
+            [send(self.friend, b"c%d" % i, permit=permit) for i in range(4)], ["ok"] * 3 + ["mailbox_full"]
+        )
+        forged = P.make_permit(Identity().key, self.friend.pub, now + 60, 0)
+        forged["mailbox"] = self.owner.pub
+        self.assertEqual(send(self.friend, b"f", permit=forged), "bad_permit")
