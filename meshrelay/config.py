@@ -93,6 +93,8 @@ class LimitsConfig:
     per_sender_pending: int = field(default=8, metadata=_range(1))
     per_mailbox_pending: int = field(default=256, metadata=_range(1))
     max_stored_bytes: int = field(default=1073741824, metadata=_range(1))
+    #: protocol v3: mailboxes with a stored policy; a policy for one more is refused storage_full
+    max_policies: int = field(default=1000000, metadata=_range(1))
     max_waiting_polls: int = field(default=10000, metadata=_range(0))
     #: bound on poll/peer nonces remembered in memory (each cache); when full the
     #: oldest are forgotten (the store's durable claim still refuses their replays)

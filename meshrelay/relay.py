@@ -44,6 +44,7 @@ from meshrelay.store.base import (
     BAD_SIGNATURE,
     DUPLICATE,
     MAILBOX_FULL,
+    POLICY_FULL,
     POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
@@ -683,6 +684,8 @@ class Relay:
         status = await self._store_policy(policy, "client")
         if status == POLICY_STALE:
             raise StalePolicy("the node holds a newer policy for this mailbox")
+        if status == POLICY_FULL:
+            raise StorageFull("the node holds limits.max_policies mailbox policies")
         return {"ok": True, "version": policy.version, "duplicate": status != "accepted"}
 
     async def _store_policy(self, policy: P.Policy, origin: str) -> str:
@@ -726,6 +729,8 @@ class Relay:
                 status = await self._store_policy(policy, "peer")
                 if status == POLICY_STALE:
                     raise StalePolicy("a newer policy is held")
+                if status == POLICY_FULL:
+                    raise StorageFull("the node holds limits.max_policies mailbox policies")
             except MeshError as e:
                 out.append({"status": "rejected", "error": e.code})
                 continue

@@ -931,8 +931,11 @@ class FirstContactStoreBehaviour(StoreBehaviour):
         self.assertEqual(self.successResultOf(store.put_policy("m", 3, "a" * 64, "{3}")), "accepted")
         self.assertEqual(self.successResultOf(store.policies_since(0, 10)), [(2, "{n}"), (3, "{3}")])
         self.assertEqual(self.successResultOf(store.policies_since(2, 10)), [(3, "{3}")])
-        store = self.reopen(store)
+        store = self.reopen(store, Caps(max_policies=2))
         self.assertEqual(sorted(store.load_policies()), ["{3}", "{n}"])
+        # At max_policies a new mailbox is refused; a newer version for a counted one is taken.
+        self.assertEqual(self.successResultOf(store.put_policy("o", 1, "a" * 64, "{o}")), "storage_full")
+        self.assertEqual(self.successResultOf(store.put_policy("n", 2, "c" * 64, "{n2}")), "accepted")
 
 
 class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):

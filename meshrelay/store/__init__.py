@@ -20,6 +20,7 @@ def caps_from(config: Config) -> Caps:
         per_mailbox_pending=lim.per_mailbox_pending,
         max_stored_bytes=lim.max_stored_bytes,
         max_refused=config.sync.max_refused,
+        max_policies=lim.max_policies,
     )
 
 

@@ -36,6 +36,8 @@ BAD_PERMIT = "bad_permit"
 POLICY_ACCEPTED = "accepted"
 POLICY_DUPLICATE = "duplicate"
 POLICY_STALE = "stale"
+#: the store holds ``max_policies`` policies and this one is for a new mailbox
+POLICY_FULL = "storage_full"
 
 
 class StoreError(Exception):
@@ -90,6 +92,8 @@ class Caps:
     max_stored_bytes: int = 1 << 30
     #: remembered cap refusals of replicas (the ``refused`` table), in all
     max_refused: int = 100000
+    #: protocol v3: mailboxes with a stored policy (a policy for one more answers POLICY_FULL)
+    max_policies: int = 1000000
 
 
 @dataclass(frozen=True)

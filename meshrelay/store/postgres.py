@@ -87,6 +87,7 @@ from meshrelay.store.base import (
     DUPLICATE,
     POLICY_ACCEPTED,
     POLICY_DUPLICATE,
+    POLICY_FULL,
     POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
@@ -1315,6 +1316,11 @@ class PostgresStore:
                     return POLICY_DUPLICATE
                 if (int(row[0]), row[1]) > (version, policy_id):
                     return POLICY_STALE
+            else:
+                cur.execute("SELECT COUNT(*) FROM policies")
+                counted = cur.fetchone()
+                if counted is not None and int(counted[0]) >= self.caps.max_policies:
+                    return POLICY_FULL
             cur.execute(
                 "INSERT INTO policies (mailbox, version, policy_id, pseq, body) "
                 "VALUES (%(mb)s, %(v)s, %(id)s, (SELECT COALESCE(MAX(pseq), 0) + 1 FROM policies), %(b)s) "

@@ -44,6 +44,7 @@ from meshrelay.store.base import (
     DUPLICATE,
     POLICY_ACCEPTED,
     POLICY_DUPLICATE,
+    POLICY_FULL,
     POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
@@ -440,6 +441,8 @@ def _op_policy(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any
             return POLICY_DUPLICATE
         if (int(row[0]), row[1]) > (version, policy_id):
             return POLICY_STALE
+    elif conn.execute("SELECT COUNT(*) FROM policies").fetchone()[0] >= caps.max_policies:
+        return POLICY_FULL
     conn.execute(
         "INSERT INTO policies (mailbox, version, policy_id, pseq, body) "
         "VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(pseq), 0) + 1 FROM policies), ?4) "
