@@ -265,6 +265,9 @@ class PushQueue:
         self.queue_max = sync.push_queue_max
         self.queue_bytes_max = sync.push_queue_bytes
         self.inflight_max = sync.push_inflight_max
+        self.linger = sync.push_linger_ms / 1000.0
+        #: when the last request started (on the injected clock)
+        self.last_sent = float("-inf")
         self.max_body = config.limits.max_replicate_body_bytes
         self.queues: dict[str, deque[str]] = {ENVELOPE: deque(), ACK: deque()}
         self.queued_bytes = {ENVELOPE: 0, ACK: 0}
@@ -331,32 +334,48 @@ class PushQueue:
             self.queued_bytes[kind] = 0
 
     def _schedule_pump(self) -> None:
-        if self._pump_call is not None or self._stopped or not self.depth:
+        if self._stopped or not self.depth:
             return
-        pause = self.paused_until - self.clock.seconds()
+        now = self.clock.seconds()
+        if self._pump_call is not None:
+            # A lingering pump goes at once when a full batch is ready.
+            if self._pump_call.getTime() > now and self._may_send():
+                self._pump_call.reset(0)
+            return
+        pause = self.paused_until - now
         if pause > 0:
             self._pump_call = self.clock.callLater(pause, self._pump)
         elif self._may_send():
             self._pump_call = self.clock.callLater(0, self._pump)
+        elif self.inflight == 0:
+            # Lingering: the last request started less than push_linger ago.
+            self._pump_call = self.clock.callLater(max(0.0, self.last_sent + self.linger - now), self._pump)
 
-    def _may_send(self) -> bool:
-        """Whether to start a request now.
-
-        With nothing in flight, always.  While requests are in flight, a new one
-        starts only for a full batch: small items wait for the answer and
-        coalesce into the next batch (fewer, bigger requests under load), and
-        a backlog still gets up to ``push_inflight_max`` requests at once.
-        """
-        if self._stopped or not self.depth or self.inflight >= self.inflight_max:
-            return False
-        if self.clock.seconds() < self.paused_until:
-            return False
-        if self.inflight == 0:
-            return True
+    def _full_batch(self) -> bool:
         for kind, q in self.queues.items():
             if len(q) >= MAX_BATCH or self.queued_bytes[kind] + len(q) + 16 >= self.max_body:
                 return True
         return False
+
+    def _may_send(self) -> bool:
+        """Whether to start a request now.
+
+        A full batch goes at once (up to ``push_inflight_max`` requests in
+        flight, so a backlog drains in parallel).  A smaller one goes only when
+        nothing is in flight and the last request started at least
+        ``push_linger_ms`` ago: an idle peer gets a deposit at once, while under
+        load the items of several commits coalesce into one request (fewer,
+        bigger requests: the per-request cost of HTTP and HMAC dominated
+        pushing when every group commit became its own request).
+        """
+        if self._stopped or not self.depth or self.inflight >= self.inflight_max:
+            return False
+        now = self.clock.seconds()
+        if now < self.paused_until:
+            return False
+        if self._full_batch():
+            return True
+        return self.inflight == 0 and now >= self.last_sent + self.linger
 
     def _pump(self) -> None:
         self._pump_call = None
@@ -389,6 +408,7 @@ class PushQueue:
 
     def _send(self, kind: str, items: list[str], body: bytes) -> None:
         self.inflight += 1
+        self.last_sent = self.clock.seconds()
         path = REPLICATE_PATH if kind == ENVELOPE else ACK_PATH
         d = self.transport.request("POST", path, body=body)
         d.addCallback(self._answered, kind, len(items))
