@@ -262,7 +262,7 @@ def meshrelay_node(
             **(node or {}),
         },
         # The load generator is one client address: no per-IP limit (a bench may set one).
-        "limits": {"client_rate": 0, **(limits or {})},
+        "limits": {"client_rate": 0, "deposit_bytes_rate": 0, **(limits or {})},
     }
     config_path = os.path.join(workdir, f"{name}.toml")
     with open(config_path, "w") as fh:

@@ -4,7 +4,7 @@ Run from the repository root (the nodes run this checkout's code)::
 
     python bench/mesh_bench.py throughput [--rounds 3] [--count 3000] [--concurrency 32]
     python bench/mesh_bench.py cpu        [--rounds 3] [--count 3000] [--concurrency 32] [--interval 30]
-    python bench/mesh_bench.py latency    [--count 2000] [--rate R] [--background 4]
+    python bench/mesh_bench.py latency    [--count 2000] [--rate R] [--background 4 | --wrk 4]
     python bench/mesh_bench.py catchup    [--backlog 100000]
     python bench/mesh_bench.py ackprop    [--count 300] [--concurrency 4]
 
@@ -30,7 +30,10 @@ client's signing cost is not measured.
   and B's work for the long-polls competes with A for the same cores, so the
   rate of bare deposits at A would not be sustainable here.  With
   ``--background N``, N more clients deposit at A closed-loop meanwhile (the
-  issue's ``wrk -c4`` load), and the rate is not halved but given or 50/s.
+  issue's ``wrk -c4`` load, from this client's own reactor), and the rate is not
+  halved but given or 50/s.  ``--wrk N`` runs the real ``wrk -t1 -cN`` at A instead
+  (bench/deposit.lua, pre-signed envelopes), so the load does not share the
+  measuring client's reactor.
 - ``catchup``: A holds a backlog of ``--backlog`` envelopes; a fresh node B
   peered with A starts and pulls it by sync; rate = backlog / (time B holds all
   of it - B's launch).
@@ -45,6 +48,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import treq
 from common import percentile
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from meshrelay import envelope as E
@@ -264,6 +268,8 @@ def node_cpu(node: NodeProcess) -> tuple[float, float]:
 
 async def cpu(reactor: Any, args: argparse.Namespace) -> None:
     config = {"limits": BENCH_LIMITS, "sync": {"interval": args.interval}}
+    if args.linger is not None:
+        config["sync"]["push_linger_ms"] = args.linger
     cluster = Cluster(["solo", "a", "b", "c"], [("a", "b"), ("a", "c"), ("b", "c")], config)
     client, pool = make_client(reactor, args.concurrency)
 
@@ -335,7 +341,10 @@ def latency_plan(count: int) -> list[tuple[bytes, bytes]]:
 
 
 async def latency(reactor: Any, args: argparse.Namespace) -> None:
-    cluster = Cluster(["a", "b", "c"], [("a", "b"), ("a", "c"), ("b", "c")], {"limits": BENCH_LIMITS})
+    config: dict[str, Any] = {"limits": BENCH_LIMITS}
+    if args.linger is not None:
+        config["sync"] = {"push_linger_ms": args.linger}
+    cluster = Cluster(["a", "b", "c"], [("a", "b"), ("a", "c"), ("b", "c")], config)
     client, pool = make_client(reactor, 1000)
     lat: list[float] = []
     local: list[float] = []
@@ -370,12 +379,25 @@ async def latency(reactor: Any, args: argparse.Namespace) -> None:
             except Exception:
                 pass
 
+    wrk: subprocess.Popen[bytes] | None = None
     try:
         cluster.start()
-        rate = args.rate or (50.0 if args.background else 0.0)
+        rate = args.rate or (50.0 if args.background or args.wrk else 0.0)
         loaders = [defer.Deferred.fromCoroutine(background()) for _ in range(args.background)]
         if args.background:
             print(f"latency: {args.background} clients deposit at A closed-loop meanwhile")
+        if args.wrk:
+            # wrk -c N at A for the whole measurement (bench/deposit.lua: each envelope once).
+            seconds = int(args.count / rate) + 4
+            path = os.path.join(cluster.base, "wrk-envelopes.txt")
+            with open(path, "wb") as fh:
+                for body in make_envelopes(seconds * args.wrk_rate):
+                    fh.write(body + b"\n")
+            lua = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deposit.lua")
+            cmd = ["wrk", "-t1", f"-c{args.wrk}", f"-d{seconds}s", "-s", lua, cluster["a"].url, "--", path, "1"]
+            wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            print(f"latency: wrk -t1 -c{args.wrk} deposits at A meanwhile ({seconds} s)")
+            await task.deferLater(reactor, 1.0, lambda: None)
         if not rate:
             # The sustainable rate of this workload: deposits at A *with* their
             # long-polls at B, closed-loop (all nodes and this client share the machine).
@@ -410,11 +432,19 @@ async def latency(reactor: Any, args: argparse.Namespace) -> None:
         await defer.gatherResults(running)
         background_done = True
         await defer.gatherResults(loaders)
+        if wrk is not None:
+            out = await threads.deferToThread(wrk.communicate)
+            wrk = None
+            line = next((x for x in out[0].decode().splitlines() if x.startswith("WRKJSON")), "")
+            print(f"  wrk at A: {line[8:] if line else 'no summary'}")
         print(
             f"  {len(lat)} envelopes: deposit at A -> available at B: p50 {ms(percentile(lat, 50))}, p99 {ms(percentile(lat, 99))}"
             f" (A's own answer p50 {ms(percentile(local, 50))}); {errors} errors"
         )
     finally:
+        if wrk is not None:
+            wrk.kill()
+            wrk.wait()
         await pool.closeCachedConnections()
         cluster.stop()
 
@@ -525,10 +555,14 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--interval", type=int, default=30)
     p.add_argument("--rate", type=float, default=0.0, help="deposits/s offered in both cases (default: closed loop)")
+    p.add_argument("--linger", type=int, default=None, help="sync.push_linger_ms of the nodes (default: the node's)")
     p = sub.add_parser("latency")
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--rate", type=float, default=0.0)
     p.add_argument("--background", type=int, default=0)
+    p.add_argument("--linger", type=int, default=None, help="sync.push_linger_ms of the nodes (default: the node's)")
+    p.add_argument("--wrk", type=int, default=0, help="wrk connections depositing at A meanwhile (the issue's wrk -c4)")
+    p.add_argument("--wrk-rate", type=int, default=3000, help="envelopes signed per second of wrk load (upper bound)")
     p = sub.add_parser("catchup")
     p.add_argument("--backlog", type=int, default=100000)
     p = sub.add_parser("ackprop")

@@ -146,6 +146,8 @@ class SyncConfig:
     push_queue_bytes: int = field(default=16 * 1024 * 1024, metadata=_range(65536, 1 << 30))
     #: concurrent push requests per peer
     push_inflight_max: int = field(default=4, metadata=_range(1, 256))
+    #: milliseconds between the starts of two push requests to a peer that are not full batches
+    push_linger_ms: int = field(default=0, metadata=_range(0, 1000))
     #: items per changes page requested by the puller (protocol max 500)
     page_limit: int = field(default=500, metadata=_range(1, 500))
     #: seconds a poll with fetch_remote waits for peers

@@ -153,19 +153,29 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _CONTAINERS = (RawJSON, dict, list, tuple)
 
 
+def _flat(value: Any) -> bool:
+    """A dict whose values hold no container (so no RawJSON): the C encoder takes it whole."""
+    return type(value) is dict and not any(isinstance(v, _CONTAINERS) for v in value.values())
+
+
 def _encode(value: Any) -> str:
     if isinstance(value, RawJSON):
         return value
     if isinstance(value, dict):
+        if _flat(value):
+            return _ENCODER.encode(value)
         return "{" + ",".join(_ENCODER.encode(str(k)) + ":" + _encode(v) for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
+        if all(not isinstance(v, _CONTAINERS) or _flat(v) for v in value):
+            # Lists of scalars or flat objects (ids pages, push results): one C call.
+            return _ENCODER.encode(value)
         return "[" + ",".join(_encode(v) for v in value) + "]"
     return _ENCODER.encode(value)
 
 
 def dumps_json(value: Any) -> bytes:
     """Serialise ``value`` compactly as UTF-8 JSON, splicing in :class:`RawJSON` texts."""
-    if type(value) is dict and not any(isinstance(v, _CONTAINERS) for v in value.values()):
+    if _flat(value):
         # The common flat answer: the C encoder in one call.
         return _ENCODER.encode(value).encode("utf-8")
     return _encode(value).encode("utf-8")

@@ -40,7 +40,6 @@ from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import treq
-from treq.client import HTTPClient as TreqHTTPClient
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -48,10 +47,14 @@ from twisted.internet.defer import (
     FirstError,
     TimeoutError,
     gatherResults,
+    succeed,
 )
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from meshrelay.config import Config, PeerConfig
 from meshrelay.deferutil import shield
@@ -91,7 +94,16 @@ from meshrelay.protocol import (
 from meshrelay.relay import Relay
 from meshrelay.store.base import STORAGE_FULL, Cursor, Refused, Store, StoreError
 
-__all__ = ["PeerError", "Page", "parse_page", "Replication", "PeerClient", "PooledHTTPClients", "MAX_FETCH_PAGES"]
+__all__ = [
+    "PeerError",
+    "Page",
+    "parse_page",
+    "Replication",
+    "PeerClient",
+    "PooledHTTPClients",
+    "LeanHTTPClient",
+    "MAX_FETCH_PAGES",
+]
 
 ENVELOPE = "envelope"
 ACK = "ack"
@@ -254,6 +266,9 @@ class PushQueue:
         self.queue_max = sync.push_queue_max
         self.queue_bytes_max = sync.push_queue_bytes
         self.inflight_max = sync.push_inflight_max
+        self.linger = sync.push_linger_ms / 1000.0
+        #: when the last request started (on the injected clock)
+        self.last_sent = float("-inf")
         self.max_body = config.limits.max_replicate_body_bytes
         self.queues: dict[str, deque[str]] = {ENVELOPE: deque(), ACK: deque()}
         self.queued_bytes = {ENVELOPE: 0, ACK: 0}
@@ -320,32 +335,48 @@ class PushQueue:
             self.queued_bytes[kind] = 0
 
     def _schedule_pump(self) -> None:
-        if self._pump_call is not None or self._stopped or not self.depth:
+        if self._stopped or not self.depth:
             return
-        pause = self.paused_until - self.clock.seconds()
+        now = self.clock.seconds()
+        if self._pump_call is not None:
+            # A lingering pump goes at once when a full batch is ready.
+            if self._pump_call.getTime() > now and self._may_send():
+                self._pump_call.reset(0)
+            return
+        pause = self.paused_until - now
         if pause > 0:
             self._pump_call = self.clock.callLater(pause, self._pump)
         elif self._may_send():
             self._pump_call = self.clock.callLater(0, self._pump)
+        elif self.inflight == 0:
+            # Lingering: the last request started less than push_linger ago.
+            self._pump_call = self.clock.callLater(max(0.0, self.last_sent + self.linger - now), self._pump)
 
-    def _may_send(self) -> bool:
-        """Whether to start a request now.
-
-        With nothing in flight, always.  While requests are in flight, a new one
-        starts only for a full batch: small items wait for the answer and
-        coalesce into the next batch (fewer, bigger requests under load), and
-        a backlog still gets up to ``push_inflight_max`` requests at once.
-        """
-        if self._stopped or not self.depth or self.inflight >= self.inflight_max:
-            return False
-        if self.clock.seconds() < self.paused_until:
-            return False
-        if self.inflight == 0:
-            return True
+    def _full_batch(self) -> bool:
         for kind, q in self.queues.items():
             if len(q) >= MAX_BATCH or self.queued_bytes[kind] + len(q) + 16 >= self.max_body:
                 return True
         return False
+
+    def _may_send(self) -> bool:
+        """Whether to start a request now.
+
+        A full batch goes at once (up to ``push_inflight_max`` requests in
+        flight, so a backlog drains in parallel).  A smaller one goes only when
+        nothing is in flight and the last request started at least
+        ``push_linger_ms`` ago: an idle peer gets a deposit at once, while under
+        load the items of several commits coalesce into one request (fewer,
+        bigger requests: the per-request cost of HTTP and HMAC dominated
+        pushing when every group commit became its own request).
+        """
+        if self._stopped or not self.depth or self.inflight >= self.inflight_max:
+            return False
+        now = self.clock.seconds()
+        if now < self.paused_until:
+            return False
+        if self._full_batch():
+            return True
+        return self.inflight == 0 and now >= self.last_sent + self.linger
 
     def _pump(self) -> None:
         self._pump_call = None
@@ -378,6 +409,7 @@ class PushQueue:
 
     def _send(self, kind: str, items: list[str], body: bytes) -> None:
         self.inflight += 1
+        self.last_sent = self.clock.seconds()
         path = REPLICATE_PATH if kind == ENVELOPE else ACK_PATH
         d = self.transport.request("POST", path, body=body)
         d.addCallback(self._answered, kind, len(items))
@@ -1143,6 +1175,48 @@ class Replication:
         return [p.status() for p in self.peers]
 
 
+@implementer(IBodyProducer)
+class _BytesBody:
+    """A request body already in memory, written in one go (no cooperator turn)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class LeanHTTPClient:
+    """The ``request(method, url, data=, headers=)`` that :class:`Transport` uses, straight on an Agent.
+
+    ``treq.HTTPClient`` puts a cookie, redirect and content-decoding agent and a
+    response buffer in front of every request; peers need none of them (the
+    transport reads the body itself with ``treq.collect``), and a push is one
+    request per batch per peer, so that work showed in the origin's profile.
+    """
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    def request(
+        self, method: str, url: str, data: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Deferred[Any]:
+        raw = Headers({k.encode("latin-1"): [v.encode("latin-1")] for k, v in (headers or {}).items()})
+        body = _BytesBody(data) if data else None
+        return cast(Deferred[Any], self.agent.request(method.encode("ascii"), url.encode("ascii"), raw, body))
+
+
 class PooledHTTPClients:
     """The production client factory: one ``treq.HTTPClient`` on a persistent pool."""
 
@@ -1160,7 +1234,7 @@ class PooledHTTPClients:
         self.pool.maxPersistentPerHost = config.sync.push_inflight_max + BODIES_INFLIGHT + 4
         self.pool.cachedConnectionTimeout = 120
         agent = Agent(reactor, connectTimeout=config.sync.push_timeout, pool=self.pool)
-        self.client = TreqHTTPClient(agent)  # type: ignore[arg-type]
+        self.client = LeanHTTPClient(agent)
 
     def __call__(self, peer: PeerConfig) -> HTTPClient:
         return cast(HTTPClient, self.client)

@@ -302,7 +302,9 @@ class Mesh:
         for a, b in pairs:
             self.neighbours[a].append(b)
             self.neighbours[b].append(a)
-        self.sync = {"interval": 30, "push_timeout": 10, **(sync or {})}
+        # No push linger by default: settle() runs due calls without moving the
+        # clock; tests of the linger itself set push_linger_ms.
+        self.sync = {"interval": 30, "push_timeout": 10, "push_linger_ms": 0, **(sync or {})}
         self.limits = limits or {}
         self.overrides = overrides or {}
         self.links: dict[tuple[str, str], Link] = {}

@@ -274,6 +274,49 @@ class PushTests(MeshTestCase):
         self.assertEqual(self.live("b"), [])
 
 
+class PushLingerTests(MeshTestCase):
+    sync = {"interval": 600, "push_linger_ms": 50}
+
+    def pushes(self, dst: str = "b") -> list[Any]:
+        return [r for r in self.mesh.link("a", dst).requests if r[1].endswith(REPLICATE)]
+
+    def test_idle_peer_gets_a_deposit_at_once(self) -> None:
+        """With nothing pushed lately, a deposit is pushed without waiting for the linger."""
+        env = self.send("a")
+        self.mesh.settle()
+        self.assertEqual(self.live("b"), [env["msg_id"]])
+        self.assertEqual(len(self.pushes()), 1)
+
+    def test_deposits_within_the_linger_coalesce_into_one_request(self) -> None:
+        """Deposits committed within push_linger_ms of the last push wait for it and go out together."""
+        first = self.send("a")
+        self.mesh.settle()
+        later = []
+        for i in range(3):
+            later.append(self.send("a", b"m%d" % i, sender=Identity()))
+            self.mesh.settle()
+        self.assertEqual(len(self.pushes()), 1)
+        self.assertEqual(self.live("b"), [first["msg_id"]])
+        self.mesh.advance(0.05, step=0.05)
+        self.assertEqual(len(self.pushes()), 2)
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in [first, *later]))
+
+    def test_full_batch_does_not_linger(self) -> None:
+        """A full batch (here: the body cap) is pushed at once even within the linger."""
+        client = self.peer_client("a", "b")
+        client.push.max_body = 2048  # about two envelopes per batch
+        self.send("a")
+        self.mesh.settle()
+        envs = [self.send("a", b"x" * 300 + b"%d" % i, sender=Identity()) for i in range(4)]
+        self.mesh.settle()
+        # The first full batch went at once; the rest, not a full batch, lingers.
+        self.assertEqual(len(self.pushes()), 2)
+        self.assertTrue({e["msg_id"] for e in envs[:2]} <= set(self.live("b")))
+        self.assertLess(len(self.live("b")), 5)
+        self.mesh.advance(0.05, step=0.05)
+        self.assertEqual(len(self.live("b")), 5)
+
+
 class QueueFullTests(MeshTestCase):
     names = ("a", "b")
     sync = {"interval": 60, "push_queue_max": 3, "push_inflight_max": 1, "push_timeout": 120}

@@ -21,6 +21,7 @@ is loaded into memory.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
@@ -92,6 +93,34 @@ SELECT
 _HELD_ENVELOPE = """
 SELECT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = :id)
     OR EXISTS (SELECT 1 FROM tombstones WHERE mailbox = :mb AND msg_id = :id AND expires > :now)
+"""
+
+
+#: missing(): the (mailbox, msg_id) pairs of a JSON array (by index) this node lacks, in input order
+_LACKING_ENVELOPES = """
+SELECT CAST(j.key AS INTEGER) FROM json_each(:items) AS j
+WHERE NOT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = json_extract(j.value, '$[1]'))
+  AND NOT EXISTS (SELECT 1 FROM tombstones WHERE mailbox = json_extract(j.value, '$[0]')
+                  AND msg_id = json_extract(j.value, '$[1]') AND expires > :now)
+ORDER BY j.key
+"""
+_LACKING_ACKS = """
+SELECT CAST(j.key AS INTEGER) FROM json_each(:items) AS j
+WHERE NOT EXISTS (SELECT 1 FROM acks WHERE mailbox = json_extract(j.value, '$[0]')
+                  AND nonce = json_extract(j.value, '$[1]'))
+ORDER BY j.key
+"""
+#: bodies(): per requested id (by index, in request order) its size and body, or NULLs when not held
+_BODIES_ENVELOPES = """
+SELECT CAST(j.key AS INTEGER), e.size, e.body FROM json_each(:items) AS j
+LEFT JOIN envelopes AS e ON e.msg_id = j.value AND e.expires > :now
+ORDER BY j.key
+"""
+_BODIES_ACKS = """
+SELECT CAST(j.key AS INTEGER), a.size, a.body FROM json_each(:items) AS j
+LEFT JOIN acks AS a ON a.mailbox = json_extract(j.value, '$[0]') AND a.nonce = json_extract(j.value, '$[1]')
+    AND a.expires > :now
+ORDER BY j.key
 """
 
 
@@ -912,16 +941,16 @@ class SQLiteStore:
         ack_list = [(str(mb), str(n)) for mb, n in acks]
 
         def q(conn: sqlite3.Connection) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-            lack_env = [
-                (mb, m)
-                for mb, m in env_list
-                if not conn.execute(_HELD_ENVELOPE, {"id": m, "mb": mb, "now": now}).fetchone()[0]
-            ]
-            lack_ack = [
-                (mb, n)
-                for mb, n in ack_list
-                if conn.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (mb, n)).fetchone() is None
-            ]
+            # One statement per kind for the whole page (json_each): the
+            # per-id checks run in SQLite, not as one Python execute each.
+            lack_env: list[tuple[str, str]] = []
+            lack_ack: list[tuple[str, str]] = []
+            if env_list:
+                rows = conn.execute(_LACKING_ENVELOPES, {"items": json.dumps(env_list), "now": now})
+                lack_env = [env_list[i] for (i,) in rows]
+            if ack_list:
+                rows = conn.execute(_LACKING_ACKS, {"items": json.dumps(ack_list)})
+                lack_ack = [ack_list[i] for (i,) in rows]
             return lack_env, lack_ack
 
         return self._read(q)
@@ -937,28 +966,27 @@ class SQLiteStore:
             total = 0
             taken = 0
             cut = False
-            for m in ids:
-                row = conn.execute(
-                    "SELECT size, body FROM envelopes WHERE msg_id = ? AND expires > ?", (m, now)
-                ).fetchone()
-                if row is None:
-                    out.gone_envelopes.append(m)
-                elif not cut and (not taken or total + row[0] <= max_bytes):
-                    out.envelopes.append(row[1])
-                    total += row[0]
+            # One statement per kind (json_each keeps the request order); a
+            # row without a body is not held (gone).
+            env_rows = conn.execute(_BODIES_ENVELOPES, {"items": json.dumps(ids), "now": now}).fetchall() if ids else []
+            ack_rows = (
+                conn.execute(_BODIES_ACKS, {"items": json.dumps(ack_keys), "now": now}).fetchall() if ack_keys else []
+            )
+            for i, size, body in env_rows:
+                if body is None:
+                    out.gone_envelopes.append(ids[i])
+                elif not cut and (not taken or total + size <= max_bytes):
+                    out.envelopes.append(body)
+                    total += size
                     taken += 1
                 else:
                     cut = True
-            for mb, n in ack_keys:
-                row = conn.execute(
-                    "SELECT size, body FROM acks WHERE mailbox = ? AND nonce = ? AND expires > ?",
-                    (mb, n, now),
-                ).fetchone()
-                if row is None:
-                    out.gone_acks.append((mb, n))
-                elif not cut and (not taken or total + row[0] <= max_bytes):
-                    out.acks.append(row[1])
-                    total += row[0]
+            for i, size, body in ack_rows:
+                if body is None:
+                    out.gone_acks.append(ack_keys[i])
+                elif not cut and (not taken or total + size <= max_bytes):
+                    out.acks.append(body)
+                    total += size
                     taken += 1
                 else:
                     cut = True
