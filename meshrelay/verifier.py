@@ -1,7 +1,8 @@
 """Ed25519 verification, batched onto worker threads.
 
-``cryptography`` releases the GIL while it verifies, so verification on a
-worker thread runs beside the reactor on the second core.  Requests that
+libsodium (:func:`~meshrelay.envelope.verify_signature`) releases the GIL
+while it verifies, so verification on a worker thread runs beside the reactor
+on the second core.  Requests that
 arrive while ``threads`` batches are in flight wait and go together in the
 next batch, so the thread hand-off is paid once per batch, not per request.
 With no executor, verification runs inline (tests, ``verify_threads = 0``).
