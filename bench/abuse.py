@@ -731,6 +731,17 @@ class Abuse:
         self.measure_from = self.t0 + min(5.0, 0.1 * a.phase_seconds)
         sampler = task.LoopingCall(self.sample)
         sampler.start(5.0)
+        # the generator's own event-loop lag: how late a 0.1 s timer fires (its latencies include it)
+        self.loop_lag: list[float] = []
+        lag_due = [time.monotonic() + 0.1]
+
+        def tick() -> None:
+            now = time.monotonic()
+            self.loop_lag.append(max(0.0, now - lag_due[0]))
+            lag_due[0] = now + 0.1
+
+        lagger = task.LoopingCall(tick)
+        lagger.start(0.1, now=False)
         honest = [defer.Deferred.fromCoroutine(self.honest_recipient(j)) for j in range(a.recipients)]
         senders = [defer.Deferred.fromCoroutine(self.honest_sender(k)) for k in range(a.senders)]
         attacks = self.start_attacks() if self.attacks else []
@@ -765,6 +776,7 @@ class Abuse:
         self.stop_attacks = True
         self.stop_recipients = True
         sampler.stop()
+        lagger.stop()
         for c in list(self.idle_open):
             if c.transport is not None:
                 c.transport.loseConnection()
@@ -845,6 +857,10 @@ class Abuse:
             "nodes": nodes,
             "generator_cpu_seconds": round(gen_cpu, 1),
             "generator_cpu_percent": round(100 * gen_cpu / max(loaded, 1e-9), 1),
+            "generator_loop_lag_p50_ms": round(common.percentile(self.loop_lag, 50) * 1000, 1)
+            if self.loop_lag
+            else 0.0,
+            "generator_loop_lag_p99_ms": round(p99(self.loop_lag) * 1000, 1) if self.loop_lag else 0.0,
             "counts": dict(sorted(self.counts.items())),
             "samples": self.samples,
         }
@@ -911,6 +927,7 @@ def print_report(phases: list[dict[str, Any]]) -> bool:
         print(
             f"{ph['label']:15s} load generator CPU: {ph['generator_cpu_seconds']} s"
             f" ({ph['generator_cpu_percent']} % of one core over {ph['seconds']} s)"
+            f"; its event-loop lag p50 / p99 {ph.get('generator_loop_lag_p50_ms', 0)} / {ph.get('generator_loop_lag_p99_ms', 0)} ms"
         )
     attack = phases[-1]
     if attack["counts"]:
