@@ -91,6 +91,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from meshrelay import envelope as E
+from meshrelay.config import LimitsConfig
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
 from tests.harness import NodeProcess, free_port
 from tests.helpers import link_secret
@@ -112,6 +113,8 @@ CLIENT_RATE = 100
 #: a honest long-poll's wait (s); a request that has not finished after its wait + this is a failure
 HONEST_WAIT = 10
 GUARD = 30
+#: how often an honest sender retries a deposit answered 429 (after Retry-After, at least a back-off)
+HONEST_RETRIES = 3
 #: attack rates per node per second (times --scale), sizes per node
 ATTACK_RATES = {
     "acks": 2.0,
@@ -286,6 +289,8 @@ class Abuse:
         self.deposit_lat: list[float] = []
         self.delivery_lat: list[float] = []
         self.deposits = Counter[str]()
+        #: honest deposits retried after a 429, by the 429's outcome
+        self.retries = Counter[str]()
         self.polls = Counter[str]()
         self.expected: dict[str, float] = {}
         self.delivered: dict[str, float] = {}
@@ -309,6 +314,11 @@ class Abuse:
             "max_message_bytes": MAX_MESSAGE,
             "per_mailbox_pending": PER_MAILBOX,
         }
+        # tests/harness.py turns the per-address shares off for tests (one test process is all the
+        # load); an operator keeps the node's defaults, so the bench sets them back explicitly
+        defaults = LimitsConfig()
+        for key in ("deposit_bytes_rate", "deposit_bytes_burst", "max_waiting_polls_per_address"):
+            limits[key] = getattr(defaults, key)
         if a.xff != "skip":
             limits["trusted_proxies"] = "127.0.0.1"
         return {"node": {"sweep_interval": 10}, "limits": limits, "sync": {"interval": 5}}
@@ -352,6 +362,7 @@ class Abuse:
         method: str = "POST",
         headers: dict[str, list[str]] | None = None,
         timeout: float = GUARD,
+        retry_after: list[float] | None = None,
     ) -> tuple[int, bytes, float, str]:
         """One request from ``source``: status (0: no answer), body, seconds, outcome.
 
@@ -366,6 +377,9 @@ class Abuse:
             resp = await d
             raw = await treq.content(resp)
             status = int(resp.code)
+            if retry_after is not None:
+                value = resp.headers.getRawHeaders(b"retry-after") or [b""]
+                retry_after.append(float(value[0]) if value[0].isdigit() else 1.0)
         except Exception as e:
             self.count(kind, type(e).__name__)
             return 0, b"", time.monotonic() - t0, type(e).__name__
@@ -434,7 +448,16 @@ class Abuse:
         ct = self.rng.randbytes(self.rng.randint(200, 1000))
         env = E.make_envelope(key, self.recipient_pub[to], ct, int(time.time()), 3600)
         sent = time.monotonic()
-        status, _, dt, outcome = await self.call(source, "honest_deposit", node, SEND, self.dumps(env))
+        body = self.dumps(env)
+        # a real client honours a 429's Retry-After (and backs off): a few retries, within the phase
+        for attempt in range(HONEST_RETRIES + 1):
+            wait: list[float] = []
+            status, _, dt, outcome = await self.call(source, "honest_deposit", node, SEND, body, retry_after=wait)
+            if status != 429 or attempt == HONEST_RETRIES or self.stop_senders:
+                break
+            self.retries[outcome] += 1
+            await self.sleep(min(max(wait[-1] if wait else 1.0, 0.5 * 2**attempt), 10.0))
+        dt = time.monotonic() - sent
         if sent < self.measure_from:
             return  # warm-up: sent, not measured
         if status != 200:
@@ -708,6 +731,17 @@ class Abuse:
         self.measure_from = self.t0 + min(5.0, 0.1 * a.phase_seconds)
         sampler = task.LoopingCall(self.sample)
         sampler.start(5.0)
+        # the generator's own event-loop lag: how late a 0.1 s timer fires (its latencies include it)
+        self.loop_lag: list[float] = []
+        lag_due = [time.monotonic() + 0.1]
+
+        def tick() -> None:
+            now = time.monotonic()
+            self.loop_lag.append(max(0.0, now - lag_due[0]))
+            lag_due[0] = now + 0.1
+
+        lagger = task.LoopingCall(tick)
+        lagger.start(0.1, now=False)
         honest = [defer.Deferred.fromCoroutine(self.honest_recipient(j)) for j in range(a.recipients)]
         senders = [defer.Deferred.fromCoroutine(self.honest_sender(k)) for k in range(a.senders)]
         attacks = self.start_attacks() if self.attacks else []
@@ -742,6 +776,7 @@ class Abuse:
         self.stop_attacks = True
         self.stop_recipients = True
         sampler.stop()
+        lagger.stop()
         for c in list(self.idle_open):
             if c.transport is not None:
                 c.transport.loseConnection()
@@ -809,6 +844,7 @@ class Abuse:
                 "operations": ops,
                 "ok": ok,
                 "deposits": dict(self.deposits),
+                "deposit_retries": dict(self.retries),
                 "polls": dict(self.polls),
                 "accepted": accepted,
                 "delivered": delivered,
@@ -821,6 +857,10 @@ class Abuse:
             "nodes": nodes,
             "generator_cpu_seconds": round(gen_cpu, 1),
             "generator_cpu_percent": round(100 * gen_cpu / max(loaded, 1e-9), 1),
+            "generator_loop_lag_p50_ms": round(common.percentile(self.loop_lag, 50) * 1000, 1)
+            if self.loop_lag
+            else 0.0,
+            "generator_loop_lag_p99_ms": round(p99(self.loop_lag) * 1000, 1) if self.loop_lag else 0.0,
             "counts": dict(sorted(self.counts.items())),
             "samples": self.samples,
         }
@@ -868,6 +908,8 @@ def print_report(phases: list[dict[str, Any]]) -> bool:
         fails.update({f"poll {k}": v for k, v in h["polls"].items() if k != "ok"})
         if fails:
             print(f"{'':15s} failures: {fails}")
+        if h.get("deposit_retries"):
+            print(f"{'':15s} deposits retried after a 429 (Retry-After): {h['deposit_retries']}")
     print(
         "\nphase            node  data dir MiB (end / max / cap)  stored MiB  rows: envelopes/tombstones/acks/nonces"
         "  waiting  refused conns  log lines (refused)  CPU s  RSS MB"
@@ -885,6 +927,7 @@ def print_report(phases: list[dict[str, Any]]) -> bool:
         print(
             f"{ph['label']:15s} load generator CPU: {ph['generator_cpu_seconds']} s"
             f" ({ph['generator_cpu_percent']} % of one core over {ph['seconds']} s)"
+            f"; its event-loop lag p50 / p99 {ph.get('generator_loop_lag_p50_ms', 0)} / {ph.get('generator_loop_lag_p99_ms', 0)} ms"
         )
     attack = phases[-1]
     if attack["counts"]:

@@ -495,7 +495,7 @@ class Relay:
                 self._ack_committed(ack)
             return result
 
-        return self.store.apply_ack(ack, expires).addCallback(committed)
+        return self.store.apply_ack(ack, expires, from_peer=origin == "peer").addCallback(committed)
 
     def accept_acks(self, objs: list[Any]) -> Deferred[list[dict[str, Any]]]:
         """Signed acks from a peer (5.2): verified against the mailbox key, never pushed on."""

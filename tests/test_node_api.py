@@ -203,6 +203,29 @@ class StorageCapTests(NodeTestCase):
         self.assertEqual(self.n.send(self.env(self.carol, self.bob, b"y" * 1000))[0], 200)
 
 
+class JunkAckTests(NodeTestCase):
+    # a junk budget of 64 KiB / 8 = 8 KiB: about 27 tombstones of ids never held
+    limits = {"max_stored_bytes": 64 * 1024}
+
+    def test_junk_ack_flood_does_not_cost_a_peer_relayed_early_ack_its_tombstone(self) -> None:
+        """After client junk acks spend the junk budget, a peer's ack arriving before its replica still stops it."""
+        for n in range(4):
+            junk = [f"{n:08x}{i:056x}" for i in range(100)]
+            self.assertEqual(self.n.poll(Identity(), ack=junk)[0], 200)
+        # the client share is spent: a client's own early ack gets no tombstone any more
+        stray = self.env(self.alice, self.carol)
+        self.n.poll(self.carol, ack=[stray["msg_id"]])
+        self.assertEqual(self.successResultOf(self.n.relay.accept_replicas([stray]))[0]["status"], "accepted")
+        # bob acked this message at a peer; his ack reaches this node before the replica does
+        env = self.env(self.alice, self.bob)
+        early = self.bob.poll_body(ts=self.now(), ack=[env["msg_id"]])
+        self.assertEqual(self.successResultOf(self.n.relay.accept_acks([early])), [{"status": "applied"}])
+        results = self.successResultOf(self.n.relay.accept_replicas([env]))
+        self.assertEqual(results, [{"msg_id": env["msg_id"], "status": "duplicate"}])
+        self.assertEqual(self.polled_ids(self.bob), [])
+        self.assertLessEqual(self.n.store.stats().bytes, 64 * 1024)
+
+
 class PollTests(NodeTestCase):
     def test_arrival_order_limit_and_has_more(self) -> None:
         """Messages come oldest first, at most limit, with has_more when more are pending."""

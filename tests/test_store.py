@@ -824,6 +824,30 @@ class StoreBehaviour:
         self.assertEqual((result.deleted, result.skipped, result.stored), ((), 0, True))
         self.assertEqual(self.add(store, env), AddResult(DUPLICATE))
 
+    def test_a_junk_flood_cannot_take_the_tombstone_of_an_ack_relayed_by_a_peer(self) -> None:
+        """With the client junk budget spent by throwaway mailboxes, a peer's early ack of real mail still stops it."""
+        cap = 64 * 1024
+        store = self.make_store(Caps(max_stored_bytes=cap, per_mailbox_pending=1000))
+        flood = [self.ack(store, make_ack(Identity(), [f"{n:08x}{i:056x}" for i in range(200)])) for n in range(30)]
+        self.assertGreater(flood[-1].skipped, 0)
+        # a client's early ack now gets no tombstone (the trade of the client share) ...
+        carol, dave = Identity(), Identity()
+        lost = make_env(dave, carol)
+        self.assertEqual(self.ack(store, make_ack(carol, [lost.msg_id])).skipped, 1)
+        # ... but the recipient acked this one at a peer, which relays the ack before the replica
+        bob, alice = Identity(), Identity()
+        env = make_env(alice, bob)
+        early = make_ack(bob, [env.msg_id])
+        result = self.successResultOf(store.apply_ack(early, tomb(early), from_peer=True))
+        self.assertEqual((result.deleted, result.skipped), ((), 0))
+        self.assertEqual(self.add(store, env), AddResult(DUPLICATE))
+        self.assertEqual(self.fetch_ids(store, bob), [])
+        # and a peer's junk is bounded too: never past two client shares, nor the cap
+        for n in range(60):
+            relayed = make_ack(Identity(), [f"{n + 100:08x}{i:056x}" for i in range(200)])
+            self.successResultOf(store.apply_ack(relayed, tomb(relayed), from_peer=True))
+        self.assertLessEqual(store.stats().bytes, junk_budget(Caps(max_stored_bytes=cap), from_peer=True))
+
     def test_the_sweep_gives_the_junk_budget_back(self) -> None:
         """Once junk tombstones and acks expire and are swept, new ones fit again."""
         cap = 64 * 1024

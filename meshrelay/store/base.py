@@ -201,9 +201,16 @@ TOMBSTONE_BYTES = 300
 JUNK_SHARE = 8
 
 
-def junk_budget(caps: Caps) -> int:
-    """Bytes of tombstones of unheld ids and of acks that deleted nothing a store keeps at most."""
-    return caps.max_stored_bytes // JUNK_SHARE
+def junk_budget(caps: Caps, from_peer: bool = False) -> int:
+    """Bytes of tombstones of unheld ids and of acks that deleted nothing a store keeps at most.
+
+    Junk brought by a client may fill one share; an ack relayed by an
+    authenticated peer may fill a second share on top, which no client can
+    reach: a flood of junk acks from throwaway mailboxes at this node cannot
+    take away the tombstones of a real message acked at a peer before its
+    replica arrives here (docs/protocol-notes.md, "Acks are storage").
+    """
+    return caps.max_stored_bytes // JUNK_SHARE * (2 if from_peer else 1)
 
 
 #: add_envelope outcomes that are remembered for a replica offered by a peer
@@ -285,11 +292,12 @@ class Store(Protocol):
         acceptance forgets every remembered refusal of that msg_id.
         """
 
-    def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
+    def apply_ack(self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False) -> Deferred[AckResult]:
         """Delete and tombstone the held envelopes listed (always, even at the storage cap), record the ack.
 
         Tombstones of ids not held here, and the ack itself when it deleted
-        nothing here, are kept only within ``junk_budget``; a signed ack that
+        nothing here, are kept only within ``junk_budget(caps, from_peer)``
+        (``from_peer``: relayed by an authenticated peer, not a client's); a signed ack that
         does not fit the storage cap is applied but not recorded
         (``AckResult.stored`` false, ``skipped`` counts untombstoned ids).
         """

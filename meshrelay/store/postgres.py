@@ -937,7 +937,7 @@ class PostgresStore:
         tx.d_bytes += len(body) - int(row[0])
         return AddResult(DUPLICATE, upgraded=True)
 
-    def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
+    def apply_ack(self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False) -> Deferred[AckResult]:
         """Delete and tombstone held mail, tombstone unheld ids within the junk budget, record the ack.
 
         The same rules as the SQLite store (``sqlite._op_ack``).
@@ -946,7 +946,7 @@ class PostgresStore:
         size = len(body.encode("utf-8"))
         mailbox = ack.mailbox
         caps = self.caps
-        budget = junk_budget(caps)
+        budget = junk_budget(caps, from_peer)
 
         def op(cur: Cur, tx: _Tx) -> AckResult | _Pending:
             ids = list(dict.fromkeys(ack.ack))

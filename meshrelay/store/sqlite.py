@@ -343,10 +343,13 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
     they are kept only while they fit ``junk_budget(caps)`` and the storage
     cap.  The signed ack of held mail is recorded when it fits the storage
     cap; when it does not, it is applied but not recorded (``stored=False``).
+    An ack relayed by a peer (``from_peer``) has a second junk share that
+    clients cannot fill (see ``junk_budget``).
     """
-    mailbox, nonce, ids, tombstone_expires, body = args
+    mailbox, nonce, ids, tombstone_expires, body = args[:5]
+    from_peer = bool(args[5]) if len(args) > 5 else False
     size = len(body.encode("utf-8"))
-    budget = junk_budget(caps)
+    budget = junk_budget(caps, from_peer)
     deleted = []
     unheld = []
     for msg_id in ids:
@@ -853,10 +856,10 @@ class SQLiteStore:
             return succeed(None)
         return self._write(("forget_refused", ([(str(m), str(p)) for m, p in items],)))
 
-    def apply_ack(self, ack: SignedAck, tombstone_expires: int) -> Deferred[AckResult]:
+    def apply_ack(self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False) -> Deferred[AckResult]:
         body = dumps_json(ack.to_json()).decode("utf-8")
         ids = tuple(dict.fromkeys(ack.ack))
-        return self._write(("ack", (ack.mailbox, ack.nonce, ids, tombstone_expires, body)))
+        return self._write(("ack", (ack.mailbox, ack.nonce, ids, tombstone_expires, body, from_peer)))
 
     def claim_nonce(self, scope: str, nonce: str, expires: int) -> Deferred[bool]:
         return self._write(("nonce", (scope, nonce, expires)))
