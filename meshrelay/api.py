@@ -58,8 +58,8 @@ class ClientAPI:
         self.client_limiter = client_limiter
         self.deposit_limiter = deposit_limiter
 
-    def _charge_body_keys(self, request: Any, keys: tuple[str, ...], deposit: bool) -> None:
-        """Where the address means nothing: charge the request (and a deposit's bytes) to body keys.
+    def _charge_body_keys(self, request: Any, keys: tuple[str, ...], write: bool) -> None:
+        """Where the address means nothing: charge the request (and a write's bytes: a deposit, a poll's acks) to body keys.
 
         A body without the keys is left to the core, which refuses it (400).
         """
@@ -71,9 +71,9 @@ class ClientAPI:
             refused.labels("client_rate").inc()
             raise RateLimited("too many requests for this mailbox or sender")
         deposits = self.deposit_limiter
-        if deposit and deposits is not None and deposits.enabled and not deposits.allow_all(keys, body_length(request)):
+        if write and deposits is not None and deposits.enabled and not deposits.allow_all(keys, body_length(request)):
             refused.labels("deposit_bytes").inc()
-            raise RateLimited("too many deposit bytes for this mailbox or sender; slow down")
+            raise RateLimited("too many bytes written for this mailbox or sender; slow down")
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -86,14 +86,14 @@ class ClientAPI:
         obj = read_json(request)
         sender, mailbox = _body_key(obj, "sender"), _body_key(obj, "mailbox")
         keys = ("sender:" + sender, "mailbox:" + mailbox) if sender and mailbox else ()
-        self._charge_body_keys(request, keys, deposit=True)
+        self._charge_body_keys(request, keys, write=True)
         return self._answer(request, self.relay.deposit(obj))
 
     @app.route("/api/mesh/dm/poll", methods=["POST"])
     def poll(self, request: Any) -> Deferred[bytes]:
         obj = read_json(request)
         mailbox = _body_key(obj, "mailbox")
-        self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), deposit=False)
+        self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), write=True)
         # The waiting share is this address's, or (no address key) the mailbox's.
         return self._answer(request, self.relay.poll(obj, client=getattr(request, SHARE_KEY_ATTR, None)))
 
@@ -101,7 +101,7 @@ class ClientAPI:
     def count(self, request: Any) -> Deferred[bytes]:
         obj = read_json(request)
         mailbox = _body_key(obj, "mailbox")
-        self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), deposit=False)
+        self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), write=False)
         return self._answer(request, self.relay.count(obj))
 
     @app.route("/api/mesh/dm/policy", methods=["POST"])
@@ -109,7 +109,7 @@ class ClientAPI:
         """Store a mailbox's signed policy (protocol v3, 12.2)."""
         obj = read_json(request)
         mailbox = _body_key(obj, "mailbox")
-        self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), deposit=False)
+        self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), write=False)
         return self._answer(request, self.relay.set_policy(obj))
 
     @app.route("/api/mesh/dm/policy", methods=["GET"])

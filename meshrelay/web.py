@@ -460,6 +460,10 @@ SHARE_KEY_ATTR = "meshrelay_share_key"
 FALLBACK_ATTR = "meshrelay_address_means_nothing"
 
 SEND_PATH = b"/api/mesh/dm/send"
+#: client requests whose bodies are writes, charged to the address's byte budget
+#: (limits.deposit_bytes_*), and the refusal reason of each: a deposit stores its body, and a
+#: poll's acks cost a delete and a tombstone per id (a 500-id ack is a 34 KB body)
+WRITE_PATHS = {SEND_PATH: "deposit_bytes", b"/api/mesh/dm/poll": "ack_bytes"}
 
 
 def body_length(request: Any) -> int:
@@ -517,16 +521,17 @@ class NodeRoot(Resource):
         if limiter is not None and limiter.enabled and not limiter.allow(key):
             return self._limited(request, "client_rate", "too many requests from this address", limiter.retry_after())
         deposits = self.deposit_limiter
+        path = request_path(request)
         if (
             deposits is not None
             and deposits.enabled
-            and request_path(request) == SEND_PATH
+            and path in WRITE_PATHS
             and not deposits.allow(key, body_length(request))
         ):
             return self._limited(
                 request,
-                "deposit_bytes",
-                "too many deposit bytes from this address; slow down",
+                WRITE_PATHS[path],
+                "too many bytes written from this address; slow down",
                 deposits.retry_after(body_length(request)),
             )
         return self.client.render(request)

@@ -296,6 +296,24 @@ class DepositBytesTests(SiteTestCase):
         self.assertEqual(codes, [200] * more + [429])
 
 
+class AckBytesTests(SiteTestCase):
+    def junk_ack_poll(self, host: str) -> bytes:
+        """A signed poll from a throwaway mailbox acking 500 made-up ids (a 34 KB body)."""
+        ids = [os.urandom(32).hex() for _ in range(500)]
+        return self.exchange(host, http_post("/api/mesh/dm/poll", Identity().poll_body(ts=self.now(), ack=ids)))
+
+    def test_one_address_cannot_flood_acks(self) -> None:
+        """Polls' bodies draw from the address's write budget: a junk-ack flood is refused, another address is served."""
+        answers = [self.junk_ack_poll("192.0.2.66") for _ in range(12)]
+        codes = [status_of(a) for a in answers]
+        self.assertIn(429, codes)
+        self.assertEqual(codes[: codes.index(429)], [200] * codes.index(429))
+        self.assertLessEqual(codes.index(429), 262144 // 34000 + 1)
+        self.assertEqual(error_of(answers[-1]), "rate_limited")
+        self.assertGreater(self.refused("ack_bytes"), 0)
+        self.assertEqual(status_of(self.junk_ack_poll("198.51.100.7")), 200)
+
+
 class AddressMeansNothingTests(SiteTestCase):
     """node.listen_address_means_nothing: every client arrives as 127.0.0.1 (a Tor onion service)."""
 
