@@ -65,6 +65,10 @@ export async function computeStamp(msgId, difficulty, { signal, onProgress, ever
   signal?.throwIfAborted();
   const url = workerUrl ? new URL(workerUrl, globalThis.location?.href) : new URL("./stamp-worker.js", import.meta.url);
   const worker = await startWorker(url);
+  if (signal?.aborted) {
+    worker.terminate(); // aborted while the worker was starting
+    throw signal.reason;
+  }
   return new Promise((resolve, reject) => {
     let finished = false;
     const finish = (/** @type {() => void} */ settle) => {
