@@ -105,7 +105,7 @@ test("interop: a JS-made permit token lets the Python CLI's send into a contacts
   await saveIdentity(friend, friendKey);
   const token = permitToken(makePermit(bob, friend.address));
   // Without the permit the CLI refuses before sending; with it the node takes the envelope.
-  await assert.rejects(meshrelayCli(["send", "--key", friendKey, "--node", url, "--to", bob.address, "no permit"]));
+  await assert.rejects(meshrelayCli(["send", "--key", friendKey, "--node", url, "--to", bob.address, "no permit"]), (e) => /contacts/.test(e.stderr));
   await meshrelayCli(["send", "--key", friendKey, "--node", url, "--to", bob.address, "--permit", token, "from Python with a JS permit"]);
   const { messages } = await node.poll(bob);
   assert.deepEqual(messages.map((m) => [m.sender, bob.openEnvelope(m).text]), [[friend.address, "from Python with a JS permit"]]);
