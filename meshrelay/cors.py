@@ -1,6 +1,6 @@
 """CORS on the client API, so that a web page on another origin can call a node.
 
-Only the four client routes carry CORS headers (:data:`CLIENT_ROUTES`); peer
+Only the client routes carry CORS headers (:data:`CLIENT_ROUTES`); peer
 routes, unknown paths and the admin listener (another site altogether) never
 do.  :class:`CorsResource` wraps the public listener's root, so every answer
 of a client route carries the headers: the routes' own answers, the error
@@ -30,6 +30,8 @@ CLIENT_ROUTES: dict[bytes, bytes] = {
     b"/api/mesh/dm/poll": b"POST",
     b"/api/mesh/dm/count": b"POST",
     b"/api/mesh/health": b"GET",
+    # version 3: a page reads a mailbox's policy and its owner sets one (signed by the mailbox key)
+    b"/api/mesh/dm/policy": b"GET, POST",
 }
 
 #: response headers a page may read besides the CORS-safelisted ones

@@ -80,6 +80,27 @@ class CorsTests(SynchronousTestCase):
             self.assertIsNone(header(headers, "Access-Control-Allow-Credentials"))
             self.assertEqual(header(headers, "Allow"), f"{method}, OPTIONS")
 
+    def test_policy_route_answers_cors_for_get_and_post(self) -> None:
+        """The v3 policy route answers a preflight for GET and POST, and its answers carry the origin."""
+        for method in ("GET", "POST"):
+            status, headers, _ = answer(
+                self.n,
+                "OPTIONS",
+                "/api/mesh/dm/policy",
+                headers={"Origin": PAGE, "Access-Control-Request-Method": method},
+            )
+            self.assertEqual(status, 204)
+            self.assertIn(method, header(headers, "Access-Control-Allow-Methods") or "")
+            self.assertEqual(header(headers, "Allow"), "GET, POST, OPTIONS")
+        status, headers, doc = answer(
+            self.n, "GET", f"/api/mesh/dm/policy?mailbox={self.bob.pub}", headers={"Origin": PAGE}
+        )
+        self.assertEqual((status, doc), (200, {"ok": True, "policy": None}))
+        self.assertEqual(header(headers, "Access-Control-Allow-Origin"), "*")
+        status, headers, doc = answer(self.n, "POST", "/api/mesh/dm/policy", {}, headers={"Origin": PAGE})
+        self.assertEqual((status, doc["error"]), (400, "bad_policy"))
+        self.assertEqual(header(headers, "Access-Control-Allow-Origin"), "*")
+
     def test_real_answers_carry_the_origin_and_expose_retry_after(self) -> None:
         """send, poll, count and health answers carry Access-Control-Allow-Origin and expose Retry-After."""
         env = self.alice.envelope(self.bob, ts=int(self.n.clock.seconds()))

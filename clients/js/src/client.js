@@ -1,22 +1,32 @@
 // NodeClient: JSON over HTTP (fetch) to one node's client API (docs/protocol.md section 4).
 
-import { MAX_ACK_IDS } from "./identity.js";
+import { MAX_ACK_IDS, parseAddress, ready } from "./identity.js";
 import {
+  BadEnvelopeError,
   MeshrelayError,
   MessageError,
   NodeUnreachableError,
+  NotFoundError,
   ProtocolError,
   RemoteError,
+  StampRefusedError,
   errorFromResponse,
 } from "./errors.js";
+import { PermitError, parsePermit, parsePermitToken, parsePolicy, verifyPolicy } from "./policy.js";
+import { computeStamp } from "./stamper.js";
+import { b64uEncode } from "./encoding.js";
 
 /** @typedef {import("./identity.js").Identity} Identity */
 /** @typedef {import("./identity.js").Envelope} Envelope */
 /** @typedef {import("./identity.js").Message} Message */
+/** @typedef {import("./policy.js").Policy} Policy */
+/** @typedef {import("./policy.js").Permit} Permit */
+/** @typedef {import("./policy.js").PermitBook} PermitBook */
+/** @typedef {import("./stamper.js").StampProgress} StampProgress */
 
 /**
  * @typedef {object} SendRequest What goes on the wire for one deposit; a beforeSend hook may change it.
- * @property {Envelope} envelope
+ * @property {Envelope & {permit?: Permit, stamp?: string}} envelope
  * @property {Record<string, string>} headers
  */
 
@@ -28,8 +38,19 @@ import {
  * @property {number} [maxRetryDelay]  the longest wait (s) before a retry; a longer Retry-After is thrown; default 30
  * @property {(seconds: number, signal?: AbortSignal) => Promise<void>} [sleep]  how to wait (tests inject one)
  * @property {(req: SendRequest) => Promise<void> | void} [beforeSend]
- *   Extension point for deposits (see src/extensions.js): called with the envelope and the request
- *   headers before each send. Nothing in the protocol uses it yet.
+ *   Called with the envelope (its permit or stamp attached) and the request headers before each
+ *   deposit; it may change both.
+ * @property {PermitBook | {get(mailbox: string): Permit | null}} [permits]
+ *   The permits this sender was given (PermitBook): send attaches the one for the recipient's mailbox.
+ * @property {string | URL} [stampWorkerUrl]  where stamp-worker.js is served (default: beside stamper.js)
+ */
+
+/**
+ * @typedef {object} SendOptions
+ * @property {AbortSignal} [signal]  aborts the request, and a stamp being computed
+ * @property {Permit | string | null} [permit]  a permit (object or token) for this mailbox; default: from `permits`
+ * @property {boolean} [firstContact]  read the mailbox's policy and attach a stamp when it asks for one (default true)
+ * @property {(p: StampProgress) => void} [onProgress]  progress of a stamp being computed
  */
 
 /**
@@ -111,6 +132,8 @@ export class NodeClient {
     this.maxRetryDelay = opts.maxRetryDelay ?? 30;
     this.sleep = opts.sleep ?? sleep;
     this.beforeSend = opts.beforeSend;
+    this.permits = opts.permits;
+    this.stampWorkerUrl = opts.stampWorkerUrl;
   }
 
   /**
@@ -184,17 +207,97 @@ export class NodeClient {
   }
 
   /**
-   * Deposit a signed envelope (idempotent: a repeat answers duplicate: true).
-   * @param {Envelope} envelope
+   * The mailbox's policy at this node (public; shape and signature checked), or null when it has
+   * none. A node before protocol version 3 answers 404: also null (it treats every sender the v1 way).
+   * @param {string} mailbox
    * @param {{signal?: AbortSignal}} [opts]
+   * @returns {Promise<Policy | null>}
+   */
+  async getPolicy(mailbox, { signal } = {}) {
+    const address = b64uEncode(parseAddress(mailbox));
+    let doc;
+    try {
+      doc = await this.request("GET", `/api/mesh/dm/policy?mailbox=${address}`, null, { signal });
+    } catch (e) {
+      if (e instanceof NotFoundError) return null;
+      throw e;
+    }
+    if (doc.policy === null) return null;
+    await ready();
+    let policy;
+    try {
+      policy = parsePolicy(doc.policy);
+    } catch (e) {
+      throw new ProtocolError(`the node served a malformed policy: ${/** @type {Error} */ (e).message}`);
+    }
+    if (policy.mailbox !== address || !verifyPolicy(policy)) {
+      throw new ProtocolError("the node served a policy not signed by this mailbox");
+    }
+    return policy;
+  }
+
+  /**
+   * Store a signed policy (makePolicy); `stale_policy` (StalePolicyError) when it does not order
+   * above the policy the node holds.
+   * @param {Policy} policy
+   * @returns {Promise<{ok: true, version: number, duplicate: boolean}>}
+   */
+  async setPolicy(policy) {
+    return /** @type {any} */ (await this.request("POST", "/api/mesh/dm/policy", () => policy));
+  }
+
+  /**
+   * Deposit a signed envelope (idempotent: a repeat answers duplicate: true), with what the
+   * mailbox asks of this sender (docs/protocol.md section 12): the permit for its mailbox when
+   * there is one (from `opts.permit` or the client's `permits`), else, when the mailbox's policy
+   * is `stamps`, a stamp computed in a worker. A node whose policy is newer than the one read
+   * answers stamp_required/weak_stamp with its difficulty: the stamp is solved again once.
+   * @param {Envelope} envelope
+   * @param {SendOptions} [opts]
    * @returns {Promise<{ok: true, msg_id: string, duplicate: boolean}>}
    */
-  async send(envelope, opts = {}) {
+  async send(envelope, { signal, permit, firstContact = true, onProgress } = {}) {
+    const given = permit === undefined ? (this.permits?.get(envelope.mailbox) ?? null) : permit;
+    const usable = given === null ? null : typeof given === "string" ? parsePermitToken(given) : parsePermit(given);
+    if (usable) {
+      if (usable.mailbox !== envelope.mailbox) throw new PermitError("the permit is for another mailbox");
+      if (usable.sender !== envelope.sender) throw new PermitError("the permit is for another sender");
+      try {
+        return await this.#deposit({ ...envelope, permit: usable }, signal);
+      } catch (e) {
+        // A node before protocol v3 refuses the unknown permit field: it takes the v1 envelope.
+        if (!(e instanceof BadEnvelopeError)) throw e;
+        return await this.#deposit(envelope, signal);
+      }
+    }
+    if (!firstContact) return await this.#deposit(envelope, signal);
+    const policy = await this.getPolicy(envelope.mailbox, { signal });
+    /** @param {number} difficulty */
+    const stamped = async (difficulty) => ({
+      ...envelope,
+      stamp: await computeStamp(envelope.msg_id, difficulty, { signal, onProgress, workerUrl: this.stampWorkerUrl }),
+    });
+    const first = policy?.mode === "stamps" ? await stamped(policy.difficulty) : envelope;
+    try {
+      return await this.#deposit(first, signal);
+    } catch (e) {
+      // The policy changed since we read it (or another node of the mesh has a newer one): once more.
+      if (!(e instanceof StampRefusedError) || e.difficulty === null || e.difficulty < 1) throw e;
+      return await this.#deposit(await stamped(e.difficulty), signal);
+    }
+  }
+
+  /**
+   * @param {Envelope & {permit?: Permit, stamp?: string}} envelope
+   * @param {AbortSignal} [signal]
+   * @returns {Promise<{ok: true, msg_id: string, duplicate: boolean}>}
+   */
+  async #deposit(envelope, signal) {
     /** @type {SendRequest} */
     const req = { envelope, headers: {} };
     if (this.beforeSend) await this.beforeSend(req);
     return /** @type {any} */ (
-      await this.request("POST", "/api/mesh/dm/send", () => req.envelope, { headers: req.headers, signal: opts.signal })
+      await this.request("POST", "/api/mesh/dm/send", () => req.envelope, { headers: req.headers, signal })
     );
   }
 

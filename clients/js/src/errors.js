@@ -77,6 +77,18 @@ export const STATUS_BY_CODE = Object.freeze({
   mailbox_full: 429,
   rate_limited: 429,
   storage_full: 429,
+  // version 3: first contact (docs/protocol.md section 12)
+  bad_policy: 400,
+  bad_stamp: 400,
+  bad_permit: 403,
+  permit_mismatch: 403,
+  permit_expired: 403,
+  permit_revoked: 403,
+  contacts_only: 403,
+  stamp_required: 403,
+  weak_stamp: 403,
+  stale_policy: 409,
+  stranger_full: 429,
   unavailable: 503,
   internal: 500,
 });
@@ -115,6 +127,37 @@ export class SenderCapError extends RemoteError {
 export class MailboxFullError extends RemoteError { static code = "mailbox_full"; }
 export class RateLimitedError extends RemoteError { static code = "rate_limited"; }
 export class StorageFullError extends RemoteError { static code = "storage_full"; }
+/** Version 3's refusals of a stranger's envelope that carry the policy's `difficulty` (or null). */
+export class StampRefusedError extends RemoteError {
+  /**
+   * @param {number} status
+   * @param {string} code
+   * @param {string} detail
+   * @param {Record<string, unknown>} [body]
+   * @param {number | null} [retryAfter]
+   */
+  constructor(status, code, detail, body = {}, retryAfter = null) {
+    super(status, code, detail, body, retryAfter);
+    /** @type {number | null} the difficulty the node's policy asks for: solve again at it */
+    this.difficulty = Number.isInteger(body.difficulty) ? /** @type {number} */ (body.difficulty) : null;
+  }
+}
+export class BadPolicyError extends RemoteError { static code = "bad_policy"; }
+export class BadStampError extends RemoteError { static code = "bad_stamp"; }
+export class BadPermitError extends RemoteError { static code = "bad_permit"; }
+export class PermitMismatchError extends RemoteError { static code = "permit_mismatch"; }
+export class PermitExpiredError extends RemoteError { static code = "permit_expired"; }
+export class PermitRevokedError extends RemoteError { static code = "permit_revoked"; }
+/** The mailbox takes mail only from its contacts: ask its owner for a permit. */
+export class ContactsOnlyError extends RemoteError { static code = "contacts_only"; }
+/** The mailbox asks strangers for a stamp of `difficulty` bits. */
+export class StampRequiredError extends StampRefusedError { static code = "stamp_required"; }
+/** The stamp has less work than the policy's `difficulty`. */
+export class WeakStampError extends StampRefusedError { static code = "weak_stamp"; }
+/** The policy does not order above the one the node holds (a higher `version` is needed). */
+export class StalePolicyError extends RemoteError { static code = "stale_policy"; }
+/** The mailbox's stranger bucket is full (contacts still get through). */
+export class StrangerFullError extends RemoteError { static code = "stranger_full"; }
 export class UnavailableError extends RemoteError { static code = "unavailable"; }
 export class InternalError extends RemoteError { static code = "internal"; }
 
@@ -125,6 +168,8 @@ export const ERROR_CLASSES = Object.freeze(
       BadJSONError, BadEnvelopeError, BadSignatureError, BadRequestError, ReplayedError, StaleError,
       ForbiddenError, NotFoundError, MethodNotAllowedError, TooLargeError, UnsupportedMediaTypeError,
       BadTimestampError, BadTTLError, SenderCapError, MailboxFullError, RateLimitedError, StorageFullError,
+      BadPolicyError, BadStampError, BadPermitError, PermitMismatchError, PermitExpiredError, PermitRevokedError,
+      ContactsOnlyError, StampRequiredError, WeakStampError, StalePolicyError, StrangerFullError,
       UnavailableError, InternalError,
     ].map((cls) => [cls.code, cls]),
   ),

@@ -3,6 +3,30 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
   BadMessageError,
+  ContactsOnlyError,
+  ERROR_CLASSES,
+  PermitBook,
+  PermitError,
+  PolicyFormatError,
+  ProtocolError,
+  STATUS_BY_CODE,
+  StampRefusedError,
+  WeakStampError,
+  checkPermitToken,
+  computeStamp,
+  errorFromResponse,
+  leadingZeroBits,
+  makePermit,
+  makePolicy,
+  parsePermitToken,
+  parsePolicy,
+  parseStamp,
+  permitToken,
+  policyId,
+  solveStamp,
+  stampWork,
+  verifyPolicy,
+  verifyStamp,
   DecryptError,
   Identity,
   NodeClient,
@@ -81,7 +105,7 @@ test("without Retry-After the client backs off exponentially; a too long Retry-A
   assert.equal(waits.length, 3);
   assert.ok(waits[0] < waits[1] && waits[1] < waits[2], String(waits));
   const cap = scripted([[429, { ok: false, error: "sender_cap", detail: "", pending: 8, limit: 8 }, { "Retry-After": "3600" }]]);
-  const err = await new NodeClient("http://node.test", { fetch: cap.fetch }).send({}).catch((e) => e);
+  const err = await new NodeClient("http://node.test", { fetch: cap.fetch }).send(/** @type {any} */ ({}), { firstContact: false }).catch((e) => e);
   assert.ok(err instanceof SenderCapError);
   assert.deepEqual([err.retryAfter, err.pending, err.limit], [3600, 8, 8]);
   assert.equal(parseRetryAfter("Wed, 21 Oct 2015 07:28:10 GMT", Date.parse("Wed, 21 Oct 2015 07:28:00 GMT")), 10);
@@ -103,11 +127,128 @@ test("watch backs off between failed polls (Retry-After when given) and stops on
   assert.equal(waits[2], 7);
 });
 
-test("the beforeSend extension point sees each deposit; no policy, permit or stamp is claimed", async () => {
-  const { fetch, calls } = scripted([[200, { ok: true, msg_id: "x", duplicate: false }]]);
-  const node = new NodeClient("http://node.test", { fetch, beforeSend: (req) => void (req.headers["X-Test"] = "1") });
+test("every protocol error code has its class, and a refusal with a difficulty carries it", () => {
+  assert.deepEqual(Object.keys(ERROR_CLASSES).sort(), Object.keys(STATUS_BY_CODE).sort());
+  for (const [code, cls] of Object.entries(ERROR_CLASSES)) assert.equal(cls.code, code);
+  const weak = errorFromResponse(403, { ok: false, error: "weak_stamp", detail: "", difficulty: 9 });
+  assert.ok(weak instanceof WeakStampError && weak instanceof StampRefusedError);
+  assert.equal(/** @type {WeakStampError} */ (weak).difficulty, 9);
+  assert.ok(errorFromResponse(403, { ok: false, error: "contacts_only", detail: "" }) instanceof ContactsOnlyError);
+});
+
+test("permit tokens: round trip, and every malformed, forged, foreign or expired token is refused", async () => {
+  const owner = await Identity.generate();
+  const friend = await Identity.generate();
+  const other = await Identity.generate();
+  const permit = makePermit(owner, friend.address, { expires: 2000000000, epoch: 3 });
+  const token = permitToken(permit);
+  assert.match(token, /^mrp1\.[A-Za-z0-9_-]{192}$/);
+  assert.deepEqual(checkPermitToken(token, friend.address, { now: 1900000000 }), permit);
+  assert.throws(() => checkPermitToken(token, other.address, { now: 1900000000 }), PermitError, "another sender");
+  assert.throws(() => checkPermitToken(token, friend.address, { now: 2000000000 }), PermitError, "expired");
+  const forged = permitToken({ ...permit, epoch: 4 });
+  assert.throws(() => checkPermitToken(forged, friend.address, { now: 0 }), /not signed/);
+  for (const bad of ["", "mrp2." + token.slice(5), token.slice(0, -1), token + "A", "mrp1.+" + token.slice(6)]) {
+    assert.throws(() => parsePermitToken(bad), PermitError, bad.slice(0, 10));
+  }
+  const book = new PermitBook(friend.address);
+  book.add(token, { now: 1900000000 });
+  assert.deepEqual(book.get(owner.address, { now: 1900000000 }), permit);
+  assert.equal(book.get(owner.address, { now: 2000000000 }), null, "an expired permit is not used");
+  assert.deepEqual(PermitBook.fromJSON(friend.address, JSON.parse(JSON.stringify(book))).toJSON(), { [owner.address]: token });
+  assert.deepEqual(PermitBook.fromJSON(other.address, book.toJSON()).toJSON(), {}, "a permit for another key is skipped");
+});
+
+test("policies: built as a node checks them; a malformed or foreign one is refused", async () => {
+  const owner = await Identity.generate();
+  const p = makePolicy(owner, { version: 1, mode: "stamps" });
+  assert.deepEqual([p.mode, p.difficulty, p.stranger_cap, p.epoch], ["stamps", 20, 64, 0]);
+  assert.ok(verifyPolicy(p));
+  assert.ok(!verifyPolicy({ ...p, version: 2 }));
+  assert.ok(policyId(p).match(/^[0-9a-f]{64}$/));
+  assert.throws(() => makePolicy(owner, { version: 1, mode: "stamps", difficulty: 0 }), PolicyFormatError);
+  assert.throws(() => makePolicy(owner, { version: 1, mode: "stamps", difficulty: 33 }), PolicyFormatError);
+  assert.throws(() => makePolicy(owner, { version: 1, mode: /** @type {any} */ ("closed") }), PolicyFormatError);
+  assert.throws(() => parsePolicy({ ...p, extra: 1 }), PolicyFormatError);
+  assert.throws(() => parsePolicy({ ...p, version: true }), PolicyFormatError);
+  assert.throws(() => parsePolicy({ ...p, epoch: -1 }), PolicyFormatError);
+});
+
+test("stamps: the node's work count, malformed stamps refused, solved stamps verify", () => {
+  assert.equal(leadingZeroBits(Uint8Array.of(0, 0, 1)), 23);
+  assert.equal(leadingZeroBits(Uint8Array.of(0x80)), 0);
+  assert.equal(leadingZeroBits(new Uint8Array(32)), 256);
+  const msgId = "ab".repeat(32);
+  for (const bad of ["AAAAAAAAAA", "AAAAAAAAAAAA", "AAAAAAAAET=", "AAAAAAAAETF", 7]) assert.throws(() => parseStamp(bad), TypeError, String(bad));
+  for (const d of [0, 1, 5, 8, 9, 13]) {
+    const { stamp } = solveStamp(msgId, d);
+    assert.ok(stampWork(msgId, stamp) >= d);
+    assert.ok(verifyStamp(msgId, stamp, d));
+  }
+  assert.throws(() => solveStamp(msgId, 33), RangeError);
+  assert.throws(() => solveStamp("AB".repeat(32), 1), TypeError);
+});
+
+test("computeStamp runs in a worker: progress is reported and an abort stops it", async () => {
+  const msgId = "cd".repeat(32);
+  const progress = [];
+  const stop = new AbortController();
+  const reason = new Error("cancelled by the test");
+  const running = computeStamp(msgId, 32, {
+    signal: stop.signal,
+    every: 1000,
+    onProgress: (p) => {
+      progress.push(p);
+      if (progress.length === 3) stop.abort(reason);
+    },
+  });
+  await assert.rejects(running, (e) => e === reason);
+  assert.deepEqual(progress.map((p) => p.tries), [1000, 2000, 3000]);
+  assert.deepEqual([progress[0].difficulty, progress[0].expected], [32, 2 ** 32]);
+  await assert.rejects(computeStamp(msgId, 8, { signal: AbortSignal.abort(reason) }), (e) => e === reason);
+  const stamp = await computeStamp(msgId, 10);
+  assert.ok(verifyStamp(msgId, stamp, 10));
+});
+
+test("send attaches the kept permit for the mailbox (no policy read); a pre-v3 node gets the v1 envelope", async () => {
+  const owner = await Identity.generate();
+  const friend = await Identity.generate();
+  const permits = new PermitBook(friend.address);
+  permits.add(permitToken(makePermit(owner, friend.address)));
+  const { fetch, calls } = scripted([
+    [400, { ok: false, error: "bad_envelope", detail: "unknown field permit" }],
+    [200, { ok: true, msg_id: "x", duplicate: false }],
+  ]);
+  const node = new NodeClient("http://node.test", { fetch, permits, beforeSend: (req) => void (req.headers["X-Test"] = "1") });
+  const env = friend.message(owner.address, "hi");
+  await node.send(env);
+  assert.deepEqual(calls.map((c) => c.url), ["http://node.test/api/mesh/dm/send", "http://node.test/api/mesh/dm/send"]);
+  assert.deepEqual(calls[0].body.permit, permits.get(owner.address));
+  assert.deepEqual(calls[1].body, env);
+  assert.equal(calls[0].init.headers["X-Test"], "1", "the beforeSend hook sees each deposit");
+  const stranger = await Identity.generate();
+  await assert.rejects(node.send(stranger.message(owner.address, "x"), { permit: permitToken(makePermit(owner, friend.address)) }), /another sender/);
+  assert.deepEqual({ ...extensions.supported }, { mailboxPolicies: true, permits: true, stamps: true });
+});
+
+test("send to a stamps mailbox: a stamp of the policy's difficulty, solved again once at a newer difficulty", async () => {
+  const owner = await Identity.generate();
   const alice = await Identity.generate();
-  await node.send(alice.message(alice.address, "x"));
-  assert.equal(calls[0].init.headers["X-Test"], "1");
-  assert.deepEqual({ ...extensions.supported }, { mailboxPolicies: false, permits: false, stamps: false });
+  const policy = makePolicy(owner, { version: 1, mode: "stamps", difficulty: 6 });
+  const { fetch, calls } = scripted([
+    [200, { ok: true, policy }],
+    [403, { ok: false, error: "weak_stamp", detail: "", difficulty: 9 }],
+    [200, { ok: true, msg_id: "x", duplicate: false }],
+  ]);
+  const node = new NodeClient("http://node.test", { fetch });
+  const env = alice.message(owner.address, "hello stranger");
+  await node.send(env);
+  assert.equal(calls[0].url, `http://node.test/api/mesh/dm/policy?mailbox=${owner.address}`);
+  assert.ok(verifyStamp(env.msg_id, calls[1].body.stamp, 6));
+  assert.ok(verifyStamp(env.msg_id, calls[2].body.stamp, 9));
+  // A policy not signed by the mailbox is the node's lie, not the owner's word.
+  const lie = scripted([[200, { ok: true, policy: { ...policy, difficulty: 30 } }]]);
+  await assert.rejects(new NodeClient("http://node.test", { fetch: lie.fetch }).getPolicy(owner.address), ProtocolError);
+  const old = scripted([[404, { ok: false, error: "not_found", detail: "" }]]);
+  assert.equal(await new NodeClient("http://node.test", { fetch: old.fetch }).getPolicy(owner.address), null, "a node before v3");
 });

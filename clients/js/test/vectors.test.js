@@ -1,7 +1,23 @@
 // docs/protocol.md Appendix A and the docs/client.md worked example, reproduced byte for byte.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Identity, b64uEncode, envelopeSignedBytes, fromHex, pollSignedBytes, toHex } from "../src/index.js";
+import {
+  Identity,
+  b64uEncode,
+  computeStamp,
+  envelopeSignedBytes,
+  fromHex,
+  makePermit,
+  makePolicy,
+  parsePermitToken,
+  permitToken,
+  pollSignedBytes,
+  solveStamp,
+  stampWork,
+  toHex,
+  verifyPermit,
+  verifyPolicy,
+} from "../src/index.js";
 
 const seq = (start, n) => Uint8Array.from({ length: n }, (_, i) => start + i);
 
@@ -61,4 +77,26 @@ test("docs/client.md worked example: envelope and ack poll", async () => {
   assert.equal(env.sig, "m14h1wMuk3tpkzW1aLLHG_sJqMv9I_D7FIyekjWAd-gNa91BFr8d6BT_LZl6Gammu87oXWo3yx2dAffJsUJeDg");
   const ack = bob.signedRequest({ now: 1795000100, nonce: seq(0, 16), ack: [env.msg_id] });
   assert.equal(ack.sig, "NTP8OMBgij2EREQHyHj4GSPGfDfFB0dGiCB97f5W6NUQTPdAt2yYpCb2bt-4UKrUR5xEbv35hr802MbuVAe8Ag");
+});
+
+test("12.6: the policy, permit, token and stamp vectors of docs/protocol.md, byte for byte", async () => {
+  const sender = await Identity.fromSeed(fromHex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"));
+  const mailbox = await Identity.fromSeed(fromHex("202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f"));
+  const policy = makePolicy(mailbox, { version: 2, mode: "stamps", difficulty: 12, strangerCap: 64, epoch: 1, now: 1800000000 });
+  assert.equal(policy.sig, "IgcGlapBhKdZ0GtASqqs9kgNNqj9R-p2HPVzBhyiGvF3a7UQhHbk9UOOPHT2_GsT3vZSC-DhzqGvFm0RQdZmDg");
+  assert.deepEqual(Object.keys(policy), ["mailbox", "version", "mode", "difficulty", "stranger_cap", "epoch", "ts", "sig"]);
+  assert.ok(verifyPolicy(policy));
+  const permit = makePermit(mailbox, sender.address, { expires: 1800086400, epoch: 1 });
+  assert.equal(permit.sig, "vtVO9ztkpQIAeEAeiMjGP4eIE930lzzZKRNMsnOxW2rlDC1FSICmZZ5aBEMBCElkpzylNfHBLMOfU8pKvbHbCA");
+  const token =
+    "mrp1.Kay64UG8yvCyLhqU000LxzYeUm0L_hLIl5S8kyKWbdcDoQe_884Qvh1w3RjnS8CZZ-TWMJulDV8d3IZkElUxuAAAAABrSyOAAAAAAAAAAAG-1U73O2SlAgB4QB6IyMY_h4gT3fSXPNkpE0yyc7FbauUMLUVIgKZlnloEQwEISWSnPKU18cEsw59Tykq9sdsI";
+  assert.equal(permitToken(permit), token);
+  assert.equal(token.length, 197);
+  assert.deepEqual(parsePermitToken(token), permit);
+  assert.ok(verifyPermit(permit));
+  const msgId = "57ccbe063da1a1b7ff26af604c26763f552c4453b76a425fefd538313c44ef4c";
+  assert.deepEqual(solveStamp(msgId, 12), { stamp: "AAAAAAAAETE", tries: 4402 });
+  assert.equal(b64uEncode(Uint8Array.of(0, 0, 0, 0, 0, 0, 0x11, 0x31)), "AAAAAAAAETE");
+  assert.equal(stampWork(msgId, "AAAAAAAAETE"), 15);
+  assert.equal(await computeStamp(msgId, 12), "AAAAAAAAETE", "the worker finds the same first solution");
 });

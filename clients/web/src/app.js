@@ -1,5 +1,15 @@
 // The browser inbox: one identity kept in IndexedDB, send, and live incoming mail through long-poll.
-import { Identity, NodeClient, SenderCapError, ready } from "../../js/src/index.js";
+import {
+  ContactsOnlyError,
+  Identity,
+  NodeClient,
+  PermitBook,
+  SenderCapError,
+  makePermit,
+  makePolicy,
+  permitToken,
+  ready,
+} from "../../js/src/index.js";
 
 const $ = (id) => /** @type {any} */ (document.getElementById(id));
 const DB_NAME = "meshrelay-inbox";
@@ -33,6 +43,10 @@ let db;
 let identity;
 let node;
 let watching = null;
+/** the permits this identity was given (kept in IndexedDB as mailbox -> token) */
+let permits;
+/** this mailbox's policy at the node (null: none, open) */
+let policy = null;
 
 function defaultNodeUrl() {
   const param = new URLSearchParams(location.search).get("node");
@@ -66,6 +80,32 @@ function render(messages) {
   );
   $("empty").hidden = messages.length > 0;
   $("count").textContent = messages.length ? `(${messages.length})` : "";
+}
+
+function describePolicy(p) {
+  if (!p || p.mode === "open") return "Anyone may write to you (open).";
+  const how = p.mode === "stamps" ? `strangers attach a stamp of ${p.difficulty} bits of work` : "only contacts with a permit";
+  return `Version ${p.version}: ${how}; at most ${p.stranger_cap} unread messages from strangers.`;
+}
+
+async function loadPolicy() {
+  try {
+    policy = await node.getPolicy(identity.address);
+    $("policy").textContent = describePolicy(policy);
+    $("mode").value = policy?.mode ?? "open";
+    if (policy?.mode === "stamps") $("difficulty").value = String(policy.difficulty);
+    $("difficulty").hidden = $("mode").value !== "stamps";
+  } catch (e) {
+    $("policy").textContent = `cannot read your policy: ${e.message}`;
+  }
+}
+
+async function loadPermits() {
+  const stored = await tx(db, "kv", "readonly", (s) => s.get(`permits:${identity.address}`));
+  permits = PermitBook.fromJSON(identity.address, stored ?? {});
+  const kept = Object.keys(permits.toJSON());
+  $("permits").textContent = kept.length ? `Kept for: ${kept.join(", ")}` : "None yet.";
+  node.permits = permits;
 }
 
 async function refresh() {
@@ -106,13 +146,18 @@ async function useIdentity(ident) {
   $("address").textContent = ident.address;
   $("key-json").value = "";
   startWatch();
+  await loadPermits();
+  await loadPolicy();
 }
 
 function useNode(url) {
-  node = new NodeClient(url, { retries: 2 });
+  node = new NodeClient(url, { retries: 2, permits });
   $("node-url").value = node.baseUrl;
   localStorage.setItem("meshrelay-node", node.baseUrl);
-  if (identity) startWatch();
+  if (identity) {
+    startWatch();
+    loadPolicy();
+  }
 }
 
 // ------------------------------------------------------------------ UI
@@ -156,14 +201,55 @@ async function main() {
     const out = $("send-status");
     out.textContent = "sending…";
     try {
-      const sent = await node.send(identity.message($("to").value.trim(), $("text").value));
+      const onProgress = (p) => (out.textContent = `computing a stamp (${p.difficulty} bits): ${Math.round((100 * p.tries) / p.expected)} % of the expected work`);
+      const sent = await node.send(identity.message($("to").value.trim(), $("text").value), { onProgress });
       out.textContent = `sent ✓ ${sent.msg_id.slice(0, 12)}`;
       $("text").value = "";
     } catch (e) {
       out.textContent =
         e instanceof SenderCapError
           ? `not sent: they have not read ${e.pending} of your messages yet (limit ${e.limit})`
-          : `not sent: ${e.message}`;
+          : e instanceof ContactsOnlyError
+            ? "not sent: this mailbox takes mail only from contacts; ask its owner for a permit"
+            : `not sent: ${e.message}`;
+    }
+  });
+  $("mode").addEventListener("change", () => ($("difficulty").hidden = $("mode").value !== "stamps"));
+  $("policy-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const mode = $("mode").value;
+      const next = makePolicy(identity, {
+        version: (policy?.version ?? 0) + 1,
+        mode,
+        difficulty: mode === "stamps" ? Number($("difficulty").value) : 0,
+        strangerCap: policy?.stranger_cap,
+        epoch: policy?.epoch ?? 0,
+      });
+      await node.setPolicy(next);
+      await loadPolicy();
+    } catch (e) {
+      $("policy").textContent = `policy not saved: ${e.message}`;
+    }
+  });
+  $("permit-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    try {
+      const permit = makePermit(identity, $("permit-for").value.trim(), { epoch: policy?.epoch ?? 0 });
+      $("permit-token").value = permitToken(permit);
+    } catch (e) {
+      $("permit-token").value = `no permit: ${e.message}`;
+    }
+  });
+  $("keep-permit-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      permits.add($("keep-permit").value);
+      await tx(db, "kv", "readwrite", (s) => s.put(permits.toJSON(), `permits:${identity.address}`));
+      $("keep-permit").value = "";
+      await loadPermits();
+    } catch (e) {
+      $("permits").textContent = `not kept: ${e.message}`;
     }
   });
   document.body.dataset.ready = "true";

@@ -39,7 +39,7 @@ before(async () => {
   const port = await freePort();
   staticServer = createServer(async (req, res) => {
     const name = new URL(req.url, "http://x").pathname.slice(1) || "index.html";
-    if (!/^[a-z]+\.(html|js|css)$/.test(name)) return res.writeHead(404).end();
+    if (!/^[a-z-]+\.(html|js|css)$/.test(name)) return res.writeHead(404).end();
     try {
       const body = await readFile(path.join(DIST, name));
       res.writeHead(200, { "Content-Type": TYPES[path.extname(name)] }).end(body);
@@ -84,6 +84,18 @@ test("a message sent from one page appears live in the other; its ack removes it
   await a.page.reload();
   await a.page.waitForSelector("body[data-ready=true]");
   assert.equal((await a.page.textContent("[data-testid=address]")).trim(), a.address);
+
+  // B asks strangers for a stamp (a low difficulty) and issues a permit token: A's send below is
+  // then stamped in A's browser, by the library's Worker.
+  await b.page.selectOption("[data-testid=mode]", "stamps");
+  await b.page.fill("[data-testid=difficulty]", "10");
+  await b.page.click("[data-testid=save-policy]");
+  await b.page.waitForFunction(() => document.querySelector("[data-testid=policy]").textContent.includes("stamp of 10 bits"));
+  assert.equal((await new NodeClient(node1.url).getPolicy(b.address))?.difficulty, 10);
+  await eventually(async () => (await new NodeClient(node0.url).getPolicy(b.address))?.mode === "stamps", { what: "the policy reaching node0" });
+  await b.page.fill("[data-testid=permit-for]", a.address);
+  await b.page.click("[data-testid=issue-permit]");
+  assert.match(await b.page.inputValue("[data-testid=permit-token]"), /^mrp1\.[A-Za-z0-9_-]{192}$/);
 
   const text = `hello from page A ${Date.now()}`;
   await a.page.fill("[data-testid=to]", b.address);
