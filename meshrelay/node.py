@@ -156,7 +156,8 @@ class Node(Service):
         super().startService()
         self.store.start()
         self.verifier.start()
-        self.sweeper.start(self.config.node.sweep_interval, now=True)
+        #: fires once the sweeper has stopped and its last sweep (if one was running) has ended
+        self._swept = self.sweeper.start(self.config.node.sweep_interval, now=True)
         if self.replication is not None:
             self.replication.start()
         stats = self.store.stats()
@@ -184,11 +185,14 @@ class Node(Service):
         super().stopService()
         if self.replication is not None:
             self.replication.stop()
+        swept: Deferred[Any] = succeed(None)
         if self.sweeper.running:
+            swept = self._swept
             self.sweeper.stop()
         self.verifier.stop()
         self.relay.log_agg.stop()
-        d = self.store.close() if self.store is not None else succeed(None)
+        # A sweep in flight (several write transactions) ends before the store closes.
+        d = swept.addBoth(lambda _: self.store.close() if self.store is not None else None)
         if self._http_pool is not None:
             pool = self._http_pool
             # Close the peer connections whatever the store did, and keep its outcome.

@@ -54,6 +54,7 @@ from meshrelay.store.base import (
     Bodies,
     ChangesPage,
     Store,
+    StoreError,
     SweepResult,
 )
 from meshrelay.verifier import Verifier
@@ -773,20 +774,11 @@ class Relay:
             return result
 
         def failed(f: Failure) -> None:
-            self.log.failure("expiry sweep failed", f)
+            if f.check(StoreError):
+                # The store said what failed (and counted it); the next tick tries again.
+                self.log.warn("expiry sweep stopped: {err}", err=f.value)
+            else:
+                self.log.failure("expiry sweep failed", f)
             return None
 
-        d = self.store.sweep(self.now()).addCallbacks(done, failed)
-        sweep_contacts = getattr(self.store, "sweep_contacts", None)
-        if sweep_contacts is not None:
-
-            def contacts(result: SweepResult | None) -> Deferred[SweepResult | None]:
-                def swept_failed(f: Failure) -> SweepResult | None:
-                    self.log.failure("contact-bucket sweep failed", f)
-                    return result
-
-                swept: Deferred[Any] = sweep_contacts(self.now())
-                return swept.addCallbacks(lambda _: result, swept_failed)
-
-            d.addCallback(contacts)
-        return d
+        return self.store.sweep(self.now()).addCallbacks(done, failed)

@@ -362,7 +362,7 @@ class Store(Protocol):
         """Record a nonce; False when ``(scope, nonce)`` is already recorded."""
 
     def sweep(self, now: int) -> Deferred[SweepResult]:
-        """Delete expired envelopes, tombstones, acks and nonces."""
+        """Delete expired envelopes, tombstones, acks, nonces, remembered refusals and contact-bucket rows."""
 
     def get_cursor(self, peer: str) -> Deferred[Cursor | None]:
         """The stored sync cursor for ``peer``."""

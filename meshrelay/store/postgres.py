@@ -1101,7 +1101,9 @@ class PostgresStore:
                 totals[i] += n
             if more and not self._closed:
                 return self._write((), op).addCallback(step)
-            return self._refresh_stats().addCallback(lambda _: SweepResult(*totals))
+            # Then the contact-bucket rows of expired envelopes (v3), and the shared totals.
+            d = self.sweep_contacts(now).addCallback(lambda _: self._refresh_stats())
+            return d.addCallback(lambda _: SweepResult(*totals))
 
         return self._write((), op).addCallback(step)
 

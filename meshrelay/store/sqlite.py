@@ -886,7 +886,8 @@ class SQLiteStore:
                 totals[key] += counts.get(key, 0)
             if counts["more"]:
                 return self._write(("sweep", (now,))).addCallback(step)
-            return SweepResult(**totals)
+            # Then the contact-bucket rows of expired envelopes (v3).
+            return self.sweep_contacts(now).addCallback(lambda _: SweepResult(**totals))
 
         return self._write(("sweep", (now,))).addCallback(step)
 
