@@ -179,6 +179,44 @@ class Bodies:
     gone_acks: list[tuple[str, str]] = field(default_factory=list)
 
 
+#: one requested item as a backend found it: (size, body), or None when not held
+Found = tuple[int, str] | None
+
+
+def fill_bodies(
+    envelopes: Iterable[tuple[str, Found]], acks: Iterable[tuple[tuple[str, str], Found]], max_bytes: int
+) -> Bodies:
+    """A ``bodies`` answer from the items in request order (envelopes, then acks), for both backends.
+
+    Held items go in while their sizes stay within ``max_bytes`` (the first one always); once one
+    does not fit, the rest are cut (neither returned nor gone). An item not held is gone.
+    """
+    out = Bodies()
+    total = taken = 0
+    cut = False
+
+    def take(size: int) -> bool:
+        nonlocal total, taken, cut
+        if cut or (taken and total + size > max_bytes):
+            cut = True
+            return False
+        total += size
+        taken += 1
+        return True
+
+    for msg_id, found in envelopes:
+        if found is None:
+            out.gone_envelopes.append(msg_id)
+        elif take(found[0]):
+            out.envelopes.append(found[1])
+    for key, found in acks:
+        if found is None:
+            out.gone_acks.append(key)
+        elif take(found[0]):
+            out.acks.append(found[1])
+    return out
+
+
 @dataclass(frozen=True)
 class Refused:
     """A replica refused at a cap, remembered so it can be obtained again when space frees."""

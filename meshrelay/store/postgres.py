@@ -105,6 +105,7 @@ from meshrelay.store.base import (
     SweepResult,
     bucket_refusal,
     cut_page,
+    fill_bodies,
     junk_budget,
     one_line,
     settle_batch,
@@ -1257,28 +1258,7 @@ class PostgresStore:
                     ([mb for mb, _ in ack_keys], [n for _, n in ack_keys], now),
                 ).fetchall():
                     ack_rows[(mb, n)] = (int(z), b)
-            out = Bodies()
-            total = 0
-            cut = False
-            for m in ids:
-                found = env_rows.get(m)
-                if found is None:
-                    out.gone_envelopes.append(m)
-                elif not cut and (total == 0 or total + found[0] <= max_bytes):
-                    out.envelopes.append(found[1])
-                    total += found[0]
-                else:
-                    cut = True
-            for key in ack_keys:
-                found = ack_rows.get(key)
-                if found is None:
-                    out.gone_acks.append(key)
-                elif not cut and (total == 0 or total + found[0] <= max_bytes):
-                    out.acks.append(found[1])
-                    total += found[0]
-                else:
-                    cut = True
-            return out
+            return fill_bodies(((m, env_rows.get(m)) for m in ids), ((k, ack_rows.get(k)) for k in ack_keys), max_bytes)
 
         return self._read(q)
 

@@ -63,6 +63,7 @@ from meshrelay.store.base import (
     SweepResult,
     bucket_refusal,
     cut_page,
+    fill_bodies,
     junk_budget,
     settle_batch,
 )
@@ -966,35 +967,17 @@ class SQLiteStore:
         ack_keys = [(str(mb), str(n)) for mb, n in acks]
 
         def q(conn: sqlite3.Connection) -> Bodies:
-            out = Bodies()
-            total = 0
-            taken = 0
-            cut = False
             # One statement per kind (json_each keeps the request order); a
             # row without a body is not held (gone).
             env_rows = conn.execute(_BODIES_ENVELOPES, {"items": json.dumps(ids), "now": now}).fetchall() if ids else []
             ack_rows = (
                 conn.execute(_BODIES_ACKS, {"items": json.dumps(ack_keys), "now": now}).fetchall() if ack_keys else []
             )
-            for i, size, body in env_rows:
-                if body is None:
-                    out.gone_envelopes.append(ids[i])
-                elif not cut and (not taken or total + size <= max_bytes):
-                    out.envelopes.append(body)
-                    total += size
-                    taken += 1
-                else:
-                    cut = True
-            for i, size, body in ack_rows:
-                if body is None:
-                    out.gone_acks.append(ack_keys[i])
-                elif not cut and (not taken or total + size <= max_bytes):
-                    out.acks.append(body)
-                    total += size
-                    taken += 1
-                else:
-                    cut = True
-            return out
+            return fill_bodies(
+                ((ids[i], None if body is None else (size, body)) for i, size, body in env_rows),
+                ((ack_keys[i], None if body is None else (size, body)) for i, size, body in ack_rows),
+                max_bytes,
+            )
 
         return self._read(q)
 
