@@ -1008,34 +1008,26 @@ class PostgresStore:
                     (tombstone_expires, mailbox, unheld),
                 )
                 known = {r[0] for r in cur.fetchall()}
-                rest_vouched = [m for m in unheld if m not in known and m in vouched_ids]
-                rest = [m for m in unheld if m not in known and m not in vouched_ids]
-                if rest_vouched:
-                    # Attested ids are not junk: only the storage cap bounds them.
+                for junk_flag in (0, 1):
+                    # Attested ids (v4) are not junk: only the storage cap bounds them.
+                    # For junk, the shared total is this process's last view plus this batch
+                    # (another process's batch may add a little); the junk total is exact (row lock).
+                    rest = [m for m in unheld if m not in known and (m in vouched_ids) != bool(junk_flag)]
+                    if not rest:
+                        continue
                     room = caps.max_stored_bytes - self._bytes - tx.d_bytes
-                    take = rest_vouched[: max(0, room // TOMBSTONE_BYTES)]
-                    skipped += len(rest_vouched) - len(take)
-                    if take:
-                        cur.execute(
-                            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) SELECT %s, m, %s, 0 "
-                            "FROM unnest(%s::text[]) AS m ON CONFLICT (mailbox, msg_id) DO NOTHING",
-                            (mailbox, tombstone_expires, take),
-                        )
-                        tx.d_bytes += TOMBSTONE_BYTES * cur.rowcount
-                if rest:
-                    # The shared total is this process's last view plus this batch (another
-                    # process's batch may add a little); the junk total is exact (row lock).
-                    room = min(budget - tx.junk_now(cur), caps.max_stored_bytes - self._bytes - tx.d_bytes)
+                    if junk_flag:
+                        room = min(room, budget - tx.junk_now(cur))
                     take = rest[: max(0, room // TOMBSTONE_BYTES)]
                     skipped += len(rest) - len(take)
                     if take:
                         cur.execute(
-                            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) SELECT %s, m, %s, 1 "
+                            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) SELECT %s, m, %s, %s "
                             "FROM unnest(%s::text[]) AS m ON CONFLICT (mailbox, msg_id) DO NOTHING",
-                            (mailbox, tombstone_expires, take),
+                            (mailbox, tombstone_expires, junk_flag, take),
                         )
                         tx.d_bytes += TOMBSTONE_BYTES * cur.rowcount
-                        tx.junk_delta += TOMBSTONE_BYTES * cur.rowcount
+                        tx.junk_delta += TOMBSTONE_BYTES * cur.rowcount * junk_flag
             if ids:
                 cur.execute("DELETE FROM refused WHERE mailbox = %s AND msg_id = ANY(%s)", (mailbox, ids))
             key = (mailbox, ack.nonce)
