@@ -273,6 +273,11 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
     cluster = Cluster(["solo", "a", "b", "c"], [("a", "b"), ("a", "c"), ("b", "c")], config)
     client, pool = make_client(reactor, args.concurrency)
 
+    def pushes_of_a() -> tuple[float, float]:
+        """(push requests, items pushed) by A so far, to both peers."""
+        base = "meshrelay_dm_replication_push_batch_size"
+        return cluster.gauge("a", base + "_count"), cluster.gauge("a", base + "_sum")
+
     def pulls_from_a(peer: str) -> float:
         return cluster.gauge_labelled(peer, "meshrelay_sync_pull_total", peer=cluster["a"].url, outcome="ok")
 
@@ -291,8 +296,10 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                 node = cluster[name]
                 before = node_cpu(node)
                 spies = start_profilers(args.profile and os.path.join(args.profile, f"{name}-{r + 1}"), {name: node})
+                pushes_before = pushes_of_a() if name == "a" else (0.0, 0.0)
                 seconds, failures = await closed_loop(client, node.url + SEND, bodies, args.concurrency, args.rate)
                 if name == "a":
+                    batches = pushes_of_a()
                     marks = {p: pulls_from_a(p) for p in ("b", "c")}
                     target = cluster.gauge("a", "meshrelay_stored_envelopes")
                     for peer in ("b", "c"):
@@ -314,9 +321,14 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                 own, writer = (after[0] - before[0]) / done, (after[1] - before[1]) / done
                 per[name].append(own + writer)
                 label = "no peers " if name == "solo" else "2 peers  "
+                pushed = ""
+                if name == "a":
+                    requests, items = batches[0] - pushes_before[0], batches[1] - pushes_before[1]
+                    pushed = f"; {requests:.0f} push requests, {items / max(requests, 1):.1f} items each"
                 print(
                     f"  round {r + 1} {label}: {(own + writer) * 1e6:7.0f} us CPU per deposit "
-                    f"(node {own * 1e6:.0f} + writer {writer * 1e6:.0f}; {done / seconds:.0f} deposits/s, {failures} failed)"
+                    f"(node {own * 1e6:.0f} + writer {writer * 1e6:.0f}; {done / seconds:.0f} deposits/s, "
+                    f"{failures} failed{pushed})"
                 )
         solo, mesh = statistics.median(per["solo"]), statistics.median(per["a"])
         print(

@@ -42,6 +42,13 @@ class Metrics:
             ["peer", "outcome"],
             registry=r,
         )
+        self.push_batch_size = Histogram(
+            "meshrelay_dm_replication_push_batch_size",
+            "Items per push request to a peer (envelopes or acks): count is the requests, sum the items",
+            ["peer"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
         self.push_dropped_total = Counter(
             "meshrelay_dm_replication_dropped",
             "Items dropped from a full per-peer push queue (sync repairs them)",
@@ -127,6 +134,7 @@ class Metrics:
         for outcome in ("ok", "error"):
             self.sync_pull_total.labels(peer, outcome)
         self.push_dropped_total.labels(peer)
+        self.push_batch_size.labels(peer)
         self.push_queue_depth.labels(peer).set(0)
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:

@@ -286,6 +286,7 @@ class PushQueue:
         self._depth = metrics.push_queue_depth.labels(self.url)
         self._pushed = {o: metrics.push_total.labels(self.url, o) for o in ("ok", "rejected", "error")}
         self._dropped = metrics.push_dropped_total.labels(self.url)
+        self._batch_size = metrics.push_batch_size.labels(self.url)
         self._depth.set(0)
 
     def start(self) -> None:
@@ -411,6 +412,7 @@ class PushQueue:
         return parts, (opening + ",".join(parts) + closing).encode("utf-8")
 
     def _send(self, kind: str, items: list[str], body: bytes) -> None:
+        self._batch_size.observe(len(items))
         self.inflight += 1
         self.last_sent = self.clock.seconds()
         path = REPLICATE_PATH if kind == ENVELOPE else ACK_PATH

@@ -345,7 +345,12 @@ def json_response(request: Any, status: int, value: Any, retry_after: int | None
         request.setHeader(b"Retry-After", b"%d" % max(1, retry_after))
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
-    return dumps_json(value)
+    body = dumps_json(value)
+    # Answers of async routes are written after render returns: without a length
+    # twisted.web would send them chunked, which costs framing here and a chunk
+    # decoder in every client (peers pushing and pulling included).
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
 
 
 def read_json(request: Any) -> Any:
