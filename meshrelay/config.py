@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
+import json
 import os
 import re
 import secrets
@@ -562,20 +564,27 @@ RESTART_KEYS = frozenset(
 _NONE = "(none)"
 
 
-def _secret_tag(secret: str) -> str:
-    """A stand-in for comparing secrets without keeping or showing them."""
-    return hashlib.sha256(b"meshrelay-config-diff\n" + secret.encode("utf-8")).hexdigest()
+def _secret_tag(secret: str, salt: bytes) -> str:
+    """A stand-in for comparing secrets without showing them: HMAC-SHA256 under a caller's salt."""
+    if not secret:
+        return ""
+    return hmac.new(b"meshrelay-config-diff\n" + salt, secret.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def _flat(cfg: Config) -> dict[str, tuple[Any, str]]:
-    """key -> (comparable value, display text with secrets masked)."""
+def flat_values(cfg: Config, salt: bytes = b"") -> dict[str, tuple[Any, str]]:
+    """key -> (comparable value, display text with secrets masked), JSON-shaped.
+
+    Secrets are compared through :func:`_secret_tag` under ``salt``: two sides
+    compare equal only when both used the same salt (``check-config
+    --diff-running`` sends a fresh one to the node).
+    """
     out: dict[str, tuple[Any, str]] = {}
     for name, cls in _SECTIONS.items():
         section = getattr(cfg, name)
         for f in dataclasses.fields(cls):
             value = getattr(section, f.name)
             if name == "store" and f.name == "dsn":
-                out[f"{name}.{f.name}"] = (_secret_tag(value), "***" if value else '""')
+                out[f"{name}.{f.name}"] = (_secret_tag(value, salt), "***" if value else '""')
             else:
                 out[f"{name}.{f.name}"] = (value, _toml_value(value))
     for peer in cfg.peers:
@@ -587,23 +596,28 @@ def _flat(cfg: Config) -> dict[str, tuple[Any, str]]:
             value = getattr(peer, f.name)
             if f.name == "secrets":
                 shown = "[" + ", ".join(f"{s.id}=***" for s in value) + "]"
-                out[f"{where}.{f.name}"] = (tuple((s.id, _secret_tag(s.secret)) for s in value), shown)
+                out[f"{where}.{f.name}"] = ([[s.id, _secret_tag(s.secret, salt)] for s in value], shown)
             elif not f.repr:
                 # A secret (repr=False): compared through its tag, never shown.
-                out[f"{where}.{f.name}"] = (_secret_tag(str(value)), "***")
+                out[f"{where}.{f.name}"] = (_secret_tag(str(value), salt), "***")
             else:
                 out[f"{where}.{f.name}"] = (value, _toml_value(value))
     listeners = [dataclasses.asdict(x) for x in cfg.listeners]
     out["listeners"] = (listeners, _toml_value(listeners) if listeners else "[]")
-    return out
+    # JSON-shaped (tuples as lists), so a side that went through JSON compares equal.
+    return {k: (json.loads(json.dumps(v)), text) for k, (v, text) in out.items()}
 
 
 def diff_configs(old: Config, new: Config) -> list[ConfigChange]:
-    """What changes from ``old`` to ``new``, key by key, secrets masked, each marked live or restart.
+    """What changes from ``old`` to ``new``, key by key, secrets masked, each marked live or restart."""
+    return diff_flat(flat_values(old), flat_values(new))
+
+
+def diff_flat(a: dict[str, Any], b: dict[str, Any]) -> list[ConfigChange]:
+    """What changes from ``a`` to ``b`` (two :func:`flat_values`).
 
     A peer added or removed is one change ``peers[URL]``; a peer in both is compared key by key.
     """
-    a, b = _flat(old), _flat(new)
     changes: list[ConfigChange] = []
     gone_peers = {k for k in a if k.startswith("peers[") and k.endswith("]") and k not in b}
     new_peers = {k for k in b if k.startswith("peers[") and k.endswith("]") and k not in a}
@@ -617,7 +631,7 @@ def diff_configs(old: Config, new: Config) -> list[ConfigChange]:
             changes.append(ConfigChange(key, _NONE, "added", True))
             continue
         va, vb = a.get(key), b.get(key)
-        if va is not None and vb is not None and va[0] == vb[0]:
+        if va is not None and vb is not None and list(va)[0] == list(vb)[0]:
             continue
         old_text = va[1] if va is not None else _NONE
         new_text = vb[1] if vb is not None else _NONE
