@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -11,7 +12,7 @@ from typing import Any
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshrelay import cli
+from meshrelay import cli, replication
 from meshrelay.config import ConfigError, build_config, diff_configs, diff_flat, flat_values, load_config
 from meshrelay.peers import H_HMAC, H_KEY_ID, H_NONCE, H_TS, H_URL, PeerSigner
 from meshrelay.protocol import CHANGES_PATH
@@ -336,6 +337,19 @@ class RotationUnderTrafficTests(SynchronousTestCase):
     """The operator's procedure (docs/operator.md section 4) on two nodes with deposits flowing both ways."""
 
     def test_rotation_without_one_refusal(self) -> None:
+        self.rotate(key_ids=True)
+
+    def test_rotation_with_peers_that_send_no_key_id(self) -> None:
+        """Peers that never name their key (no key_ids in features, as an older node): trial alone suffices."""
+        real = replication.parse_features
+
+        def without_key_ids(obj: Any) -> Any:
+            return dataclasses.replace(real(obj), key_ids=False)
+
+        self.patch(replication, "parse_features", without_key_ids)
+        self.rotate(key_ids=False)
+
+    def rotate(self, key_ids: bool) -> None:
         mesh = Mesh(self.mktemp(), names=("a", "b"), sync={"interval": 5})
         self.addCleanup(mesh.stop)
         old = link_secret("a", "b")
@@ -372,7 +386,7 @@ class RotationUnderTrafficTests(SynchronousTestCase):
             # After step 3 each side negotiated and names its key.
             repl = mesh[name].node.replication
             assert repl is not None
-            self.assertTrue(repl.peers[0].transport.signer.send_key_id)
+            self.assertEqual(repl.peers[0].transport.signer.send_key_id, key_ids)
         step([("new", NEW_SECRET)])  # 5. both drop the old one
         traffic(3)
         mesh.sync_all()
