@@ -270,6 +270,13 @@ class Node(Service):
                 error=str(e),
             )
             return None
+        except Exception:
+            # A bug, not a bad file: the new config may be partly applied; say so once, keep serving.
+            self.metrics.config_reloads.labels("failed").inc()
+            self.log.failure(
+                "config reload failed part way (generation {generation})", generation=self.config_generation
+            )
+            return None
         self.metrics.config_reloads.labels("ok").inc()
         applied = ", ".join(c.key for c in report.applied) or "nothing"
         restart = ", ".join(c.key for c in report.needs_restart)
