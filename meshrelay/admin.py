@@ -19,6 +19,7 @@ replication is running.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from klein import Klein
@@ -27,9 +28,12 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
+from meshrelay.config import flat_values
 from meshrelay.metrics import Metrics
 from meshrelay.status import RateSampler, render_status
 from meshrelay.web import error_body, install_error_table, json_response, note_refusal
+
+_SALT_RE = re.compile(r"(?:[0-9a-fA-F]{2}){0,32}")
 
 #: names that always mean this machine
 LOOPBACK_NAMES = frozenset(("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"))
@@ -197,6 +201,34 @@ class AdminAPI:
     def metrics_json(self, request: Any) -> bytes:
         self._refresh_gauges()
         return json_response(request, 200, {"ok": True, "metrics": self.metrics.as_json()})
+
+    @app.route("/api/mesh/config", methods=["GET"])
+    def running_config(self, request: Any) -> bytes:
+        """The running config, key by key, secrets masked (``meshrelay check-config --diff-running``).
+
+        ``?salt=HEX`` (up to 64 hex digits): secrets are given as HMACs under that salt, so that the
+        caller can tell whether its file's secrets differ without any secret leaving the node.
+        """
+        node = self.node
+        if node is None:
+            return json_response(request, 404, error_body("not_found", "no node to show"))
+        salts = request.args.get(b"salt", [b""])
+        salt_text = salts[0].decode("latin-1") if len(salts) == 1 else "?"
+        if set(request.args) - {b"salt"} or not _SALT_RE.fullmatch(salt_text):
+            return json_response(
+                request, 400, error_body("bad_request", "the only query is salt=HEX (0-64 hex digits)")
+            )
+        values = flat_values(node.config, bytes.fromhex(salt_text))
+        return json_response(
+            request,
+            200,
+            {
+                "ok": True,
+                "source": node.config.source,
+                "generation": getattr(node, "config_generation", 1),
+                "values": {k: list(v) for k, v in values.items()},
+            },
+        )
 
     @app.route("/status", methods=["GET"])
     def status(self, request: Any) -> bytes:

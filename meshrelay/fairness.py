@@ -74,6 +74,12 @@ class AddressPolicy:
         self.ipv6_prefix = ipv6_prefix
         self.address_means_nothing = address_means_nothing
 
+    def reconfigure(self, trusted_proxies: str, ipv4_prefix: int, ipv6_prefix: int) -> None:
+        """A reloaded config's proxies and prefixes (whether the address means anything stays)."""
+        self.proxies = parse_proxies(trusted_proxies)
+        self.ipv4_prefix = ipv4_prefix
+        self.ipv6_prefix = ipv6_prefix
+
     def with_address_meaning_nothing(self, flag: bool) -> AddressPolicy:
         """The same policy for a listener whose connecting address does (not) mean anything."""
         return AddressPolicy(self.proxies, self.ipv4_prefix, self.ipv6_prefix, flag)

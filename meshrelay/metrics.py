@@ -73,6 +73,21 @@ class Metrics:
         self.peer_auth_failures = Counter(
             "meshrelay_peer_auth_failures", "Peer requests refused by authentication", ["reason"], registry=r
         )
+        self.peer_auth_keys = Counter(
+            "meshrelay_peer_auth_keys",
+            'Peer requests authenticated, by peer and the key id of the secret that matched ("" = no id)',
+            ["peer", "key_id"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "meshrelay_config_reloads", "Config reloads (SIGHUP) by outcome: ok or failed", ["outcome"], registry=r
+        )
+        self.config_generation = Gauge(
+            "meshrelay_config_generation", "Configs applied since start-up (1 = the start-up config)", registry=r
+        )
+        self.config_loaded_at = Gauge(
+            "meshrelay_config_loaded_timestamp_seconds", "When the running config was applied (Unix time)", registry=r
+        )
         self.stored_envelopes = Gauge("meshrelay_stored_envelopes", "Envelopes stored", registry=r)
         self.stored_bytes = Gauge(
             "meshrelay_stored_bytes",

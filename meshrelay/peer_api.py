@@ -214,6 +214,7 @@ class PeerAPI:
                 "page_bytes": self.relay.config.sync.page_bytes,
                 "max_ids": MAX_IDS_LIMIT,
                 "max_bodies": MAX_BODIES,
+                "key_ids": True,
             },
         )
 

@@ -84,6 +84,12 @@ class PolicyPeer:
         self._pulling: Deferred[None] | None = None
         self._outstanding: set[Deferred[Any]] = set()
 
+    def set_interval(self, interval: float) -> None:
+        """A reloaded ``sync.interval``: from the next pull on."""
+        self.interval = interval
+        if self._loop is not None:
+            self._loop.interval = interval
+
     def start(self) -> None:
         self._loop = LoopingCall(self.pull_now)
         self._loop.clock = self.clock

@@ -92,6 +92,8 @@ class Features:
     page_bytes: int
     max_ids: int
     max_bodies: int
+    #: the peer reads ``X-Peer-Key-Id`` (section 5.6)
+    key_ids: bool = False
 
     @property
     def v2(self) -> bool:
@@ -127,6 +129,7 @@ def parse_features(obj: Any) -> Features:
         _int(obj, "page_bytes", 1, MAX_INT),
         _int(obj, "max_ids", 1, MAX_INT),
         _int(obj, "max_bodies", 1, MAX_INT),
+        obj.get("key_ids") is True,
     )
 
 

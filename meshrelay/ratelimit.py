@@ -22,6 +22,13 @@ class RateLimiter:
         self.max_keys = max_keys
         self._buckets: OrderedDict[Hashable, list[float]] = OrderedDict()
 
+    def reconfigure(self, rate: float, burst: float) -> None:
+        """New rate and burst (a config reload); each bucket keeps its tokens, up to the new burst."""
+        self.rate = float(rate)
+        self.burst = float(max(burst, 1))
+        for bucket in self._buckets.values():
+            bucket[0] = min(bucket[0], self.burst)
+
     @property
     def enabled(self) -> bool:
         return self.rate > 0

@@ -208,6 +208,18 @@ class Relay:
         self.policy_listeners: list[Callable[[P.Policy], None]] = []
         self._update_gauges()
 
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config's limits and fetch_remote bounds (read per request from here on)."""
+        self.config = config
+        self.limits = config.limits
+        self.poll_nonces.window = 2 * config.limits.clock_skew
+        self.poll_nonces.max_entries = config.limits.max_nonces
+        sync = config.sync
+        gate = self.fetch_gate
+        gate.max_concurrent = sync.fetch_remote_max_concurrent
+        gate.min_interval = sync.fetch_remote_min_interval
+        gate.timeout = sync.fetch_remote_timeout
+
     # ------------------------------------------------------------------ helpers
 
     def now(self) -> int:

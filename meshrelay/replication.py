@@ -178,7 +178,17 @@ class Transport:
         self.url = peer.url
         self.http = http
         self.clock = clock
-        self.signer = PeerSigner(config.node.public_url, peer.secret)
+        self.reachable: bool | None = None
+        #: everything in flight for this peer (pushes, pulls, runs): cancelled on stop
+        self.outstanding: set[Deferred[Any]] = set()
+        self.reconfigure(peer, config)
+
+    def reconfigure(self, peer: PeerConfig, config: Config) -> None:
+        """Take a reloaded config: the signing secret, ``connect``, the timeout (the URL stays)."""
+        send_key_id = getattr(getattr(self, "signer", None), "send_key_id", False)
+        self.signer = PeerSigner(config.node.public_url, peer.secret, peer.key_id)
+        # What negotiation learned about the peer still holds.
+        self.signer.send_key_id = send_key_id
         self.timeout = config.sync.push_timeout
         # Where to dial: ``connect`` (scheme://host:port) when given, else the
         # URL itself; the path prefix, identity and keys always come from url.
@@ -187,9 +197,6 @@ class Transport:
         dial = urlsplit(peer.connect) if peer.connect else target
         self.origin = f"{dial.scheme}://{dial.netloc}"
         self.host_header = target.netloc if peer.connect else None
-        self.reachable: bool | None = None
-        #: everything in flight for this peer (pushes, pulls, runs): cancelled on stop
-        self.outstanding: set[Deferred[Any]] = set()
 
     def track(self, d: Deferred[Any]) -> Deferred[Any]:
         self.outstanding.add(d)
@@ -265,14 +272,9 @@ class PushQueue:
         self.url = transport.url
         self.clock = clock
         self.log_agg = log_agg
-        sync = config.sync
-        self.queue_max = sync.push_queue_max
-        self.queue_bytes_max = sync.push_queue_bytes
-        self.inflight_max = sync.push_inflight_max
-        self.linger = sync.push_linger_ms / 1000.0
+        self.reconfigure(config)
         #: when the last request started (on the injected clock)
         self.last_sent = float("-inf")
-        self.max_body = config.limits.max_replicate_body_bytes
         self.queues: dict[str, deque[str]] = {ENVELOPE: deque(), ACK: deque()}
         self.queued_bytes = {ENVELOPE: 0, ACK: 0}
         self.inflight = 0
@@ -288,6 +290,15 @@ class PushQueue:
         self._dropped = metrics.push_dropped_total.labels(self.url)
         self._batch_size = metrics.push_batch_size.labels(self.url)
         self._depth.set(0)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config's push bounds (what is queued stays queued)."""
+        sync = config.sync
+        self.queue_max = sync.push_queue_max
+        self.queue_bytes_max = sync.push_queue_bytes
+        self.inflight_max = sync.push_inflight_max
+        self.linger = sync.push_linger_ms / 1000.0
+        self.max_body = config.limits.max_replicate_body_bytes
 
     def start(self) -> None:
         self._stopped = False
@@ -515,12 +526,8 @@ class SyncPuller:
         self.metrics = metrics
         self.clock = clock
         self.holder = holder
-        sync = config.sync
-        self.interval = sync.interval
-        self.page_limit = min(sync.page_limit, MAX_CHANGES_LIMIT)
         self.ids_limit = DEFAULT_IDS_LIMIT
-        self.lease_ttl = max(60, 3 * sync.push_timeout)
-        self.max_message_bytes = config.limits.max_message_bytes
+        self.reconfigure(config)
         #: the protocol versions this side speaks (a test double may narrow it to (1,))
         self.versions: tuple[int, ...] = PROTOCOL_VERSIONS
         #: what the peer speaks: None until negotiated (again after a failed run)
@@ -540,6 +547,14 @@ class SyncPuller:
         metrics.peer_sync_lag.labels(self.url).set_function(self.lag_gauge_value)
 
     # ------------------------------------------------------------------ lifecycle
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config's sync settings (from the next run on; the cursor stays)."""
+        sync = config.sync
+        self.interval = sync.interval
+        self.page_limit = min(sync.page_limit, MAX_CHANGES_LIMIT)
+        self.lease_ttl = max(60, 3 * sync.push_timeout)
+        self.max_message_bytes = config.limits.max_message_bytes
 
     def start(self) -> None:
         self._stopped = False
@@ -630,6 +645,8 @@ class SyncPuller:
         except Exception as e:
             raise PeerError(_describe(Failure(e))) from e
         self.features = features
+        # Name our signing secret in X-Peer-Key-Id only to a peer that reads it (5.6).
+        self.transport.signer.send_key_id = features.key_ids
         return features
 
     @property
@@ -1006,11 +1023,24 @@ class PeerClient:
         holder: str,
     ) -> None:
         self.url = peer.url
+        #: this peer's entry of the running config
+        self.peer = peer
         self.transport = Transport(peer, config, http, clock)
         self.push = PushQueue(self.transport, config, metrics, clock, relay.log_agg)
         self.puller = SyncPuller(self.transport, config, relay, store, metrics, clock, holder)
         #: v3: this peer's policy push and pull (set by Replication)
         self.policy_peer: PolicyPeer | None = None
+
+    def reconfigure(self, peer: PeerConfig, config: Config, http: HTTPClient | None = None) -> None:
+        """Take a reloaded config (same URL): secrets, connect, bounds; the push queue and cursor stay."""
+        self.peer = peer
+        self.transport.reconfigure(peer, config)
+        if http is not None:
+            self.transport.http = http
+        self.push.reconfigure(config)
+        self.puller.reconfigure(config)
+        if self.policy_peer is not None:
+            self.policy_peer.set_interval(config.sync.interval)
 
     def start(self) -> None:
         self.push.start()
@@ -1056,22 +1086,74 @@ class Replication:
     ) -> None:
         self.relay = relay
         self.store = store
+        self.metrics = metrics
         self.clock = clock
+        self.client_factory = client_factory
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self.peers = [
-            PeerClient(p, config, relay, store, metrics, client_factory(p), clock, self.holder) for p in config.peers
-        ]
+        self.peers = [self._make_peer(p, config) for p in config.peers]
         self._by_url = {p.url: p for p in self.peers}
-        # v3: each peer's policy push and pull, over that peer's signed transport.
-        for peer in self.peers:
-            peer.policy_peer = peer.puller.policy_peer = PolicyPeer(
-                peer.url, peer.transport.request, relay, clock, config.sync.interval
-            )
         self.running = False
         #: mailboxes whose space freed since the last refetch round (None: any mailbox)
         self._freed: set[str | None] = set()
         self._refetch_call: Any = None
         self._refetching: Deferred[None] | None = None
+
+    def _make_peer(self, peer: PeerConfig, config: Config) -> PeerClient:
+        client = PeerClient(
+            peer, config, self.relay, self.store, self.metrics, self.client_factory(peer), self.clock, self.holder
+        )
+        # v3: the peer's policy push and pull, over its signed transport.
+        client.policy_peer = client.puller.policy_peer = PolicyPeer(
+            client.url, client.transport.request, self.relay, self.clock, config.sync.interval
+        )
+        return client
+
+    def reconfigure(self, config: Config) -> tuple[list[str], list[str], list[str]]:
+        """Take a reloaded config's peers: (added, removed, changed) URLs.
+
+        A removed peer stops (its requests are cancelled, its queue dropped:
+        sync repairs); an added one starts pushing and syncing from its durable
+        cursor; a peer whose entry changed keeps its push queue, cursor and
+        connections, and signs with its new secret from the next request on.
+        Every peer takes the new push and sync bounds.
+        """
+        wanted = {p.url: p for p in config.peers}
+        removed = [url for url in self._by_url if url not in wanted]
+        added: list[str] = []
+        changed: list[str] = []
+        for url in removed:
+            client = self._by_url.pop(url)
+            client.stop()
+            if client.policy_peer is not None:
+                client.policy_peer.stop()
+            # Its lag gauge reads the stopped puller: gone with the peer (re-made if it comes back).
+            try:
+                self.metrics.peer_sync_lag.remove(url)
+            except KeyError:
+                pass
+        peers: list[PeerClient] = []
+        for url, entry in wanted.items():
+            client_or_none = self._by_url.get(url)
+            if client_or_none is None:
+                self.metrics.init_peer(url)
+                client = self._make_peer(entry, config)
+                self._by_url[url] = client
+                added.append(url)
+                if self.running:
+                    client.start()
+                    if client.policy_peer is not None:
+                        client.policy_peer.start()
+            else:
+                client = client_or_none
+                if client.peer != entry:
+                    changed.append(url)
+                    # The HTTP client may depend on the entry (where to dial, how).
+                    client.reconfigure(entry, config, self.client_factory(entry))
+                else:
+                    client.reconfigure(entry, config)
+            peers.append(client)
+        self.peers = peers
+        return added, removed, changed
 
     def start(self) -> None:
         if self.running:

@@ -310,6 +310,8 @@ class Store(Protocol):
 
     #: random id fixed when the store was created (the ``changes`` feed id)
     feed_id: str
+    #: the bounds enforced inside the write transaction; a config reload sets new ones
+    caps: Caps
 
     def start(self) -> None:
         """Start worker threads or connection pools; called once by the node service."""

@@ -695,8 +695,10 @@ class SQLiteStore:
 
     @caps.setter
     def caps(self, caps: Caps) -> None:
-        # In-process writers only: a writer process got its caps when it started.
+        # A config reload: the in-process core, and a writer process (which takes them between batches).
         self._core.caps = caps
+        if self._process is not None:
+            self._process.set_caps(caps)
 
     # ------------------------------------------------------------------ lifecycle
 
