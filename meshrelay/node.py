@@ -66,10 +66,8 @@ class Node(Service):
             else Verifier()
         )
         self.relay = Relay(self.store, config, reactor, self.metrics, self.verifier)
-        store_log = getattr(self.store, "log", None)
-        if isinstance(store_log, Logger):
-            # The store logs per operation (a failing disk fails every write): aggregate it too.
-            self.store.log = AggregatingLogger(store_log, self.relay.log_agg, "store:")  # type: ignore[attr-defined]
+        # The store logs per operation (a failing disk fails every write): aggregate it too.
+        self.store.log = AggregatingLogger(self.store.log, self.relay.log_agg, "store:")
         # Read at every scrape: acks and tombstones change the stored total too, also
         # when an ack deletes nothing here.
         store = self.store
@@ -171,8 +169,8 @@ class Node(Service):
             peers=len(self.config.peers),
             durability=self.config.node.durability,
         )
-        migrated_from = getattr(self.store, "migrated_from", None)
-        if isinstance(migrated_from, int) and migrated_from < LATEST_VERSION:
+        migrated_from = self.store.migrated_from
+        if migrated_from < LATEST_VERSION:
             self.log.info(
                 "store schema migrated from version {old} to {new}"
                 if migrated_from
