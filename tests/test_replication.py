@@ -19,7 +19,7 @@ from meshrelay.protocol import Features
 from meshrelay.relay import NoReplication
 from meshrelay.replication import MAX_FETCH_PAGES, PeerError, parse_page
 from meshrelay.status import PEER_KEYS
-from tests.helpers import Identity, MemNode, Mesh
+from tests.helpers import Identity, MemNode, Mesh, dump_live
 
 REPLICATE = "/api/mesh/dm/replicate-envelope"
 ACK = "/api/mesh/dm/ack"
@@ -76,10 +76,10 @@ class MeshTestCase(SynchronousTestCase):
         return env
 
     def live(self, name: str) -> list[str]:
-        return self.mesh[name].store.dump_live(self.now())["envelopes"]  # type: ignore[no-any-return]
+        return dump_live(self.mesh[name].store, self.now())["envelopes"]  # type: ignore[no-any-return]
 
     def tombstones(self, name: str) -> list[tuple[str, str]]:
-        return self.mesh[name].store.dump_live(self.now())["tombstones"]  # type: ignore[no-any-return]
+        return dump_live(self.mesh[name].store, self.now())["tombstones"]  # type: ignore[no-any-return]
 
     def call(self, name: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """A client request to node ``name`` that may need the mesh to move before it answers."""
@@ -866,7 +866,7 @@ class ConnectOptionTests(SynchronousTestCase):
             headers[H_HMAC],
             compute_mac(key, "POST", "/mesh" + REPLICATE, int(headers[H_TS]), headers[H_NONCE], body),
         )
-        self.assertEqual(b.store.dump_live(int(b.clock.seconds()))["envelopes"], [env["msg_id"]])
+        self.assertEqual(dump_live(b.store, int(b.clock.seconds()))["envelopes"], [env["msg_id"]])
         self.assertEqual(
             a.metrics.sample("meshrelay_dm_replication_push_total", {"peer": "http://b.test/mesh", "outcome": "ok"}), 1
         )

@@ -1017,15 +1017,3 @@ class SQLiteStore:
             return None if row is None else Cursor(peer, row[0], int(row[1]), float(row[2]))
 
         return self._read(q)
-
-    # ------------------------------------------------------------------ test and tool helpers
-
-    def dump_live(self, now: int) -> dict[str, Any]:
-        """Synchronous snapshot of live content (tests, ``migrate-store`` checks)."""
-        c = self._wconn
-        return {
-            "envelopes": sorted(r[0] for r in c.execute("SELECT msg_id FROM envelopes WHERE expires > ?", (now,))),
-            "tombstones": sorted(
-                (r[0], r[1]) for r in c.execute("SELECT mailbox, msg_id FROM tombstones WHERE expires > ?", (now,))
-            ),
-        }
