@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
 from meshrelay.config import Config
@@ -132,7 +133,7 @@ class PeerAuthenticator:
     log = Logger()
 
     def __init__(
-        self, config: Config, store: Store, metrics: Metrics, clock: Any, log_agg: Aggregator | None = None
+        self, config: Config, store: Store, metrics: Metrics, clock: IReactorTime, log_agg: Aggregator | None = None
     ) -> None:
         self.store = store
         #: refusals are logged through this: one line per reason per interval, with counts

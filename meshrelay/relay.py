@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
@@ -129,7 +130,7 @@ class _Waiter:
         self.share = share
         self.woken = False
         self._d: Deferred[None] | None = None
-        self._timer: Any | None = None
+        self._timer: IDelayedCall | None = None
 
     def wake(self) -> None:
         if self.woken:
@@ -140,7 +141,7 @@ class _Waiter:
         if self._d is not None and not self._d.called:
             self._d.callback(None)
 
-    def wait(self, clock: Any, timeout: float) -> Deferred[None]:
+    def wait(self, clock: IReactorTime, timeout: float) -> Deferred[None]:
         """Fire after a wake or ``timeout`` seconds; cancelling stops the timer."""
 
         def cancel(_: Deferred[None]) -> None:
@@ -165,7 +166,7 @@ class Relay:
         self,
         store: Store,
         config: Config,
-        clock: Any,
+        clock: IReactorTime,
         metrics: Metrics | None = None,
         verifier: Verifier | None = None,
     ) -> None:

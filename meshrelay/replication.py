@@ -49,6 +49,7 @@ from twisted.internet.defer import (
     gatherResults,
     succeed,
 )
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
@@ -171,7 +172,7 @@ class Transport:
 
     log = Logger()
 
-    def __init__(self, peer: PeerConfig, config: Config, http: HTTPClient, clock: Any) -> None:
+    def __init__(self, peer: PeerConfig, config: Config, http: HTTPClient, clock: IReactorTime) -> None:
         self.url = peer.url
         self.http = http
         self.clock = clock
@@ -257,7 +258,9 @@ class PushQueue:
 
     log = Logger()
 
-    def __init__(self, transport: Transport, config: Config, metrics: Metrics, clock: Any, log_agg: Aggregator) -> None:
+    def __init__(
+        self, transport: Transport, config: Config, metrics: Metrics, clock: IReactorTime, log_agg: Aggregator
+    ) -> None:
         self.transport = transport
         self.url = transport.url
         self.clock = clock
@@ -500,7 +503,7 @@ class SyncPuller:
         relay: Relay,
         store: Store,
         metrics: Metrics,
-        clock: Any,
+        clock: IReactorTime,
         holder: str,
     ) -> None:
         self.transport = transport
@@ -985,7 +988,7 @@ class PeerClient:
         store: Store,
         metrics: Metrics,
         http: HTTPClient,
-        clock: Any,
+        clock: IReactorTime,
         holder: str,
     ) -> None:
         self.url = peer.url
@@ -1034,7 +1037,7 @@ class Replication:
         relay: Relay,
         store: Store,
         metrics: Metrics,
-        clock: Any,
+        clock: IReactorTime,
         client_factory: ClientFactory,
     ) -> None:
         self.relay = relay
@@ -1240,4 +1243,5 @@ class PooledHTTPClients:
         return cast(HTTPClient, self.client)
 
     def close(self) -> Deferred[None]:
-        return self.pool.closeCachedConnections()
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed

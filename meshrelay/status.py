@@ -21,6 +21,7 @@ from typing import Any
 
 from prometheus_client import Counter
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from meshrelay import __version__
@@ -99,7 +100,7 @@ class RateSampler(Service):
 
     name = "meshrelay-rates"
 
-    def __init__(self, metrics: Metrics, clock: Any, interval: float = 5.0, window: float = 60.0) -> None:
+    def __init__(self, metrics: Metrics, clock: IReactorTime, interval: float = 5.0, window: float = 60.0) -> None:
         self.metrics = metrics
         self.clock = clock
         self.interval = interval

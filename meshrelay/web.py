@@ -106,7 +106,7 @@ class _PrivateRequest(server.Request):
         MalformedHTTPTests.test_star_target_answers_in_the_error_shape.
         """
         if self.method == b"OPTIONS":
-            super()._handleStar()  # type: ignore[misc]
+            super()._handleStar()
             return
         self.setHeader(b"Allow", b"OPTIONS")
         body = json_response(self, 405, error_body("method_not_allowed", "only OPTIONS applies to *"))
@@ -133,7 +133,7 @@ class _PrivateChannel(http.HTTPChannel):
         note_refusal(_site_agg(self), "bad_http", "refused 400 bad_request: malformed HTTP")
         body = dumps_json(error_body("bad_request", "malformed HTTP request"))
         if self.transport is not None:
-            self.transport.write(  # type: ignore[call-arg, misc]
+            self.transport.write(
                 b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
             )
@@ -153,7 +153,7 @@ class MeshRequest(_PrivateRequest):
 
     def _cap(self) -> int:
         site = getattr(self.channel, "site", None)
-        caps = getattr(site, "body_caps", None)
+        caps: Callable[[bytes], int] | None = getattr(site, "body_caps", None)
         if caps is None:
             return self.body_cap
         return caps(_channel_path(self.channel))
@@ -215,7 +215,7 @@ class MeshRequest(_PrivateRequest):
             % (raw_headers(site, path, self.getHeader(b"origin")), len(body))
         )
         if self.channel is not None and self.channel.transport is not None:
-            self.channel.transport.write(head + body)  # type: ignore[call-arg, misc]
+            self.channel.transport.write(head + body)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
@@ -264,9 +264,7 @@ class MeshChannel(_PrivateChannel):
         if metrics is not None:
             metrics.refused_total.labels("read_timeout").inc()
         if self.transport is not None:
-            self.transport.write(  # type: ignore[call-arg, misc]
-                b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            )
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         self.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -391,7 +389,7 @@ def read_json(request: Any) -> Any:
     ctype = request.getHeader(b"content-type")
     if ctype is None or ctype.split(b";", 1)[0].strip().lower() != b"application/json":
         raise UnsupportedMediaType("Content-Type must be application/json")
-    content = request.content  # type: ignore[attr-defined]
+    content = request.content
     content.seek(0)
     return loads_json(content.read())
 

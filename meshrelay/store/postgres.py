@@ -781,7 +781,7 @@ class PostgresStore:
                     cur.execute(_CHECK_ENVELOPES, [list(col) for col in zip(*checks)])
             if checks:
                 for msg_id, mailbox, sender, now, *found in cur.fetchall():
-                    tx.checked[(msg_id, mailbox, sender, now)] = tuple(found)  # type: ignore[assignment]
+                    tx.checked[(msg_id, mailbox, sender, now)] = tuple(found)
             for i, w in enumerate(writes):
                 try:
                     values.append(w.fn(cur, tx))
