@@ -25,6 +25,7 @@ from klein import Klein
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from meshrelay.metrics import Metrics
@@ -110,7 +111,7 @@ class _HostGate(Resource):
         self.allowed = allowed
         self.refused = refused
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: IRequest) -> Any:
         local = getattr(request.getHost(), "host", "")
         if host_allowed(request.getHeader(b"host"), self.allowed, str(local)):
             return self.inner.render(request)
@@ -154,7 +155,7 @@ class AdminAPI:
         """The admin listener's root: the Host check, then the routes."""
         return _HostGate(self.app.resource(), self.hosts, self._host_refused)
 
-    def _host_refused(self, request: Any) -> None:
+    def _host_refused(self, request: IRequest) -> None:
         self.metrics.refused_total.labels("admin_host").inc()
         relay = getattr(self.node, "relay", None)
         note_refusal(
@@ -188,18 +189,18 @@ class AdminAPI:
             self._failure("gauges", "refreshing replication gauges failed")
 
     @app.route("/metrics", methods=["GET"])
-    def prometheus(self, request: Any) -> bytes:
+    def prometheus(self, request: IRequest) -> bytes:
         self._refresh_gauges()
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.metrics.registry)
 
     @app.route("/api/mesh/metrics", methods=["GET"])
-    def metrics_json(self, request: Any) -> bytes:
+    def metrics_json(self, request: IRequest) -> bytes:
         self._refresh_gauges()
         return json_response(request, 200, {"ok": True, "metrics": self.metrics.as_json()})
 
     @app.route("/status", methods=["GET"])
-    def status(self, request: Any) -> bytes:
+    def status(self, request: IRequest) -> bytes:
         if self.node is None:
             return json_response(request, 404, {"ok": False, "error": "not_found", "detail": "no node to show"})
         self._refresh_gauges()

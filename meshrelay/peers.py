@@ -36,6 +36,7 @@ from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
+from twisted.web.iweb import IRequest
 
 from meshrelay.config import Config
 from meshrelay.envelope import HEX64_RE, NONCE_LEN, b64u_decode, b64u_encode
@@ -107,7 +108,7 @@ class PeerSigner:
         }
 
 
-def _header(request: Any, name: str) -> str:
+def _header(request: IRequest, name: str) -> str:
     values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
     if not values:
         raise _AuthFailure(MISSING, f"{name} header missing")
@@ -148,16 +149,16 @@ class PeerAuthenticator:
         self.prefix = url_path(config.node.public_url)
         self.nonces = ReplayCache(2 * self.skew, config.limits.max_nonces)
 
-    def target(self, request: Any) -> str:
+    def target(self, request: IRequest) -> str:
         """The request target the caller signed: our URL's path prefix + the target we received."""
         uri: bytes = request.uri
         return self.prefix + uri.decode("latin-1")
 
-    def authenticate(self, request: Any) -> Deferred[str]:
+    def authenticate(self, request: IRequest) -> Deferred[str]:
         """Fire with the authenticated peer URL, or fail with 403 ``forbidden``."""
         return Deferred.fromCoroutine(self._authenticate(request))
 
-    async def _authenticate(self, request: Any) -> str:
+    async def _authenticate(self, request: IRequest) -> str:
         try:
             return await self._check(request)
         except _AuthFailure as e:
@@ -172,7 +173,7 @@ class PeerAuthenticator:
             )
             raise Forbidden("peer authentication failed") from None
 
-    async def _check(self, request: Any) -> str:
+    async def _check(self, request: IRequest) -> str:
         peer = _header(request, H_URL)
         ts_text = _header(request, H_TS)
         nonce = _header(request, H_NONCE)
@@ -229,7 +230,7 @@ def peer_route(app: Klein, path: str, methods: list[str]) -> Callable[[Handler[T
 
     def decorate(handler: Handler[T]) -> Handler[T]:
         @functools.wraps(handler)
-        async def gated(self: Any, request: Any) -> T:
+        async def gated(self: Any, request: IRequest) -> T:
             peer = await self.auth.authenticate(request)
             pick = getattr(self, "limiter_for", None)
             limiter = pick(request) if pick is not None else getattr(self, "limiter", None)

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -70,11 +71,11 @@ def _site_agg(channel: Any) -> Any:
     return getattr(getattr(channel, "site", None), "log_agg", None)
 
 
-def _shown_path(request: Any) -> str:
+def _shown_path(request: IRequest) -> str:
     return repr(request_path(request)[:100].decode("latin-1"))
 
 
-def request_path(request: Any) -> bytes:
+def request_path(request: IRequest) -> bytes:
     """The request target's path, without the query."""
     uri: bytes = request.uri
     return uri.split(b"?", 1)[0]
@@ -350,7 +351,7 @@ class MeshSite(server.Site):
             else:
                 self.connections_by_address.pop(key, None)
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         if self.access_log:
             super().log(request)
 
@@ -367,7 +368,7 @@ def body_caps_for(max_body_bytes: int, max_replicate_body_bytes: int) -> Callabl
 # ---------------------------------------------------------------------- JSON in and out
 
 
-def json_response(request: Any, status: int, value: Any, retry_after: int | None = None) -> bytes:
+def json_response(request: IRequest, status: int, value: Any, retry_after: int | None = None) -> bytes:
     """Set status and content type; return the JSON body bytes.
 
     Every 429 carries ``Retry-After`` (``retry_after`` seconds, else the code's
@@ -384,7 +385,7 @@ def json_response(request: Any, status: int, value: Any, retry_after: int | None
     return dumps_json(value)
 
 
-def read_json(request: Any) -> Any:
+def read_json(request: IRequest) -> Any:
     """The request body as JSON; 415 unless the content type is JSON, 400 ``bad_json``."""
     ctype = request.getHeader(b"content-type")
     if ctype is None or ctype.split(b";", 1)[0].strip().lower() != b"application/json":
@@ -502,7 +503,7 @@ SEND_PATH = b"/api/mesh/dm/send"
 WRITE_PATHS = {SEND_PATH: "deposit_bytes", b"/api/mesh/dm/poll": "ack_bytes"}
 
 
-def body_length(request: Any) -> int:
+def body_length(request: IRequest) -> int:
     """The length of the (already read, capped) request body."""
     content = getattr(request, "content", None)
     if content is None:
@@ -545,7 +546,7 @@ class NodeRoot(Resource):
         self.deposit_limiter = deposit_limiter
         self.policy = policy if policy is not None else AddressPolicy()
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: IRequest) -> Any:
         if self.peer is not None and request_path(request) in PEER_PATHS:
             return self.peer.render(request)
         key = request_key(request, self.policy)
@@ -572,7 +573,7 @@ class NodeRoot(Resource):
             )
         return self.client.render(request)
 
-    def _limited(self, request: Any, reason: str, detail: str, retry_after: int | None = None) -> bytes:
+    def _limited(self, request: IRequest, reason: str, detail: str, retry_after: int | None = None) -> bytes:
         note_refusal(
             self.log_agg,
             "refused:" + reason,
@@ -585,7 +586,7 @@ class NodeRoot(Resource):
         return json_response(request, 429, error_body("rate_limited", detail), retry_after)
 
 
-def client_ip(request: Any, trusted_proxies: frozenset[str] = frozenset()) -> str:
+def client_ip(request: IRequest, trusted_proxies: frozenset[str] = frozenset()) -> str:
     """The client's address: the connecting host, or, behind a trusted proxy, X-Forwarded-For.
 
     X-Forwarded-For is read right to left, skipping trusted proxies; the first
