@@ -29,7 +29,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from meshrelay.metrics import Metrics
-from meshrelay.status import RateSampler, render_status
+from meshrelay.status import NodeView, RateSampler, ReplicationView, render_status
 from meshrelay.web import error_body, install_error_table, json_response, note_refusal
 
 #: names that always mean this machine
@@ -132,17 +132,17 @@ class AdminAPI:
     def __init__(
         self,
         metrics: Metrics,
-        node: Any = None,
+        node: NodeView | None = None,
         sampler: RateSampler | None = None,
         hosts: frozenset[str] | None = None,
     ) -> None:
         self.metrics = metrics
         self.node = node
         if hosts is None:
-            config = getattr(node, "config", None)
-            node_cfg = getattr(config, "node", None)
             hosts = (
-                allowed_hosts(node_cfg.admin_listen, node_cfg.admin_hosts) if node_cfg is not None else LOOPBACK_NAMES
+                allowed_hosts(node.config.node.admin_listen, node.config.node.admin_hosts)
+                if node is not None
+                else LOOPBACK_NAMES
             )
         #: Host names accepted besides loopback addresses and the listener's own address
         self.hosts = hosts
@@ -157,33 +157,30 @@ class AdminAPI:
 
     def _host_refused(self, request: IRequest) -> None:
         self.metrics.refused_total.labels("admin_host").inc()
-        relay = getattr(self.node, "relay", None)
         note_refusal(
-            getattr(relay, "log_agg", None),
+            self.node.relay.log_agg if self.node is not None else None,
             "admin_host",
             "admin listener refused 403: Host {host} does not name it (node.admin_hosts)",
             LogLevel.warn,
             host=repr((request.getHeader(b"host") or b"")[:100].decode("latin-1")),
         )
 
-    def _replication(self) -> Any:
-        return getattr(self.node, "replication", None) if self.node is not None else None
+    def _replication(self) -> ReplicationView | None:
+        return self.node.replication if self.node is not None else None
 
     def _failure(self, key: str, fmt: str) -> None:
         """Log the current exception: through the node's aggregator (one line per minute) when there is one."""
-        agg = getattr(getattr(self.node, "relay", None), "log_agg", None)
-        if agg is not None:
-            agg.emit(self.log, "admin:" + key, fmt, LogLevel.critical, Failure())
+        if self.node is not None:
+            self.node.relay.log_agg.emit(self.log, "admin:" + key, fmt, LogLevel.critical, Failure())
         else:
             self.log.failure(fmt)
 
     def _refresh_gauges(self) -> None:
         repl = self._replication()
-        update = getattr(repl, "update_gauges", None)
-        if update is None:
+        if repl is None:
             return
         try:
-            update()
+            repl.update_gauges()
         except Exception:
             # A scrape must still answer; the stale gauge is the lesser evil.
             self._failure("gauges", "refreshing replication gauges failed")
