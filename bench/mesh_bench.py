@@ -290,6 +290,7 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                 bodies = make_envelopes(args.count)
                 node = cluster[name]
                 before = node_cpu(node)
+                spies = start_profilers(args.profile and os.path.join(args.profile, f"{name}-{r + 1}"), {name: node})
                 seconds, failures = await closed_loop(client, node.url + SEND, bodies, args.concurrency, args.rate)
                 if name == "a":
                     marks = {p: pulls_from_a(p) for p in ("b", "c")}
@@ -308,6 +309,7 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                 else:
                     await task.deferLater(reactor, 1.0, lambda: None)
                 after = node_cpu(node)
+                stop_profilers(spies)
                 done = args.count - failures
                 own, writer = (after[0] - before[0]) / done, (after[1] - before[1]) / done
                 per[name].append(own + writer)
@@ -467,8 +469,10 @@ async def catchup(reactor: Any, args: argparse.Namespace) -> None:
             done += n
         launched = time.perf_counter()
         cluster["b"].start(wait=False)
+        spies = start_profilers(args.profile, {"a": cluster["a"], "b": cluster["b"]})
         await wait_until(reactor, lambda: cluster.gauge("b", "meshrelay_stored_envelopes") >= args.backlog, 3600, 0.1)
         seconds = time.perf_counter() - launched
+        stop_profilers(spies)
         print(
             f"  fresh node B holds all {args.backlog} after {seconds:.1f} s (from its launch): "
             f"{args.backlog / seconds:.0f} envelopes/s"
@@ -476,6 +480,28 @@ async def catchup(reactor: Any, args: argparse.Namespace) -> None:
     finally:
         await pool.closeCachedConnections()
         cluster.stop()
+
+
+def start_profilers(out_dir: str | None, nodes: dict[str, NodeProcess]) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each node (with its writer child), collapsed stacks into OUT_DIR/<name>.txt; none without a dir."""
+    if not out_dir:
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    spies = []
+    for name, node in nodes.items():
+        assert node.proc is not None
+        out = os.path.join(out_dir, f"{name}.txt")
+        cmd = ["py-spy", "record", "--pid", str(node.proc.pid), "--subprocesses", "--threads"]
+        cmd += ["--format", "raw", "--rate", "200", "--nonblocking", "--output", out]
+        spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
+
+
+def stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+    for spy in spies:
+        spy.wait(timeout=60)
 
 
 # --------------------------------------------------------------------------- ack propagation
@@ -556,6 +582,7 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=30)
     p.add_argument("--rate", type=float, default=0.0, help="deposits/s offered in both cases (default: closed loop)")
     p.add_argument("--linger", type=int, default=None, help="sync.push_linger_ms of the nodes (default: the node's)")
+    p.add_argument("--profile", default=None, help="py-spy the measured node in each round; collapsed stacks under DIR")
     p = sub.add_parser("latency")
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--rate", type=float, default=0.0)
@@ -565,6 +592,7 @@ def main() -> None:
     p.add_argument("--wrk-rate", type=int, default=3000, help="envelopes signed per second of wrk load (upper bound)")
     p = sub.add_parser("catchup")
     p.add_argument("--backlog", type=int, default=100000)
+    p.add_argument("--profile", default=None, help="py-spy both nodes while B catches up; collapsed stacks to DIR")
     p = sub.add_parser("ackprop")
     p.add_argument("--count", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=4)

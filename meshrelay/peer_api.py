@@ -122,22 +122,24 @@ def parse_changes_query(args: dict[bytes, list[bytes]]) -> ChangesQuery:
     return ChangesQuery(since, limit, mailbox, ids)
 
 
-def split_ext(args: dict[bytes, list[bytes]]) -> tuple[dict[bytes, list[bytes]], bool]:
-    """Take the v3 ``ext=1`` parameter off a query (envelopes with their permit and stamp); 400 otherwise."""
-    if b"ext" not in args:
+def split_flag(args: dict[bytes, list[bytes]], name: str) -> tuple[dict[bytes, list[bytes]], bool]:
+    """Take a flag parameter off a query: v3 ``ext=1`` (envelopes with their permit and stamp),
+    v4 ``held=1`` (signed acks with their held list); any other value is 400."""
+    key = name.encode("ascii")
+    if key not in args:
         return args, False
-    if args[b"ext"] != [b"1"]:
-        raise BadRequest("ext must be 1")
-    return {k: v for k, v in args.items() if k != b"ext"}, True
+    if args[key] != [b"1"]:
+        raise BadRequest(f"{name} must be 1")
+    return {k: v for k, v in args.items() if k != key}, True
 
 
-def split_ext_body(obj: Any) -> tuple[Any, bool]:
-    """Take the v3 ``"ext": true`` key off a bodies request (envelopes with permit and stamp)."""
-    if not isinstance(obj, dict) or "ext" not in obj:
+def split_flag_body(obj: Any, name: str) -> tuple[Any, bool]:
+    """Take a flag key off a bodies request: v3 ``"ext": true``, v4 ``"held": true``; any other value is 400."""
+    if not isinstance(obj, dict) or name not in obj:
         return obj, False
-    if obj["ext"] is not True:
-        raise BadRequest("ext must be true")
-    return {k: v for k, v in obj.items() if k != "ext"}, True
+    if obj[name] is not True:
+        raise BadRequest(f"{name} must be true")
+    return {k: v for k, v in obj.items() if k != name}, True
 
 
 def v3_body(kind: str, body: str, ext: bool) -> str:
@@ -218,7 +220,8 @@ class PeerAPI:
 
     @peer_route(app, CHANGES_PATH, ["GET"])
     async def changes(self, request: IRequest, peer: str) -> bytes:
-        args, ext = split_ext(request.args)
+        args, ext = split_flag(request.args, "ext")
+        args, held = split_flag(args, "held")
         q = parse_changes_query(args)
         if q.ids:
             page = await self.relay.changes(q.since, q.limit, q.mailbox, ids_only=True)
@@ -228,8 +231,14 @@ class PeerAPI:
             ]
         else:
             page = await self.relay.changes(q.since, q.limit, q.mailbox, max_bytes=self.page_bytes())
-            # Envelopes keep their v3 fields only for a caller that asked (ext=1, a v3 puller).
-            items = [{"seq": item.seq, item.kind: RawJSON(v3_body(item.kind, item.body, ext))} for item in page.items]
+            # Envelopes keep their v3 fields only for a caller that asked (ext=1, a v3 puller);
+            # signed acks get their held list only for one that asked (held=1, a v4 puller).
+            texts = [v3_body(item.kind, item.body, ext) for item in page.items]
+            if held:
+                acks = [i for i, item in enumerate(page.items) if item.kind == "ack"]
+                for i, text in zip(acks, await self.relay.with_held([texts[i] for i in acks])):
+                    texts[i] = text
+            items = [{"seq": item.seq, item.kind: RawJSON(text)} for item, text in zip(page.items, texts)]
         return json_response(
             request, 200, {"ok": True, "feed": page.feed, "items": items, "next": page.next, "more": page.more}
         )
@@ -250,19 +259,21 @@ class PeerAPI:
 
     @peer_route(app, BODIES_PATH, ["POST"])
     async def bodies(self, request: IRequest, peer: str) -> bytes:
-        obj, ext = split_ext_body(read_json(request))
+        obj, ext = split_flag_body(read_json(request), "ext")
+        obj, held = split_flag_body(obj, "held")
         try:
             msg_ids, acks = parse_bodies_request(obj)
         except ValueError as e:
             raise BadRequest(str(e)) from None
         found = await self.relay.bodies(msg_ids, acks, self.relay.config.sync.page_bytes)
+        ack_texts = await self.relay.with_held(found.acks) if held and found.acks else found.acks
         return json_response(
             request,
             200,
             {
                 "ok": True,
                 "envelopes": [RawJSON(b if ext else strip_v3_fields(b)) for b in found.envelopes],
-                "acks": [RawJSON(b) for b in found.acks],
+                "acks": [RawJSON(b) for b in ack_texts],
                 "gone": {
                     "envelopes": found.gone_envelopes,
                     "acks": [{"mailbox": m, "nonce": n} for m, n in found.gone_acks],

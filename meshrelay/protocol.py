@@ -54,7 +54,9 @@ DEFAULT_IDS_LIMIT = 1000
 #: entries (envelopes + acks) in one bodies request
 MAX_BODIES = 500
 #: protocol versions this code speaks
-PROTOCOL_VERSIONS = (1, 2, 3)
+PROTOCOL_VERSIONS = (1, 2, 3, 4)
+#: the version whose peers exchange signed acks with their ``held`` list (docs/protocol.md 13)
+HELD_VERSION = 4
 #: the largest sync.page_bytes a puller accepts from a peer's features
 MAX_PAGE_BYTES = 16 * 1024 * 1024
 #: JSON around the items of a page or bodies answer
@@ -93,6 +95,11 @@ class Features:
     @property
     def v2(self) -> bool:
         return 2 in self.versions
+
+    @property
+    def held(self) -> bool:
+        """The peer takes and serves signed acks with their ``held`` list (v4)."""
+        return HELD_VERSION in self.versions
 
 
 V1_ONLY = Features((1,), 0, 0, 0)
@@ -235,12 +242,46 @@ class BodiesAnswer:
     gone_acks: list[tuple[str, str]]
 
 
-def bodies_request(msg_ids: list[str], acks: list[tuple[str, str]], ext: bool = False) -> bytes:
-    """The JSON body of a ``bodies`` request (v3 ``ext``: envelopes with their permit and stamp)."""
+def bodies_request(msg_ids: list[str], acks: list[tuple[str, str]], ext: bool = False, held: bool = False) -> bytes:
+    """The JSON body of a ``bodies`` request (v3 ``ext``: envelopes with their permit and stamp; v4 ``held``)."""
     body: dict[str, Any] = {"envelopes": msg_ids, "acks": [{"mailbox": m, "nonce": n} for m, n in acks]}
     if ext:
         body["ext"] = True
+    if held:
+        body["held"] = True
     return dumps_json(body)
+
+
+# ---------------------------------------------------------------------- v4: held lists
+
+
+def split_held(obj: Any) -> tuple[Any, tuple[str, ...]]:
+    """Take the v4 ``held`` list off a signed-ack object a peer sent (docs/protocol.md 13).
+
+    ``held`` must be a list of distinct msg_ids, each one of the ack's own
+    ``ack`` ids; anything else raises ``ValueError``.  An object without
+    ``held`` (any older peer) passes through unchanged, with nothing attested.
+    """
+    if not isinstance(obj, dict) or "held" not in obj:
+        return obj, ()
+    held, acked = obj["held"], obj.get("ack")
+    if not isinstance(held, list) or not isinstance(acked, list):
+        raise ValueError("held must be a list of the ack's msg_ids")
+    if len(set(held)) != len(held) or not all(is_msg_id(m) for m in held) or not set(held) <= set(acked):
+        raise ValueError("held must list distinct msg_ids of the ack's own ack list")
+    return {k: v for k, v in obj.items() if k != "held"}, tuple(held)
+
+
+def with_held(text: str, held: Any) -> str:
+    """A canonical signed-ack text with the v4 ``held`` list added as its last key (none: unchanged)."""
+    if not held:
+        return text
+    return text[:-1] + ',"held":' + dumps_json(list(held)).decode("ascii") + "}"
+
+
+def held_response_cap(cap: int) -> int:
+    """What a puller accepts when it asked for ``held`` lists: each ack may grow by at most its own ack list."""
+    return 2 * cap
 
 
 def _ack_key(obj: Any) -> tuple[str, str]:

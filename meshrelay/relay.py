@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from meshrelay import contact
 from meshrelay import envelope as E
 from meshrelay import policy as P
+from meshrelay import protocol as W
 from meshrelay.config import Config
 from meshrelay.deferutil import shield
 from meshrelay.errors import (
@@ -82,8 +83,8 @@ class ReplicationHooks(Protocol):
     def envelope_committed(self, env: E.Envelope) -> None:
         """A *client* deposit committed: push it to the peers."""
 
-    def ack_committed(self, ack: E.SignedAck) -> None:
-        """A new *client* ack committed: push it to the peers."""
+    def ack_committed(self, ack: E.SignedAck, held: Sequence[str]) -> None:
+        """A new *client* ack committed, which deleted ``held`` here: push it to the peers."""
 
     def fetch_remote(self, mailbox: str) -> Deferred[None] | None:
         """Pull ``mailbox`` from the peers (a poll with fetch_remote); None when there is nobody to ask."""
@@ -98,7 +99,7 @@ class NoReplication:
     def envelope_committed(self, env: E.Envelope) -> None:
         pass
 
-    def ack_committed(self, ack: E.SignedAck) -> None:
+    def ack_committed(self, ack: E.SignedAck, held: Sequence[str]) -> None:
         pass
 
     def fetch_remote(self, mailbox: str) -> Deferred[None] | None:
@@ -233,9 +234,9 @@ class Relay:
         except Exception:
             self._replication_failed("a deposit")
 
-    def _ack_committed(self, ack: E.SignedAck) -> None:
+    def _ack_committed(self, ack: E.SignedAck, held: Sequence[str]) -> None:
         try:
-            self.replication.ack_committed(ack)
+            self.replication.ack_committed(ack, held)
         except Exception:
             self._replication_failed("an ack")
 
@@ -469,7 +470,7 @@ class Relay:
 
     # ------------------------------------------------------------------ acks
 
-    def _store_ack(self, ack: E.SignedAck, origin: str) -> Deferred[AckResult]:
+    def _store_ack(self, ack: E.SignedAck, origin: str, attested: Sequence[str] = ()) -> Deferred[AckResult]:
         lim = self.limits
         expires = E.tombstone_expiry(ack.ts, lim.max_ttl, lim.clock_skew)
 
@@ -479,13 +480,18 @@ class Relay:
                 self._update_gauges()
                 self._space_freed(ack.mailbox)
             if origin == "client" and result.new:
-                self._ack_committed(ack)
+                self._ack_committed(ack, result.deleted)
             return result
 
-        return self.store.apply_ack(ack, expires, from_peer=origin == "peer").addCallback(committed)
+        d = self.store.apply_ack(ack, expires, from_peer=origin == "peer", attested=attested)
+        return d.addCallback(committed)
 
     def accept_acks(self, objs: list[Any]) -> Deferred[list[dict[str, Any]]]:
-        """Signed acks from a peer (5.2): verified against the mailbox key, never pushed on."""
+        """Signed acks from a peer (5.2): verified against the mailbox key, never pushed on.
+
+        An ack from a v4 peer may carry ``held`` (docs/protocol.md 13): the
+        ids the peer held; their tombstones here are not junk.
+        """
         return _run(self._accept_acks(objs))
 
     async def _accept_acks(self, objs: list[Any]) -> list[dict[str, Any]]:
@@ -493,12 +499,16 @@ class Relay:
         out: list[dict[str, Any]] = []
         for obj in objs:
             try:
+                try:
+                    obj, held = W.split_held(obj)
+                except ValueError as e:
+                    raise BadRequest(str(e)) from None
                 ack = E.parse_signed_ack(obj)
                 if not ack.ack:
                     raise BadRequest("a signed ack must list at least one msg_id")
                 await self._verify(ack.mailbox_key, ack.sig_bytes, ack.signed)
                 E.check_ack_replica_time(ack, self.now(), lim.clock_skew, lim.max_ttl)
-                await shield(self._store_ack(ack, "peer"))
+                await shield(self._store_ack(ack, "peer", held))
             except MeshError as e:
                 self.metrics.ack_intake_total.labels(e.code).inc()
                 out.append({"status": "rejected", "error": e.code})
@@ -735,6 +745,30 @@ class Relay:
     def bodies(self, msg_ids: Sequence[str], acks: Sequence[tuple[str, str]], max_bytes: int) -> Deferred[Bodies]:
         """The held envelopes and signed acks among those asked for (wire v2 ``bodies``)."""
         return shield(self.store.bodies(msg_ids, acks, self.now(), max_bytes))
+
+    def with_held(self, ack_texts: Sequence[str]) -> Deferred[list[str]]:
+        """Stored signed-ack texts with their v4 ``held`` lists (docs/protocol.md 13).
+
+        An ack's ``held`` lists those of its ids whose tombstone here is not
+        junk: mail this node held when it was acked, or that a peer attested.
+        """
+        parsed: list[tuple[str, list[str]]] = []
+        pairs: list[tuple[str, str]] = []
+        for text in ack_texts:
+            obj = E.loads_json(text.encode("utf-8"))
+            mailbox, ids = str(obj["mailbox"]), list(dict.fromkeys(str(m) for m in obj["ack"]))
+            parsed.append((mailbox, ids))
+            pairs.extend((mailbox, m) for m in ids)
+        if not pairs:
+            return succeed(list(ack_texts))
+
+        def splice(held: set[tuple[str, str]]) -> list[str]:
+            return [
+                W.with_held(text, [m for m in ids if (mailbox, m) in held])
+                for text, (mailbox, ids) in zip(ack_texts, parsed)
+            ]
+
+        return shield(self.store.held_tombstones(pairs)).addCallback(splice)
 
     def sweep(self) -> Deferred[SweepResult | None]:
         """Delete expired envelopes, tombstones, acks and nonces (the sweeper's tick)."""

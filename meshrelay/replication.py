@@ -70,6 +70,7 @@ from meshrelay.protocol import (
     CHANGES_PATH,
     DEFAULT_IDS_LIMIT,
     FEATURES_PATH,
+    HELD_VERSION,
     MAX_BATCH,
     MAX_BODIES,
     MAX_CHANGES_LIMIT,
@@ -85,12 +86,14 @@ from meshrelay.protocol import (
     bodies_request,
     bounded_response_cap,
     dumps_json,
+    held_response_cap,
     loads_json,
     parse_bodies,
     parse_features,
     parse_ids_page,
     parse_page,
     v1_response_cap,
+    with_held,
 )
 from meshrelay.relay import Relay
 from meshrelay.store.base import STORAGE_FULL, Cursor, Refused, Store, StoreError
@@ -635,6 +638,11 @@ class SyncPuller:
         """The peer serves the v3 policy feed: ask for envelopes with their permit and stamp."""
         return self.policy_peer is not None and bool(self.policy_peer.speaks_v3)
 
+    @property
+    def speaks_held(self) -> bool:
+        """The peer said it speaks v4: it takes and serves signed acks with their ``held`` list (13)."""
+        return HELD_VERSION in self.versions and self.features is not None and self.features.held
+
     def _downgrade(self) -> None:
         self.log.info("peer {peer} refused a wire v2 request: using v1 with it", peer=self.url)
         self.features = V1_ONLY
@@ -781,7 +789,11 @@ class SyncPuller:
         query = f"since={since}&limit={limit}" + (f"&mailbox={mailbox}" if mailbox else "")
         if self.speaks_v3:
             query += "&ext=1"  # v3: envelopes with their permit and stamp (12.5)
-        obj = await self._checked("GET", CHANGES_PATH, query, cap=self._page_cap())
+        cap = self._page_cap()
+        if self.speaks_held:
+            query += "&held=1"  # v4: signed acks with the ids the peer held (13)
+            cap = held_response_cap(cap)
+        obj = await self._checked("GET", CHANGES_PATH, query, cap=cap)
         try:
             page = parse_page(obj, since, limit)
         except PeerError:
@@ -874,12 +886,15 @@ class SyncPuller:
         """Ask for these bodies until each is returned or gone; (envelopes, acks, gone msg_ids)."""
         f = self.features
         cap = bounded_response_cap(f.page_bytes if f is not None else 1 << 20, self.max_message_bytes)
+        held = self.speaks_held
+        if held:
+            cap = held_response_cap(cap)
         envs: list[Any] = []
         got_acks: list[Any] = []
         gone: list[str] = []
         while msg_ids or acks:
             obj = await self._checked(
-                "POST", BODIES_PATH, body=bodies_request(msg_ids, acks, ext=self.speaks_v3), cap=cap, v2=True
+                "POST", BODIES_PATH, body=bodies_request(msg_ids, acks, ext=self.speaks_v3, held=held), cap=cap, v2=True
             )
             try:
                 answer = parse_bodies(obj, len(msg_ids), len(acks))
@@ -1103,10 +1118,12 @@ class Replication:
             if peer.policy_peer is not None:
                 peer.policy_peer.push(policy)
 
-    def ack_committed(self, ack: SignedAck) -> None:
+    def ack_committed(self, ack: SignedAck, held: Sequence[str]) -> None:
         text = dumps_json(ack.to_json()).decode("utf-8")
+        # v4 (13): the ids this node held go along, to peers known to take them.
+        held_text = with_held(text, held)
         for peer in self.peers:
-            peer.push.enqueue(ACK, text)
+            peer.push.enqueue(ACK, held_text if peer.puller.speaks_held else text)
 
     def fetch_remote(self, mailbox: str) -> Deferred[None] | None:
         """Pull ``mailbox`` from every peer; fires when all have answered or failed."""

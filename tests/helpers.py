@@ -232,6 +232,37 @@ class V1OnlyPeer(Resource):
         return self.node.node.resource().render(request)
 
 
+class V3Peer(Resource):
+    """A test double of a node that speaks wire v1-v3 but not v4 (no ``held`` lists), in front of a real node.
+
+    ``features`` lists versions 1-3; what a v3 node refuses with 400 (a ``held``
+    parameter of ``changes``, a ``held`` key of ``bodies``, a ``held`` list in a
+    pushed ack) is refused the same way and recorded in ``offers`` (a
+    conforming v4 node never sends it any).
+    """
+
+    isLeaf = True
+
+    def __init__(self, node: MemNode, offers: list[str]) -> None:
+        super().__init__()
+        self.node = node
+        self.offers = offers
+
+    def render(self, request: Any) -> Any:
+        path = request.uri.split(b"?", 1)[0]
+        if path == b"/api/mesh/dm/features":
+            request.setHeader(b"Content-Type", b"application/json")
+            return json.dumps(
+                {"ok": True, "versions": [1, 2, 3], "page_bytes": 1048576, "max_ids": 5000, "max_bodies": 500}
+            ).encode()
+        body = request.content.read()
+        request.content.seek(0)
+        if b"held" in request.args or b'"held"' in body:
+            self.offers.append(path.decode())
+            return _Answer(400, "bad_request").render(request)
+        return self.node.node.resource().render(request)
+
+
 def make_v1_only(node: MemNode) -> None:
     """Make ``node`` behave as a v1 node: unbounded pages served, v1 requests only when it pulls."""
     node.node.peer_api.page_bytes = lambda: None  # type: ignore[method-assign]
@@ -239,6 +270,15 @@ def make_v1_only(node: MemNode) -> None:
     if replication is not None:
         for peer in replication.peers:
             peer.puller.versions = (1,)
+            peer.puller.features = None
+
+
+def make_v3_only(node: MemNode) -> None:
+    """Make ``node``'s pullers speak v1-v3 (they never ask for held lists)."""
+    replication = node.node.replication
+    if replication is not None:
+        for peer in replication.peers:
+            peer.puller.versions = (1, 2, 3)
             peer.puller.features = None
 
 
@@ -268,7 +308,12 @@ class Link:
     def stub(self) -> StubTreq:
         target = self.mesh.nodes[self.dst]
         if self._stub is None or self._stub_node is not target:
-            resource = V1OnlyPeer(target) if self.dst in self.mesh.v1_only else target.node.resource()
+            if self.dst in self.mesh.v1_only:
+                resource: Resource = V1OnlyPeer(target)
+            elif self.dst in self.mesh.v3_only:
+                resource = V3Peer(target, self.mesh.held_offers)
+            else:
+                resource = target.node.resource()
             self._stub = StubTreq(resource)
             self._stub_node = target
         return self._stub
@@ -322,10 +367,14 @@ class Mesh:
         limits: dict[str, Any] | None = None,
         overrides: dict[str, dict[str, dict[str, Any]]] | None = None,
         v1_only: tuple[str, ...] = (),
+        v3_only: tuple[str, ...] = (),
     ) -> None:
         self.base_dir = base_dir
         #: nodes that speak wire v1 only (see :class:`V1OnlyPeer`)
         self.v1_only = v1_only
+        #: nodes that speak wire v1-v3, not v4 (see :class:`V3Peer`), and the held lists offered to them
+        self.v3_only = v3_only
+        self.held_offers: list[str] = []
         self.clock = Clock()
         self.clock.advance(T0)
         self.names = names
@@ -387,6 +436,8 @@ class Mesh:
         )
         if name in self.v1_only:
             make_v1_only(node)
+        if name in self.v3_only:
+            make_v3_only(node)
         return node
 
     def replace(self, name: str) -> MemNode:
@@ -412,6 +463,8 @@ class Mesh:
         )
         if name in self.v1_only:
             make_v1_only(self.nodes[name])
+        if name in self.v3_only:
+            make_v3_only(self.nodes[name])
         return self.nodes[name]
 
     def __getitem__(self, name: str) -> MemNode:

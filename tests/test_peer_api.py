@@ -668,7 +668,7 @@ class WireV2Tests(PeerAPITestCase):
         """features answers the versions, this node's page_bytes and the v2 limits; a query is 400."""
         self.assertEqual(
             self.peer("GET", FEATURES),
-            (200, {"ok": True, "versions": [1, 2, 3], "page_bytes": 1048576, "max_ids": 5000, "max_bodies": 500}),
+            (200, {"ok": True, "versions": [1, 2, 3, 4], "page_bytes": 1048576, "max_ids": 5000, "max_bodies": 500}),
         )
         status, body = self.peer("GET", FEATURES + "?x=1")
         self.assertEqual((status, body["error"]), (400, "bad_request"))

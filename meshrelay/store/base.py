@@ -337,8 +337,15 @@ class Store(Protocol):
         acceptance forgets every remembered refusal of that msg_id.
         """
 
-    def apply_ack(self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False) -> Deferred[AckResult]:
+    def apply_ack(
+        self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False, attested: Sequence[str] = ()
+    ) -> Deferred[AckResult]:
         """Delete and tombstone the held envelopes listed (always, even at the storage cap), record the ack.
+
+        ``attested`` (wire v4, docs/protocol.md 13): ids of the ack that the
+        relaying peer says it held; their tombstones are not junk here (they
+        count toward the storage cap only), and an existing junk tombstone of
+        such an id stops being junk.
 
         Tombstones of ids not held here, and the ack itself when it deleted
         nothing here, are kept only within ``junk_budget(caps, from_peer)``
@@ -368,6 +375,9 @@ class Store(Protocol):
         sizes sum to at most ``max_bytes`` -- the first item always.  With
         ``ids_only`` the items carry no body (size, mailbox and key only).
         """
+
+    def held_tombstones(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:
+        """Which of ``pairs`` (mailbox, msg_id) have a tombstone that is not junk: mail held here or attested (v4)."""
 
     def missing(
         self, envelopes: Sequence[tuple[str, str]], acks: Sequence[tuple[str, str]], now: int

@@ -392,6 +392,12 @@ SELECT t.mb, t.id,
 FROM unnest(%(mb)s::text[], %(id)s::text[]) WITH ORDINALITY AS t(mb, id, i) ORDER BY t.i
 """
 
+#: held_tombstones(): the (mailbox, msg_id) pairs asked for whose tombstone is not junk (v4, 13)
+_HELD_TOMBSTONES = """
+SELECT t.mailbox, t.msg_id FROM tombstones t
+JOIN unnest(%(mb)s::text[], %(id)s::text[]) AS u(mb, m) ON t.mailbox = u.mb AND t.msg_id = u.m
+WHERE t.junk = 0
+"""
 _HELD_ACKS = """
 SELECT t.mb, t.n, EXISTS (SELECT 1 FROM acks a WHERE a.mailbox = t.mb AND a.nonce = t.n)
 FROM unnest(%(mb)s::text[], %(n)s::text[]) WITH ORDINALITY AS t(mb, n, i) ORDER BY t.i
@@ -952,11 +958,14 @@ class PostgresStore:
         tx.d_bytes += len(body) - int(row[0])
         return AddResult(DUPLICATE, upgraded=True)
 
-    def apply_ack(self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False) -> Deferred[AckResult]:
+    def apply_ack(
+        self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False, attested: Sequence[str] = ()
+    ) -> Deferred[AckResult]:
         """Delete and tombstone held mail, tombstone unheld ids within the junk budget, record the ack.
 
-        The same rules as the SQLite store (``sqlite._op_ack``).
+        The same rules as the SQLite store (``sqlite._op_ack``), attested ids (v4) included.
         """
+        vouched_ids = frozenset(str(m) for m in attested)
         body = dumps_json(ack.to_json()).decode("utf-8")
         size = len(body.encode("utf-8"))
         mailbox = ack.mailbox
@@ -998,6 +1007,14 @@ class PostgresStore:
                 )
                 tx.d_bytes += TOMBSTONE_BYTES * sum(1 for (inserted,) in cur.fetchall() if inserted)
             skipped = 0
+            vouched = [m for m in unheld if m in vouched_ids]
+            if vouched:
+                # v4 (13): a junk tombstone made real by a peer that held the message leaves the junk budget.
+                cur.execute(
+                    "UPDATE tombstones SET junk = 0 WHERE mailbox = %s AND msg_id = ANY(%s) AND junk = 1",
+                    (mailbox, vouched),
+                )
+                tx.junk_delta -= TOMBSTONE_BYTES * cur.rowcount
             if unheld:
                 cur.execute(
                     "UPDATE tombstones SET expires = GREATEST(expires, %s) WHERE mailbox = %s AND msg_id = ANY(%s) "
@@ -1005,21 +1022,26 @@ class PostgresStore:
                     (tombstone_expires, mailbox, unheld),
                 )
                 known = {r[0] for r in cur.fetchall()}
-                rest = [m for m in unheld if m not in known]
-                if rest:
-                    # The shared total is this process's last view plus this batch (another
-                    # process's batch may add a little); the junk total is exact (row lock).
-                    room = min(budget - tx.junk_now(cur), caps.max_stored_bytes - self._bytes - tx.d_bytes)
+                for junk_flag in (0, 1):
+                    # Attested ids (v4) are not junk: only the storage cap bounds them.
+                    # For junk, the shared total is this process's last view plus this batch
+                    # (another process's batch may add a little); the junk total is exact (row lock).
+                    rest = [m for m in unheld if m not in known and (m in vouched_ids) != bool(junk_flag)]
+                    if not rest:
+                        continue
+                    room = caps.max_stored_bytes - self._bytes - tx.d_bytes
+                    if junk_flag:
+                        room = min(room, budget - tx.junk_now(cur))
                     take = rest[: max(0, room // TOMBSTONE_BYTES)]
-                    skipped = len(rest) - len(take)
+                    skipped += len(rest) - len(take)
                     if take:
                         cur.execute(
-                            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) SELECT %s, m, %s, 1 "
+                            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) SELECT %s, m, %s, %s "
                             "FROM unnest(%s::text[]) AS m ON CONFLICT (mailbox, msg_id) DO NOTHING",
-                            (mailbox, tombstone_expires, take),
+                            (mailbox, tombstone_expires, junk_flag, take),
                         )
                         tx.d_bytes += TOMBSTONE_BYTES * cur.rowcount
-                        tx.junk_delta += TOMBSTONE_BYTES * cur.rowcount
+                        tx.junk_delta += TOMBSTONE_BYTES * cur.rowcount * junk_flag
             if ids:
                 cur.execute("DELETE FROM refused WHERE mailbox = %s AND msg_id = ANY(%s)", (mailbox, ids))
             key = (mailbox, ack.nonce)
@@ -1028,7 +1050,7 @@ class PostgresStore:
             cur.execute("SELECT 1 FROM acks WHERE mailbox = %s AND nonce = %s", key)
             if cur.fetchone() is not None:
                 return AckResult(deleted=deleted, new=False, skipped=skipped)
-            junk = 0 if deleted else 1
+            junk = 0 if deleted or vouched else 1
             if self._bytes + tx.d_bytes + size > caps.max_stored_bytes or (junk and tx.junk_now(cur) + size > budget):
                 return AckResult(deleted=deleted, new=True, stored=False, skipped=skipped)
             tx.acks.add(key)
@@ -1247,6 +1269,19 @@ class PostgresStore:
                 ).fetchall()
                 lack_ack = [(mb, n) for mb, n, held in rows if not held]
             return lack_env, lack_ack
+
+        return self._read(q)
+
+    def held_tombstones(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:
+        items = [(str(mb), str(m)) for mb, m in pairs]
+
+        def q(conn: Conn) -> set[tuple[str, str]]:
+            if not items:
+                return set()
+            rows = conn.execute(
+                _HELD_TOMBSTONES, {"mb": [mb for mb, _ in items], "id": [m for _, m in items]}
+            ).fetchall()
+            return {(str(mb), str(m)) for mb, m in rows}
 
         return self._read(q)
 

@@ -111,6 +111,12 @@ WHERE NOT EXISTS (SELECT 1 FROM acks WHERE mailbox = json_extract(j.value, '$[0]
                   AND nonce = json_extract(j.value, '$[1]'))
 ORDER BY j.key
 """
+#: held_tombstones(): the (mailbox, msg_id) pairs asked for whose tombstone is not junk (v4, 13)
+_HELD_TOMBSTONES = """
+SELECT t.mailbox, t.msg_id FROM json_each(:items) AS j
+JOIN tombstones AS t ON t.mailbox = json_extract(j.value, '$[0]') AND t.msg_id = json_extract(j.value, '$[1]')
+WHERE t.junk = 0
+"""
 #: bodies(): per requested id (by index, in request order) its size and body, or NULLs when not held
 _BODIES_ENVELOPES = """
 SELECT CAST(j.key AS INTEGER), e.size, e.body FROM json_each(:items) AS j
@@ -340,6 +346,8 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
     """
     mailbox, nonce, ids, tombstone_expires, body = args[:5]
     from_peer = bool(args[5]) if len(args) > 5 else False
+    #: v4 (docs/protocol.md 13): ids the relaying peer attests it held; not junk here
+    attested = frozenset(args[6]) if len(args) > 6 else frozenset()
     size = len(body.encode("utf-8"))
     budget = junk_budget(caps, from_peer)
     deleted = []
@@ -365,26 +373,38 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
                 (tombstone_expires, mailbox, msg_id),
             )
     skipped = 0
+    vouched_any = False
     for msg_id in unheld:
+        vouched = msg_id in attested
+        vouched_any = vouched_any or vouched
+        if (
+            vouched
+            and conn.execute(
+                "UPDATE tombstones SET junk = 0 WHERE mailbox = ? AND msg_id = ? AND junk = 1", (mailbox, msg_id)
+            ).rowcount
+        ):
+            # A junk tombstone made real by a peer that held the message: it leaves the junk budget.
+            st.junk -= TOMBSTONE_BYTES
         if conn.execute(
             "UPDATE tombstones SET expires = MAX(expires, ?) WHERE mailbox = ? AND msg_id = ?",
             (tombstone_expires, mailbox, msg_id),
         ).rowcount:
             continue
-        if st.junk + TOMBSTONE_BYTES > budget or st.bytes + TOMBSTONE_BYTES > caps.max_stored_bytes:
+        if st.bytes + TOMBSTONE_BYTES > caps.max_stored_bytes or (not vouched and st.junk + TOMBSTONE_BYTES > budget):
             skipped += 1
             continue
         conn.execute(
-            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) VALUES (?, ?, ?, 1)",
-            (mailbox, msg_id, tombstone_expires),
+            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) VALUES (?, ?, ?, ?)",
+            (mailbox, msg_id, tombstone_expires, 0 if vouched else 1),
         )
         st.bytes += TOMBSTONE_BYTES
-        st.junk += TOMBSTONE_BYTES
+        if not vouched:
+            st.junk += TOMBSTONE_BYTES
     if ids:
         conn.executemany("DELETE FROM refused WHERE msg_id = ? AND mailbox = ?", ((m, mailbox) for m in ids))
     if conn.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (mailbox, nonce)).fetchone():
         return AckResult(deleted=tuple(deleted), new=False, skipped=skipped)
-    junk = 0 if deleted else 1
+    junk = 0 if deleted or vouched_any else 1
     if st.bytes + size > caps.max_stored_bytes or (junk and st.junk + size > budget):
         return AckResult(deleted=tuple(deleted), new=True, stored=False, skipped=skipped)
     st.seq += 1
@@ -848,10 +868,24 @@ class SQLiteStore:
             return succeed(None)
         return self._write(("forget_refused", ([(str(m), str(p)) for m, p in items],)))
 
-    def apply_ack(self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False) -> Deferred[AckResult]:
+    def apply_ack(
+        self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False, attested: Sequence[str] = ()
+    ) -> Deferred[AckResult]:
         body = dumps_json(ack.to_json()).decode("utf-8")
         ids = tuple(dict.fromkeys(ack.ack))
-        return self._write(("ack", (ack.mailbox, ack.nonce, ids, tombstone_expires, body, from_peer)))
+        vouched = tuple(str(m) for m in attested)
+        return self._write(("ack", (ack.mailbox, ack.nonce, ids, tombstone_expires, body, from_peer, vouched)))
+
+    def held_tombstones(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:
+        items = [(str(mb), str(m)) for mb, m in pairs]
+
+        def q(conn: sqlite3.Connection) -> set[tuple[str, str]]:
+            if not items:
+                return set()
+            rows = conn.execute(_HELD_TOMBSTONES, {"items": json.dumps(items)})
+            return {(str(mb), str(m)) for mb, m in rows}
+
+        return self._read(q)
 
     def claim_nonce(self, scope: str, nonce: str, expires: int) -> Deferred[bool]:
         return self._write(("nonce", (scope, nonce, expires)))
