@@ -7,19 +7,20 @@ import json
 import os
 from typing import Any
 
+import treq
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from meshrelay import envelope as E
-from meshrelay.config import build_config
+from meshrelay.config import PeerConfig, build_config
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
 from meshrelay.protocol import Features
 from meshrelay.relay import NoReplication
-from meshrelay.replication import MAX_FETCH_PAGES, PeerError, parse_page
+from meshrelay.replication import MAX_FETCH_PAGES, PeerError, PooledHTTPClients, parse_page
 from meshrelay.status import PEER_KEYS
-from tests.helpers import Identity, MemNode, Mesh, dump_live
+from tests.helpers import Identity, MemNode, Mesh, dump_live, make_config
 
 REPLICATE = "/api/mesh/dm/replicate-envelope"
 ACK = "/api/mesh/dm/ack"
@@ -1140,3 +1141,41 @@ class ExpiryFreesSpaceTests(CappedConvergenceTestCase):
         self.mesh.advance(100, step=5)  # past the short ttl and a sweep
         self.assertEqual(sorted(self.live("b")), at_a)
         self.assertEqual(sorted(self.live("a")), at_a)
+
+
+class PeerPoolTests(TestCase):
+    """The production peer client (PooledHTTPClients) on the real reactor, against a loopback listener."""
+
+    def test_new_peer_connections_log_no_factory_lines(self) -> Deferred[None]:
+        """A request over a new pooled connection answers, and logs no "Starting factory" line."""
+        from twisted.internet import reactor
+        from twisted.logger import globalLogPublisher
+        from twisted.web.server import Site
+
+        class Ok(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                return b'{"ok": true}'
+
+        site = Site(Ok())
+        site.noisy = False
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        clients = PooledHTTPClients(reactor, make_config(self.mktemp()))
+        self.addCleanup(clients.close)
+        lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            lines.append(str(event.get("log_format")))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        url = f"http://127.0.0.1:{port.getHost().port}/"
+
+        async def go() -> None:
+            response = await clients(PeerConfig(url=url, secret="x" * 32)).request("GET", url)
+            self.assertEqual(await treq.content(response), b'{"ok": true}')
+            self.assertFalse([line for line in lines if "factory" in line], lines)
+
+        return Deferred.fromCoroutine(go())
