@@ -11,6 +11,7 @@ import treq
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 
 from meshrelay import envelope as E
@@ -18,7 +19,7 @@ from meshrelay.config import PeerConfig, build_config
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
 from meshrelay.protocol import Features
 from meshrelay.relay import NoReplication
-from meshrelay.replication import MAX_FETCH_PAGES, PeerError, PooledHTTPClients, parse_page
+from meshrelay.replication import MAX_FETCH_PAGES, PeerEndpoints, PeerError, PooledHTTPClients, parse_page
 from meshrelay.status import PEER_KEYS
 from tests.helpers import Identity, MemNode, Mesh, dump_live, make_config
 
@@ -1143,6 +1144,35 @@ class ExpiryFreesSpaceTests(CappedConvergenceTestCase):
         self.assertEqual(sorted(self.live("a")), at_a)
 
 
+def _self_signed_pem(host: str) -> bytes:
+    """A key and a self-signed certificate for ``host`` (with its subjectAltName), PEM."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem_key + cert.public_bytes(serialization.Encoding.PEM)
+
+
 class PeerPoolTests(TestCase):
     """The production peer client (PooledHTTPClients) on the real reactor, against a loopback listener."""
 
@@ -1179,3 +1209,30 @@ class PeerPoolTests(TestCase):
             self.assertFalse([line for line in lines if "factory" in line], lines)
 
         return Deferred.fromCoroutine(go())
+
+    def test_an_https_peer_must_show_a_trusted_certificate(self) -> Deferred[None]:
+        """https peers are reached over TLS, checked like a browser: a self-signed certificate is refused."""
+        from twisted.internet import reactor, ssl
+        from twisted.web.server import Site
+
+        cert = ssl.PrivateCertificate.loadPEM(_self_signed_pem("localhost"))
+        port = reactor.listenSSL(0, Site(Resource()), cert.options(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        clients = PooledHTTPClients(reactor, make_config(self.mktemp()))
+        self.addCleanup(clients.close)
+        url = f"https://localhost:{port.getHost().port}/"
+
+        async def go() -> None:
+            with self.assertRaises(ResponseNeverReceived) as cm:
+                await clients(PeerConfig(url=url, secret="x" * 32)).request("GET", url)
+            self.assertIn("certificate verify failed", str(cm.exception.reasons[0].value))
+
+        return Deferred.fromCoroutine(go())
+
+    def test_other_schemes_are_not_supported(self) -> None:
+        from twisted.internet import reactor
+        from twisted.web.client import URI
+        from twisted.web.error import SchemeNotSupported
+
+        with self.assertRaises(SchemeNotSupported):
+            PeerEndpoints(reactor, 5).endpointForURI(URI.fromBytes(b"ftp://a.test/"))
