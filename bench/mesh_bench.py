@@ -60,9 +60,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import treq
 from common import percentile
 from twisted.internet import defer, task, threads
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from meshrelay import envelope as E
+from meshrelay.replication import PeerEndpoints
 from tests.harness import NodeProcess
 from tests.helpers import Identity, link_secret
 
@@ -77,15 +78,10 @@ ACK_GUARD = 60.0
 BENCH_LIMITS = {"per_mailbox_pending": 100000, "per_sender_pending": 100000, "max_waiting_polls": 100000}
 
 
-class _Quiet(_HTTP11ClientFactory):
-    noisy = False
-
-
 def make_client(reactor: Any, per_host: int) -> Any:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = per_host
-    pool._factory = _Quiet
-    return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool
+    return treq.client.HTTPClient(Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, 30), pool=pool)), pool
 
 
 def reactor_of() -> Any:

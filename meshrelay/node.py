@@ -1,7 +1,8 @@
 """One node: store, relay core, APIs and the expiry sweeper, as a Service.
 
 :class:`Node` is what ``makeService`` runs and what the in-memory tests build
-(``threaded=False`` with a ``Clock``): the same object either way.
+(with a ``Clock``, an inline store from their ``store_factory`` and an inline
+``Verifier``): the same object either way.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ class Node(Service):
         config: Config,
         reactor: Any,
         *,
-        threaded: bool = True,
         metrics: Metrics | None = None,
-        store: Store | None = None,
+        store_factory: Callable[[Config, Any, Metrics], Store] = open_store,
+        verifier: Verifier | None = None,
         peer_client_factory: Callable[[PeerConfig], HTTPClient] | None = None,
     ) -> None:
         self.config = config
@@ -92,18 +93,18 @@ class Node(Service):
         for peer in config.peers:
             self.metrics.init_peer(peer.url)
         self.started_at = reactor.seconds()
-        self.store = store if store is not None else open_store(config, reactor, threaded, self.metrics)
-        threads = config.node.verify_threads if threaded else 0
-        self.verifier = (
-            Verifier(ThreadExecutor(reactor, threads, "meshrelay-verify"), max_inflight=threads)
-            if threads
-            else Verifier()
-        )
+        self.store = store_factory(config, reactor, self.metrics)
+        threads = config.node.verify_threads
+        if verifier is None:
+            verifier = (
+                Verifier(ThreadExecutor(reactor, threads, "meshrelay-verify"), max_inflight=threads)
+                if threads
+                else Verifier()
+            )
+        self.verifier = verifier
         self.relay = Relay(self.store, config, reactor, self.metrics, self.verifier)
-        store_log = getattr(self.store, "log", None)
-        if isinstance(store_log, Logger):
-            # The store logs per operation (a failing disk fails every write): aggregate it too.
-            self.store.log = AggregatingLogger(store_log, self.relay.log_agg, "store:")  # type: ignore[attr-defined]
+        # The store logs per operation (a failing disk fails every write): aggregate it too.
+        self.store.log = AggregatingLogger(self.store.log, self.relay.log_agg, "store:")
         # Read at every scrape: acks and tombstones change the stored total too, also
         # when an ack deletes nothing here.
         store = self.store
@@ -317,8 +318,8 @@ class Node(Service):
             peers=len(self.config.peers),
             durability=self.config.node.durability,
         )
-        migrated_from = getattr(self.store, "migrated_from", None)
-        if isinstance(migrated_from, int) and migrated_from < LATEST_VERSION:
+        migrated_from = self.store.migrated_from
+        if migrated_from < LATEST_VERSION:
             self.log.info(
                 "store schema migrated from version {old} to {new}"
                 if migrated_from

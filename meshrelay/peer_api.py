@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from klein import Klein
+from twisted.web.iweb import IRequest
 
 from meshrelay.envelope import KEY_LEN, MAX_INT, RawJSON, b64u_decode, require_object, strip_v3_fields
 from meshrelay.errors import BadRequest
@@ -180,7 +181,7 @@ class PeerAPI:
         #: of their own, so they never use up the one that push and sync need
         self.fetch_limiter = fetch_limiter
 
-    def limiter_for(self, request: Any) -> Any:
+    def limiter_for(self, request: IRequest) -> Any:
         """The budget a request draws from: fetch_limiter for a mailbox-filtered changes request."""
         if self.fetch_limiter is not None and b"mailbox" in request.args and request_path(request) == CHANGES:
             return self.fetch_limiter
@@ -190,19 +191,19 @@ class PeerAPI:
         return self.app.resource()
 
     @peer_route(app, REPLICATE_PATH, ["POST"])
-    async def replicate(self, request: Any, peer: str) -> bytes:
+    async def replicate(self, request: IRequest, peer: str) -> bytes:
         envelopes = replicate_items(read_json(request))
         results = await self.relay.accept_replicas(envelopes, peer=peer) if envelopes else []
         return json_response(request, 200, {"ok": True, "results": results})
 
     @peer_route(app, ACK_PATH, ["POST"])
-    async def ack(self, request: Any, peer: str) -> bytes:
+    async def ack(self, request: IRequest, peer: str) -> bytes:
         acks = _item_list(read_json(request), "acks")
         results = await self.relay.accept_acks(acks) if acks else []
         return json_response(request, 200, {"ok": True, "results": results})
 
     @peer_route(app, FEATURES_PATH, ["GET"])
-    async def features(self, request: Any, peer: str) -> bytes:
+    async def features(self, request: IRequest, peer: str) -> bytes:
         if request.args:
             raise BadRequest("features takes no query")
         return json_response(
@@ -219,7 +220,7 @@ class PeerAPI:
         )
 
     @peer_route(app, CHANGES_PATH, ["GET"])
-    async def changes(self, request: Any, peer: str) -> bytes:
+    async def changes(self, request: IRequest, peer: str) -> bytes:
         args, ext = split_flag(request.args, "ext")
         args, held = split_flag(args, "held")
         q = parse_changes_query(args)
@@ -244,21 +245,21 @@ class PeerAPI:
         )
 
     @peer_route(app, POLICIES_PATH, ["POST"])
-    async def push_policies(self, request: Any, peer: str) -> bytes:
+    async def push_policies(self, request: IRequest, peer: str) -> bytes:
         """Signed mailbox policies from a peer (v3, 12.5): one result each."""
         policies = _item_list(read_json(request), "policies")
         results = await self.relay.accept_policies(policies) if policies else []
         return json_response(request, 200, {"ok": True, "results": results})
 
     @peer_route(app, POLICIES_PATH, ["GET"])
-    async def policy_feed(self, request: Any, peer: str) -> bytes:
+    async def policy_feed(self, request: IRequest, peer: str) -> bytes:
         """This node's policy feed (v3, 12.5): the newest policy of each mailbox, by pseq."""
         since, limit = parse_policy_feed_query(request.args)
         rows = await self.relay.policy_feed(since, limit + 1)
         return json_response(request, 200, policies_page(rows, since, limit))
 
     @peer_route(app, BODIES_PATH, ["POST"])
-    async def bodies(self, request: Any, peer: str) -> bytes:
+    async def bodies(self, request: IRequest, peer: str) -> bytes:
         obj, ext = split_flag_body(read_json(request), "ext")
         obj, held = split_flag_body(obj, "held")
         try:

@@ -41,7 +41,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
+from twisted.web.iweb import IRequest
 
 from meshrelay.config import KEY_ID_RE, Config, PeerConfig
 from meshrelay.envelope import HEX64_RE, NONCE_LEN, b64u_decode, b64u_encode
@@ -130,7 +132,7 @@ def _optional_header(request: Any, name: str) -> str | None:
     return _header(request, name)
 
 
-def _header(request: Any, name: str) -> str:
+def _header(request: IRequest, name: str) -> str:
     values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
     if not values:
         raise _AuthFailure(MISSING, f"{name} header missing")
@@ -156,7 +158,7 @@ class PeerAuthenticator:
     log = Logger()
 
     def __init__(
-        self, config: Config, store: Store, metrics: Metrics, clock: Any, log_agg: Aggregator | None = None
+        self, config: Config, store: Store, metrics: Metrics, clock: IReactorTime, log_agg: Aggregator | None = None
     ) -> None:
         self.store = store
         #: refusals are logged through this: one line per reason per interval, with counts
@@ -183,16 +185,16 @@ class PeerAuthenticator:
     def _peer_keys(peer: PeerConfig) -> tuple[tuple[str, bytes], ...]:
         return tuple((s.id, derive_key(s.secret, peer.url)) for s in peer.accepted())
 
-    def target(self, request: Any) -> str:
+    def target(self, request: IRequest) -> str:
         """The request target the caller signed: our URL's path prefix + the target we received."""
         uri: bytes = request.uri
         return self.prefix + uri.decode("latin-1")
 
-    def authenticate(self, request: Any) -> Deferred[str]:
+    def authenticate(self, request: IRequest) -> Deferred[str]:
         """Fire with the authenticated peer URL, or fail with 403 ``forbidden``."""
         return Deferred.fromCoroutine(self._authenticate(request))
 
-    async def _authenticate(self, request: Any) -> str:
+    async def _authenticate(self, request: IRequest) -> str:
         try:
             return await self._check(request)
         except _AuthFailure as e:
@@ -207,7 +209,7 @@ class PeerAuthenticator:
             )
             raise Forbidden("peer authentication failed") from None
 
-    async def _check(self, request: Any) -> str:
+    async def _check(self, request: IRequest) -> str:
         peer = _header(request, H_URL)
         ts_text = _header(request, H_TS)
         nonce = _header(request, H_NONCE)
@@ -276,7 +278,7 @@ def peer_route(app: Klein, path: str, methods: list[str]) -> Callable[[Handler[T
 
     def decorate(handler: Handler[T]) -> Handler[T]:
         @functools.wraps(handler)
-        async def gated(self: Any, request: Any) -> T:
+        async def gated(self: Any, request: IRequest) -> T:
             peer = await self.auth.authenticate(request)
             pick = getattr(self, "limiter_for", None)
             limiter = pick(request) if pick is not None else getattr(self, "limiter", None)

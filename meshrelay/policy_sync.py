@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -70,7 +71,7 @@ class PolicyPeer:
 
     log = Logger()
 
-    def __init__(self, url: str, request: Request, relay: Any, clock: Any, interval: float) -> None:
+    def __init__(self, url: str, request: Request, relay: Any, clock: IReactorTime, interval: float) -> None:
         self.url = url
         self.request = request
         self.relay = relay

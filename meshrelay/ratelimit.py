@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
 
 
 class RateLimiter:
-    def __init__(self, rate: float, burst: float, clock: Any, max_keys: int = 100_000) -> None:
+    def __init__(self, rate: float, burst: float, clock: IReactorTime, max_keys: int = 100_000) -> None:
         self.rate = float(rate)
         self.burst = float(max(burst, 1))
         self.clock = clock

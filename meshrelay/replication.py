@@ -49,11 +49,23 @@ from twisted.internet.defer import (
     gatherResults,
     succeed,
 )
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from meshrelay.config import Config, PeerConfig
@@ -174,7 +186,7 @@ class Transport:
 
     log = Logger()
 
-    def __init__(self, peer: PeerConfig, config: Config, http: HTTPClient, clock: Any) -> None:
+    def __init__(self, peer: PeerConfig, config: Config, http: HTTPClient, clock: IReactorTime) -> None:
         self.url = peer.url
         self.http = http
         self.clock = clock
@@ -267,7 +279,9 @@ class PushQueue:
 
     log = Logger()
 
-    def __init__(self, transport: Transport, config: Config, metrics: Metrics, clock: Any, log_agg: Aggregator) -> None:
+    def __init__(
+        self, transport: Transport, config: Config, metrics: Metrics, clock: IReactorTime, log_agg: Aggregator
+    ) -> None:
         self.transport = transport
         self.url = transport.url
         self.clock = clock
@@ -516,7 +530,7 @@ class SyncPuller:
         relay: Relay,
         store: Store,
         metrics: Metrics,
-        clock: Any,
+        clock: IReactorTime,
         holder: str,
     ) -> None:
         self.transport = transport
@@ -1019,7 +1033,7 @@ class PeerClient:
         store: Store,
         metrics: Metrics,
         http: HTTPClient,
-        clock: Any,
+        clock: IReactorTime,
         holder: str,
     ) -> None:
         self.url = peer.url
@@ -1081,7 +1095,7 @@ class Replication:
         relay: Relay,
         store: Store,
         metrics: Metrics,
-        clock: Any,
+        clock: IReactorTime,
         client_factory: ClientFactory,
     ) -> None:
         self.relay = relay
@@ -1318,27 +1332,58 @@ class LeanHTTPClient:
         return cast(Deferred[Any], self.agent.request(method.encode("ascii"), url.encode("ascii"), raw, body))
 
 
+@implementer(IStreamClientEndpoint)
+class QuietEndpoint:
+    """An endpoint that connects its factories quiet: no "Starting factory" line per new peer connection."""
+
+    def __init__(self, inner: IStreamClientEndpoint) -> None:
+        self._inner = inner
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        if isinstance(protocolFactory, Factory):
+            protocolFactory.noisy = False
+        return self._inner.connect(protocolFactory)
+
+
+@implementer(IAgentEndpointFactory)
+class PeerEndpoints:
+    """Where a peer URL connects, as Twisted's ``Agent`` does by default, with quiet factories.
+
+    ``http``: TCP to the host name (every address it resolves to, the first that answers);
+    ``https``: TLS over that, the certificate checked like a browser does.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._timeout
+        )
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        elif uri.scheme != b"http":
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        return QuietEndpoint(endpoint)
+
+
 class PooledHTTPClients:
     """The production client factory: one ``treq.HTTPClient`` on a persistent pool."""
 
     def __init__(self, reactor: Any, config: Config) -> None:
-        from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-
-        class QuietClientFactory(_HTTP11ClientFactory):
-            # No "Starting factory" log line for every new peer connection.
-            noisy = False
-
         self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool._factory = QuietClientFactory
         # Pushes in flight, the sync puller with its prefetch and bodies
         # requests, and a fetch_remote or refetch, per peer.
         self.pool.maxPersistentPerHost = config.sync.push_inflight_max + BODIES_INFLIGHT + 4
         self.pool.cachedConnectionTimeout = 120
-        agent = Agent(reactor, connectTimeout=config.sync.push_timeout, pool=self.pool)
+        agent = Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, config.sync.push_timeout), pool=self.pool)
         self.client = LeanHTTPClient(agent)
 
     def __call__(self, peer: PeerConfig) -> HTTPClient:
         return cast(HTTPClient, self.client)
 
     def close(self) -> Deferred[None]:
-        return self.pool.closeCachedConnections()
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed

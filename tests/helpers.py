@@ -8,9 +8,11 @@ every Deferred fires synchronously.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import sqlite3
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,6 +25,10 @@ from twisted.web.resource import Resource
 from meshrelay import envelope as E
 from meshrelay.config import Config, LimitsConfig, NodeConfig, build_config
 from meshrelay.node import Node
+from meshrelay.store import caps_from
+from meshrelay.store.base import Store
+from meshrelay.store.sqlite import SQLiteStore
+from meshrelay.verifier import Verifier
 
 #: a fixed "now" for in-memory tests (2026-11-16)
 T0 = 1_795_000_000
@@ -93,6 +99,30 @@ def stub_answer(http: Any, d: Any) -> tuple[Any, bytes]:
     return resp, content[0]
 
 
+def inline_store(config: Config, reactor: Any, metrics: Any = None) -> Store:
+    """A node's ``store_factory`` for the in-memory tests: the configured backend, every read and write inline."""
+    if config.store.backend == "postgresql":
+        from meshrelay.store.postgres import PostgresStore
+
+        return PostgresStore(config.store.dsn, caps_from(config), reactor=reactor, metrics=metrics)
+    return SQLiteStore(config.node.data_dir, caps_from(config), durability=config.node.durability, metrics=metrics)
+
+
+def dump_live(store: Any, now: int) -> dict[str, Any]:
+    """The live envelope ids and tombstones of ``store`` (either backend), read on a connection of the test's own."""
+    if isinstance(store, SQLiteStore):
+        conn: Any = contextlib.closing(sqlite3.connect(store.path))
+        mark = "?"
+    else:
+        from meshrelay.store.postgres import connect
+
+        conn, mark = connect(store.dsn, "tool"), "%s"
+    with conn as c:
+        envelopes = c.execute(f"SELECT msg_id FROM envelopes WHERE expires > {mark}", (now,)).fetchall()
+        tombstones = c.execute(f"SELECT mailbox, msg_id FROM tombstones WHERE expires > {mark}", (now,)).fetchall()
+    return {"envelopes": sorted(r[0] for r in envelopes), "tombstones": sorted((r[0], r[1]) for r in tombstones)}
+
+
 class MemNode:
     """A real node, in memory: Clock, inline store, StubTreq client."""
 
@@ -111,7 +141,13 @@ class MemNode:
         if peer_client_factory is None and self.config.peers:
             # Peers that nobody wired up are unreachable (never a real socket).
             peer_client_factory = _unreachable
-        self.node = Node(self.config, self.clock, threaded=False, peer_client_factory=peer_client_factory)
+        self.node = Node(
+            self.config,
+            self.clock,
+            store_factory=inline_store,
+            verifier=Verifier(),
+            peer_client_factory=peer_client_factory,
+        )
         self.node.startService()
         self.relay = self.node.relay
         self.store = self.node.store

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshrelay import protocol as W
-from tests.helpers import Identity, Mesh
+from tests.helpers import Identity, Mesh, dump_live
 from tests.test_peer_api import ACK, BODIES, CHANGES, PeerAPITestCase
 from tests.test_replication import MeshTestCase
 
@@ -161,13 +161,13 @@ class HeldWireTests(PeerAPITestCase):
             with self.subTest(held=held):
                 result = self.ack_from_peer(dict(base, held=held))
                 self.assertEqual(result, {"status": "rejected", "error": "bad_request"})
-        self.assertEqual(self.node.store.dump_live(self.now())["tombstones"], [])
+        self.assertEqual(dump_live(self.node.store, self.now())["tombstones"], [])
 
     def test_a_forged_ack_with_held_ids_changes_nothing(self) -> None:
         ids = junk_ids("f", 0, 2)
         forged = dict(Identity().poll_body(ts=self.now(), ack=ids), mailbox=self.mailbox.pub, held=ids)
         self.assertEqual(self.ack_from_peer(forged), {"status": "rejected", "error": "bad_signature"})
-        self.assertEqual(self.node.store.dump_live(self.now())["tombstones"], [])
+        self.assertEqual(dump_live(self.node.store, self.now())["tombstones"], [])
 
     def test_held_ids_are_tombstoned_outside_the_junk_budget(self) -> None:
         # spend every junk share with peer acks of made-up ids
@@ -176,7 +176,7 @@ class HeldWireTests(PeerAPITestCase):
         ids = junk_ids("h", 0, 4)
         ack = dict(self.mailbox.poll_body(ts=self.now(), ack=ids), held=ids[:2])
         self.assertEqual(self.ack_from_peer(ack), {"status": "applied"})
-        tombs = self.node.store.dump_live(self.now())["tombstones"]
+        tombs = dump_live(self.node.store, self.now())["tombstones"]
         self.assertEqual(
             sorted(m for mb, m in tombs if mb == self.mailbox.pub), sorted(ids[:2]), "only the attested ids"
         )

@@ -38,7 +38,7 @@ from tests.apispec import (
     schema_errors,
     validator,
 )
-from tests.helpers import Identity, MemNode
+from tests.helpers import Identity, MemNode, dump_live
 
 A_URL = "http://a.test"
 B_URL = "http://b.test"
@@ -552,7 +552,7 @@ class RealAnswersTests(SynchronousTestCase):
                 ("rejected", "bad_timestamp"),
             ],
         )
-        self.assertEqual(n.store.dump_live(now)["envelopes"], [])  # type: ignore[attr-defined]
+        self.assertEqual(dump_live(n.store, now)["envelopes"], [])
         self.assertEqual(self.call(n, "POST", ACK, raw=b"{")[1]["error"], "bad_json")
         self.assertEqual(self.call(n, "POST", ACK, {"ack": []})[1]["error"], "bad_request")
         self.assertEqual(

@@ -25,7 +25,7 @@ DUPLICATE = "duplicate"
 SENDER_CAP = "sender_cap"
 MAILBOX_FULL = "mailbox_full"
 STORAGE_FULL = "storage_full"
-#: only from a store that checks signatures itself (``verifies_signatures``)
+#: only from a store that checks signatures itself (``Store.verifies_signatures``)
 BAD_SIGNATURE = "bad_signature"
 #: protocol v3: the mailbox's stranger bucket is full (contact mail is counted apart)
 STRANGER_FULL = "stranger_full"
@@ -308,10 +308,17 @@ class StoreStats:
 class Store(Protocol):
     """What the relay core needs from a backend."""
 
+    #: where the store logs (the node gives it an aggregating logger: a failing disk fails every write)
+    log: Logger
     #: random id fixed when the store was created (the ``changes`` feed id)
     feed_id: str
     #: the bounds enforced inside the write transaction; a config reload sets new ones
     caps: Caps
+    #: the schema version the store had when it was opened (0: created just now)
+    migrated_from: int
+    #: True when ``add_envelope(verify=...)`` checks the signatures in the store's writer (answering
+    #: ``bad_signature``/``bad_permit``); False when it ignores ``verify`` and the caller checks them
+    verifies_signatures: bool
 
     def start(self) -> None:
         """Start worker threads or connection pools; called once by the node service."""

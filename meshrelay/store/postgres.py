@@ -68,7 +68,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -447,10 +447,27 @@ def _sweep_sql(table: str) -> str:
     )
 
 
+class WriterObserver(Protocol):
+    """Told, on the writer thread, where a batch's transaction is (the concurrency tests pause or fail it there).
+
+    With an observer the numbering call and COMMIT are two round trips instead
+    of one pipelined one, so that ``before_commit`` sees the rows numbered and
+    locked but not committed.
+    """
+
+    def before_seq(self) -> None:
+        """The batch's operations ran; its new rows are not numbered yet."""
+
+    def before_commit(self) -> None:
+        """The batch's rows are numbered (and the sequence lock held); nothing is committed."""
+
+
 class PostgresStore:
     """A :class:`~meshrelay.store.base.Store` in a PostgreSQL database shared by several processes."""
 
     log = Logger()
+    #: ``add_envelope`` ignores ``verify``: the relay checks signatures before it calls
+    verifies_signatures = False
 
     def __init__(
         self,
@@ -462,6 +479,7 @@ class PostgresStore:
         readers: Executor | None = None,
         metrics: Any = None,
         fallback_interval: float = FALLBACK_INTERVAL,
+        observer: WriterObserver | None = None,
     ) -> None:
         self.dsn = dsn
         self.caps = caps
@@ -504,8 +522,7 @@ class PostgresStore:
         #: True while the listening connection is up (None: no listener)
         self.listening: bool | None = None
         self._recheck_failing = False
-        #: test hooks run on the writer thread: "before_seq", "before_commit"
-        self.hooks: dict[str, Callable[[], None]] = {}
+        self._observer = observer
 
     @staticmethod
     def _read_totals(conn: Conn | Cur) -> Totals:
@@ -770,7 +787,7 @@ class PostgresStore:
                     cur.execute(_CHECK_ENVELOPES, [list(col) for col in zip(*checks)])
             if checks:
                 for msg_id, mailbox, sender, now, *found in cur.fetchall():
-                    tx.checked[(msg_id, mailbox, sender, now)] = tuple(found)  # type: ignore[assignment]
+                    tx.checked[(msg_id, mailbox, sender, now)] = tuple(found)
             for i, w in enumerate(writes):
                 try:
                     values.append(w.fn(cur, tx))
@@ -780,14 +797,16 @@ class PostgresStore:
                 cur.execute(
                     "UPDATE meta SET value = (value::bigint + %s)::text WHERE key = 'junk_bytes'", (tx.junk_delta,)
                 )
-            self._hook("before_seq")
+            observer = self._observer
+            if observer is not None:
+                observer.before_seq()
             call = self._phase2(tx)
             if call is None:
                 conn.commit()
                 return values, None
-            if "before_commit" in self.hooks:
-                cur.execute(*call)  # numbered and locked, not committed: the tests look at this state
-                self._hook("before_commit")
+            if observer is not None:
+                cur.execute(*call)  # numbered and locked, not committed: the observer sees this state
+                observer.before_commit()
                 conn.commit()
             else:
                 # One round trip: the function and COMMIT, pipelined.
@@ -798,11 +817,6 @@ class PostgresStore:
         assert row is not None
         totals = self._numbered(tx, row[0])
         return values, totals
-
-    def _hook(self, name: str) -> None:
-        hook = self.hooks.get(name)
-        if hook is not None:
-            hook()
 
     def _phase2(self, tx: _Tx) -> tuple[str, tuple[Any, ...]] | None:
         """The call of ``meshrelay_commit_rows`` that numbers and inserts the batch's new rows.
@@ -1371,18 +1385,6 @@ class PostgresStore:
             return None if row is None else Cursor(peer, row[0], int(row[1]), float(row[2]))
 
         return self._read(q)
-
-    # ------------------------------------------------------------------ test and tool helpers
-
-    def dump_live(self, now: int) -> dict[str, Any]:
-        """Synchronous snapshot of live content (tests, ``migrate-store`` checks)."""
-        with connect(self.dsn, "tool") as c:
-            return {
-                "envelopes": sorted(r[0] for r in c.execute("SELECT msg_id FROM envelopes WHERE expires > %s", (now,))),
-                "tombstones": sorted(
-                    (r[0], r[1]) for r in c.execute("SELECT mailbox, msg_id FROM tombstones WHERE expires > %s", (now,))
-                ),
-            }
 
 
 class _Listener:

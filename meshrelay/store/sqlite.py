@@ -256,39 +256,30 @@ def _op_add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
 
 def _add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AddResult:
     msg_id, mailbox, sender, expires, size, body, now, check, _peer, contact, stranger_cap = args
+    replica = False
     if check is not None:
         key, sig, signed, replica, permit_check = check
-        if replica:
-            # A replica of something already here (or tombstoned) is a
-            # duplicate whatever its signature says: nothing is stored either
-            # way, and sync re-sends such copies all the time.
-            stored, tombstoned, in_mailbox, from_sender = conn.execute(
-                _ADD_CHECKS, (msg_id, mailbox, now, sender)
-            ).fetchone()
-            if (stored or tombstoned) and not (stored and contact):
-                return AddResult(DUPLICATE)
-            # A new replica, or (v3) a contact copy that may upgrade a stored one: its
-            # signature is checked first, so an upgrade never stores a forged text.
-            if not verify_signature(key, sig, signed):
-                return AddResult(BAD_SIGNATURE)
-        else:
+        if not replica:
             # A deposit's signature is checked before dedup (docs/protocol.md 4.2).
             if not verify_signature(key, sig, signed):
                 return AddResult(BAD_SIGNATURE)
             # v3: then its permit's, when the relay left that to the writer too.
             if permit_check is not None and not verify_signature(*permit_check):
                 return AddResult(BAD_PERMIT)
-            stored, tombstoned, in_mailbox, from_sender = conn.execute(
-                _ADD_CHECKS, (msg_id, mailbox, now, sender)
-            ).fetchone()
-    else:
-        stored, tombstoned, in_mailbox, from_sender = conn.execute(
-            _ADD_CHECKS, (msg_id, mailbox, now, sender)
-        ).fetchone()
-    if stored or tombstoned:
-        if stored and contact:
-            return _upgrade(conn, st, msg_id, mailbox, expires, size, body)
+    stored, tombstoned, in_mailbox, from_sender = conn.execute(_ADD_CHECKS, (msg_id, mailbox, now, sender)).fetchone()
+    # v3: a contact copy of a stored envelope may upgrade it (from stranger mail to contact mail).
+    upgrade = stored and contact
+    if (stored or tombstoned) and not upgrade:
+        # A replica of something already here (or tombstoned) is a duplicate
+        # whatever its signature says: nothing is stored either way, and sync
+        # re-sends such copies all the time.
         return AddResult(DUPLICATE)
+    if replica and not verify_signature(key, sig, signed):
+        # A new replica, or a contact copy that may upgrade a stored one: its
+        # signature is checked first, so an upgrade never stores a forged text.
+        return AddResult(BAD_SIGNATURE)
+    if upgrade:
+        return _upgrade(conn, st, msg_id, mailbox, expires, size, body)
     if st.bytes + size > caps.max_stored_bytes:
         return AddResult(STORAGE_FULL)
     refusal = bucket_refusal(contact, stranger_cap, in_mailbox, lambda: _count_contacts(conn, mailbox, now), caps)
@@ -638,7 +629,7 @@ class SQLiteStore:
     """
 
     log = Logger()
-    #: deposits and replicas may pass their signature check to ``add_envelope``
+    #: deposits and replicas pass their signature check to ``add_envelope`` (see ``Store``)
     verifies_signatures = True
 
     def __init__(
@@ -1062,15 +1053,3 @@ class SQLiteStore:
             return None if row is None else Cursor(peer, row[0], int(row[1]), float(row[2]))
 
         return self._read(q)
-
-    # ------------------------------------------------------------------ test and tool helpers
-
-    def dump_live(self, now: int) -> dict[str, Any]:
-        """Synchronous snapshot of live content (tests, ``migrate-store`` checks)."""
-        c = self._wconn
-        return {
-            "envelopes": sorted(r[0] for r in c.execute("SELECT msg_id FROM envelopes WHERE expires > ?", (now,))),
-            "tombstones": sorted(
-                (r[0], r[1]) for r in c.execute("SELECT mailbox, msg_id FROM tombstones WHERE expires > ?", (now,))
-            ),
-        }

@@ -172,7 +172,7 @@ class ProcessWriter:
             return fail(StoreError(f"cannot send this batch to the writer process: {e}"))
         d: Deferred[Any] = Deferred()
         self._inflight.append(d)
-        self._proto.transport.write(_HEAD.pack(len(payload)) + payload)  # type: ignore[call-arg, misc]
+        self._proto.transport.write(_HEAD.pack(len(payload)) + payload)
         return d
 
     def set_caps(self, caps: Caps) -> None:
@@ -222,7 +222,7 @@ class ProcessWriter:
         d: Deferred[None] = Deferred()
         self._stopping = d
         transport = proto.transport
-        transport.closeStdin()  # type: ignore[misc]
+        transport.closeStdin()
         killer = self.reactor.callLater(STOP_TIMEOUT, _kill, transport)
 
         def cancel_killer(result: Any) -> Any:
