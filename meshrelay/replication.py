@@ -61,6 +61,7 @@ from meshrelay.deferutil import shield
 from meshrelay.envelope import Envelope, SignedAck
 from meshrelay.logs import Aggregator
 from meshrelay.metrics import Metrics
+from meshrelay.peernet import PeerEndpointFactory, Route, peer_route
 from meshrelay.peers import PeerSigner, url_path
 from meshrelay.policy_sync import PolicyPeer
 from meshrelay.protocol import (
@@ -1218,26 +1219,42 @@ class LeanHTTPClient:
 
 
 class PooledHTTPClients:
-    """The production client factory: one ``treq.HTTPClient`` on a persistent pool."""
+    """The production client factory: a :class:`LeanHTTPClient` per :class:`~meshrelay.peernet.Route`.
+
+    Peers dialled the same way (the same proxy, CA file and TLS name) share one Agent on one
+    persistent pool; a peer with its own proxy or CA gets its own, so a connection made through
+    one route is never reused for a peer that asked for another.
+    """
 
     def __init__(self, reactor: Any, config: Config) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.pools: list[Any] = []
+        self.clients: dict[Route, LeanHTTPClient] = {}
+
+    def _new_client(self, route: Route) -> LeanHTTPClient:
         from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
         class QuietClientFactory(_HTTP11ClientFactory):
             # No "Starting factory" log line for every new peer connection.
             noisy = False
 
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool._factory = QuietClientFactory
+        pool = HTTPConnectionPool(self.reactor, persistent=True)
+        pool._factory = QuietClientFactory
         # Pushes in flight, the sync puller with its prefetch and bodies
         # requests, and a fetch_remote or refetch, per peer.
-        self.pool.maxPersistentPerHost = config.sync.push_inflight_max + BODIES_INFLIGHT + 4
-        self.pool.cachedConnectionTimeout = 120
-        agent = Agent(reactor, connectTimeout=config.sync.push_timeout, pool=self.pool)
-        self.client = LeanHTTPClient(agent)
+        pool.maxPersistentPerHost = self.config.sync.push_inflight_max + BODIES_INFLIGHT + 4
+        pool.cachedConnectionTimeout = 120
+        self.pools.append(pool)
+        endpoints = PeerEndpointFactory(self.reactor, route, connect_timeout=self.config.sync.push_timeout)
+        return LeanHTTPClient(Agent.usingEndpointFactory(self.reactor, endpoints, pool=pool))
 
     def __call__(self, peer: PeerConfig) -> HTTPClient:
-        return cast(HTTPClient, self.client)
+        route = peer_route(peer.url, peer.connect, peer.proxy, self.config.node.peer_proxy, peer.ca_file)
+        if route not in self.clients:
+            self.clients[route] = self._new_client(route)
+        return cast(HTTPClient, self.clients[route])
 
     def close(self) -> Deferred[None]:
-        return self.pool.closeCachedConnections()
+        closing = [pool.closeCachedConnections() for pool in self.pools]
+        return gatherResults(closing).addCallback(lambda _: None)
