@@ -23,9 +23,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from twisted.internet.defer import TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
+from twisted.python.failure import Failure
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -33,6 +36,17 @@ from zope.interface import implementer
 NO_PROXY = ("", "none")
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def describe_failure(f: Failure) -> str:
+    """One line saying why a request to a peer failed (for logs and ``/status``)."""
+    if f.check(TimeoutError):
+        return "timed out"
+    reasons = getattr(f.value, "reasons", None)
+    if f.check(ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) and reasons:
+        # The Agent wraps what went wrong in a list of Failures: say what it was.
+        return "; ".join(describe_failure(r) for r in reasons)
+    return f.getErrorMessage() or f.type.__name__  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -126,7 +140,11 @@ class PeerEndpointFactory:
         if proxy is None:
             direct = HostnameEndpoint(self.reactor, host.encode("idna"), port, timeout=self.connect_timeout)
             return cast(IStreamClientEndpoint, direct)
-        from txtorcon.socks import TorSocksEndpoint
+        from txtorcon.socks import TorSocksEndpoint, _TorSocksFactory
+
+        # No "Starting factory" / "Stopping factory" log lines for every proxied peer connection
+        # (the same quiet the direct connections' pool factory has).
+        _TorSocksFactory.noisy = False
 
         to_proxy = HostnameEndpoint(self.reactor, proxy.host.encode("idna"), proxy.port, timeout=self.connect_timeout)
         # The host name goes to the proxy as a name (SOCKS5 "domain name"), never resolved here.

@@ -45,7 +45,6 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     FirstError,
-    TimeoutError,
     gatherResults,
     succeed,
 )
@@ -62,6 +61,7 @@ from meshrelay.envelope import Envelope, SignedAck
 from meshrelay.logs import Aggregator
 from meshrelay.metrics import Metrics
 from meshrelay.peernet import PeerEndpointFactory, Route, peer_route
+from meshrelay.peernet import describe_failure as _describe
 from meshrelay.peers import PeerSigner, url_path
 from meshrelay.policy_sync import PolicyPeer
 from meshrelay.protocol import (
@@ -152,16 +152,6 @@ class Throttled(PeerError):
 
 class Downgrade(PeerError):
     """A v2 request was answered 400/404: the peer speaks v1 only (now)."""
-
-
-def _describe(f: Failure) -> str:
-    if f.check(TimeoutError):
-        return "timed out"
-    reasons = getattr(f.value, "reasons", None)
-    if f.check(ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) and reasons:
-        # The Agent wraps what went wrong in a list of Failures: say what it was.
-        return "; ".join(_describe(r) for r in reasons)
-    return f.getErrorMessage() or f.type.__name__  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------- transport
@@ -622,8 +612,12 @@ class SyncPuller:
         except CancelledError:
             raise
         except PeerError:
+            # A run that cannot even ask the features of an unreachable peer is a failed pull:
+            # counted, or a peer that is down (a proxy gone, a TLS refusal) would show no errors.
+            self.metrics.sync_pull_total.labels(self.url, "error").inc()
             raise
         except Exception as e:
+            self.metrics.sync_pull_total.labels(self.url, "error").inc()
             raise PeerError(_describe(Failure(e))) from e
         self.features = features
         return features

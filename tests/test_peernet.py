@@ -7,6 +7,7 @@ ClientHello (with the name the certificate must carry).
 
 from __future__ import annotations
 
+import base64
 import os
 
 from twisted.internet.protocol import Factory, Protocol
@@ -188,6 +189,17 @@ class ConfigTests(SynchronousTestCase):
         check_endpoints(cfg, reactor)
         self.assertEqual(reactor.tcpClients, [])  # parsing alone does not dial tor's control port
         cli.check_endpoints(cfg)
+        # docs/operator.md's listener, with a key file (read as the string is parsed)
+        key_file = self.mktemp()
+        with open(key_file, "w") as fh:
+            fh.write("ED25519-V3:" + base64.b64encode(os.urandom(64)).decode() + "\n")
+        documented = f"onion:80:controlPort=9051:localPort=8081:privateKeyFile={key_file}"
+        check_endpoints(build_config({"listeners": [{"endpoint": documented}]}), reactor)
+        missing = build_config({"listeners": [{"endpoint": documented + ".nope"}]})
+        with self.assertRaises(ConfigError) as e:
+            check_endpoints(missing, reactor)
+        self.assertIn("listeners[0].endpoint: not a valid endpoint (cannot read", str(e.exception))
+        self.assertEqual(reactor.tcpClients, [])
         # and a misspelt option is the endpoint's error, one line naming the key
         bad = build_config({"listeners": [{"endpoint": "onion:80:controlPort=9051:version=7"}]})
         with self.assertRaises(ConfigError) as e:
@@ -198,9 +210,13 @@ class ConfigTests(SynchronousTestCase):
         """``ssl:`` listener strings with certificate files parse; a missing key file is a config error."""
         directory = self.mktemp()
         os.makedirs(directory)
-        key, cert = TestCA().issue(directory)
+        ca = TestCA()
+        key, cert = ca.issue(directory)
+        chain = ca.write_ca(os.path.join(directory, "chain.pem"))
         good = f"ssl:8443:interface=127.0.0.1:privateKey={key}:certKey={cert}"
         check_endpoints(build_config({"node": {"listen": good}}), MemoryReactorClock())
+        with_chain = f"{good}:extraCertChain={chain}"  # as docs/operator.md "Serve TLS"
+        check_endpoints(build_config({"node": {"listen": with_chain}}), MemoryReactorClock())
         missing = f"ssl:8443:interface=127.0.0.1:privateKey={key}.nope:certKey={cert}"
         with self.assertRaises(ConfigError) as e:
             check_endpoints(build_config({"node": {"listen": missing}}), MemoryReactorClock())
