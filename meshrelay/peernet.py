@@ -28,7 +28,6 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.python.failure import Failure
-from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -43,9 +42,14 @@ def describe_failure(f: Failure) -> str:
     if f.check(TimeoutError):
         return "timed out"
     reasons = getattr(f.value, "reasons", None)
-    if f.check(ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) and reasons:
-        # The Agent wraps what went wrong in a list of Failures: say what it was.
+    if isinstance(reasons, list) and reasons and all(isinstance(r, Failure) for r in reasons):
+        # The Agent wraps what went wrong in a list of Failures (ResponseNeverReceived,
+        # RequestGenerationFailed and the other _WrapperExceptions): say what it was.
         return "; ".join(describe_failure(r) for r in reasons)
+    args: tuple[Any, ...] = tuple(getattr(f.value, "args", ()))
+    if len(args) == 1 and isinstance(args[0], Failure):
+        # e.g. txtorcon's SocksError(reason) when the proxy drops the connection
+        return f"{type(f.value).__name__}: {describe_failure(args[0])}"
     return f.getErrorMessage() or f.type.__name__  # type: ignore[union-attr]
 
 

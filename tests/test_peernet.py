@@ -10,14 +10,19 @@ from __future__ import annotations
 import base64
 import os
 
+from twisted.internet.defer import TimeoutError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI
+from twisted.web._newclient import RequestGenerationFailed
+from twisted.web.client import URI, RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
+from txtorcon.socks import SocksError
 
 from meshrelay import cli
 from meshrelay.config import ConfigError, PeerConfig, build_config
-from meshrelay.peernet import PeerEndpointFactory, Proxy, Route, parse_proxy, peer_route, read_ca_file
+from meshrelay.peernet import PeerEndpointFactory, Proxy, Route, describe_failure, parse_proxy, peer_route, read_ca_file
 from meshrelay.replication import PooledHTTPClients
 from meshrelay.tap import check_endpoints
 from tests.tlsca import TestCA
@@ -74,6 +79,23 @@ class ParseProxyTests(SynchronousTestCase):
             with self.assertRaises(ValueError) as e:
                 parse_proxy(text)
             self.assertIn(needle, str(e.exception), text)
+
+
+class DescribeFailureTests(SynchronousTestCase):
+    def test_wrapped_reasons_are_named_not_dumped(self) -> None:
+        """Every wrapper of the HTTP client (not only three of them) is unwrapped into one readable line."""
+        lost = Failure(ConnectionLost())
+        refused = Failure(ConnectionRefusedError("111: Connection refused."))
+        for wrapper in (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed, RequestGenerationFailed):
+            text = describe_failure(Failure(wrapper([lost, refused])))
+            self.assertNotIn("Traceback", text, wrapper)
+            self.assertIn("lost in a non-clean fashion", text)
+            self.assertIn("Connection refused", text)
+        self.assertEqual(
+            describe_failure(Failure(ResponseNeverReceived([Failure(SocksError(lost))]))),
+            "SocksError: Connection to the other side was lost in a non-clean fashion.",
+        )
+        self.assertEqual(describe_failure(Failure(TimeoutError())), "timed out")
 
 
 class RouteTests(SynchronousTestCase):
