@@ -130,7 +130,7 @@ class PeerEndpointFactory:
             self.trust_root = trustRootFromCertificates(read_ca_file(route.ca_file))
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        host = uri.host.decode("idna") if isinstance(uri.host, bytes) else str(uri.host)
+        host = uri.host.decode("ascii") if isinstance(uri.host, bytes) else str(uri.host)
         endpoint = self.tcp_endpoint(host, int(uri.port))
         if uri.scheme == b"https":
             name = self.route.tls_name or host
@@ -142,7 +142,7 @@ class PeerEndpointFactory:
     def tcp_endpoint(self, host: str, port: int) -> IStreamClientEndpoint:
         proxy = self.route.proxy
         if proxy is None:
-            direct = HostnameEndpoint(self.reactor, host.encode("idna"), port, timeout=self.connect_timeout)
+            direct = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
             return cast(IStreamClientEndpoint, direct)
         from txtorcon.socks import TorSocksEndpoint, _TorSocksFactory
 
@@ -150,7 +150,7 @@ class PeerEndpointFactory:
         # (the same quiet the direct connections' pool factory has).
         _TorSocksFactory.noisy = False
 
-        to_proxy = HostnameEndpoint(self.reactor, proxy.host.encode("idna"), proxy.port, timeout=self.connect_timeout)
+        to_proxy = HostnameEndpoint(self.reactor, proxy.host, proxy.port, timeout=self.connect_timeout)
         # The host name goes to the proxy as a name (SOCKS5 "domain name"), never resolved here.
         return TorSocksEndpoint(to_proxy, host, port)  # type: ignore[no-any-return]
 

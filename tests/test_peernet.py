@@ -8,7 +8,10 @@ ClientHello (with the name the certificate must carry).
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import os
+import tomllib
 
 from twisted.internet.defer import TimeoutError
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
@@ -192,6 +195,27 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(cfg.peers[0].proxy, "socks5h://127.0.0.1:9050")
         self.assertEqual(cfg.peers[0].ca_file, os.path.join(os.path.abspath(base), "ca.pem"))
         self.assertEqual(build_config(self.peer()).peers[0].ca_file, "")
+
+    def test_check_config_prints_proxy_and_ca_file(self) -> None:
+        """``check-config`` shows the effective proxy settings (and still masks the secret)."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        TestCA().write_ca(os.path.join(base, "ca.pem"))
+        path = os.path.join(base, "node.toml")
+        with open(path, "w") as fh:
+            fh.write(
+                '[node]\npeer_proxy = "socks5h://127.0.0.1:9050"\n'
+                f'[[peers]]\nurl = "https://b.example"\nsecret = "{SECRET}"\nproxy = "none"\nca_file = "ca.pem"\n'
+            )
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(cli.main(["check-config", path]), 0)
+        doc = tomllib.loads(out.getvalue())
+        self.assertEqual(doc["node"]["peer_proxy"], "socks5h://127.0.0.1:9050")
+        self.assertEqual(
+            doc["peers"],
+            [{"url": "https://b.example", "secret": "***", "proxy": "none", "ca_file": os.path.join(base, "ca.pem")}],
+        )
 
     def test_bad_proxy_is_one_line(self) -> None:
         with self.assertRaises(ConfigError) as e:
