@@ -352,7 +352,7 @@ def _check_onion(where: str, endpoint: str, means_nothing_key: str, raw_means_no
     must use the request's keys; and without ``controlPort`` txtorcon launches a tor of its own
     the moment the string is parsed (even by ``check-config``).
     """
-    options = endpoint.split(":")[2:]
+    options = endpoint.split(":")[1:]
     if not any(option.split("=", 1)[0] == "controlPort" for option in options):
         raise ConfigError(
             f"{where}: an onion: endpoint needs controlPort=PORT (a running tor's ControlPort, "

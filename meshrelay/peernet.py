@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from OpenSSL.crypto import Error as CryptoError
 from twisted.internet.defer import TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -101,7 +102,7 @@ def read_ca_file(path: str) -> list[Certificate]:
         raise ValueError(f"{path} holds no PEM certificate")
     try:
         return [Certificate.loadPEM(block) for block in blocks]
-    except Exception as e:  # OpenSSL.crypto.Error: a damaged block
+    except CryptoError as e:  # a damaged block
         raise ValueError(f"{path}: not a valid PEM certificate ({e})") from None
 
 

@@ -158,6 +158,14 @@ class EndpointChoiceTests(SynchronousTestCase):
         self.assertIsNotNone(factory.trust_root)
         self.assertIsNone(PeerEndpointFactory(MemoryReactorClock(), Route(), 5).trust_root)  # system roots
 
+    def test_read_ca_file_refuses_a_damaged_certificate(self) -> None:
+        path = self.mktemp()
+        with open(path, "wb") as fh:
+            fh.write(b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+        with self.assertRaises(ValueError) as e:
+            read_ca_file(path)
+        self.assertIn("not a valid PEM certificate", str(e.exception))
+
     def test_read_ca_file_takes_every_certificate(self) -> None:
         path = self.mktemp()
         with open(path, "wb") as fh:
