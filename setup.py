@@ -39,6 +39,8 @@ setup(
             "PyYAML>=6",
             "ruff>=0.6",
             "mypy>=1.11",
+            # mypy understands zope.interface declarations (IReactorTime, IRequest) with it
+            "mypy-zope>=1.0.9",
         ],
         # bench/deposit.py --profile (py-spy); bench/soak.py's plot (matplotlib); the deposit load
         # generator is wrk (apt-get install -y wrk)

@@ -86,13 +86,14 @@ import treq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from meshrelay import envelope as E
 from meshrelay.config import LimitsConfig
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
+from meshrelay.peernet import QuietEndpoint
 from tests.harness import NodeProcess, free_port
 from tests.helpers import link_secret
 
@@ -147,10 +148,6 @@ ATTACK_ADDR = {
 LOG_REFUSED = "peer request refused"
 
 
-class _Quiet(_HTTP11ClientFactory):
-    noisy = False
-
-
 class BoundEndpoints:
     """An Agent endpoint factory whose connections leave from one loopback address."""
 
@@ -158,9 +155,9 @@ class BoundEndpoints:
         self.reactor = reactor
         self.source = source
 
-    def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:
+    def endpointForURI(self, uri: Any) -> QuietEndpoint:
         host = uri.host.decode() if isinstance(uri.host, bytes) else uri.host
-        return TCP4ClientEndpoint(self.reactor, host, uri.port, timeout=10, bindAddress=(self.source, 0))
+        return QuietEndpoint(TCP4ClientEndpoint(self.reactor, host, uri.port, timeout=10, bindAddress=(self.source, 0)))
 
 
 class Client:
@@ -170,7 +167,6 @@ class Client:
         self.source = source
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = per_host
-        self.pool._factory = _Quiet
         self.http = treq.client.HTTPClient(
             Agent.usingEndpointFactory(reactor, BoundEndpoints(reactor, source), self.pool)
         )

@@ -54,8 +54,10 @@ from meshrelay import envelope as E
 from meshrelay.config import build_config
 from meshrelay.metrics import Metrics
 from meshrelay.node import Node
+from meshrelay.store import caps_from
 from meshrelay.store.base import Caps
 from meshrelay.store.sqlite import SQLiteStore
+from meshrelay.verifier import Verifier
 
 
 def per_call(fn: Callable[[], Any], n: int, reps: int = 5) -> float:
@@ -138,7 +140,10 @@ def inline_node(now: int) -> Iterator[Node]:
         node = Node(
             build_config({"node": {"data_dir": tmp}, "limits": {"clock_skew": 3600, "client_rate": 0}}),
             clock,
-            threaded=False,
+            store_factory=lambda config, reactor, metrics: SQLiteStore(
+                config.node.data_dir, caps_from(config), durability=config.node.durability, metrics=metrics
+            ),
+            verifier=Verifier(),
         )
         node.startService()
         try:

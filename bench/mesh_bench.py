@@ -60,9 +60,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import treq
 from common import percentile
 from twisted.internet import defer, task, threads
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from meshrelay import envelope as E
+from meshrelay.replication import PeerEndpoints
 from tests.harness import NodeProcess
 from tests.helpers import Identity, link_secret
 
@@ -77,15 +78,10 @@ ACK_GUARD = 60.0
 BENCH_LIMITS = {"per_mailbox_pending": 100000, "per_sender_pending": 100000, "max_waiting_polls": 100000}
 
 
-class _Quiet(_HTTP11ClientFactory):
-    noisy = False
-
-
 def make_client(reactor: Any, per_host: int) -> Any:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = per_host
-    pool._factory = _Quiet
-    return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool
+    return treq.client.HTTPClient(Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, 30), pool=pool)), pool
 
 
 def reactor_of() -> Any:
@@ -273,6 +269,11 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
     cluster = Cluster(["solo", "a", "b", "c"], [("a", "b"), ("a", "c"), ("b", "c")], config)
     client, pool = make_client(reactor, args.concurrency)
 
+    def pushes_of_a() -> tuple[float, float]:
+        """(push requests, items pushed) by A so far, to both peers."""
+        base = "meshrelay_dm_replication_push_batch_size"
+        return cluster.gauge("a", base + "_count"), cluster.gauge("a", base + "_sum")
+
     def pulls_from_a(peer: str) -> float:
         return cluster.gauge_labelled(peer, "meshrelay_sync_pull_total", peer=cluster["a"].url, outcome="ok")
 
@@ -290,8 +291,11 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                 bodies = make_envelopes(args.count)
                 node = cluster[name]
                 before = node_cpu(node)
+                spies = start_profilers(args.profile and os.path.join(args.profile, f"{name}-{r + 1}"), {name: node})
+                pushes_before = pushes_of_a() if name == "a" else (0.0, 0.0)
                 seconds, failures = await closed_loop(client, node.url + SEND, bodies, args.concurrency, args.rate)
                 if name == "a":
+                    batches = pushes_of_a()
                     marks = {p: pulls_from_a(p) for p in ("b", "c")}
                     target = cluster.gauge("a", "meshrelay_stored_envelopes")
                     for peer in ("b", "c"):
@@ -308,13 +312,19 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                 else:
                     await task.deferLater(reactor, 1.0, lambda: None)
                 after = node_cpu(node)
+                stop_profilers(spies)
                 done = args.count - failures
                 own, writer = (after[0] - before[0]) / done, (after[1] - before[1]) / done
                 per[name].append(own + writer)
                 label = "no peers " if name == "solo" else "2 peers  "
+                pushed = ""
+                if name == "a":
+                    requests, items = batches[0] - pushes_before[0], batches[1] - pushes_before[1]
+                    pushed = f"; {requests:.0f} push requests, {items / max(requests, 1):.1f} items each"
                 print(
                     f"  round {r + 1} {label}: {(own + writer) * 1e6:7.0f} us CPU per deposit "
-                    f"(node {own * 1e6:.0f} + writer {writer * 1e6:.0f}; {done / seconds:.0f} deposits/s, {failures} failed)"
+                    f"(node {own * 1e6:.0f} + writer {writer * 1e6:.0f}; {done / seconds:.0f} deposits/s, "
+                    f"{failures} failed{pushed})"
                 )
         solo, mesh = statistics.median(per["solo"]), statistics.median(per["a"])
         print(
@@ -467,8 +477,10 @@ async def catchup(reactor: Any, args: argparse.Namespace) -> None:
             done += n
         launched = time.perf_counter()
         cluster["b"].start(wait=False)
+        spies = start_profilers(args.profile, {"a": cluster["a"], "b": cluster["b"]})
         await wait_until(reactor, lambda: cluster.gauge("b", "meshrelay_stored_envelopes") >= args.backlog, 3600, 0.1)
         seconds = time.perf_counter() - launched
+        stop_profilers(spies)
         print(
             f"  fresh node B holds all {args.backlog} after {seconds:.1f} s (from its launch): "
             f"{args.backlog / seconds:.0f} envelopes/s"
@@ -476,6 +488,28 @@ async def catchup(reactor: Any, args: argparse.Namespace) -> None:
     finally:
         await pool.closeCachedConnections()
         cluster.stop()
+
+
+def start_profilers(out_dir: str | None, nodes: dict[str, NodeProcess]) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each node (with its writer child), collapsed stacks into OUT_DIR/<name>.txt; none without a dir."""
+    if not out_dir:
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    spies = []
+    for name, node in nodes.items():
+        assert node.proc is not None
+        out = os.path.join(out_dir, f"{name}.txt")
+        cmd = ["py-spy", "record", "--pid", str(node.proc.pid), "--subprocesses", "--threads"]
+        cmd += ["--format", "raw", "--rate", "200", "--nonblocking", "--output", out]
+        spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
+
+
+def stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+    for spy in spies:
+        spy.wait(timeout=60)
 
 
 # --------------------------------------------------------------------------- ack propagation
@@ -556,6 +590,7 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=30)
     p.add_argument("--rate", type=float, default=0.0, help="deposits/s offered in both cases (default: closed loop)")
     p.add_argument("--linger", type=int, default=None, help="sync.push_linger_ms of the nodes (default: the node's)")
+    p.add_argument("--profile", default=None, help="py-spy the measured node in each round; collapsed stacks under DIR")
     p = sub.add_parser("latency")
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--rate", type=float, default=0.0)
@@ -565,6 +600,7 @@ def main() -> None:
     p.add_argument("--wrk-rate", type=int, default=3000, help="envelopes signed per second of wrk load (upper bound)")
     p = sub.add_parser("catchup")
     p.add_argument("--backlog", type=int, default=100000)
+    p.add_argument("--profile", default=None, help="py-spy both nodes while B catches up; collapsed stacks to DIR")
     p = sub.add_parser("ackprop")
     p.add_argument("--count", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=4)

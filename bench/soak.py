@@ -65,9 +65,10 @@ import common
 import treq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, task
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from meshrelay import envelope as E
+from meshrelay.replication import PeerEndpoints
 from tests.harness import NodeProcess
 from tests.helpers import link_secret
 
@@ -89,10 +90,6 @@ TOMBSTONE_LIFE = MAX_TTL + 2 * CLOCK_SKEW
 #: at rest a node's peer connections may come and go within its pools: (push_inflight_max + 2)
 #: each way per peer, two peers
 PEER_POOL_SLACK = 24
-
-
-class _Quiet(_HTTP11ClientFactory):
-    noisy = False
 
 
 def pid_rss_kb(pid: int) -> int:
@@ -193,9 +190,8 @@ class Soak:
         self.nodes: dict[str, NodeProcess] = {}
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 64
-        pool._factory = _Quiet
         self.pool = pool
-        self.http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        self.http = treq.client.HTTPClient(Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, 30), pool=pool))
         rng = self.rng
         self.mailboxes = [Ed25519PrivateKey.from_private_bytes(rng.randbytes(32)) for _ in range(args.mailboxes)]
         self.abandoned = [Ed25519PrivateKey.from_private_bytes(rng.randbytes(32)) for _ in range(10)]

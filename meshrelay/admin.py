@@ -19,17 +19,22 @@ replication is running.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from klein import Klein
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
+from meshrelay.config import flat_values
 from meshrelay.metrics import Metrics
-from meshrelay.status import RateSampler, render_status
+from meshrelay.status import NodeView, RateSampler, ReplicationView, render_status
 from meshrelay.web import error_body, install_error_table, json_response, note_refusal
+
+_SALT_RE = re.compile(r"(?:[0-9a-fA-F]{2}){0,32}")
 
 #: names that always mean this machine
 LOOPBACK_NAMES = frozenset(("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"))
@@ -110,7 +115,7 @@ class _HostGate(Resource):
         self.allowed = allowed
         self.refused = refused
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: IRequest) -> Any:
         local = getattr(request.getHost(), "host", "")
         if host_allowed(request.getHeader(b"host"), self.allowed, str(local)):
             return self.inner.render(request)
@@ -131,17 +136,17 @@ class AdminAPI:
     def __init__(
         self,
         metrics: Metrics,
-        node: Any = None,
+        node: NodeView | None = None,
         sampler: RateSampler | None = None,
         hosts: frozenset[str] | None = None,
     ) -> None:
         self.metrics = metrics
         self.node = node
         if hosts is None:
-            config = getattr(node, "config", None)
-            node_cfg = getattr(config, "node", None)
             hosts = (
-                allowed_hosts(node_cfg.admin_listen, node_cfg.admin_hosts) if node_cfg is not None else LOOPBACK_NAMES
+                allowed_hosts(node.config.node.admin_listen, node.config.node.admin_hosts)
+                if node is not None
+                else LOOPBACK_NAMES
             )
         #: Host names accepted besides loopback addresses and the listener's own address
         self.hosts = hosts
@@ -154,52 +159,77 @@ class AdminAPI:
         """The admin listener's root: the Host check, then the routes."""
         return _HostGate(self.app.resource(), self.hosts, self._host_refused)
 
-    def _host_refused(self, request: Any) -> None:
+    def _host_refused(self, request: IRequest) -> None:
         self.metrics.refused_total.labels("admin_host").inc()
-        relay = getattr(self.node, "relay", None)
         note_refusal(
-            getattr(relay, "log_agg", None),
+            self.node.relay.log_agg if self.node is not None else None,
             "admin_host",
             "admin listener refused 403: Host {host} does not name it (node.admin_hosts)",
             LogLevel.warn,
             host=repr((request.getHeader(b"host") or b"")[:100].decode("latin-1")),
         )
 
-    def _replication(self) -> Any:
-        return getattr(self.node, "replication", None) if self.node is not None else None
+    def _replication(self) -> ReplicationView | None:
+        return self.node.replication if self.node is not None else None
 
     def _failure(self, key: str, fmt: str) -> None:
         """Log the current exception: through the node's aggregator (one line per minute) when there is one."""
-        agg = getattr(getattr(self.node, "relay", None), "log_agg", None)
-        if agg is not None:
-            agg.emit(self.log, "admin:" + key, fmt, LogLevel.critical, Failure())
+        if self.node is not None:
+            self.node.relay.log_agg.emit(self.log, "admin:" + key, fmt, LogLevel.critical, Failure())
         else:
             self.log.failure(fmt)
 
     def _refresh_gauges(self) -> None:
         repl = self._replication()
-        update = getattr(repl, "update_gauges", None)
-        if update is None:
+        if repl is None:
             return
         try:
-            update()
+            repl.update_gauges()
         except Exception:
             # A scrape must still answer; the stale gauge is the lesser evil.
             self._failure("gauges", "refreshing replication gauges failed")
 
     @app.route("/metrics", methods=["GET"])
-    def prometheus(self, request: Any) -> bytes:
+    def prometheus(self, request: IRequest) -> bytes:
         self._refresh_gauges()
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.metrics.registry)
 
     @app.route("/api/mesh/metrics", methods=["GET"])
-    def metrics_json(self, request: Any) -> bytes:
+    def metrics_json(self, request: IRequest) -> bytes:
         self._refresh_gauges()
         return json_response(request, 200, {"ok": True, "metrics": self.metrics.as_json()})
 
+    @app.route("/api/mesh/config", methods=["GET"])
+    def running_config(self, request: Any) -> bytes:
+        """The running config, key by key, secrets masked (``meshrelay check-config --diff-running``).
+
+        ``?salt=HEX`` (up to 64 hex digits): secrets are given as HMACs under that salt, so that the
+        caller can tell whether its file's secrets differ without any secret leaving the node.
+        """
+        node = self.node
+        if node is None:
+            return json_response(request, 404, error_body("not_found", "no node to show"))
+        salts = request.args.get(b"salt", [b""])
+        salt_text = salts[0].decode("latin-1") if len(salts) == 1 else "?"
+        if set(request.args) - {b"salt"} or not _SALT_RE.fullmatch(salt_text):
+            return json_response(
+                request, 400, error_body("bad_request", "the only query is salt=HEX (0-64 hex digits)")
+            )
+        values = flat_values(node.config, bytes.fromhex(salt_text))
+        return json_response(
+            request,
+            200,
+            {
+                "ok": True,
+                "source": node.config.source,
+                "generation": getattr(node, "config_generation", 1),
+                "values": {k: list(v) for k, v in values.items()},
+            },
+        )
+
     @app.route("/status", methods=["GET"])
-    def status(self, request: Any) -> bytes:
+    def status(self, request: IRequest) -> bytes:
         if self.node is None:
             return json_response(request, 404, {"ok": False, "error": "not_found", "detail": "no node to show"})
         self._refresh_gauges()

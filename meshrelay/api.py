@@ -12,6 +12,7 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.web.iweb import IRequest
 
 from meshrelay import __version__
 from meshrelay import envelope as E
@@ -58,7 +59,7 @@ class ClientAPI:
         self.client_limiter = client_limiter
         self.deposit_limiter = deposit_limiter
 
-    def _charge_body_keys(self, request: Any, keys: tuple[str, ...], write: bool) -> None:
+    def _charge_body_keys(self, request: IRequest, keys: tuple[str, ...], write: bool) -> None:
         """Where the address means nothing: charge the request (and a write's bytes: a deposit, a poll's acks) to body keys.
 
         A body without the keys is left to the core, which refuses it (400).
@@ -78,11 +79,11 @@ class ClientAPI:
     def resource(self) -> Any:
         return self.app.resource()
 
-    def _answer(self, request: Any, d: Deferred[dict[str, Any]]) -> Deferred[bytes]:
+    def _answer(self, request: IRequest, d: Deferred[dict[str, Any]]) -> Deferred[bytes]:
         return d.addCallback(lambda result: json_response(request, 200, result))
 
     @app.route("/api/mesh/dm/send", methods=["POST"])
-    def send(self, request: Any) -> Deferred[bytes]:
+    def send(self, request: IRequest) -> Deferred[bytes]:
         obj = read_json(request)
         sender, mailbox = _body_key(obj, "sender"), _body_key(obj, "mailbox")
         keys = ("sender:" + sender, "mailbox:" + mailbox) if sender and mailbox else ()
@@ -90,7 +91,7 @@ class ClientAPI:
         return self._answer(request, self.relay.deposit(obj))
 
     @app.route("/api/mesh/dm/poll", methods=["POST"])
-    def poll(self, request: Any) -> Deferred[bytes]:
+    def poll(self, request: IRequest) -> Deferred[bytes]:
         obj = read_json(request)
         mailbox = _body_key(obj, "mailbox")
         self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), write=True)
@@ -98,14 +99,14 @@ class ClientAPI:
         return self._answer(request, self.relay.poll(obj, client=getattr(request, SHARE_KEY_ATTR, None)))
 
     @app.route("/api/mesh/dm/count", methods=["POST"])
-    def count(self, request: Any) -> Deferred[bytes]:
+    def count(self, request: IRequest) -> Deferred[bytes]:
         obj = read_json(request)
         mailbox = _body_key(obj, "mailbox")
         self._charge_body_keys(request, ("mailbox:" + mailbox,) if mailbox else (), write=False)
         return self._answer(request, self.relay.count(obj))
 
     @app.route("/api/mesh/dm/policy", methods=["POST"])
-    def set_policy(self, request: Any) -> Deferred[bytes]:
+    def set_policy(self, request: IRequest) -> Deferred[bytes]:
         """Store a mailbox's signed policy (protocol v3, 12.2)."""
         obj = read_json(request)
         mailbox = _body_key(obj, "mailbox")
@@ -113,10 +114,10 @@ class ClientAPI:
         return self._answer(request, self.relay.set_policy(obj))
 
     @app.route("/api/mesh/dm/policy", methods=["GET"])
-    def get_policy(self, request: Any) -> bytes:
+    def get_policy(self, request: IRequest) -> bytes:
         """A mailbox's policy, public (protocol v3, 12.2)."""
         return json_response(request, 200, self.relay.get_policy(policy_query(request.args)))
 
     @app.route("/api/mesh/health", methods=["GET"])
-    def health(self, request: Any) -> bytes:
+    def health(self, request: IRequest) -> bytes:
         return json_response(request, 200, {"ok": True, "version": __version__, "peers": self.peer_count()})

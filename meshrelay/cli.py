@@ -14,7 +14,7 @@
     meshrelay poll --node URL [--wait S] [--ack] [--json]
     meshrelay watch --node URL
     meshrelay gen-secret [--out FILE]
-    meshrelay check-config FILE
+    meshrelay check-config FILE [--diff OLD | --diff-running [--admin URL]]
     meshrelay demo-mesh [--dir DIR] [--base-port PORT]
 
 Every user mistake (bad key file, unreachable node, a refusal by the node, a
@@ -458,17 +458,90 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate a config file; print the effective values with secrets masked."""
-    from meshrelay.config import ConfigError, effective_values, load_config, to_toml
+    from meshrelay.config import (
+        ConfigError,
+        diff_configs,
+        diff_flat,
+        effective_values,
+        flat_values,
+        load_config,
+        to_toml,
+    )
 
     try:
         cfg = load_config(args.file)
         check_endpoints(cfg)
     except ConfigError as e:
         return _fail(f"config error: {e}")
+    if args.diff is not None:
+        try:
+            old = load_config(args.diff)
+        except ConfigError as e:
+            return _fail(f"config error in {args.diff}: {e}")
+        _say(sys.stdout, f"# {args.file}: OK; what changes from {args.diff} (secrets masked)")
+        _print_changes(diff_configs(old, cfg))
+        return EXIT_OK
+    if args.diff_running:
+        admin = args.admin or _admin_url(cfg.node.admin_listen)
+        salt = os.urandom(16)
+        try:
+            running = _fetch_running_config(admin, salt)
+        except ValueError as e:
+            return _fail(f"cannot read the running config from {admin}: {e}")
+        _say(
+            sys.stdout,
+            f"# {args.file}: OK; what a reload of the node at {admin} would change "
+            f"(running generation {running.get('generation')}, from {running.get('source') or 'defaults'}; "
+            "secrets masked)",
+        )
+        _print_changes(diff_flat(running["values"], flat_values(cfg, salt)))
+        return EXIT_OK
     _say(sys.stdout, f"# {args.file}: OK; effective values (secrets masked)")
     sys.stdout.write(to_toml(effective_values(cfg)))
     sys.stdout.flush()
     return EXIT_OK
+
+
+def _print_changes(changes: list[Any]) -> None:
+    for c in changes:
+        _say(sys.stdout, f"{c.key}: {c.old} -> {c.new}  ({'applies on reload' if c.live else 'needs a restart'})")
+    live = sum(1 for c in changes if c.live)
+    if not changes:
+        _say(sys.stdout, "# no changes")
+    else:
+        _say(sys.stdout, f"# {len(changes)} changes: {live} apply on reload, {len(changes) - live} need a restart")
+
+
+def _admin_url(admin_listen: str) -> str:
+    """The http URL of an admin listener endpoint string (``tcp:9090:interface=...``) on this machine."""
+    from meshrelay.admin import endpoint_interface
+
+    parts = admin_listen.split(":")
+    port = next((p for p in parts[1:] if p.isdigit()), None)
+    if parts[0] not in ("tcp", "tcp6") or port is None:
+        raise SystemExit(f"meshrelay: cannot reach node.admin_listen {admin_listen!r} over TCP: give --admin URL")
+    host = endpoint_interface(admin_listen) or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _fetch_running_config(admin: str, salt: bytes) -> dict[str, Any]:
+    """``GET ADMIN/api/mesh/config?salt=...``: the running node's values (ValueError on any failure)."""
+    import urllib.error
+    import urllib.request
+
+    url = admin.rstrip("/") + "/api/mesh/config?salt=" + salt.hex()
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = json.loads(resp.read(8 << 20))
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"HTTP {e.code}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(str(getattr(e, "reason", e))) from None
+    if not isinstance(body, dict) or body.get("ok") is not True or not isinstance(body.get("values"), dict):
+        raise ValueError("not a meshrelay admin listener (no running config in the answer)")
+    return body
 
 
 def check_endpoints(cfg: Any) -> None:
@@ -599,6 +672,18 @@ def _conf_gen_secret(p: argparse.ArgumentParser) -> None:
 
 def _conf_check_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="TOML config file")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--diff", metavar="OLD", help="say what changes from the config file OLD to FILE, key by key (secrets masked)"
+    )
+    which.add_argument(
+        "--diff-running",
+        action="store_true",
+        help="say what a reload (SIGHUP) of the running node would change, and what needs a restart",
+    )
+    p.add_argument(
+        "--admin", metavar="URL", help="the running node's admin listener (default: from FILE's node.admin_listen)"
+    )
 
 
 def _conf_demo(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,11 @@ the key, e.g. ``limits.clock_skew: expected an integer, got 'five'``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
+import json
 import os
+import re
 import secrets
 import stat
 import tomllib
@@ -20,6 +24,10 @@ from meshrelay.fairness import parse_proxies
 from meshrelay.peernet import parse_proxy, read_ca_file
 
 MIN_SECRET_LEN = 16
+#: secrets one peer link may hold at once (the signing one and those still accepted: a rotation)
+MAX_PEER_SECRETS = 3
+#: a key id (``[[peers]] secrets[].id``, sent as ``X-Peer-Key-Id``)
+KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def new_peer_secret() -> str:
@@ -177,14 +185,32 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class PeerSecret:
+    """One secret of a peer link and its key id ("" for a link configured with a single ``secret``)."""
+
+    id: str
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     url: str
+    #: the secret this node signs its requests to the peer with
     secret: str = field(default="", repr=False)
     connect: str = ""
     #: ``socks5h://host:port`` to dial this peer through; "none" = direct; "" = ``node.peer_proxy``
     proxy: str = ""
     #: a PEM file of the CA(s) this peer's TLS certificate must chain to (absolute); "" = system roots
     ca_file: str = ""
+    #: the key id of ``secret`` ("" when the link has a single secret without an id)
+    key_id: str = ""
+    #: every secret accepted from the peer, the signing one first (``[[peers]] secrets``, a
+    #: rotation); () means ``secret`` alone
+    secrets: tuple[PeerSecret, ...] = field(default=(), repr=False)
+
+    def accepted(self) -> tuple[PeerSecret, ...]:
+        """The secrets a request from this peer may be signed with, the signing one first."""
+        return self.secrets or (PeerSecret(self.key_id, self.secret),)
 
 
 @dataclass(frozen=True)
@@ -289,22 +315,8 @@ def read_secret_file(where: str, path: str, base_dir: str) -> str:
         raise ConfigError(f"{where}: cannot read {full}: {reason}") from None
 
 
-def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
-    where = f"peers[{index}]"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table")
-    allowed = {"url", "secret", "secret_file", "connect", "proxy", "ca_file"}
-    for key, value in raw.items():
-        if key not in allowed:
-            raise ConfigError(f"{where}.{key}: unknown key")
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}.{key}: expected a string, got {_describe(value)}")
-    if "url" not in raw:
-        raise ConfigError(f"{where}.url: missing")
-    try:
-        url = normalize_url(raw["url"])
-    except ValueError as e:
-        raise ConfigError(f"{where}.url: {e}") from None
+def _peer_secret(where: str, raw: dict[str, Any], base_dir: str) -> tuple[str, str]:
+    """``secret`` or ``secret_file`` of a table: (the secret, the key that gave it)."""
     if "secret" in raw and "secret_file" in raw:
         raise ConfigError(f"{where}.secret: give secret or secret_file, not both")
     if "secret" in raw:
@@ -317,6 +329,53 @@ def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
         raise ConfigError(f"{where}.secret: missing (give secret or secret_file)")
     if len(secret) < MIN_SECRET_LEN:
         raise ConfigError(f"{where}.{key}: the secret must be at least {MIN_SECRET_LEN} characters")
+    return secret, key
+
+
+def _build_secrets(where: str, raw: Any, base_dir: str) -> tuple[PeerSecret, ...]:
+    """``[[peers]] secrets = [{id, secret | secret_file}, ...]``: 1 to MAX_PEER_SECRETS, the signing one first."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: expected a non-empty array of tables ({{id = ..., secret_file = ...}})")
+    if len(raw) > MAX_PEER_SECRETS:
+        raise ConfigError(f"{where}: at most {MAX_PEER_SECRETS} secrets (the new one and those still accepted)")
+    out: list[PeerSecret] = []
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{at}: expected a table ({{id = ..., secret_file = ...}})")
+        for key, value in item.items():
+            if key not in ("id", "secret", "secret_file"):
+                raise ConfigError(f"{at}.{key}: unknown key")
+            if not isinstance(value, str):
+                raise ConfigError(f"{at}.{key}: expected a string, got {_describe(value)}")
+        key_id = item.get("id")
+        if key_id is None:
+            raise ConfigError(f'{at}.id: missing (a short name for this secret, e.g. "2026-12")')
+        if KEY_ID_RE.fullmatch(key_id) is None:
+            raise ConfigError(f"{at}.id: expected 1-64 characters of A-Z a-z 0-9 . _ -, got {_describe(key_id)}")
+        if any(s.id == key_id for s in out):
+            raise ConfigError(f"{at}.id: {key_id!r} is listed twice")
+        secret, _ = _peer_secret(at, item, base_dir)
+        out.append(PeerSecret(key_id, secret))
+    return tuple(out)
+
+
+def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
+    where = f"peers[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    allowed = {"url", "secret", "secret_file", "connect", "secrets", "proxy", "ca_file"}
+    for key, value in raw.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}: unknown key")
+        if key != "secrets" and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key}: expected a string, got {_describe(value)}")
+    if "url" not in raw:
+        raise ConfigError(f"{where}.url: missing")
+    try:
+        url = normalize_url(raw["url"])
+    except ValueError as e:
+        raise ConfigError(f"{where}.url: {e}") from None
     connect = raw.get("connect", "")
     if connect:
         try:
@@ -337,7 +396,15 @@ def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
             raise ConfigError(f"{where}.ca_file: cannot read {ca_file}: {e.strerror or e}") from None
         except ValueError as e:
             raise ConfigError(f"{where}.ca_file: {e}") from None
-    return PeerConfig(url=url, secret=secret, connect=connect, proxy=proxy.strip(), ca_file=ca_file)
+    network = {"proxy": proxy.strip(), "ca_file": ca_file}
+    if "secrets" in raw:
+        if "secret" in raw or "secret_file" in raw:
+            raise ConfigError(f"{where}.secrets: give secrets, or secret / secret_file, not both")
+        accepted = _build_secrets(f"{where}.secrets", raw["secrets"], base_dir)
+        first = accepted[0]
+        return PeerConfig(url=url, secret=first.secret, connect=connect, key_id=first.id, secrets=accepted, **network)
+    secret, _ = _peer_secret(where, raw, base_dir)
+    return PeerConfig(url=url, secret=secret, connect=connect, **network)
 
 
 def is_onion_endpoint(endpoint: str) -> bool:
@@ -411,6 +478,7 @@ def build_config(raw: dict[str, Any], source: str = "", base_dir: str = ".") -> 
             "node.listen",
             cfg.node.listen,
             "node.listen_address_means_nothing",
+            "node.peer_proxy",
             raw_node.get("listen_address_means_nothing"),
         )
         cfg = cfg.replace(node=dataclasses.replace(cfg.node, listen_address_means_nothing=True))
@@ -512,17 +580,148 @@ def effective_values(cfg: Config) -> dict[str, Any]:
         out[name] = dataclasses.asdict(getattr(cfg, name))
     if out["store"].get("dsn"):
         out["store"]["dsn"] = "***"
-    out["peers"] = [
-        {
-            "url": p.url,
-            "secret": "***",
-            **{key: getattr(p, key) for key in ("connect", "proxy", "ca_file") if getattr(p, key)},
-        }
-        for p in cfg.peers
-    ]
+    out["peers"] = [_masked_peer(p) for p in cfg.peers]
     if cfg.listeners:
         out["listeners"] = [dataclasses.asdict(listener) for listener in cfg.listeners]
     return out
+
+
+def _masked_peer(peer: PeerConfig) -> dict[str, Any]:
+    """A peer as plain data: each secret masked, with its key id."""
+    out: dict[str, Any] = {"url": peer.url}
+    if peer.secrets:
+        out["secrets"] = [{"id": s.id, "secret": "***"} for s in peer.secrets]
+    else:
+        out["secret"] = "***"
+    for key in ("connect", "proxy", "ca_file"):
+        if getattr(peer, key):
+            out[key] = getattr(peer, key)
+    return out
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """One key that differs between two configs, as ``check-config --diff`` and a reload report it."""
+
+    key: str
+    #: display values, secrets masked ("(none)" when the key is absent on that side)
+    old: str
+    new: str
+    #: True: a reload applies it; False: it needs a restart (a reload keeps the running value)
+    live: bool
+
+
+#: what a running node cannot change: a reload reports these and keeps the running values
+RESTART_KEYS = frozenset(
+    {
+        "node.public_url",
+        "node.listen",
+        "node.admin_listen",
+        "node.admin_hosts",
+        "node.data_dir",
+        "node.durability",
+        "node.log_format",
+        "node.verify_threads",
+        "node.store_writer",
+        "node.listen_address_means_nothing",
+        "store.backend",
+        "store.dsn",
+        "store.dsn_file",
+        "web.inbox_dir",
+        "listeners",
+    }
+)
+
+_NONE = "(none)"
+
+
+def _secret_tag(secret: str, salt: bytes) -> str:
+    """A stand-in for comparing secrets without showing them: HMAC-SHA256 under a caller's salt."""
+    if not secret:
+        return ""
+    return hmac.new(b"meshrelay-config-diff\n" + salt, secret.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def flat_values(cfg: Config, salt: bytes = b"") -> dict[str, tuple[Any, str]]:
+    """key -> (comparable value, display text with secrets masked), JSON-shaped.
+
+    Secrets are compared through :func:`_secret_tag` under ``salt``: two sides
+    compare equal only when both used the same salt (``check-config
+    --diff-running`` sends a fresh one to the node).
+    """
+    out: dict[str, tuple[Any, str]] = {}
+    for name, cls in _SECTIONS.items():
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(cls):
+            value = getattr(section, f.name)
+            if name == "store" and f.name == "dsn":
+                out[f"{name}.{f.name}"] = (_secret_tag(value, salt), "***" if value else '""')
+            else:
+                out[f"{name}.{f.name}"] = (value, _toml_value(value))
+    for peer in cfg.peers:
+        where = f"peers[{peer.url}]"
+        out[where] = ("present", "present")
+        for f in dataclasses.fields(PeerConfig):
+            if f.name == "url":
+                continue
+            value = getattr(peer, f.name)
+            if f.name == "secrets":
+                shown = "[" + ", ".join(f"{s.id}=***" for s in value) + "]"
+                out[f"{where}.{f.name}"] = ([[s.id, _secret_tag(s.secret, salt)] for s in value], shown)
+            elif not f.repr:
+                # A secret (repr=False): compared through its tag, never shown.
+                out[f"{where}.{f.name}"] = (_secret_tag(str(value), salt), "***")
+            else:
+                out[f"{where}.{f.name}"] = (value, _toml_value(value))
+    listeners = [dataclasses.asdict(x) for x in cfg.listeners]
+    out["listeners"] = (listeners, _toml_value(listeners) if listeners else "[]")
+    # JSON-shaped (tuples as lists), so a side that went through JSON compares equal.
+    return {k: (json.loads(json.dumps(v)), text) for k, (v, text) in out.items()}
+
+
+def diff_configs(old: Config, new: Config) -> list[ConfigChange]:
+    """What changes from ``old`` to ``new``, key by key, secrets masked, each marked live or restart."""
+    return diff_flat(flat_values(old), flat_values(new))
+
+
+def diff_flat(a: dict[str, Any], b: dict[str, Any]) -> list[ConfigChange]:
+    """What changes from ``a`` to ``b`` (two :func:`flat_values`).
+
+    A peer added or removed is one change ``peers[URL]``; a peer in both is compared key by key.
+    """
+    changes: list[ConfigChange] = []
+    gone_peers = {k for k in a if k.startswith("peers[") and k.endswith("]") and k not in b}
+    new_peers = {k for k in b if k.startswith("peers[") and k.endswith("]") and k not in a}
+    for key in list(a) + [k for k in b if k not in a]:
+        if any(key.startswith(p + ".") for p in gone_peers | new_peers):
+            continue
+        if key in gone_peers:
+            changes.append(ConfigChange(key, "present", "removed", True))
+            continue
+        if key in new_peers:
+            changes.append(ConfigChange(key, _NONE, "added", True))
+            continue
+        va, vb = a.get(key), b.get(key)
+        if va is not None and vb is not None and list(va)[0] == list(vb)[0]:
+            continue
+        old_text = va[1] if va is not None else _NONE
+        new_text = vb[1] if vb is not None else _NONE
+        if old_text == new_text == "***":
+            new_text = "*** (changed)"
+        changes.append(ConfigChange(key, old_text, new_text, key not in RESTART_KEYS))
+    return changes
+
+
+def keep_restart_values(running: Config, new: Config) -> Config:
+    """``new`` with the running values of every :data:`RESTART_KEYS` key (what a reload applies)."""
+    node = dataclasses.replace(
+        new.node,
+        **{
+            k.split(".", 1)[1]: getattr(running.node, k.split(".", 1)[1]) for k in RESTART_KEYS if k.startswith("node.")
+        },
+    )
+    web = dataclasses.replace(new.web, inbox_dir=running.web.inbox_dir)
+    return new.replace(node=node, store=running.store, web=web, listeners=running.listeners)
 
 
 def _toml_value(value: Any) -> str:
@@ -534,6 +733,8 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 

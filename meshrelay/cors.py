@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from meshrelay.web import request_path
@@ -132,7 +133,7 @@ class CorsResource(Resource):
         self.inner = inner
         self.cors = policy
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: IRequest) -> Any:
         methods = CLIENT_ROUTES.get(request_path(request))
         if methods is None:
             return self.inner.render(request)

@@ -55,7 +55,7 @@ class ThreadExecutor:
         self._started = False
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self.pool, fn, *args)  # type: ignore[arg-type]
+        return deferToThreadPool(self._reactor, self.pool, fn, *args)
 
     def start(self) -> None:
         if not self._started:

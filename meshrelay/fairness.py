@@ -27,6 +27,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from twisted.web.iweb import IRequest
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -73,6 +75,12 @@ class AddressPolicy:
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix
         self.address_means_nothing = address_means_nothing
+
+    def reconfigure(self, trusted_proxies: str, ipv4_prefix: int, ipv6_prefix: int) -> None:
+        """A reloaded config's proxies and prefixes (whether the address means anything stays)."""
+        self.proxies = parse_proxies(trusted_proxies)
+        self.ipv4_prefix = ipv4_prefix
+        self.ipv6_prefix = ipv6_prefix
 
     def with_address_meaning_nothing(self, flag: bool) -> AddressPolicy:
         """The same policy for a listener whose connecting address does (not) mean anything."""
@@ -130,12 +138,12 @@ class AddressPolicy:
         return self.network_key(ip)
 
 
-def request_host(request: Any) -> str:
+def request_host(request: IRequest) -> str:
     addr = request.getClientAddress()
     return str(getattr(addr, "host", addr))
 
 
-def request_key(request: Any, policy: AddressPolicy) -> str | None:
+def request_key(request: IRequest, policy: AddressPolicy) -> str | None:
     """The share key of an HTTP request under ``policy`` (None: the address means nothing)."""
     if policy.address_means_nothing:
         return None

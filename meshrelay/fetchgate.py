@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
@@ -45,7 +46,7 @@ class RemoteFetchGate:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         fetch: Callable[[str], Deferred[Any]],
         max_concurrent: int = 8,
         min_interval: float = 5.0,

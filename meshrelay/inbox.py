@@ -14,6 +14,7 @@ import os
 import re
 from typing import Any
 
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from meshrelay.web import error_body, json_response, request_path
@@ -54,7 +55,7 @@ class InboxResource(Resource):
         self.directory = directory
         self.inner = inner
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: IRequest) -> Any:
         path = request_path(request)
         if path != PREFIX and not path.startswith(PREFIX + b"/"):
             return self.inner.render(request)

@@ -29,6 +29,7 @@ import os
 import sys
 from typing import IO, Any
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent, textFileLogObserver
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -144,7 +145,7 @@ class _Window:
         self.fmt = fmt
         self.fields = fields
         self.folded = 0
-        self.timer: Any = None
+        self.timer: IDelayedCall | None = None
 
 
 class Aggregator:
@@ -159,7 +160,7 @@ class Aggregator:
     Keys must come from code, never from request data.
     """
 
-    def __init__(self, clock: Any, interval: float = 60.0, max_keys: int = 256) -> None:
+    def __init__(self, clock: IReactorTime, interval: float = 60.0, max_keys: int = 256) -> None:
         self.clock = clock
         self.interval = interval
         self.max_keys = max_keys

@@ -42,6 +42,13 @@ class Metrics:
             ["peer", "outcome"],
             registry=r,
         )
+        self.push_batch_size = Histogram(
+            "meshrelay_dm_replication_push_batch_size",
+            "Items per push request to a peer (envelopes or acks): count is the requests, sum the items",
+            ["peer"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
         self.push_dropped_total = Counter(
             "meshrelay_dm_replication_dropped",
             "Items dropped from a full per-peer push queue (sync repairs them)",
@@ -65,6 +72,21 @@ class Metrics:
         )
         self.peer_auth_failures = Counter(
             "meshrelay_peer_auth_failures", "Peer requests refused by authentication", ["reason"], registry=r
+        )
+        self.peer_auth_keys = Counter(
+            "meshrelay_peer_auth_keys",
+            'Peer requests authenticated, by peer and the key id of the secret that matched ("" = no id)',
+            ["peer", "key_id"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "meshrelay_config_reloads", "Config reloads (SIGHUP) by outcome: ok or failed", ["outcome"], registry=r
+        )
+        self.config_generation = Gauge(
+            "meshrelay_config_generation", "Configs applied since start-up (1 = the start-up config)", registry=r
+        )
+        self.config_loaded_at = Gauge(
+            "meshrelay_config_loaded_timestamp_seconds", "When the running config was applied (Unix time)", registry=r
         )
         self.stored_envelopes = Gauge("meshrelay_stored_envelopes", "Envelopes stored", registry=r)
         self.stored_bytes = Gauge(
@@ -127,6 +149,7 @@ class Metrics:
         for outcome in ("ok", "error"):
             self.sync_pull_total.labels(peer, outcome)
         self.push_dropped_total.labels(peer)
+        self.push_batch_size.labels(peer)
         self.push_queue_depth.labels(peer).set(0)
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from klein import Klein
+from twisted.web.iweb import IRequest
 
 from meshrelay.envelope import KEY_LEN, MAX_INT, RawJSON, b64u_decode, require_object, strip_v3_fields
 from meshrelay.errors import BadRequest
@@ -121,22 +122,24 @@ def parse_changes_query(args: dict[bytes, list[bytes]]) -> ChangesQuery:
     return ChangesQuery(since, limit, mailbox, ids)
 
 
-def split_ext(args: dict[bytes, list[bytes]]) -> tuple[dict[bytes, list[bytes]], bool]:
-    """Take the v3 ``ext=1`` parameter off a query (envelopes with their permit and stamp); 400 otherwise."""
-    if b"ext" not in args:
+def split_flag(args: dict[bytes, list[bytes]], name: str) -> tuple[dict[bytes, list[bytes]], bool]:
+    """Take a flag parameter off a query: v3 ``ext=1`` (envelopes with their permit and stamp),
+    v4 ``held=1`` (signed acks with their held list); any other value is 400."""
+    key = name.encode("ascii")
+    if key not in args:
         return args, False
-    if args[b"ext"] != [b"1"]:
-        raise BadRequest("ext must be 1")
-    return {k: v for k, v in args.items() if k != b"ext"}, True
+    if args[key] != [b"1"]:
+        raise BadRequest(f"{name} must be 1")
+    return {k: v for k, v in args.items() if k != key}, True
 
 
-def split_ext_body(obj: Any) -> tuple[Any, bool]:
-    """Take the v3 ``"ext": true`` key off a bodies request (envelopes with permit and stamp)."""
-    if not isinstance(obj, dict) or "ext" not in obj:
+def split_flag_body(obj: Any, name: str) -> tuple[Any, bool]:
+    """Take a flag key off a bodies request: v3 ``"ext": true``, v4 ``"held": true``; any other value is 400."""
+    if not isinstance(obj, dict) or name not in obj:
         return obj, False
-    if obj["ext"] is not True:
-        raise BadRequest("ext must be true")
-    return {k: v for k, v in obj.items() if k != "ext"}, True
+    if obj[name] is not True:
+        raise BadRequest(f"{name} must be true")
+    return {k: v for k, v in obj.items() if k != name}, True
 
 
 def v3_body(kind: str, body: str, ext: bool) -> str:
@@ -178,7 +181,7 @@ class PeerAPI:
         #: of their own, so they never use up the one that push and sync need
         self.fetch_limiter = fetch_limiter
 
-    def limiter_for(self, request: Any) -> Any:
+    def limiter_for(self, request: IRequest) -> Any:
         """The budget a request draws from: fetch_limiter for a mailbox-filtered changes request."""
         if self.fetch_limiter is not None and b"mailbox" in request.args and request_path(request) == CHANGES:
             return self.fetch_limiter
@@ -188,19 +191,19 @@ class PeerAPI:
         return self.app.resource()
 
     @peer_route(app, REPLICATE_PATH, ["POST"])
-    async def replicate(self, request: Any, peer: str) -> bytes:
+    async def replicate(self, request: IRequest, peer: str) -> bytes:
         envelopes = replicate_items(read_json(request))
         results = await self.relay.accept_replicas(envelopes, peer=peer) if envelopes else []
         return json_response(request, 200, {"ok": True, "results": results})
 
     @peer_route(app, ACK_PATH, ["POST"])
-    async def ack(self, request: Any, peer: str) -> bytes:
+    async def ack(self, request: IRequest, peer: str) -> bytes:
         acks = _item_list(read_json(request), "acks")
         results = await self.relay.accept_acks(acks) if acks else []
         return json_response(request, 200, {"ok": True, "results": results})
 
     @peer_route(app, FEATURES_PATH, ["GET"])
-    async def features(self, request: Any, peer: str) -> bytes:
+    async def features(self, request: IRequest, peer: str) -> bytes:
         if request.args:
             raise BadRequest("features takes no query")
         return json_response(
@@ -212,12 +215,14 @@ class PeerAPI:
                 "page_bytes": self.relay.config.sync.page_bytes,
                 "max_ids": MAX_IDS_LIMIT,
                 "max_bodies": MAX_BODIES,
+                "key_ids": True,
             },
         )
 
     @peer_route(app, CHANGES_PATH, ["GET"])
-    async def changes(self, request: Any, peer: str) -> bytes:
-        args, ext = split_ext(request.args)
+    async def changes(self, request: IRequest, peer: str) -> bytes:
+        args, ext = split_flag(request.args, "ext")
+        args, held = split_flag(args, "held")
         q = parse_changes_query(args)
         if q.ids:
             page = await self.relay.changes(q.since, q.limit, q.mailbox, ids_only=True)
@@ -227,41 +232,49 @@ class PeerAPI:
             ]
         else:
             page = await self.relay.changes(q.since, q.limit, q.mailbox, max_bytes=self.page_bytes())
-            # Envelopes keep their v3 fields only for a caller that asked (ext=1, a v3 puller).
-            items = [{"seq": item.seq, item.kind: RawJSON(v3_body(item.kind, item.body, ext))} for item in page.items]
+            # Envelopes keep their v3 fields only for a caller that asked (ext=1, a v3 puller);
+            # signed acks get their held list only for one that asked (held=1, a v4 puller).
+            texts = [v3_body(item.kind, item.body, ext) for item in page.items]
+            if held:
+                acks = [i for i, item in enumerate(page.items) if item.kind == "ack"]
+                for i, text in zip(acks, await self.relay.with_held([texts[i] for i in acks])):
+                    texts[i] = text
+            items = [{"seq": item.seq, item.kind: RawJSON(text)} for item, text in zip(page.items, texts)]
         return json_response(
             request, 200, {"ok": True, "feed": page.feed, "items": items, "next": page.next, "more": page.more}
         )
 
     @peer_route(app, POLICIES_PATH, ["POST"])
-    async def push_policies(self, request: Any, peer: str) -> bytes:
+    async def push_policies(self, request: IRequest, peer: str) -> bytes:
         """Signed mailbox policies from a peer (v3, 12.5): one result each."""
         policies = _item_list(read_json(request), "policies")
         results = await self.relay.accept_policies(policies) if policies else []
         return json_response(request, 200, {"ok": True, "results": results})
 
     @peer_route(app, POLICIES_PATH, ["GET"])
-    async def policy_feed(self, request: Any, peer: str) -> bytes:
+    async def policy_feed(self, request: IRequest, peer: str) -> bytes:
         """This node's policy feed (v3, 12.5): the newest policy of each mailbox, by pseq."""
         since, limit = parse_policy_feed_query(request.args)
         rows = await self.relay.policy_feed(since, limit + 1)
         return json_response(request, 200, policies_page(rows, since, limit))
 
     @peer_route(app, BODIES_PATH, ["POST"])
-    async def bodies(self, request: Any, peer: str) -> bytes:
-        obj, ext = split_ext_body(read_json(request))
+    async def bodies(self, request: IRequest, peer: str) -> bytes:
+        obj, ext = split_flag_body(read_json(request), "ext")
+        obj, held = split_flag_body(obj, "held")
         try:
             msg_ids, acks = parse_bodies_request(obj)
         except ValueError as e:
             raise BadRequest(str(e)) from None
         found = await self.relay.bodies(msg_ids, acks, self.relay.config.sync.page_bytes)
+        ack_texts = await self.relay.with_held(found.acks) if held and found.acks else found.acks
         return json_response(
             request,
             200,
             {
                 "ok": True,
                 "envelopes": [RawJSON(b if ext else strip_v3_fields(b)) for b in found.envelopes],
-                "acks": [RawJSON(b) for b in found.acks],
+                "acks": [RawJSON(b) for b in ack_texts],
                 "gone": {
                     "envelopes": found.gone_envelopes,
                     "acks": [{"mailbox": m, "nonce": n} for m, n in found.gone_acks],

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 from OpenSSL.crypto import Error as CryptoError
-from twisted.internet.defer import TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.python.failure import Failure
+from twisted.web.client import URI
+from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -118,6 +121,20 @@ class Route:
     tls_name: str = ""
 
 
+@implementer(IStreamClientEndpoint)
+class QuietEndpoint:
+    """An endpoint that connects its factories quiet: no "Starting factory" line per new peer connection."""
+
+    def __init__(self, inner: IStreamClientEndpoint) -> None:
+        self._inner = inner
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        if isinstance(protocolFactory, Factory):
+            protocolFactory.noisy = False
+        result: Deferred[IProtocol] = self._inner.connect(protocolFactory)
+        return result
+
+
 @implementer(IAgentEndpointFactory)
 class PeerEndpointFactory:
     """The endpoint for each peer request of one :class:`Route` (direct or SOCKS5, TLS for https)."""
@@ -130,30 +147,30 @@ class PeerEndpointFactory:
         if route.ca_file:
             self.trust_root = trustRootFromCertificates(read_ca_file(route.ca_file))
 
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        host = uri.host.decode("ascii") if isinstance(uri.host, bytes) else str(uri.host)
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        host = uri.host.decode("ascii")
         endpoint = self.tcp_endpoint(host, int(uri.port))
         if uri.scheme == b"https":
             name = self.route.tls_name or host
             # trustRoot None: the platform's roots (optionsForClientTLS's default)
             creator = optionsForClientTLS(name, trustRoot=self.trust_root)
             endpoint = wrapClientTLS(creator, endpoint)
-        return endpoint
+        return QuietEndpoint(endpoint)
 
     def tcp_endpoint(self, host: str, port: int) -> IStreamClientEndpoint:
         proxy = self.route.proxy
         if proxy is None:
-            direct = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
-            return cast(IStreamClientEndpoint, direct)
-        from txtorcon.socks import TorSocksEndpoint, _TorSocksFactory
+            direct: IStreamClientEndpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+            return direct
+        from txtorcon.socks import TorSocksEndpoint
 
-        # No "Starting factory" / "Stopping factory" log lines for every proxied peer connection
-        # (the same quiet the direct connections' pool factory has).
-        _TorSocksFactory.noisy = False
-
-        to_proxy = HostnameEndpoint(self.reactor, proxy.host, proxy.port, timeout=self.connect_timeout)
+        # Quiet: TorSocksEndpoint connects a SOCKS factory of its own to the proxy for each connection.
+        to_proxy = QuietEndpoint(HostnameEndpoint(self.reactor, proxy.host, proxy.port, timeout=self.connect_timeout))
         # The host name goes to the proxy as a name (SOCKS5 "domain name"), never resolved here.
-        return TorSocksEndpoint(to_proxy, host, port)  # type: ignore[no-any-return]
+        socks: IStreamClientEndpoint = TorSocksEndpoint(to_proxy, host, port)
+        return socks
 
 
 def peer_route(url: str, connect: str = "", proxy: str = "", default_proxy: str = "", ca_file: str = "") -> Route:

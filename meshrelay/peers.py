@@ -12,7 +12,14 @@ different keys and a peer cannot pass for another one.  The MAC covers::
     nonce
     hex(sha256(body))
 
-``\\n``-joined.  :class:`PeerSigner` is the caller's side; :class:`PeerAuthenticator`
+``\\n``-joined.  A link may hold several secrets at once (a rotation, at most
+:data:`~meshrelay.config.MAX_PEER_SECRETS`): the caller signs with the first;
+the receiver accepts any of them.  A caller that knows (from the peer's
+``features``) that the peer reads key ids names the secret it signed with in
+``X-Peer-Key-Id``, which the receiver tries first; without it the receiver
+tries each accepted secret in turn.
+
+:class:`PeerSigner` is the caller's side; :class:`PeerAuthenticator`
 is the receiver's, and :func:`peer_route` is the decorator that puts it in front
 of a Klein route, so the check runs before the handler (and before the body is
 parsed).  Every refusal is a 403 ``forbidden`` and a
@@ -34,9 +41,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
+from twisted.web.iweb import IRequest
 
-from meshrelay.config import Config
+from meshrelay.config import KEY_ID_RE, Config, PeerConfig
 from meshrelay.envelope import HEX64_RE, NONCE_LEN, b64u_decode, b64u_encode
 from meshrelay.errors import Forbidden, RateLimited
 from meshrelay.logs import Aggregator
@@ -51,6 +60,8 @@ H_URL = "X-Peer-Url"
 H_TS = "X-Peer-Timestamp"
 H_NONCE = "X-Peer-Nonce"
 H_HMAC = "X-Peer-HMAC"
+#: optional (docs/protocol.md 5.6): the id of the secret the caller signed with; not MACed, only a hint
+H_KEY_ID = "X-Peer-Key-Id"
 
 #: failure reasons (the ``reason`` label of ``peer_auth_failures``)
 MISSING = "missing_header"
@@ -88,25 +99,40 @@ def url_path(url: str) -> str:
 
 
 class PeerSigner:
-    """Signs this node's requests to one peer (the caller's side)."""
+    """Signs this node's requests to one peer (the caller's side).
 
-    def __init__(self, own_url: str, secret: str) -> None:
+    ``key_id`` names the secret; it is sent as ``X-Peer-Key-Id`` only while
+    ``send_key_id`` is true (set once the peer's ``features`` said it reads key ids).
+    """
+
+    def __init__(self, own_url: str, secret: str, key_id: str = "") -> None:
         self.own_url = own_url
         self.key = derive_key(secret, own_url)
+        self.key_id = key_id
+        self.send_key_id = False
 
     def headers(self, method: str, target: str, body: bytes, now: float, nonce: bytes | None = None) -> dict[str, str]:
         """The four X-Peer-* headers for a request to ``target`` (path + ?query, as sent)."""
         ts = int(now)
         nonce_text = b64u_encode(nonce if nonce is not None else os.urandom(NONCE_LEN))
-        return {
+        headers = {
             H_URL: self.own_url,
             H_TS: str(ts),
             H_NONCE: nonce_text,
             H_HMAC: compute_mac(self.key, method, target, ts, nonce_text, body),
         }
+        if self.send_key_id and self.key_id:
+            headers[H_KEY_ID] = self.key_id
+        return headers
 
 
-def _header(request: Any, name: str) -> str:
+def _optional_header(request: Any, name: str) -> str | None:
+    if not request.requestHeaders.hasHeader(name.encode("ascii")):
+        return None
+    return _header(request, name)
+
+
+def _header(request: IRequest, name: str) -> str:
     values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
     if not values:
         raise _AuthFailure(MISSING, f"{name} header missing")
@@ -132,7 +158,7 @@ class PeerAuthenticator:
     log = Logger()
 
     def __init__(
-        self, config: Config, store: Store, metrics: Metrics, clock: Any, log_agg: Aggregator | None = None
+        self, config: Config, store: Store, metrics: Metrics, clock: IReactorTime, log_agg: Aggregator | None = None
     ) -> None:
         self.store = store
         #: refusals are logged through this: one line per reason per interval, with counts
@@ -140,23 +166,35 @@ class PeerAuthenticator:
         self.metrics = metrics
         self.clock = clock
         self.skew = config.limits.clock_skew
-        #: peer URL -> the key that peer signs with (derived from *its* URL)
-        self.keys = {p.url: derive_key(p.secret, p.url) for p in config.peers}
+        #: peer URL -> (key id, key) of each secret accepted from that peer (derived from *its* URL)
+        self.keys: dict[str, tuple[tuple[str, bytes], ...]] = {}
         #: this node's own URL path prefix; a reverse proxy in front of the
         #: node strips it before the request reaches us, the caller MACs it
         self.prefix = url_path(config.node.public_url)
         self.nonces = ReplayCache(2 * self.skew, config.limits.max_nonces)
+        self.reconfigure(config)
 
-    def target(self, request: Any) -> str:
+    def reconfigure(self, config: Config) -> None:
+        """Take the peers, secrets and limits of a reloaded config (the public URL stays)."""
+        self.keys = {p.url: self._peer_keys(p) for p in config.peers}
+        self.skew = config.limits.clock_skew
+        self.nonces.window = 2 * self.skew
+        self.nonces.max_entries = config.limits.max_nonces
+
+    @staticmethod
+    def _peer_keys(peer: PeerConfig) -> tuple[tuple[str, bytes], ...]:
+        return tuple((s.id, derive_key(s.secret, peer.url)) for s in peer.accepted())
+
+    def target(self, request: IRequest) -> str:
         """The request target the caller signed: our URL's path prefix + the target we received."""
         uri: bytes = request.uri
         return self.prefix + uri.decode("latin-1")
 
-    def authenticate(self, request: Any) -> Deferred[str]:
+    def authenticate(self, request: IRequest) -> Deferred[str]:
         """Fire with the authenticated peer URL, or fail with 403 ``forbidden``."""
         return Deferred.fromCoroutine(self._authenticate(request))
 
-    async def _authenticate(self, request: Any) -> str:
+    async def _authenticate(self, request: IRequest) -> str:
         try:
             return await self._check(request)
         except _AuthFailure as e:
@@ -171,14 +209,17 @@ class PeerAuthenticator:
             )
             raise Forbidden("peer authentication failed") from None
 
-    async def _check(self, request: Any) -> str:
+    async def _check(self, request: IRequest) -> str:
         peer = _header(request, H_URL)
         ts_text = _header(request, H_TS)
         nonce = _header(request, H_NONCE)
         mac = _header(request, H_HMAC)
-        key = self.keys.get(peer)
-        if key is None:
+        key_id = _optional_header(request, H_KEY_ID)
+        keys = self.keys.get(peer)
+        if keys is None:
             raise _AuthFailure(UNKNOWN_PEER, f"{peer[:200]!r} is not a configured peer")
+        if key_id is not None and KEY_ID_RE.fullmatch(key_id) is None:
+            raise _AuthFailure(MALFORMED, "X-Peer-Key-Id is not 1-64 characters of A-Z a-z 0-9 . _ -")
         if _TS_RE.fullmatch(ts_text) is None:
             raise _AuthFailure(MALFORMED, "X-Peer-Timestamp is not an integer")
         ts = int(ts_text)
@@ -197,8 +238,16 @@ class PeerAuthenticator:
         body = content.read()
         content.seek(0)
         method = request.method.decode("ascii", "replace")
-        expected = compute_mac(key, method, self.target(request), ts, nonce, body)
-        if not hmac.compare_digest(expected, mac):
+        target = self.target(request)
+        # The named key first (a hint: an id this side does not know, or names otherwise, costs
+        # only the trial of the others); at most MAX_PEER_SECRETS MACs per request.
+        ordered = sorted(keys, key=lambda k: k[0] != key_id) if key_id is not None else keys
+        matched: str | None = None
+        for kid, key in ordered:
+            if hmac.compare_digest(compute_mac(key, method, target, ts, nonce, body), mac):
+                matched = kid
+                break
+        if matched is None:
             raise _AuthFailure(BAD_HMAC, f"HMAC does not match for {peer}")
         # Only a request that carries a valid MAC may use up a nonce.
         # Kept 2 x skew (docs/protocol.md 5.5), and past every moment a request with this ts is in time
@@ -209,6 +258,7 @@ class PeerAuthenticator:
         )
         if verdict == REPLAYED:
             raise _AuthFailure(REPLAYED_NONCE, "nonce already used")
+        self.metrics.peer_auth_keys.labels(peer, matched).inc()
         return peer
 
 
@@ -228,7 +278,7 @@ def peer_route(app: Klein, path: str, methods: list[str]) -> Callable[[Handler[T
 
     def decorate(handler: Handler[T]) -> Handler[T]:
         @functools.wraps(handler)
-        async def gated(self: Any, request: Any) -> T:
+        async def gated(self: Any, request: IRequest) -> T:
             peer = await self.auth.authenticate(request)
             pick = getattr(self, "limiter_for", None)
             limiter = pick(request) if pick is not None else getattr(self, "limiter", None)

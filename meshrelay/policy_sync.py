@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -71,7 +72,7 @@ class PolicyPeer:
 
     log = Logger()
 
-    def __init__(self, url: str, request: Request, relay: Any, clock: Any, interval: float) -> None:
+    def __init__(self, url: str, request: Request, relay: Any, clock: IReactorTime, interval: float) -> None:
         self.url = url
         self.request = request
         self.relay = relay
@@ -84,6 +85,12 @@ class PolicyPeer:
         self._loop: LoopingCall | None = None
         self._pulling: Deferred[None] | None = None
         self._outstanding: set[Deferred[Any]] = set()
+
+    def set_interval(self, interval: float) -> None:
+        """A reloaded ``sync.interval``: from the next pull on."""
+        self.interval = interval
+        if self._loop is not None:
+            self._loop.interval = interval
 
     def start(self) -> None:
         self._loop = LoopingCall(self.pull_now)

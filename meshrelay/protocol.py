@@ -9,10 +9,11 @@ peer client never imports the server's routes.  Wire v2 (issue 9) adds
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from meshrelay.envelope import HEX64_RE, KEY_LEN, MAX_ACK_IDS, MAX_INT, NONCE_LEN, b64u_decode, dumps_json, loads_json
+from meshrelay.envelope import HEX64_RE, KEY_LEN, MAX_ACK_IDS, MAX_INT, NONCE_LEN, dumps_json, loads_json
 
 __all__ = [
     "ACK_PATH",
@@ -54,7 +55,9 @@ DEFAULT_IDS_LIMIT = 1000
 #: entries (envelopes + acks) in one bodies request
 MAX_BODIES = 500
 #: protocol versions this code speaks
-PROTOCOL_VERSIONS = (1, 2, 3)
+PROTOCOL_VERSIONS = (1, 2, 3, 4)
+#: the version whose peers exchange signed acks with their ``held`` list (docs/protocol.md 13)
+HELD_VERSION = 4
 #: the largest sync.page_bytes a puller accepts from a peer's features
 MAX_PAGE_BYTES = 16 * 1024 * 1024
 #: JSON around the items of a page or bodies answer
@@ -89,10 +92,17 @@ class Features:
     page_bytes: int
     max_ids: int
     max_bodies: int
+    #: the peer reads ``X-Peer-Key-Id`` (section 5.6)
+    key_ids: bool = False
 
     @property
     def v2(self) -> bool:
         return 2 in self.versions
+
+    @property
+    def held(self) -> bool:
+        """The peer takes and serves signed acks with their ``held`` list (v4)."""
+        return HELD_VERSION in self.versions
 
 
 V1_ONLY = Features((1,), 0, 0, 0)
@@ -119,6 +129,7 @@ def parse_features(obj: Any) -> Features:
         _int(obj, "page_bytes", 1, MAX_INT),
         _int(obj, "max_ids", 1, MAX_INT),
         _int(obj, "max_bodies", 1, MAX_INT),
+        obj.get("key_ids") is True,
     )
 
 
@@ -183,24 +194,22 @@ def parse_page(obj: Any, since: int, limit: int) -> Page:
     return Page(feed, envelopes, acks, nxt, more)
 
 
+# Canonical b64u of n bytes, as one pattern (checked per item of every ids page, so no decode):
+# 32 bytes are 43 characters whose last one carries 2 unused low bits (zero), 16 bytes are 22
+# characters whose last one carries 4.  tests/test_protocol.py checks them against b64u_decode.
+_KEY_RE = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+_NONCE_RE = re.compile(r"[A-Za-z0-9_-]{21}[AQgw]")
+assert KEY_LEN == 32 and NONCE_LEN == 16
+
+
 def is_mailbox(value: Any) -> bool:
     """A canonical b64u 32-byte key."""
-    if not isinstance(value, str) or len(value) != 43:
-        return False
-    try:
-        return len(b64u_decode(value)) == KEY_LEN
-    except ValueError:
-        return False
+    return isinstance(value, str) and _KEY_RE.fullmatch(value) is not None
 
 
 def is_nonce(value: Any) -> bool:
     """A canonical b64u 16-byte nonce."""
-    if not isinstance(value, str) or len(value) != 22:
-        return False
-    try:
-        return len(b64u_decode(value)) == NONCE_LEN
-    except ValueError:
-        return False
+    return isinstance(value, str) and _NONCE_RE.fullmatch(value) is not None
 
 
 def is_msg_id(value: Any) -> bool:
@@ -235,12 +244,46 @@ class BodiesAnswer:
     gone_acks: list[tuple[str, str]]
 
 
-def bodies_request(msg_ids: list[str], acks: list[tuple[str, str]], ext: bool = False) -> bytes:
-    """The JSON body of a ``bodies`` request (v3 ``ext``: envelopes with their permit and stamp)."""
+def bodies_request(msg_ids: list[str], acks: list[tuple[str, str]], ext: bool = False, held: bool = False) -> bytes:
+    """The JSON body of a ``bodies`` request (v3 ``ext``: envelopes with their permit and stamp; v4 ``held``)."""
     body: dict[str, Any] = {"envelopes": msg_ids, "acks": [{"mailbox": m, "nonce": n} for m, n in acks]}
     if ext:
         body["ext"] = True
+    if held:
+        body["held"] = True
     return dumps_json(body)
+
+
+# ---------------------------------------------------------------------- v4: held lists
+
+
+def split_held(obj: Any) -> tuple[Any, tuple[str, ...]]:
+    """Take the v4 ``held`` list off a signed-ack object a peer sent (docs/protocol.md 13).
+
+    ``held`` must be a list of distinct msg_ids, each one of the ack's own
+    ``ack`` ids; anything else raises ``ValueError``.  An object without
+    ``held`` (any older peer) passes through unchanged, with nothing attested.
+    """
+    if not isinstance(obj, dict) or "held" not in obj:
+        return obj, ()
+    held, acked = obj["held"], obj.get("ack")
+    if not isinstance(held, list) or not isinstance(acked, list):
+        raise ValueError("held must be a list of the ack's msg_ids")
+    if len(set(held)) != len(held) or not all(is_msg_id(m) for m in held) or not set(held) <= set(acked):
+        raise ValueError("held must list distinct msg_ids of the ack's own ack list")
+    return {k: v for k, v in obj.items() if k != "held"}, tuple(held)
+
+
+def with_held(text: str, held: Any) -> str:
+    """A canonical signed-ack text with the v4 ``held`` list added as its last key (none: unchanged)."""
+    if not held:
+        return text
+    return text[:-1] + ',"held":' + dumps_json(list(held)).decode("ascii") + "}"
+
+
+def held_response_cap(cap: int) -> int:
+    """What a puller accepts when it asked for ``held`` lists: each ack may grow by at most its own ack list."""
+    return 2 * cap
 
 
 def _ack_key(obj: Any) -> tuple[str, str]:

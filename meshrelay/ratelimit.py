@@ -11,16 +11,24 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
 
 
 class RateLimiter:
-    def __init__(self, rate: float, burst: float, clock: Any, max_keys: int = 100_000) -> None:
+    def __init__(self, rate: float, burst: float, clock: IReactorTime, max_keys: int = 100_000) -> None:
         self.rate = float(rate)
         self.burst = float(max(burst, 1))
         self.clock = clock
         self.max_keys = max_keys
         self._buckets: OrderedDict[Hashable, list[float]] = OrderedDict()
+
+    def reconfigure(self, rate: float, burst: float) -> None:
+        """New rate and burst (a config reload); each bucket keeps its tokens, up to the new burst."""
+        self.rate = float(rate)
+        self.burst = float(max(burst, 1))
+        for bucket in self._buckets.values():
+            bucket[0] = min(bucket[0], self.burst)
 
     @property
     def enabled(self) -> bool:

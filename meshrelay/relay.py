@@ -13,12 +13,14 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from meshrelay import contact
 from meshrelay import envelope as E
 from meshrelay import policy as P
+from meshrelay import protocol as W
 from meshrelay.config import Config
 from meshrelay.deferutil import shield
 from meshrelay.errors import (
@@ -81,8 +83,8 @@ class ReplicationHooks(Protocol):
     def envelope_committed(self, env: E.Envelope) -> None:
         """A *client* deposit committed: push it to the peers."""
 
-    def ack_committed(self, ack: E.SignedAck) -> None:
-        """A new *client* ack committed: push it to the peers."""
+    def ack_committed(self, ack: E.SignedAck, held: Sequence[str]) -> None:
+        """A new *client* ack committed, which deleted ``held`` here: push it to the peers."""
 
     def fetch_remote(self, mailbox: str) -> Deferred[None] | None:
         """Pull ``mailbox`` from the peers (a poll with fetch_remote); None when there is nobody to ask."""
@@ -97,7 +99,7 @@ class NoReplication:
     def envelope_committed(self, env: E.Envelope) -> None:
         pass
 
-    def ack_committed(self, ack: E.SignedAck) -> None:
+    def ack_committed(self, ack: E.SignedAck, held: Sequence[str]) -> None:
         pass
 
     def fetch_remote(self, mailbox: str) -> Deferred[None] | None:
@@ -129,7 +131,7 @@ class _Waiter:
         self.share = share
         self.woken = False
         self._d: Deferred[None] | None = None
-        self._timer: Any | None = None
+        self._timer: IDelayedCall | None = None
 
     def wake(self) -> None:
         if self.woken:
@@ -140,7 +142,7 @@ class _Waiter:
         if self._d is not None and not self._d.called:
             self._d.callback(None)
 
-    def wait(self, clock: Any, timeout: float) -> Deferred[None]:
+    def wait(self, clock: IReactorTime, timeout: float) -> Deferred[None]:
         """Fire after a wake or ``timeout`` seconds; cancelling stops the timer."""
 
         def cancel(_: Deferred[None]) -> None:
@@ -165,7 +167,7 @@ class Relay:
         self,
         store: Store,
         config: Config,
-        clock: Any,
+        clock: IReactorTime,
         metrics: Metrics | None = None,
         verifier: Verifier | None = None,
     ) -> None:
@@ -207,6 +209,18 @@ class Relay:
         self.policy_listeners: list[Callable[[P.Policy], None]] = []
         self._update_gauges()
 
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config's limits and fetch_remote bounds (read per request from here on)."""
+        self.config = config
+        self.limits = config.limits
+        self.poll_nonces.window = 2 * config.limits.clock_skew
+        self.poll_nonces.max_entries = config.limits.max_nonces
+        sync = config.sync
+        gate = self.fetch_gate
+        gate.max_concurrent = sync.fetch_remote_max_concurrent
+        gate.min_interval = sync.fetch_remote_min_interval
+        gate.timeout = sync.fetch_remote_timeout
+
     # ------------------------------------------------------------------ helpers
 
     def now(self) -> int:
@@ -232,9 +246,9 @@ class Relay:
         except Exception:
             self._replication_failed("a deposit")
 
-    def _ack_committed(self, ack: E.SignedAck) -> None:
+    def _ack_committed(self, ack: E.SignedAck, held: Sequence[str]) -> None:
         try:
-            self.replication.ack_committed(ack)
+            self.replication.ack_committed(ack, held)
         except Exception:
             self._replication_failed("an ack")
 
@@ -263,8 +277,7 @@ class Relay:
     ) -> Deferred[AddResult]:
         """Add ``env``; on commit wake its mailbox's long-polls (and push a client deposit).
 
-        With ``verify`` the store checks the signature in its writer
-        (``verifies_signatures`` stores only).
+        With ``verify`` a store that ``verifies_signatures`` checks the signature in its writer.
         """
         now = self.now()
 
@@ -278,26 +291,18 @@ class Relay:
                     self.metrics.replication_lag.observe(max(0, now - env.ts))
             return result
 
-        kwargs: dict[str, Any] = {}
-        if verify is not None:
-            kwargs["verify"] = verify
-        if peer is not None:
-            kwargs["peer"] = peer
-        d = self.store.add_envelope(env, now, **kwargs)
-        return d.addCallback(committed)
-
-    @property
-    def _store_verifies(self) -> bool:
-        return bool(getattr(self.store, "verifies_signatures", False))
+        return self.store.add_envelope(env, now, verify=verify, peer=peer).addCallback(committed)
 
     def deposit(self, obj: Any) -> Deferred[dict[str, Any]]:
         """A client deposit (3.1): size, shape, msg_id, signature, time, dedup, caps.
 
-        The hot path: plain callbacks, no coroutine.  With a store that checks
-        signatures in its writer, the signature is verified there (off this
-        thread, before dedup); only a deposit the time rule refuses is verified
-        here first, so that a forged one still answers bad_signature, as the
-        order of 3.1 says.
+        One path whoever checks the signature.  A deposit refused before the
+        store (the time rule, first contact) is verified here, so that a
+        forged one still answers bad_signature, as the order of 3.1 says.
+        Otherwise, with a store that ``verifies_signatures``, the hot path:
+        plain callbacks, no coroutine, the signature (and an unknown permit's)
+        verified in the writer (off this thread, before dedup); with one that
+        does not, verified here before first contact admits it.
         """
         started = self.clock.seconds()
         lim = self.limits
@@ -308,34 +313,37 @@ class Relay:
             env = E.parse_envelope(body, lim.max_message_bytes)
         except MeshError as e:
             return fail(self._deposit_refused(e))
-        permit = extras.permit
-        if not self._store_verifies:
-            d = _run(self._verify_then_store(env, extras))
-        else:
-            try:
-                E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
-                # First contact (v3), no I/O here: the policy's rules and the permit's fields; a
-                # permit not verified before is verified by the writer, after the envelope.
-                policy = self.policies.get(env.mailbox)
-                if extras is not P.NO_EXTRAS or policy is not None:
-                    check = None
-                    if permit is not None and not self.permits.known(permit):
-                        check = (permit.mailbox_key, permit.sig_bytes, permit.signed)
-                    env = contact.admitted(env, extras, policy, permit is not None, check)
-                d = shield(self._store_envelope(env, "client", verify="deposit"))
-            except MeshError as e:
-                # Refused by the time rule: a forged envelope answers bad_signature instead.
-                d = _run(self._verify(env.sender_key, env.sig_bytes, env.signed))
-                d.addCallback(_reraise, e)
+        try:
+            E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
+            if self.store.verifies_signatures:
+                d = shield(self._store_envelope(self._admit_unverified(env, extras), "client", verify="deposit"))
+            else:
+                d = _run(self._verify_then_store(env, extras))
+        except MeshError as e:
+            # Refused before the store: a forged envelope answers bad_signature instead.
+            d = _run(self._verify(env.sender_key, env.sig_bytes, env.signed))
+            d.addCallback(_reraise, e)
         d.addErrback(self._deposit_error)
         return d.addCallback(self._deposit_result, env, started)
 
-    async def _verify_then_store(self, env: E.Envelope, extras: P.Extras = P.NO_EXTRAS) -> AddResult:
-        lim = self.limits
+    async def _verify_then_store(self, env: E.Envelope, extras: P.Extras) -> AddResult:
         await self._verify(env.sender_key, env.sig_bytes, env.signed)
-        E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
         env = await self._admit(env, extras)
         return await shield(self._store_envelope(env, "client"))
+
+    def _admit_unverified(self, env: E.Envelope, extras: P.Extras) -> E.Envelope:
+        """First contact (v3) for a store that verifies: no I/O, the policy's rules and the permit's fields.
+
+        A permit not verified before is left on the envelope for the writer, which checks it after the envelope.
+        """
+        policy = self.policies.get(env.mailbox)
+        if extras is P.NO_EXTRAS and policy is None:
+            return env
+        permit = extras.permit
+        check = None
+        if permit is not None and not self.permits.known(permit):
+            check = (permit.mailbox_key, permit.sig_bytes, permit.signed)
+        return contact.admitted(env, extras, policy, permit is not None, check)
 
     async def _admit(self, env: E.Envelope, extras: P.Extras) -> E.Envelope:
         """First contact (v3): the permit, the mailbox policy's stranger rules, the bucket (12.3, 12.4)."""
@@ -419,38 +427,29 @@ class Relay:
             except MeshError as e:
                 results[i] = self._replica_rejected(obj, e)
         now = self.now()
-        in_store = self._store_verifies and not new
-        if in_store:
-            # The store verifies in its writer; here only the replicas the
-            # time rule refuses, so a forged one reports bad_signature.
-            late: list[tuple[int, E.Envelope, MeshError]] = []
-            timely: list[tuple[int, E.Envelope]] = []
-            for i, env in parsed:
-                try:
-                    E.check_replica_time(env, now, lim.clock_skew, lim.min_ttl, lim.max_ttl)
-                    timely.append((i, env))
-                except MeshError as e:
-                    late.append((i, env, e))
-            checks = [self.verifier.verify(env.sender_key, env.sig_bytes, env.signed) for _, env, _ in late]
-            verdicts = await shield(gatherResults(checks)) if checks else []
-            for (i, env, err), ok in zip(late, verdicts):
-                results[i] = self._replica_rejected(
-                    env.to_json(), err if ok else BadSignature("signature does not verify")
-                )
-            parsed = timely
-        else:
-            checks = [self.verifier.verify(env.sender_key, env.sig_bytes, env.signed) for _, env in parsed]
-            verdicts = await shield(gatherResults(checks)) if checks else []
-            kept = []
-            for (i, env), ok in zip(parsed, verdicts):
-                try:
-                    E.require_valid_signature(ok)
-                    E.check_replica_time(env, now, lim.clock_skew, lim.min_ttl, lim.max_ttl)
-                except MeshError as e:
-                    results[i] = self._replica_rejected(env.to_json(), e)
-                    continue
+        # Verified in the store's writer (only the replicas it does not hold) when the store
+        # verifies and these are not ``new``; otherwise every one on the verifier here.
+        in_store = self.store.verifies_signatures and not new
+        late: dict[int, MeshError] = {}
+        for i, env in parsed:
+            try:
+                E.check_replica_time(env, now, lim.clock_skew, lim.min_ttl, lim.max_ttl)
+            except MeshError as e:
+                late[i] = e
+        # Those the time rule refuses are verified here either way, so a forged one reports bad_signature.
+        here = [(i, env) for i, env in parsed if not in_store or i in late]
+        checks = [self.verifier.verify(env.sender_key, env.sig_bytes, env.signed) for _, env in here]
+        verdicts = await shield(gatherResults(checks)) if checks else []
+        forged = {i for (i, _), ok in zip(here, verdicts) if not ok}
+        kept = []
+        for i, env in parsed:
+            if i in forged:
+                results[i] = self._replica_rejected(env.to_json(), BadSignature("signature does not verify"))
+            elif i in late:
+                results[i] = self._replica_rejected(env.to_json(), late[i])
+            else:
                 kept.append((i, env))
-            parsed = kept
+        parsed = kept
         # First contact (v3): every replica is admitted exactly like a deposit (12.5).
         admitted: list[tuple[int, E.Envelope]] = []
         for i, env in parsed:
@@ -483,7 +482,7 @@ class Relay:
 
     # ------------------------------------------------------------------ acks
 
-    def _store_ack(self, ack: E.SignedAck, origin: str) -> Deferred[AckResult]:
+    def _store_ack(self, ack: E.SignedAck, origin: str, attested: Sequence[str] = ()) -> Deferred[AckResult]:
         lim = self.limits
         expires = E.tombstone_expiry(ack.ts, lim.max_ttl, lim.clock_skew)
 
@@ -493,13 +492,18 @@ class Relay:
                 self._update_gauges()
                 self._space_freed(ack.mailbox)
             if origin == "client" and result.new:
-                self._ack_committed(ack)
+                self._ack_committed(ack, result.deleted)
             return result
 
-        return self.store.apply_ack(ack, expires, from_peer=origin == "peer").addCallback(committed)
+        d = self.store.apply_ack(ack, expires, from_peer=origin == "peer", attested=attested)
+        return d.addCallback(committed)
 
     def accept_acks(self, objs: list[Any]) -> Deferred[list[dict[str, Any]]]:
-        """Signed acks from a peer (5.2): verified against the mailbox key, never pushed on."""
+        """Signed acks from a peer (5.2): verified against the mailbox key, never pushed on.
+
+        An ack from a v4 peer may carry ``held`` (docs/protocol.md 13): the
+        ids the peer held; their tombstones here are not junk.
+        """
         return _run(self._accept_acks(objs))
 
     async def _accept_acks(self, objs: list[Any]) -> list[dict[str, Any]]:
@@ -507,12 +511,16 @@ class Relay:
         out: list[dict[str, Any]] = []
         for obj in objs:
             try:
+                try:
+                    obj, held = W.split_held(obj)
+                except ValueError as e:
+                    raise BadRequest(str(e)) from None
                 ack = E.parse_signed_ack(obj)
                 if not ack.ack:
                     raise BadRequest("a signed ack must list at least one msg_id")
                 await self._verify(ack.mailbox_key, ack.sig_bytes, ack.signed)
                 E.check_ack_replica_time(ack, self.now(), lim.clock_skew, lim.max_ttl)
-                await shield(self._store_ack(ack, "peer"))
+                await shield(self._store_ack(ack, "peer", held))
             except MeshError as e:
                 self.metrics.ack_intake_total.labels(e.code).inc()
                 out.append({"status": "rejected", "error": e.code})
@@ -662,10 +670,7 @@ class Relay:
     # ------------------------------------------------------------------ policies (v3, section 12.2)
 
     def _load_policies(self) -> None:
-        load = getattr(self.store, "load_policies", None)
-        if load is None:
-            return
-        for text in load():
+        for text in self.store.load_policies():
             try:
                 self.policies.put(P.parse_policy(E.loads_json(text.encode("utf-8"))))
             except MeshError:
@@ -698,9 +703,7 @@ class Relay:
         if judged != contact.NEWER:
             # Ordered by the book (held at least as new): nothing to write.
             return judged
-        status: str = await shield(
-            self.store.put_policy(policy.mailbox, policy.version, policy.policy_id, policy.raw)  # type: ignore[attr-defined]
-        )
+        status: str = await shield(self.store.put_policy(policy.mailbox, policy.version, policy.policy_id, policy.raw))
         if status == "accepted":
             self.policies.put(policy)
             self.metrics.policy_total.labels(origin).inc()
@@ -716,7 +719,7 @@ class Relay:
 
     def policy_feed(self, since: int, limit: int) -> Deferred[list[tuple[int, str]]]:
         """This node's policy feed for peers: ``(pseq, body)`` after ``since`` (v3, 12.5)."""
-        return shield(self.store.policies_since(since, limit))  # type: ignore[attr-defined]
+        return shield(self.store.policies_since(since, limit))
 
     def accept_policies(self, objs: list[Any]) -> Deferred[list[dict[str, Any]]]:
         """Signed policies from a peer (push or sync): one result each; never pushed on."""
@@ -754,6 +757,30 @@ class Relay:
     def bodies(self, msg_ids: Sequence[str], acks: Sequence[tuple[str, str]], max_bytes: int) -> Deferred[Bodies]:
         """The held envelopes and signed acks among those asked for (wire v2 ``bodies``)."""
         return shield(self.store.bodies(msg_ids, acks, self.now(), max_bytes))
+
+    def with_held(self, ack_texts: Sequence[str]) -> Deferred[list[str]]:
+        """Stored signed-ack texts with their v4 ``held`` lists (docs/protocol.md 13).
+
+        An ack's ``held`` lists those of its ids whose tombstone here is not
+        junk: mail this node held when it was acked, or that a peer attested.
+        """
+        parsed: list[tuple[str, list[str]]] = []
+        pairs: list[tuple[str, str]] = []
+        for text in ack_texts:
+            obj = E.loads_json(text.encode("utf-8"))
+            mailbox, ids = str(obj["mailbox"]), list(dict.fromkeys(str(m) for m in obj["ack"]))
+            parsed.append((mailbox, ids))
+            pairs.extend((mailbox, m) for m in ids)
+        if not pairs:
+            return succeed(list(ack_texts))
+
+        def splice(held: set[tuple[str, str]]) -> list[str]:
+            return [
+                W.with_held(text, [m for m in ids if (mailbox, m) in held])
+                for text, (mailbox, ids) in zip(ack_texts, parsed)
+            ]
+
+        return shield(self.store.held_tombstones(pairs)).addCallback(splice)
 
     def sweep(self) -> Deferred[SweepResult | None]:
         """Delete expired envelopes, tombstones, acks and nonces (the sweeper's tick)."""

@@ -48,9 +48,16 @@ from twisted.internet.defer import (
     gatherResults,
     succeed,
 )
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -70,6 +77,7 @@ from meshrelay.protocol import (
     CHANGES_PATH,
     DEFAULT_IDS_LIMIT,
     FEATURES_PATH,
+    HELD_VERSION,
     MAX_BATCH,
     MAX_BODIES,
     MAX_CHANGES_LIMIT,
@@ -85,12 +93,14 @@ from meshrelay.protocol import (
     bodies_request,
     bounded_response_cap,
     dumps_json,
+    held_response_cap,
     loads_json,
     parse_bodies,
     parse_features,
     parse_ids_page,
     parse_page,
     v1_response_cap,
+    with_held,
 )
 from meshrelay.relay import Relay
 from meshrelay.store.base import STORAGE_FULL, Cursor, Refused, Store, StoreError
@@ -162,11 +172,21 @@ class Transport:
 
     log = Logger()
 
-    def __init__(self, peer: PeerConfig, config: Config, http: HTTPClient, clock: Any) -> None:
+    def __init__(self, peer: PeerConfig, config: Config, http: HTTPClient, clock: IReactorTime) -> None:
         self.url = peer.url
         self.http = http
         self.clock = clock
-        self.signer = PeerSigner(config.node.public_url, peer.secret)
+        self.reachable: bool | None = None
+        #: everything in flight for this peer (pushes, pulls, runs): cancelled on stop
+        self.outstanding: set[Deferred[Any]] = set()
+        self.reconfigure(peer, config)
+
+    def reconfigure(self, peer: PeerConfig, config: Config) -> None:
+        """Take a reloaded config: the signing secret, ``connect``, the timeout (the URL stays)."""
+        send_key_id = getattr(getattr(self, "signer", None), "send_key_id", False)
+        self.signer = PeerSigner(config.node.public_url, peer.secret, peer.key_id)
+        # What negotiation learned about the peer still holds.
+        self.signer.send_key_id = send_key_id
         self.timeout = config.sync.push_timeout
         # Where to dial: ``connect`` (scheme://host:port) when given, else the
         # URL itself; the path prefix, identity and keys always come from url.
@@ -175,9 +195,6 @@ class Transport:
         dial = urlsplit(peer.connect) if peer.connect else target
         self.origin = f"{dial.scheme}://{dial.netloc}"
         self.host_header = target.netloc if peer.connect else None
-        self.reachable: bool | None = None
-        #: everything in flight for this peer (pushes, pulls, runs): cancelled on stop
-        self.outstanding: set[Deferred[Any]] = set()
 
     def track(self, d: Deferred[Any]) -> Deferred[Any]:
         self.outstanding.add(d)
@@ -248,19 +265,16 @@ class PushQueue:
 
     log = Logger()
 
-    def __init__(self, transport: Transport, config: Config, metrics: Metrics, clock: Any, log_agg: Aggregator) -> None:
+    def __init__(
+        self, transport: Transport, config: Config, metrics: Metrics, clock: IReactorTime, log_agg: Aggregator
+    ) -> None:
         self.transport = transport
         self.url = transport.url
         self.clock = clock
         self.log_agg = log_agg
-        sync = config.sync
-        self.queue_max = sync.push_queue_max
-        self.queue_bytes_max = sync.push_queue_bytes
-        self.inflight_max = sync.push_inflight_max
-        self.linger = sync.push_linger_ms / 1000.0
+        self.reconfigure(config)
         #: when the last request started (on the injected clock)
         self.last_sent = float("-inf")
-        self.max_body = config.limits.max_replicate_body_bytes
         self.queues: dict[str, deque[str]] = {ENVELOPE: deque(), ACK: deque()}
         self.queued_bytes = {ENVELOPE: 0, ACK: 0}
         self.inflight = 0
@@ -274,7 +288,17 @@ class PushQueue:
         self._depth = metrics.push_queue_depth.labels(self.url)
         self._pushed = {o: metrics.push_total.labels(self.url, o) for o in ("ok", "rejected", "error")}
         self._dropped = metrics.push_dropped_total.labels(self.url)
+        self._batch_size = metrics.push_batch_size.labels(self.url)
         self._depth.set(0)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config's push bounds (what is queued stays queued)."""
+        sync = config.sync
+        self.queue_max = sync.push_queue_max
+        self.queue_bytes_max = sync.push_queue_bytes
+        self.inflight_max = sync.push_inflight_max
+        self.linger = sync.push_linger_ms / 1000.0
+        self.max_body = config.limits.max_replicate_body_bytes
 
     def start(self) -> None:
         self._stopped = False
@@ -399,6 +423,7 @@ class PushQueue:
         return parts, (opening + ",".join(parts) + closing).encode("utf-8")
 
     def _send(self, kind: str, items: list[str], body: bytes) -> None:
+        self._batch_size.observe(len(items))
         self.inflight += 1
         self.last_sent = self.clock.seconds()
         path = REPLICATE_PATH if kind == ENVELOPE else ACK_PATH
@@ -491,7 +516,7 @@ class SyncPuller:
         relay: Relay,
         store: Store,
         metrics: Metrics,
-        clock: Any,
+        clock: IReactorTime,
         holder: str,
     ) -> None:
         self.transport = transport
@@ -501,12 +526,8 @@ class SyncPuller:
         self.metrics = metrics
         self.clock = clock
         self.holder = holder
-        sync = config.sync
-        self.interval = sync.interval
-        self.page_limit = min(sync.page_limit, MAX_CHANGES_LIMIT)
         self.ids_limit = DEFAULT_IDS_LIMIT
-        self.lease_ttl = max(60, 3 * sync.push_timeout)
-        self.max_message_bytes = config.limits.max_message_bytes
+        self.reconfigure(config)
         #: the protocol versions this side speaks (a test double may narrow it to (1,))
         self.versions: tuple[int, ...] = PROTOCOL_VERSIONS
         #: what the peer speaks: None until negotiated (again after a failed run)
@@ -526,6 +547,14 @@ class SyncPuller:
         metrics.peer_sync_lag.labels(self.url).set_function(self.lag_gauge_value)
 
     # ------------------------------------------------------------------ lifecycle
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config's sync settings (from the next run on; the cursor stays)."""
+        sync = config.sync
+        self.interval = sync.interval
+        self.page_limit = min(sync.page_limit, MAX_CHANGES_LIMIT)
+        self.lease_ttl = max(60, 3 * sync.push_timeout)
+        self.max_message_bytes = config.limits.max_message_bytes
 
     def start(self) -> None:
         self._stopped = False
@@ -620,12 +649,19 @@ class SyncPuller:
             self.metrics.sync_pull_total.labels(self.url, "error").inc()
             raise PeerError(_describe(Failure(e))) from e
         self.features = features
+        # Name our signing secret in X-Peer-Key-Id only to a peer that reads it (5.6).
+        self.transport.signer.send_key_id = features.key_ids
         return features
 
     @property
     def speaks_v3(self) -> bool:
         """The peer serves the v3 policy feed: ask for envelopes with their permit and stamp."""
         return self.policy_peer is not None and bool(self.policy_peer.speaks_v3)
+
+    @property
+    def speaks_held(self) -> bool:
+        """The peer said it speaks v4: it takes and serves signed acks with their ``held`` list (13)."""
+        return HELD_VERSION in self.versions and self.features is not None and self.features.held
 
     def _downgrade(self) -> None:
         self.log.info("peer {peer} refused a wire v2 request: using v1 with it", peer=self.url)
@@ -773,7 +809,11 @@ class SyncPuller:
         query = f"since={since}&limit={limit}" + (f"&mailbox={mailbox}" if mailbox else "")
         if self.speaks_v3:
             query += "&ext=1"  # v3: envelopes with their permit and stamp (12.5)
-        obj = await self._checked("GET", CHANGES_PATH, query, cap=self._page_cap())
+        cap = self._page_cap()
+        if self.speaks_held:
+            query += "&held=1"  # v4: signed acks with the ids the peer held (13)
+            cap = held_response_cap(cap)
+        obj = await self._checked("GET", CHANGES_PATH, query, cap=cap)
         try:
             page = parse_page(obj, since, limit)
         except PeerError:
@@ -866,12 +906,15 @@ class SyncPuller:
         """Ask for these bodies until each is returned or gone; (envelopes, acks, gone msg_ids)."""
         f = self.features
         cap = bounded_response_cap(f.page_bytes if f is not None else 1 << 20, self.max_message_bytes)
+        held = self.speaks_held
+        if held:
+            cap = held_response_cap(cap)
         envs: list[Any] = []
         got_acks: list[Any] = []
         gone: list[str] = []
         while msg_ids or acks:
             obj = await self._checked(
-                "POST", BODIES_PATH, body=bodies_request(msg_ids, acks, ext=self.speaks_v3), cap=cap, v2=True
+                "POST", BODIES_PATH, body=bodies_request(msg_ids, acks, ext=self.speaks_v3, held=held), cap=cap, v2=True
             )
             try:
                 answer = parse_bodies(obj, len(msg_ids), len(acks))
@@ -980,15 +1023,28 @@ class PeerClient:
         store: Store,
         metrics: Metrics,
         http: HTTPClient,
-        clock: Any,
+        clock: IReactorTime,
         holder: str,
     ) -> None:
         self.url = peer.url
+        #: this peer's entry of the running config
+        self.peer = peer
         self.transport = Transport(peer, config, http, clock)
         self.push = PushQueue(self.transport, config, metrics, clock, relay.log_agg)
         self.puller = SyncPuller(self.transport, config, relay, store, metrics, clock, holder)
         #: v3: this peer's policy push and pull (set by Replication)
         self.policy_peer: PolicyPeer | None = None
+
+    def reconfigure(self, peer: PeerConfig, config: Config, http: HTTPClient | None = None) -> None:
+        """Take a reloaded config (same URL): secrets, connect, bounds; the push queue and cursor stay."""
+        self.peer = peer
+        self.transport.reconfigure(peer, config)
+        if http is not None:
+            self.transport.http = http
+        self.push.reconfigure(config)
+        self.puller.reconfigure(config)
+        if self.policy_peer is not None:
+            self.policy_peer.set_interval(config.sync.interval)
 
     def start(self) -> None:
         self.push.start()
@@ -1029,27 +1085,79 @@ class Replication:
         relay: Relay,
         store: Store,
         metrics: Metrics,
-        clock: Any,
+        clock: IReactorTime,
         client_factory: ClientFactory,
     ) -> None:
         self.relay = relay
         self.store = store
+        self.metrics = metrics
         self.clock = clock
+        self.client_factory = client_factory
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self.peers = [
-            PeerClient(p, config, relay, store, metrics, client_factory(p), clock, self.holder) for p in config.peers
-        ]
+        self.peers = [self._make_peer(p, config) for p in config.peers]
         self._by_url = {p.url: p for p in self.peers}
-        # v3: each peer's policy push and pull, over that peer's signed transport.
-        for peer in self.peers:
-            peer.policy_peer = peer.puller.policy_peer = PolicyPeer(
-                peer.url, peer.transport.request, relay, clock, config.sync.interval
-            )
         self.running = False
         #: mailboxes whose space freed since the last refetch round (None: any mailbox)
         self._freed: set[str | None] = set()
         self._refetch_call: Any = None
         self._refetching: Deferred[None] | None = None
+
+    def _make_peer(self, peer: PeerConfig, config: Config) -> PeerClient:
+        client = PeerClient(
+            peer, config, self.relay, self.store, self.metrics, self.client_factory(peer), self.clock, self.holder
+        )
+        # v3: the peer's policy push and pull, over its signed transport.
+        client.policy_peer = client.puller.policy_peer = PolicyPeer(
+            client.url, client.transport.request, self.relay, self.clock, config.sync.interval
+        )
+        return client
+
+    def reconfigure(self, config: Config) -> tuple[list[str], list[str], list[str]]:
+        """Take a reloaded config's peers: (added, removed, changed) URLs.
+
+        A removed peer stops (its requests are cancelled, its queue dropped:
+        sync repairs); an added one starts pushing and syncing from its durable
+        cursor; a peer whose entry changed keeps its push queue, cursor and
+        connections, and signs with its new secret from the next request on.
+        Every peer takes the new push and sync bounds.
+        """
+        wanted = {p.url: p for p in config.peers}
+        removed = [url for url in self._by_url if url not in wanted]
+        added: list[str] = []
+        changed: list[str] = []
+        for url in removed:
+            client = self._by_url.pop(url)
+            client.stop()
+            if client.policy_peer is not None:
+                client.policy_peer.stop()
+            # Its lag gauge reads the stopped puller: gone with the peer (re-made if it comes back).
+            try:
+                self.metrics.peer_sync_lag.remove(url)
+            except KeyError:
+                pass
+        peers: list[PeerClient] = []
+        for url, entry in wanted.items():
+            client_or_none = self._by_url.get(url)
+            if client_or_none is None:
+                self.metrics.init_peer(url)
+                client = self._make_peer(entry, config)
+                self._by_url[url] = client
+                added.append(url)
+                if self.running:
+                    client.start()
+                    if client.policy_peer is not None:
+                        client.policy_peer.start()
+            else:
+                client = client_or_none
+                if client.peer != entry:
+                    changed.append(url)
+                    # The HTTP client may depend on the entry (where to dial, how).
+                    client.reconfigure(entry, config, self.client_factory(entry))
+                else:
+                    client.reconfigure(entry, config)
+            peers.append(client)
+        self.peers = peers
+        return added, removed, changed
 
     def start(self) -> None:
         if self.running:
@@ -1095,10 +1203,12 @@ class Replication:
             if peer.policy_peer is not None:
                 peer.policy_peer.push(policy)
 
-    def ack_committed(self, ack: SignedAck) -> None:
+    def ack_committed(self, ack: SignedAck, held: Sequence[str]) -> None:
         text = dumps_json(ack.to_json()).decode("utf-8")
+        # v4 (13): the ids this node held go along, to peers known to take them.
+        held_text = with_held(text, held)
         for peer in self.peers:
-            peer.push.enqueue(ACK, text)
+            peer.push.enqueue(ACK, held_text if peer.puller.speaks_held else text)
 
     def fetch_remote(self, mailbox: str) -> Deferred[None] | None:
         """Pull ``mailbox`` from every peer; fires when all have answered or failed."""
@@ -1212,6 +1322,18 @@ class LeanHTTPClient:
         return cast(Deferred[Any], self.agent.request(method.encode("ascii"), url.encode("ascii"), raw, body))
 
 
+class PeerEndpoints(PeerEndpointFactory):
+    """Direct peer endpoints, as Twisted's ``Agent`` connects by default, with quiet factories.
+
+    ``http``: TCP to the host name (every address it resolves to, the first that answers);
+    ``https``: TLS over that, the certificate checked against the system roots like a browser
+    does. (The bench clients use it; the node builds a :class:`PeerEndpointFactory` per route.)
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        super().__init__(reactor, Route(), connect_timeout)
+
+
 class PooledHTTPClients:
     """The production client factory: a :class:`LeanHTTPClient` per :class:`~meshrelay.peernet.Route`.
 
@@ -1223,18 +1345,11 @@ class PooledHTTPClients:
     def __init__(self, reactor: Any, config: Config) -> None:
         self.reactor = reactor
         self.config = config
-        self.pools: list[Any] = []
+        self.pools: list[HTTPConnectionPool] = []
         self.clients: dict[Route, LeanHTTPClient] = {}
 
     def _new_client(self, route: Route) -> LeanHTTPClient:
-        from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-
-        class QuietClientFactory(_HTTP11ClientFactory):
-            # No "Starting factory" log line for every new peer connection.
-            noisy = False
-
         pool = HTTPConnectionPool(self.reactor, persistent=True)
-        pool._factory = QuietClientFactory
         # Pushes in flight, the sync puller with its prefetch and bodies
         # requests, and a fetch_remote or refetch, per peer.
         pool.maxPersistentPerHost = self.config.sync.push_inflight_max + BODIES_INFLIGHT + 4

@@ -17,14 +17,18 @@ import html
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import Counter
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from meshrelay import __version__
+from meshrelay.config import Config
+from meshrelay.logs import Aggregator
 from meshrelay.metrics import Metrics
+from meshrelay.store.base import StoreStats
 
 #: page refresh period (seconds, meta refresh)
 REFRESH_SECONDS = 5
@@ -99,7 +103,7 @@ class RateSampler(Service):
 
     name = "meshrelay-rates"
 
-    def __init__(self, metrics: Metrics, clock: Any, interval: float = 5.0, window: float = 60.0) -> None:
+    def __init__(self, metrics: Metrics, clock: IReactorTime, interval: float = 5.0, window: float = 60.0) -> None:
         self.metrics = metrics
         self.clock = clock
         self.interval = interval
@@ -226,8 +230,52 @@ footer{color:#7a849b;font-size:12px;padding:0 24px 18px}
 """
 
 
+class StatsView(Protocol):
+    def stats(self) -> StoreStats: ...
+
+
+class RelayView(Protocol):
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def log_agg(self) -> Aggregator: ...
+
+
+class ReplicationView(Protocol):
+    def peer_status(self) -> list[dict[str, Any]]: ...
+
+    def update_gauges(self) -> None: ...
+
+
+class NodeView(Protocol):
+    """What the admin listener and this page read of a node (:class:`meshrelay.node.Node` is one)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def store(self) -> StatsView: ...
+
+    @property
+    def relay(self) -> RelayView: ...
+
+    @property
+    def replication(self) -> ReplicationView | None:
+        """None while a node without peers (or not started) has no replication."""
+
+
 def render_status(
-    node: Any,
+    node: NodeView,
     now: float,
     rates: dict[str, float | None],
     window: float,
@@ -236,7 +284,7 @@ def render_status(
     """The whole page.  ``peers`` is ``peer_status()``, or None when replication is not running."""
     cfg = node.config
     stats = node.store.stats()
-    metrics: Metrics = node.metrics
+    metrics = node.metrics
     uptime = now - node.started_at
     used = stats.bytes / cfg.limits.max_stored_bytes * 100 if cfg.limits.max_stored_bytes else 0.0
     used_text = "<0.1%" if 0 < used < 0.1 else f"{used:.1f}%"
@@ -297,7 +345,7 @@ def render_status(
 """
 
 
-def _peers_html(cfg: Any, peers: list[dict[str, Any]] | None, now: float) -> str:
+def _peers_html(cfg: Config, peers: list[dict[str, Any]] | None, now: float) -> str:
     if peers is None:
         if not cfg.peers:
             return '<p class="note">No peers configured: this node runs alone.</p>'

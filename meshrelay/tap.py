@@ -176,6 +176,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         _die(f"config error: {e}")
     top = build_service(config, reactor)
     assert isinstance(top, MeshrelayService)
+    node = top.getServiceNamed(Node.name)
+    assert isinstance(node, Node)
+    # SIGHUP reads the file again, with the same command-line overrides (docs/operator.md "Reload the config").
+    node.config_loader = options.load
     top.log_observer = logs.observer_for_twistd(config.node.log_format, getattr(options, "parent", None))
     log_config_summary(config)
     return top

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -70,17 +71,80 @@ def _site_agg(channel: Any) -> Any:
     return getattr(getattr(channel, "site", None), "log_agg", None)
 
 
-def _shown_path(request: Any) -> str:
+def _shown_path(request: IRequest) -> str:
     return repr(request_path(request)[:100].decode("latin-1"))
 
 
-def request_path(request: Any) -> bytes:
+def request_path(request: IRequest) -> bytes:
     """The request target's path, without the query."""
     uri: bytes = request.uri
     return uri.split(b"?", 1)[0]
 
 
-class MeshRequest(server.Request):
+# ---------------------------------------------------------------------- Twisted's private API
+#
+# Every use of a private name of twisted.web is in this block (MeshRequest and MeshChannel
+# inherit the two classes below): Twisted has no public hook for these.  Each names the
+# test that fails without it, so a Twisted release that renames one fails that test.
+
+
+def _channel_path(channel: Any) -> bytes:
+    """The path of the request the channel is reading (``HTTPChannel._path``), without the query.
+
+    The body cap is chosen in ``gotLength``, before ``Request.uri`` is set.  Tests:
+    tests/test_web.py BodyCapTests.test_peer_paths_get_the_replicate_cap,
+    tests/test_cors.py CorsTests.test_oversize_body_answer_carries_it.
+    """
+    path: bytes = getattr(channel, "_path", b"")
+    return path.split(b"?", 1)[0]
+
+
+class _PrivateRequest(server.Request):
+    def _handleStar(self) -> None:
+        """``Request._handleStar``: Twisted answers the target "*" itself, 200 for OPTIONS, else a bare 405.
+
+        Give the 405 the protocol's error shape.  Test: tests/test_hostile_http.py
+        MalformedHTTPTests.test_star_target_answers_in_the_error_shape.
+        """
+        if self.method == b"OPTIONS":
+            super()._handleStar()
+            return
+        self.setHeader(b"Allow", b"OPTIONS")
+        body = json_response(self, 405, error_body("method_not_allowed", "only OPTIONS applies to *"))
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
+
+class _PrivateChannel(http.HTTPChannel):
+    def _between_requests(self) -> bool:
+        """No request is being handled (``HTTPChannel._handlingRequest``): bytes arriving now start one.
+
+        Test: tests/test_web.py ConnectionLimitTests.test_a_request_pipelined_behind_a_long_poll_is_not_timed_out.
+        """
+        return not self._handlingRequest
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """``HTTPChannel._respondToBadRequestAndDisconnect``: Twisted's answer to a request it cannot parse.
+
+        That (request line, headers, framing) is a bare 400 with no body; give it the protocol's
+        error shape, then close as Twisted does.  Test: tests/test_hostile_http.py
+        MalformedHTTPTests.test_malformed_requests_answer_bad_request_in_the_error_shape.
+        """
+        note_refusal(_site_agg(self), "bad_http", "refused 400 bad_request: malformed HTTP")
+        body = dumps_json(error_body("bad_request", "malformed HTTP request"))
+        if self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+        self.loseConnection()
+
+
+# ---------------------------------------------------------------------- the node's HTTP classes
+
+
+class MeshRequest(_PrivateRequest):
     """A ``Request`` that refuses oversize bodies before buffering them."""
 
     _refused = False
@@ -90,11 +154,10 @@ class MeshRequest(server.Request):
 
     def _cap(self) -> int:
         site = getattr(self.channel, "site", None)
-        caps = getattr(site, "body_caps", None)
+        caps: Callable[[bytes], int] | None = getattr(site, "body_caps", None)
         if caps is None:
             return self.body_cap
-        path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
-        return caps(path)
+        return caps(_channel_path(self.channel))
 
     def gotLength(self, length: int | None) -> None:
         self.body_cap = self._cap()
@@ -139,13 +202,13 @@ class MeshRequest(server.Request):
         )
         if metrics is not None:
             metrics.refused_total.labels("too_large").inc()
-            if getattr(self.channel, "_path", b"").split(b"?", 1)[0] == b"/api/mesh/dm/send":
+            if _channel_path(self.channel) == b"/api/mesh/dm/send":
                 # An oversize deposit is a deposit outcome too (docs/protocol.md section 11).
                 metrics.deposit_total.labels("oversize").inc()
         body = dumps_json({"ok": False, "error": "too_large", "detail": f"request body over {self.body_cap} bytes"})
         from meshrelay.cors import raw_headers
 
-        path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
+        path = _channel_path(self.channel)
         head = (
             b"HTTP/1.1 413 Request Entity Too Large\r\n"
             b"Content-Type: application/json\r\n%s"
@@ -153,19 +216,7 @@ class MeshRequest(server.Request):
             % (raw_headers(site, path, self.getHeader(b"origin")), len(body))
         )
         if self.channel is not None and self.channel.transport is not None:
-            self.channel.transport.write(head + body)  # type: ignore[call-arg, misc]
-
-    def _handleStar(self) -> None:
-        # Twisted answers the target "*" itself: 200 for OPTIONS, else a bare 405. Give the 405
-        # the protocol's error shape.
-        if self.method == b"OPTIONS":
-            super()._handleStar()  # type: ignore[misc]
-            return
-        self.setHeader(b"Allow", b"OPTIONS")
-        body = json_response(self, 405, error_body("method_not_allowed", "only OPTIONS applies to *"))
-        self.setHeader(b"Content-Length", b"%d" % len(body))
-        self.write(body)
-        self.finish()
+            self.channel.transport.write(head + body)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
@@ -175,7 +226,7 @@ class MeshRequest(server.Request):
         super().requestReceived(command, path, version)
 
 
-class MeshChannel(http.HTTPChannel):
+class MeshChannel(_PrivateChannel):
     """An ``HTTPChannel`` with a deadline for reading each request (slowloris guard).
 
     The idle timeout (``timeOut``) is reset by every byte received, so a client
@@ -191,7 +242,7 @@ class MeshChannel(http.HTTPChannel):
     share_key: str | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._read_deadline is None and not self._handlingRequest:
+        if self._read_deadline is None and self._between_requests():
             self._read_deadline = self.callLater(self.read_timeout, self._read_timed_out)
         super().dataReceived(data)
 
@@ -214,21 +265,7 @@ class MeshChannel(http.HTTPChannel):
         if metrics is not None:
             metrics.refused_total.labels("read_timeout").inc()
         if self.transport is not None:
-            self.transport.write(  # type: ignore[call-arg, misc]
-                b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            )
-        self.loseConnection()
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # Twisted's answer to a request it cannot parse (request line, headers, framing) is a
-        # bare 400 with no body; give it the protocol's error shape, then close as Twisted does.
-        note_refusal(_site_agg(self), "bad_http", "refused 400 bad_request: malformed HTTP")
-        body = dumps_json(error_body("bad_request", "malformed HTTP request"))
-        if self.transport is not None:
-            self.transport.write(  # type: ignore[call-arg, misc]
-                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-            )
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         self.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -259,12 +296,12 @@ class MeshSite(server.Site):
         policy: AddressPolicy | None = None,
         log_agg: Any = None,
     ) -> None:
-        super().__init__(resource, timeout=timeout, reactor=reactor)
+        # No API takes HTML form posts: no parsing of POST bodies as forms (it builds an
+        # email.message each time: tens of microseconds; and the API answers a form 415).
+        # Test: tests/test_web.py BodyCapTests.test_a_form_post_is_not_parsed_as_a_form.
+        super().__init__(resource, timeout=timeout, reactor=reactor, parsePOSTFormSubmission=False)
         #: the node's log aggregator for refusals (meshrelay.logs.Aggregator), or None
         self.log_agg = log_agg
-        # No API takes HTML form posts: skip Twisted's Content-Type parsing of
-        # every POST (it builds an email.message each time: tens of microseconds).
-        self._parsePOSTFormSubmission = False
         self.body_caps = body_caps
         self.access_log = access_log
         self.metrics = metrics
@@ -314,7 +351,7 @@ class MeshSite(server.Site):
             else:
                 self.connections_by_address.pop(key, None)
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         if self.access_log:
             super().log(request)
 
@@ -331,7 +368,7 @@ def body_caps_for(max_body_bytes: int, max_replicate_body_bytes: int) -> Callabl
 # ---------------------------------------------------------------------- JSON in and out
 
 
-def json_response(request: Any, status: int, value: Any, retry_after: int | None = None) -> bytes:
+def json_response(request: IRequest, status: int, value: Any, retry_after: int | None = None) -> bytes:
     """Set status and content type; return the JSON body bytes.
 
     Every 429 carries ``Retry-After`` (``retry_after`` seconds, else the code's
@@ -345,15 +382,20 @@ def json_response(request: Any, status: int, value: Any, retry_after: int | None
         request.setHeader(b"Retry-After", b"%d" % max(1, retry_after))
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
-    return dumps_json(value)
+    body = dumps_json(value)
+    # Answers of async routes are written after render returns: without a length
+    # twisted.web would send them chunked, which costs framing here and a chunk
+    # decoder in every client (peers pushing and pulling included).
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
 
 
-def read_json(request: Any) -> Any:
+def read_json(request: IRequest) -> Any:
     """The request body as JSON; 415 unless the content type is JSON, 400 ``bad_json``."""
     ctype = request.getHeader(b"content-type")
     if ctype is None or ctype.split(b";", 1)[0].strip().lower() != b"application/json":
         raise UnsupportedMediaType("Content-Type must be application/json")
-    content = request.content  # type: ignore[attr-defined]
+    content = request.content
     content.seek(0)
     return loads_json(content.read())
 
@@ -466,7 +508,7 @@ SEND_PATH = b"/api/mesh/dm/send"
 WRITE_PATHS = {SEND_PATH: "deposit_bytes", b"/api/mesh/dm/poll": "ack_bytes"}
 
 
-def body_length(request: Any) -> int:
+def body_length(request: IRequest) -> int:
     """The length of the (already read, capped) request body."""
     content = getattr(request, "content", None)
     if content is None:
@@ -509,7 +551,7 @@ class NodeRoot(Resource):
         self.deposit_limiter = deposit_limiter
         self.policy = policy if policy is not None else AddressPolicy()
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: IRequest) -> Any:
         if self.peer is not None and request_path(request) in PEER_PATHS:
             return self.peer.render(request)
         key = request_key(request, self.policy)
@@ -536,7 +578,7 @@ class NodeRoot(Resource):
             )
         return self.client.render(request)
 
-    def _limited(self, request: Any, reason: str, detail: str, retry_after: int | None = None) -> bytes:
+    def _limited(self, request: IRequest, reason: str, detail: str, retry_after: int | None = None) -> bytes:
         note_refusal(
             self.log_agg,
             "refused:" + reason,
@@ -549,7 +591,7 @@ class NodeRoot(Resource):
         return json_response(request, 429, error_body("rate_limited", detail), retry_after)
 
 
-def client_ip(request: Any, trusted_proxies: frozenset[str] = frozenset()) -> str:
+def client_ip(request: IRequest, trusted_proxies: frozenset[str] = frozenset()) -> str:
     """The client's address: the connecting host, or, behind a trusted proxy, X-Forwarded-For.
 
     X-Forwarded-For is read right to left, skipping trusted proxies; the first

@@ -8,9 +8,11 @@ every Deferred fires synchronously.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import sqlite3
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,6 +25,10 @@ from twisted.web.resource import Resource
 from meshrelay import envelope as E
 from meshrelay.config import Config, LimitsConfig, NodeConfig, build_config
 from meshrelay.node import Node
+from meshrelay.store import caps_from
+from meshrelay.store.base import Store
+from meshrelay.store.sqlite import SQLiteStore
+from meshrelay.verifier import Verifier
 
 #: a fixed "now" for in-memory tests (2026-11-16)
 T0 = 1_795_000_000
@@ -93,6 +99,30 @@ def stub_answer(http: Any, d: Any) -> tuple[Any, bytes]:
     return resp, content[0]
 
 
+def inline_store(config: Config, reactor: Any, metrics: Any = None) -> Store:
+    """A node's ``store_factory`` for the in-memory tests: the configured backend, every read and write inline."""
+    if config.store.backend == "postgresql":
+        from meshrelay.store.postgres import PostgresStore
+
+        return PostgresStore(config.store.dsn, caps_from(config), reactor=reactor, metrics=metrics)
+    return SQLiteStore(config.node.data_dir, caps_from(config), durability=config.node.durability, metrics=metrics)
+
+
+def dump_live(store: Any, now: int) -> dict[str, Any]:
+    """The live envelope ids and tombstones of ``store`` (either backend), read on a connection of the test's own."""
+    if isinstance(store, SQLiteStore):
+        conn: Any = contextlib.closing(sqlite3.connect(store.path))
+        mark = "?"
+    else:
+        from meshrelay.store.postgres import connect
+
+        conn, mark = connect(store.dsn, "tool"), "%s"
+    with conn as c:
+        envelopes = c.execute(f"SELECT msg_id FROM envelopes WHERE expires > {mark}", (now,)).fetchall()
+        tombstones = c.execute(f"SELECT mailbox, msg_id FROM tombstones WHERE expires > {mark}", (now,)).fetchall()
+    return {"envelopes": sorted(r[0] for r in envelopes), "tombstones": sorted((r[0], r[1]) for r in tombstones)}
+
+
 class MemNode:
     """A real node, in memory: Clock, inline store, StubTreq client."""
 
@@ -111,7 +141,13 @@ class MemNode:
         if peer_client_factory is None and self.config.peers:
             # Peers that nobody wired up are unreachable (never a real socket).
             peer_client_factory = _unreachable
-        self.node = Node(self.config, self.clock, threaded=False, peer_client_factory=peer_client_factory)
+        self.node = Node(
+            self.config,
+            self.clock,
+            store_factory=inline_store,
+            verifier=Verifier(),
+            peer_client_factory=peer_client_factory,
+        )
         self.node.startService()
         self.relay = self.node.relay
         self.store = self.node.store
@@ -196,6 +232,37 @@ class V1OnlyPeer(Resource):
         return self.node.node.resource().render(request)
 
 
+class V3Peer(Resource):
+    """A test double of a node that speaks wire v1-v3 but not v4 (no ``held`` lists), in front of a real node.
+
+    ``features`` lists versions 1-3; what a v3 node refuses with 400 (a ``held``
+    parameter of ``changes``, a ``held`` key of ``bodies``, a ``held`` list in a
+    pushed ack) is refused the same way and recorded in ``offers`` (a
+    conforming v4 node never sends it any).
+    """
+
+    isLeaf = True
+
+    def __init__(self, node: MemNode, offers: list[str]) -> None:
+        super().__init__()
+        self.node = node
+        self.offers = offers
+
+    def render(self, request: Any) -> Any:
+        path = request.uri.split(b"?", 1)[0]
+        if path == b"/api/mesh/dm/features":
+            request.setHeader(b"Content-Type", b"application/json")
+            return json.dumps(
+                {"ok": True, "versions": [1, 2, 3], "page_bytes": 1048576, "max_ids": 5000, "max_bodies": 500}
+            ).encode()
+        body = request.content.read()
+        request.content.seek(0)
+        if b"held" in request.args or b'"held"' in body:
+            self.offers.append(path.decode())
+            return _Answer(400, "bad_request").render(request)
+        return self.node.node.resource().render(request)
+
+
 def make_v1_only(node: MemNode) -> None:
     """Make ``node`` behave as a v1 node: unbounded pages served, v1 requests only when it pulls."""
     node.node.peer_api.page_bytes = lambda: None  # type: ignore[method-assign]
@@ -203,6 +270,15 @@ def make_v1_only(node: MemNode) -> None:
     if replication is not None:
         for peer in replication.peers:
             peer.puller.versions = (1,)
+            peer.puller.features = None
+
+
+def make_v3_only(node: MemNode) -> None:
+    """Make ``node``'s pullers speak v1-v3 (they never ask for held lists)."""
+    replication = node.node.replication
+    if replication is not None:
+        for peer in replication.peers:
+            peer.puller.versions = (1, 2, 3)
             peer.puller.features = None
 
 
@@ -232,7 +308,12 @@ class Link:
     def stub(self) -> StubTreq:
         target = self.mesh.nodes[self.dst]
         if self._stub is None or self._stub_node is not target:
-            resource = V1OnlyPeer(target) if self.dst in self.mesh.v1_only else target.node.resource()
+            if self.dst in self.mesh.v1_only:
+                resource: Resource = V1OnlyPeer(target)
+            elif self.dst in self.mesh.v3_only:
+                resource = V3Peer(target, self.mesh.held_offers)
+            else:
+                resource = target.node.resource()
             self._stub = StubTreq(resource)
             self._stub_node = target
         return self._stub
@@ -286,10 +367,14 @@ class Mesh:
         limits: dict[str, Any] | None = None,
         overrides: dict[str, dict[str, dict[str, Any]]] | None = None,
         v1_only: tuple[str, ...] = (),
+        v3_only: tuple[str, ...] = (),
     ) -> None:
         self.base_dir = base_dir
         #: nodes that speak wire v1 only (see :class:`V1OnlyPeer`)
         self.v1_only = v1_only
+        #: nodes that speak wire v1-v3, not v4 (see :class:`V3Peer`), and the held lists offered to them
+        self.v3_only = v3_only
+        self.held_offers: list[str] = []
         self.clock = Clock()
         self.clock.advance(T0)
         self.names = names
@@ -351,6 +436,8 @@ class Mesh:
         )
         if name in self.v1_only:
             make_v1_only(node)
+        if name in self.v3_only:
+            make_v3_only(node)
         return node
 
     def replace(self, name: str) -> MemNode:
@@ -376,6 +463,8 @@ class Mesh:
         )
         if name in self.v1_only:
             make_v1_only(self.nodes[name])
+        if name in self.v3_only:
+            make_v3_only(self.nodes[name])
         return self.nodes[name]
 
     def __getitem__(self, name: str) -> MemNode:

@@ -25,7 +25,7 @@ from tests.harness import REPO, NodeProcess
 
 DOCS = os.path.join(REPO, "docs")
 EXAMPLE_TOML = os.path.join(REPO, "etc", "meshrelay.example.toml")
-PEER_KEYS = ("url", "secret", "secret_file", "connect")
+PEER_KEYS = ("url", "secret", "secret_file", "connect", "secrets")
 
 
 def read(path: str) -> str:

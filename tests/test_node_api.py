@@ -8,7 +8,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import envelope as E
-from tests.helpers import Identity, MemNode
+from tests.helpers import Identity, MemNode, dump_live
 
 SEND = "/api/mesh/dm/send"
 POLL = "/api/mesh/dm/poll"
@@ -37,7 +37,7 @@ class NodeTestCase(SynchronousTestCase):
         self.assertIsInstance(body["detail"], str)
 
     def stored_ids(self) -> list[str]:
-        return list(self.n.store.dump_live(self.now())["envelopes"])  # type: ignore[attr-defined]
+        return list(dump_live(self.n.store, self.now())["envelopes"])
 
     def polled_ids(self, who: Identity, **kw: Any) -> list[str]:
         status, body = self.n.poll(who, **kw)
@@ -473,6 +473,6 @@ class ExpiryTests(NodeTestCase):
         self.polled_ids(self.bob, ack=[env["msg_id"]])
         lim = self.n.config.limits
         self.n.clock.advance(lim.max_ttl + 2 * lim.clock_skew - 1)
-        self.assertEqual(len(self.n.store.dump_live(self.now())["tombstones"]), 1)  # type: ignore[attr-defined]
+        self.assertEqual(len(dump_live(self.n.store, self.now())["tombstones"]), 1)
         self.n.clock.advance(2 + self.n.config.node.sweep_interval)
         self.assertGreaterEqual(self.n.metrics.sample("meshrelay_expired_total", {"kind": "tombstones"}), 1)

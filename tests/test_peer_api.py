@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshrelay import envelope as E
 from meshrelay.config import Config, build_config
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
-from tests.helpers import Identity, MemNode
+from tests.helpers import Identity, MemNode, dump_live
 
 A_URL = "http://a.test"
 B_URL = "http://b.test"
@@ -110,7 +110,7 @@ class PeerAPITestCase(SynchronousTestCase):
         page = self.node.store.changes(0, 1000, now)
         items: list[Any] = []
         page.addCallback(lambda p: items.extend((i.seq, i.kind, i.body) for i in p.items))
-        return self.node.store.dump_live(now), items
+        return dump_live(self.node.store, now), items
 
     def failures(self, reason: str) -> float:
         return self.node.metrics.value("meshrelay_peer_auth_failures_total", reason=reason)
@@ -132,7 +132,7 @@ class ReplicateTests(PeerAPITestCase):
         )
         status, body = self.peer("POST", REPLICATE, {"envelope": env})
         self.assertEqual(body["results"], [{"msg_id": env["msg_id"], "status": "duplicate"}])
-        self.assertEqual(self.node.store.dump_live(self.now())["envelopes"], [env["msg_id"]])
+        self.assertEqual(dump_live(self.node.store, self.now())["envelopes"], [env["msg_id"]])
 
     def test_batch_reports_one_result_per_envelope_in_order(self) -> None:
         """A batch answers a result per envelope, rejections included, in request order."""
@@ -183,7 +183,7 @@ class ReplicateTests(PeerAPITestCase):
             self.assertEqual(
                 (status, answer["error"]), (400, "bad_request"), body if not isinstance(body, dict) else list(body)
             )
-        self.assertEqual(self.node.store.dump_live(self.now())["envelopes"], [])
+        self.assertEqual(dump_live(self.node.store, self.now())["envelopes"], [])
 
     def test_bad_json_and_media_type(self) -> None:
         """Signed but malformed bodies answer 400 bad_json / 415, never 500."""
@@ -235,12 +235,12 @@ class AckTests(PeerAPITestCase):
         self.assertEqual(
             self.peer("POST", ACK, {"acks": [ack]}), (200, {"ok": True, "results": [{"status": "applied"}]})
         )
-        live = self.node.store.dump_live(self.now())
+        live = dump_live(self.node.store, self.now())
         self.assertEqual(live["envelopes"], [])
         self.assertEqual(live["tombstones"], [(self.mailbox.pub, env["msg_id"])])
         _, body = self.peer("POST", REPLICATE, {"envelope": env})
         self.assertEqual(body["results"], [{"msg_id": env["msg_id"], "status": "duplicate"}])
-        self.assertEqual(self.node.store.dump_live(self.now())["envelopes"], [])
+        self.assertEqual(dump_live(self.node.store, self.now())["envelopes"], [])
 
     def test_forged_ack_deletes_nothing(self) -> None:
         """An ack whose signature does not verify is rejected; nothing is deleted or tombstoned."""
@@ -270,7 +270,7 @@ class AckTests(PeerAPITestCase):
         ack = other.signed(ts=self.now(), ack=[env["msg_id"]])
         _, body = self.peer("POST", ACK, {"acks": [ack]})
         self.assertEqual(body["results"], [{"status": "applied"}])
-        self.assertEqual(self.node.store.dump_live(self.now())["envelopes"], [env["msg_id"]])
+        self.assertEqual(dump_live(self.node.store, self.now())["envelopes"], [env["msg_id"]])
         _, polled = self.node.poll(self.mailbox)
         self.assertEqual(polled["messages"], [env])
 
@@ -668,7 +668,17 @@ class WireV2Tests(PeerAPITestCase):
         """features answers the versions, this node's page_bytes and the v2 limits; a query is 400."""
         self.assertEqual(
             self.peer("GET", FEATURES),
-            (200, {"ok": True, "versions": [1, 2, 3], "page_bytes": 1048576, "max_ids": 5000, "max_bodies": 500}),
+            (
+                200,
+                {
+                    "ok": True,
+                    "versions": [1, 2, 3, 4],
+                    "page_bytes": 1048576,
+                    "max_ids": 5000,
+                    "max_bodies": 500,
+                    "key_ids": True,
+                },
+            ),
         )
         status, body = self.peer("GET", FEATURES + "?x=1")
         self.assertEqual((status, body["error"]), (400, "bad_request"))

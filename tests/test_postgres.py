@@ -70,16 +70,31 @@ def wait_until(predicate: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
+class Hooks(dict[str, Callable[[], None]]):
+    """A store's writer observer that runs the callable a test set for a point ("before_seq", "before_commit")."""
+
+    def _run(self, point: str) -> None:
+        hook = self.get(point)
+        if hook is not None:
+            hook()
+
+    def before_seq(self) -> None:
+        self._run("before_seq")
+
+    def before_commit(self) -> None:
+        self._run("before_commit")
+
+
 class _StoreCase(SynchronousTestCase):
     """A fresh schema per test; :meth:`store` opens a store on it (closed at cleanup)."""
 
     def setUp(self) -> None:
         self.dsn = create_schema(self.addCleanup)
 
-    def store(self, caps: Caps | None = None) -> Any:
+    def store(self, caps: Caps | None = None, observer: Hooks | None = None) -> Any:
         from meshrelay.store.postgres import PostgresStore
 
-        s = PostgresStore(self.dsn, caps or Caps())
+        s = PostgresStore(self.dsn, caps or Caps(), observer=observer)
         s.start()
         self.addCleanup(s.close)
         return s
@@ -212,16 +227,16 @@ class SharedStateTests(_StoreCase):
 class FeedOrderTests(_StoreCase):
     """The changes feed never skips a row that commits late."""
 
-    def hold(self, store: Any, hook: str) -> tuple[threading.Event, threading.Event]:
-        """Make ``store``'s next batch stop at ``hook`` until released."""
+    def hold(self, hooks: Hooks, hook: str) -> tuple[threading.Event, threading.Event]:
+        """Make the next batch of the store observed by ``hooks`` stop at ``hook`` until released."""
         reached, release = threading.Event(), threading.Event()
 
         def pause() -> None:
-            store.hooks.pop(hook)
+            hooks.pop(hook)
             reached.set()
             assert release.wait(GUARD), "never released"
 
-        store.hooks[hook] = pause
+        hooks[hook] = pause
         return reached, release
 
     def feed(self, reader: Any, since: int = 0) -> list[int]:
@@ -229,8 +244,9 @@ class FeedOrderTests(_StoreCase):
 
     def test_an_open_transaction_commits_above_what_was_read(self) -> None:
         """A batch still open while later ones commit gets a seq above theirs, so a reader past them misses nothing."""
-        slow, fast, reader = self.store(), self.store(), self.store()
-        reached, release = self.hold(slow, "before_seq")
+        hooks = Hooks()
+        slow, fast, reader = self.store(observer=hooks), self.store(), self.store()
+        reached, release = self.hold(hooks, "before_seq")
         late = make_env(Identity(), Identity(), b"late")
         box: list[AddResult] = []
         t = threading.Thread(target=lambda: box.append(result_of(slow.add_envelope(late, T0))))
@@ -247,8 +263,9 @@ class FeedOrderTests(_StoreCase):
 
     def test_reader_does_not_pass_a_numbered_uncommitted_row(self) -> None:
         """While a numbered batch is uncommitted, nothing at or above its seq is visible, and later writers wait."""
-        slow, fast, reader = self.store(), self.store(), self.store()
-        reached, release = self.hold(slow, "before_commit")
+        hooks = Hooks()
+        slow, fast, reader = self.store(observer=hooks), self.store(), self.store()
+        reached, release = self.hold(hooks, "before_commit")
         first = make_env(Identity(), Identity(), b"first")
         second = make_env(Identity(), Identity(), b"second")
         results: dict[str, AddResult] = {}
@@ -335,7 +352,7 @@ class FailureTests(_StoreCase):
         from meshrelay.store.postgres import PostgresStore
 
         cfg = build_config({"node": {"data_dir": self.mktemp()}, "store": {"backend": "postgresql", "dsn": self.dsn}})
-        store = open_store(cfg, global_reactor, threaded=False)
+        store = open_store(cfg, global_reactor)
         self.addCleanup(store.close)
         self.assertIsInstance(store, PostgresStore)
         bad = build_config(
@@ -344,7 +361,7 @@ class FailureTests(_StoreCase):
                 "store": {"backend": "postgresql", "dsn": "postgresql://x@127.0.0.1:1/y"},
             }
         )
-        self.assertRaises(StoreError, open_store, bad, global_reactor, False)
+        self.assertRaises(StoreError, open_store, bad, global_reactor)
 
     def test_writer_reconnects_after_its_connection_dies(self) -> None:
         """A killed writer connection fails the batch in flight (503) and the next write reconnects."""
@@ -374,7 +391,8 @@ class FailureTests(_StoreCase):
         from tests.test_store import ManualExecutor
 
         writer = ManualExecutor()
-        s = PostgresStore(self.dsn, Caps(), writer=writer)
+        hooks = Hooks()
+        s = PostgresStore(self.dsn, Caps(), writer=writer, observer=hooks)
         s.start()
         self.addCleanup(s.close)
         calls = [0]
@@ -389,7 +407,7 @@ class FailureTests(_StoreCase):
         b = s.add_envelope(make_env(Identity(), Identity(), b"b"), T0)
         writer.release()
         result_of(first)
-        s.hooks["before_commit"] = boom
+        hooks["before_commit"] = boom
         writer.release()
         self.assertEqual([result_of(a).status, result_of(b).status], [ACCEPTED, ACCEPTED])
         self.assertEqual(calls[0], 3)

@@ -44,7 +44,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from meshrelay import envelope as E
 from tests.apispec import peer_headers
-from tests.helpers import Identity, Link, Mesh, link_secret
+from tests.helpers import Identity, Link, Mesh, dump_live, link_secret
 
 EXAMPLES = int(os.environ.get("MESHRELAY_PROPERTY_EXAMPLES", "80"))
 STEPS = int(os.environ.get("MESHRELAY_PROPERTY_STEPS", "30"))
@@ -202,10 +202,10 @@ class MeshMachine(RuleBasedStateMachine):
         return messages
 
     def live(self, name: str) -> set[str]:
-        return set(self.mesh[name].store.dump_live(self.now())["envelopes"])  # type: ignore[attr-defined]
+        return set(dump_live(self.mesh[name].store, self.now())["envelopes"])
 
     def tombstones(self, name: str) -> set[tuple[str, str]]:
-        return set(self.mesh[name].store.dump_live(self.now())["tombstones"])  # type: ignore[attr-defined]
+        return set(dump_live(self.mesh[name].store, self.now())["tombstones"])
 
     def sql(self, name: str, query: str, *args: Any) -> list[Any]:
         return list(self.mesh[name].store._wconn.execute(query, args).fetchall())  # type: ignore[attr-defined]
@@ -554,7 +554,7 @@ class MeshMachine(RuleBasedStateMachine):
         for _ in range(2 * len(NODES)):
             self.mesh.sync_all()
             now = self.now()
-            seen = [self.mesh[name].store.dump_live(now) for name in NODES]  # type: ignore[attr-defined]
+            seen = [dump_live(self.mesh[name].store, now) for name in NODES]
             if seen == state:
                 break
             state = seen

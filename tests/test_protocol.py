@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import protocol as P
-from meshrelay.envelope import b64u_encode
+from meshrelay.envelope import b64u_decode, b64u_encode
 from tests.helpers import Identity
 
 BOX = Identity().pub
@@ -80,3 +82,42 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(P.bounded_response_cap(1 << 20, 8192), (1 << 20) + item + 4096)
         self.assertEqual(P.bounded_response_cap(1 << 40, 8192), (16 << 20) + item + 4096)
         self.assertEqual(P.v1_response_cap(8192), 500 * (8192 * 4 // 3 + 1024) + 4096)
+
+
+def _decodes_to(value: str, n: int) -> bool:
+    """The reference check the patterns replace: canonical b64u that decodes to ``n`` bytes."""
+    try:
+        return len(b64u_decode(value)) == n
+    except ValueError:
+        return False
+
+
+_B64U_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+class CanonicalKeyPatternTests(SynchronousTestCase):
+    """is_mailbox / is_nonce (patterns, no decode) agree with decoding, on keys and on near-misses."""
+
+    @settings(max_examples=400, derandomize=True)
+    @given(st.binary(min_size=32, max_size=32), st.binary(min_size=16, max_size=16))
+    def test_every_canonical_value_matches(self, key: bytes, nonce: bytes) -> None:
+        self.assertTrue(P.is_mailbox(b64u_encode(key)))
+        self.assertTrue(P.is_nonce(b64u_encode(nonce)))
+        self.assertFalse(P.is_mailbox(b64u_encode(nonce)))
+        self.assertFalse(P.is_nonce(b64u_encode(key)))
+
+    @settings(max_examples=2000, derandomize=True)
+    @given(st.text(alphabet=_B64U_CHARS + "=+/ \n\u00e9A", min_size=20, max_size=45))
+    def test_the_patterns_agree_with_decoding(self, text: str) -> None:
+        self.assertEqual(P.is_mailbox(text), len(text) == 43 and _decodes_to(text, 32), text)
+        self.assertEqual(P.is_nonce(text), len(text) == 22 and _decodes_to(text, 16), text)
+
+    def test_every_last_character(self) -> None:
+        """Each of the 64 last characters: accepted exactly when its unused low bits are zero."""
+        for c in _B64U_CHARS:
+            key, nonce = "A" * 42 + c, "A" * 21 + c
+            self.assertEqual(P.is_mailbox(key), _decodes_to(key, 32), c)
+            self.assertEqual(P.is_nonce(nonce), _decodes_to(nonce, 16), c)
+        self.assertFalse(P.is_mailbox("A" * 43 + "\n"))
+        self.assertFalse(P.is_mailbox(None))
+        self.assertFalse(P.is_nonce(22))

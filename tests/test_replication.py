@@ -7,19 +7,21 @@ import json
 import os
 from typing import Any
 
+import treq
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 
 from meshrelay import envelope as E
-from meshrelay.config import build_config
+from meshrelay.config import PeerConfig, build_config
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
 from meshrelay.protocol import Features
 from meshrelay.relay import NoReplication
-from meshrelay.replication import MAX_FETCH_PAGES, PeerError, parse_page
+from meshrelay.replication import MAX_FETCH_PAGES, PeerEndpoints, PeerError, PooledHTTPClients, parse_page
 from meshrelay.status import PEER_KEYS
-from tests.helpers import Identity, MemNode, Mesh
+from tests.helpers import Identity, MemNode, Mesh, dump_live, make_config
 
 REPLICATE = "/api/mesh/dm/replicate-envelope"
 ACK = "/api/mesh/dm/ack"
@@ -76,10 +78,10 @@ class MeshTestCase(SynchronousTestCase):
         return env
 
     def live(self, name: str) -> list[str]:
-        return self.mesh[name].store.dump_live(self.now())["envelopes"]  # type: ignore[no-any-return]
+        return dump_live(self.mesh[name].store, self.now())["envelopes"]  # type: ignore[no-any-return]
 
     def tombstones(self, name: str) -> list[tuple[str, str]]:
-        return self.mesh[name].store.dump_live(self.now())["tombstones"]  # type: ignore[no-any-return]
+        return dump_live(self.mesh[name].store, self.now())["tombstones"]  # type: ignore[no-any-return]
 
     def call(self, name: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """A client request to node ``name`` that may need the mesh to move before it answers."""
@@ -878,7 +880,7 @@ class ConnectOptionTests(SynchronousTestCase):
             headers[H_HMAC],
             compute_mac(key, "POST", "/mesh" + REPLICATE, int(headers[H_TS]), headers[H_NONCE], body),
         )
-        self.assertEqual(b.store.dump_live(int(b.clock.seconds()))["envelopes"], [env["msg_id"]])
+        self.assertEqual(dump_live(b.store, int(b.clock.seconds()))["envelopes"], [env["msg_id"]])
         self.assertEqual(
             a.metrics.sample("meshrelay_dm_replication_push_total", {"peer": "http://b.test/mesh", "outcome": "ok"}), 1
         )
@@ -1152,3 +1154,97 @@ class ExpiryFreesSpaceTests(CappedConvergenceTestCase):
         self.mesh.advance(100, step=5)  # past the short ttl and a sweep
         self.assertEqual(sorted(self.live("b")), at_a)
         self.assertEqual(sorted(self.live("a")), at_a)
+
+
+def _self_signed_pem(host: str) -> bytes:
+    """A key and a self-signed certificate for ``host`` (with its subjectAltName), PEM."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem_key + cert.public_bytes(serialization.Encoding.PEM)
+
+
+class PeerPoolTests(TestCase):
+    """The production peer client (PooledHTTPClients) on the real reactor, against a loopback listener."""
+
+    def test_new_peer_connections_log_no_factory_lines(self) -> Deferred[None]:
+        """A request over a new pooled connection answers, and logs no "Starting factory" line."""
+        from twisted.internet import reactor
+        from twisted.logger import globalLogPublisher
+        from twisted.web.server import Site
+
+        class Ok(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                return b'{"ok": true}'
+
+        site = Site(Ok())
+        site.noisy = False
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        clients = PooledHTTPClients(reactor, make_config(self.mktemp()))
+        self.addCleanup(clients.close)
+        lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            lines.append(str(event.get("log_format")))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        url = f"http://127.0.0.1:{port.getHost().port}/"
+
+        async def go() -> None:
+            response = await clients(PeerConfig(url=url, secret="x" * 32)).request("GET", url)
+            self.assertEqual(await treq.content(response), b'{"ok": true}')
+            self.assertFalse([line for line in lines if "factory" in line], lines)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_an_https_peer_must_show_a_trusted_certificate(self) -> Deferred[None]:
+        """https peers are reached over TLS, checked like a browser: a self-signed certificate is refused."""
+        from twisted.internet import reactor, ssl
+        from twisted.web.server import Site
+
+        cert = ssl.PrivateCertificate.loadPEM(_self_signed_pem("localhost"))
+        port = reactor.listenSSL(0, Site(Resource()), cert.options(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        clients = PooledHTTPClients(reactor, make_config(self.mktemp()))
+        self.addCleanup(clients.close)
+        url = f"https://localhost:{port.getHost().port}/"
+
+        async def go() -> None:
+            with self.assertRaises(ResponseNeverReceived) as cm:
+                await clients(PeerConfig(url=url, secret="x" * 32)).request("GET", url)
+            self.assertIn("certificate verify failed", str(cm.exception.reasons[0].value))
+
+        return Deferred.fromCoroutine(go())
+
+    def test_other_schemes_are_not_supported(self) -> None:
+        from twisted.internet import reactor
+        from twisted.web.client import URI
+        from twisted.web.error import SchemeNotSupported
+
+        with self.assertRaises(SchemeNotSupported):
+            PeerEndpoints(reactor, 5).endpointForURI(URI.fromBytes(b"ftp://a.test/"))

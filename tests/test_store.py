@@ -42,7 +42,7 @@ from meshrelay.store.base import (
     junk_budget,
 )
 from meshrelay.store.sqlite import DB_NAME, SQLiteStore
-from tests.helpers import T0, Identity
+from tests.helpers import T0, Identity, dump_live
 from tests.pgtest import create_schema, requires_pg
 
 MAX_MSG = 8192
@@ -783,7 +783,7 @@ class StoreBehaviour:
         self.assertLessEqual(store.stats().bytes, budget)
         self.assertGreater(sum(r.skipped for r in results), 0)
         self.assertFalse(results[-1].stored)
-        self.assertLessEqual(len(store.dump_live(T0)["tombstones"]), budget // TOMBSTONE_BYTES)
+        self.assertLessEqual(len(dump_live(store, T0)["tombstones"]), budget // TOMBSTONE_BYTES)
         # the rest of the cap is still there for mail
         bob = Identity()
         big = make_env(Identity(), bob, b"x" * 4000)
@@ -847,6 +847,34 @@ class StoreBehaviour:
             relayed = make_ack(Identity(), [f"{n + 100:08x}{i:056x}" for i in range(200)])
             self.successResultOf(store.apply_ack(relayed, tomb(relayed), from_peer=True))
         self.assertLessEqual(store.stats().bytes, junk_budget(Caps(max_stored_bytes=cap), from_peer=True))
+
+    def test_attested_ids_are_tombstoned_outside_the_junk_budget(self) -> None:
+        """v4 (13): ids a peer says it held get real tombstones though every junk share is spent; the cap holds."""
+        cap = 64 * 1024
+        store = self.make_store(Caps(max_stored_bytes=cap, per_mailbox_pending=1000))
+        bob, alice, carol = Identity(), Identity(), Identity()
+        # a junk tombstone is not "held"; a later attestation makes it real and gives its junk back
+        lone = make_env(alice, carol)
+        junk = make_ack(carol, [lone.msg_id])
+        self.assertEqual(self.ack(store, junk).skipped, 0)
+        key = (carol.pub, lone.msg_id)
+        self.assertEqual(self.successResultOf(store.held_tombstones([key])), set())
+        again = make_ack(carol, [lone.msg_id])
+        self.successResultOf(store.apply_ack(again, tomb(again), from_peer=True, attested=[lone.msg_id]))
+        self.assertEqual(self.successResultOf(store.held_tombstones([key])), {key})
+        # spend every junk share
+        for n in range(60):
+            relayed = make_ack(Identity(), [f"{n:08x}{i:056x}" for i in range(200)])
+            self.successResultOf(store.apply_ack(relayed, tomb(relayed), from_peer=True))
+        envs = [make_env(alice, bob, f"m{i}".encode()) for i in range(3)]
+        early = make_ack(bob, [e.msg_id for e in envs])
+        attested = (envs[0].msg_id, envs[1].msg_id)
+        result = self.successResultOf(store.apply_ack(early, tomb(early), from_peer=True, attested=attested))
+        self.assertEqual((result.deleted, result.skipped), ((), 1))
+        self.assertEqual([self.add(store, e).status for e in envs], [DUPLICATE, DUPLICATE, ACCEPTED])
+        pairs = [(bob.pub, e.msg_id) for e in envs]
+        self.assertEqual(self.successResultOf(store.held_tombstones(pairs)), set(pairs[:2]))
+        self.assertLessEqual(store.stats().bytes, cap)
 
     def test_the_sweep_gives_the_junk_budget_back(self) -> None:
         """Once junk tombstones and acks expire and are swept, new ones fit again."""

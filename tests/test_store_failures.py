@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import Identity, MemNode
+from tests.helpers import Identity, MemNode, dump_live
 
 
 class StoreFailureTests(SynchronousTestCase):
@@ -45,7 +45,7 @@ class StoreFailureTests(SynchronousTestCase):
         polled = {m["msg_id"] for m in body["messages"]}
         self.assertIn(ok["msg_id"], polled)
         stats = self.n.store.stats()
-        self.assertEqual(stats.envelopes, len(self.n.store.dump_live(self.now())["envelopes"]))  # type: ignore[attr-defined]
+        self.assertEqual(stats.envelopes, len(dump_live(self.n.store, self.now())["envelopes"]))
         self.assertEqual(self.n.store._wconn.execute("PRAGMA integrity_check").fetchone()[0], "ok")  # type: ignore[attr-defined]
         # Space comes back: deposits work again.
         self.n.store._wconn.execute("PRAGMA max_page_count = 1073741823")  # type: ignore[attr-defined]

@@ -92,6 +92,21 @@ class BodyCapTests(SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value()[:200])
         self.assertEqual(self.n.store.stats().envelopes, 1)
 
+    def test_a_form_post_is_not_parsed_as_a_form(self) -> None:
+        """A multipart/form-data POST reaches the API, which answers 415 in the error shape.
+
+        Twisted would parse it as a form first (here: no boundary, so its bad-request path: 400).
+        """
+        proto, transport = self.connect()
+        body = b"--x\r\nnot a part"
+        proto.dataReceived(
+            b"POST /api/mesh/dm/send HTTP/1.1\r\nHost: a.test\r\nContent-Type: multipart/form-data\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        raw = transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 415 "), raw[:80])
+        self.assertIn(b'"error":"unsupported_media_type"', raw.replace(b" ", b""))
+
     def test_no_access_log_by_default(self) -> None:
         """The site writes no per-request log line unless access_log is on."""
         logged: list[object] = []
@@ -161,6 +176,26 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
         self.n.clock.advance(15)
         self.assertNotIn(b"408", transport.value())
+
+    def test_a_request_pipelined_behind_a_long_poll_is_not_timed_out(self) -> None:
+        """Bytes that arrive while a long-poll is answered start no read deadline: the poll ends with its 200."""
+        bob = Identity()
+        body = json.dumps(bob.poll_body(ts=int(self.n.clock.seconds()), wait=25)).encode()
+        proto, transport = self.connect()
+        proto.dataReceived(
+            b"POST /api/mesh/dm/poll HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.assertEqual(transport.value(), b"")
+        # The next request starts while the poll waits (held by the channel until the poll is answered).
+        proto.dataReceived(b"GET /api/mesh/health HTTP/1.1\r\n")
+        for _ in range(24):
+            self.n.clock.advance(1)
+        self.assertEqual(transport.value(), b"")
+        self.n.clock.advance(2)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value()[:80])
+        self.assertNotIn(b"408", transport.value())
+        self.assertFalse(transport.disconnecting)
 
     def test_connection_cap(self) -> None:
         """Past max_connections new connections are refused; closing one frees a slot."""

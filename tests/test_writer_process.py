@@ -142,6 +142,34 @@ class WriterProcessTests(TestCase):
         self.assertEqual(self.store.stats().envelopes, 2)
 
     @inlineCallbacks
+    def test_new_caps_reach_the_running_child_and_a_respawned_one(self) -> Any:
+        """A config reload's caps (``store.caps = ...``) apply in the child from the next batch, and after a respawn."""
+        yield self.store.add_envelope(self.env(b"1"), self.now, verify="deposit")
+        yield self.store.add_envelope(self.env(b"2"), self.now, verify="deposit")
+        result = yield self.store.add_envelope(self.env(b"3"), self.now, verify="deposit")
+        self.assertEqual(result.status, "sender_cap")
+        self.store.caps = Caps(per_sender_pending=3, per_mailbox_pending=10, max_stored_bytes=1 << 20, max_policies=7)
+        result = yield self.store.add_envelope(self.env(b"3"), self.now, verify="deposit")
+        self.assertEqual(result.status, "accepted")
+        result = yield self.store.add_envelope(self.env(b"4"), self.now, verify="deposit")
+        self.assertEqual(result.status, "sender_cap")
+        self.assertEqual(self.writer.spawned, 1)
+        # A respawned child starts with the new caps (its argv), max_policies included.
+        self.assertEqual(self.writer.argv[-5:], ["3", "10", str(1 << 20), "100000", "7"])
+        pid = self.writer.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(200):
+            if self.writer.pid is None:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.flushLoggedErrors()
+        self.writer._next_spawn = 0.0
+        self.store.caps = Caps(per_sender_pending=4, per_mailbox_pending=10, max_stored_bytes=1 << 20)
+        result = yield self.store.add_envelope(self.env(b"4"), self.now, verify="deposit")
+        self.assertEqual((result.status, self.writer.spawned), ("accepted", 2))
+
+    @inlineCallbacks
     def test_a_child_that_cannot_be_started_fails_the_write(self) -> Any:
         """fork/exec failing answers the batch with StoreError (never a hang); a later write starts a child."""
         other = os.path.abspath(self.mktemp())

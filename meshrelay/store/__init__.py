@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from meshrelay.config import Config
-from meshrelay.executor import InlineExecutor, ThreadExecutor
+from meshrelay.executor import ThreadExecutor
 from meshrelay.store.base import Caps, Store, StoreError
 
 #: reader connections (and threads) per process for the PostgreSQL backend
@@ -24,40 +24,37 @@ def caps_from(config: Config) -> Caps:
     )
 
 
-def open_store(config: Config, reactor: Any, threaded: bool = True, metrics: Any = None) -> Store:
-    """Open (creating and migrating as needed) the configured backend.
+def open_store(config: Config, reactor: Any, metrics: Any = None) -> Store:
+    """Open (creating and migrating as needed) the configured backend, its writes and reads off the reactor.
+
+    SQLite writes on a writer thread (or in the writer process, ``node.store_writer``) and
+    reads on two reader threads; PostgreSQL on one writer and ``READER_THREADS`` reader
+    connections.  (The in-memory tests pass :class:`~meshrelay.node.Node` a ``store_factory``
+    of their own, that runs everything inline under a ``Clock``.)
 
     Raises :class:`StoreError` with a one-line reason when it cannot be opened.
     """
+    caps = caps_from(config)
     if config.store.backend == "sqlite":
-        from meshrelay.store.sqlite import SQLiteStore
+        from meshrelay.store.sqlite import DB_NAME, SQLiteStore
 
-        if threaded:
-            caps = caps_from(config)
-            if config.node.store_writer == "process":
-                from meshrelay.store.sqlite import DB_NAME
-                from meshrelay.store.writer_process import ProcessWriter
+        writer_process: Any = None
+        writer: ThreadExecutor | None = None
+        if config.node.store_writer == "process":
+            from meshrelay.store.writer_process import ProcessWriter
 
-                path = os.path.join(config.node.data_dir, DB_NAME)
-                writer_process: Any = ProcessWriter(reactor, path, config.node.durability, caps)
-                writer = None
-            else:
-                writer_process, writer = None, ThreadExecutor(reactor, 1, "meshrelay-writer")
-            return SQLiteStore(
-                config.node.data_dir,
-                caps,
-                durability=config.node.durability,
-                writer=writer,
-                readers=ThreadExecutor(reactor, 2, "meshrelay-readers"),
-                metrics=metrics,
-                writer_process=writer_process,
-            )
+            path = os.path.join(config.node.data_dir, DB_NAME)
+            writer_process = ProcessWriter(reactor, path, config.node.durability, caps)
+        else:
+            writer = ThreadExecutor(reactor, 1, "meshrelay-writer")
         return SQLiteStore(
             config.node.data_dir,
-            caps_from(config),
+            caps,
             durability=config.node.durability,
-            writer=InlineExecutor(),
+            writer=writer,
+            readers=ThreadExecutor(reactor, 2, "meshrelay-readers"),
             metrics=metrics,
+            writer_process=writer_process,
         )
     if config.store.backend == "postgresql":
         try:
@@ -66,14 +63,12 @@ def open_store(config: Config, reactor: Any, threaded: bool = True, metrics: Any
             raise StoreError(
                 f"store.backend 'postgresql' needs psycopg 3 ({e}): pip install 'meshrelay[postgresql]'"
             ) from e
-        if threaded:
-            return PostgresStore(
-                config.store.dsn,
-                caps_from(config),
-                reactor=reactor,
-                writer=ThreadExecutor(reactor, 1, "meshrelay-pg-writer"),
-                readers=ThreadExecutor(reactor, READER_THREADS, "meshrelay-pg-readers"),
-                metrics=metrics,
-            )
-        return PostgresStore(config.store.dsn, caps_from(config), reactor=reactor, metrics=metrics)
+        return PostgresStore(
+            config.store.dsn,
+            caps,
+            reactor=reactor,
+            writer=ThreadExecutor(reactor, 1, "meshrelay-pg-writer"),
+            readers=ThreadExecutor(reactor, READER_THREADS, "meshrelay-pg-readers"),
+            metrics=metrics,
+        )
     raise StoreError(f"store.backend {config.store.backend!r} is not available in this build")

@@ -25,7 +25,7 @@ DUPLICATE = "duplicate"
 SENDER_CAP = "sender_cap"
 MAILBOX_FULL = "mailbox_full"
 STORAGE_FULL = "storage_full"
-#: only from a store that checks signatures itself (``verifies_signatures``)
+#: only from a store that checks signatures itself (``Store.verifies_signatures``)
 BAD_SIGNATURE = "bad_signature"
 #: protocol v3: the mailbox's stranger bucket is full (contact mail is counted apart)
 STRANGER_FULL = "stranger_full"
@@ -308,8 +308,17 @@ class StoreStats:
 class Store(Protocol):
     """What the relay core needs from a backend."""
 
+    #: where the store logs (the node gives it an aggregating logger: a failing disk fails every write)
+    log: Logger
     #: random id fixed when the store was created (the ``changes`` feed id)
     feed_id: str
+    #: the bounds enforced inside the write transaction; a config reload sets new ones
+    caps: Caps
+    #: the schema version the store had when it was opened (0: created just now)
+    migrated_from: int
+    #: True when ``add_envelope(verify=...)`` checks the signatures in the store's writer (answering
+    #: ``bad_signature``/``bad_permit``); False when it ignores ``verify`` and the caller checks them
+    verifies_signatures: bool
 
     def start(self) -> None:
         """Start worker threads or connection pools; called once by the node service."""
@@ -330,8 +339,15 @@ class Store(Protocol):
         acceptance forgets every remembered refusal of that msg_id.
         """
 
-    def apply_ack(self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False) -> Deferred[AckResult]:
+    def apply_ack(
+        self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False, attested: Sequence[str] = ()
+    ) -> Deferred[AckResult]:
         """Delete and tombstone the held envelopes listed (always, even at the storage cap), record the ack.
+
+        ``attested`` (wire v4, docs/protocol.md 13): ids of the ack that the
+        relaying peer says it held; their tombstones are not junk here (they
+        count toward the storage cap only), and an existing junk tombstone of
+        such an id stops being junk.
 
         Tombstones of ids not held here, and the ack itself when it deleted
         nothing here, are kept only within ``junk_budget(caps, from_peer)``
@@ -361,6 +377,9 @@ class Store(Protocol):
         sizes sum to at most ``max_bytes`` -- the first item always.  With
         ``ids_only`` the items carry no body (size, mailbox and key only).
         """
+
+    def held_tombstones(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:
+        """Which of ``pairs`` (mailbox, msg_id) have a tombstone that is not junk: mail held here or attested (v4)."""
 
     def missing(
         self, envelopes: Sequence[tuple[str, str]], acks: Sequence[tuple[str, str]], now: int

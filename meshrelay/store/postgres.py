@@ -68,7 +68,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -392,6 +392,12 @@ SELECT t.mb, t.id,
 FROM unnest(%(mb)s::text[], %(id)s::text[]) WITH ORDINALITY AS t(mb, id, i) ORDER BY t.i
 """
 
+#: held_tombstones(): the (mailbox, msg_id) pairs asked for whose tombstone is not junk (v4, 13)
+_HELD_TOMBSTONES = """
+SELECT t.mailbox, t.msg_id FROM tombstones t
+JOIN unnest(%(mb)s::text[], %(id)s::text[]) AS u(mb, m) ON t.mailbox = u.mb AND t.msg_id = u.m
+WHERE t.junk = 0
+"""
 _HELD_ACKS = """
 SELECT t.mb, t.n, EXISTS (SELECT 1 FROM acks a WHERE a.mailbox = t.mb AND a.nonce = t.n)
 FROM unnest(%(mb)s::text[], %(n)s::text[]) WITH ORDINALITY AS t(mb, n, i) ORDER BY t.i
@@ -441,10 +447,27 @@ def _sweep_sql(table: str) -> str:
     )
 
 
+class WriterObserver(Protocol):
+    """Told, on the writer thread, where a batch's transaction is (the concurrency tests pause or fail it there).
+
+    With an observer the numbering call and COMMIT are two round trips instead
+    of one pipelined one, so that ``before_commit`` sees the rows numbered and
+    locked but not committed.
+    """
+
+    def before_seq(self) -> None:
+        """The batch's operations ran; its new rows are not numbered yet."""
+
+    def before_commit(self) -> None:
+        """The batch's rows are numbered (and the sequence lock held); nothing is committed."""
+
+
 class PostgresStore:
     """A :class:`~meshrelay.store.base.Store` in a PostgreSQL database shared by several processes."""
 
     log = Logger()
+    #: ``add_envelope`` ignores ``verify``: the relay checks signatures before it calls
+    verifies_signatures = False
 
     def __init__(
         self,
@@ -456,6 +479,7 @@ class PostgresStore:
         readers: Executor | None = None,
         metrics: Any = None,
         fallback_interval: float = FALLBACK_INTERVAL,
+        observer: WriterObserver | None = None,
     ) -> None:
         self.dsn = dsn
         self.caps = caps
@@ -498,8 +522,7 @@ class PostgresStore:
         #: True while the listening connection is up (None: no listener)
         self.listening: bool | None = None
         self._recheck_failing = False
-        #: test hooks run on the writer thread: "before_seq", "before_commit"
-        self.hooks: dict[str, Callable[[], None]] = {}
+        self._observer = observer
 
     @staticmethod
     def _read_totals(conn: Conn | Cur) -> Totals:
@@ -764,7 +787,7 @@ class PostgresStore:
                     cur.execute(_CHECK_ENVELOPES, [list(col) for col in zip(*checks)])
             if checks:
                 for msg_id, mailbox, sender, now, *found in cur.fetchall():
-                    tx.checked[(msg_id, mailbox, sender, now)] = tuple(found)  # type: ignore[assignment]
+                    tx.checked[(msg_id, mailbox, sender, now)] = tuple(found)
             for i, w in enumerate(writes):
                 try:
                     values.append(w.fn(cur, tx))
@@ -774,14 +797,16 @@ class PostgresStore:
                 cur.execute(
                     "UPDATE meta SET value = (value::bigint + %s)::text WHERE key = 'junk_bytes'", (tx.junk_delta,)
                 )
-            self._hook("before_seq")
+            observer = self._observer
+            if observer is not None:
+                observer.before_seq()
             call = self._phase2(tx)
             if call is None:
                 conn.commit()
                 return values, None
-            if "before_commit" in self.hooks:
-                cur.execute(*call)  # numbered and locked, not committed: the tests look at this state
-                self._hook("before_commit")
+            if observer is not None:
+                cur.execute(*call)  # numbered and locked, not committed: the observer sees this state
+                observer.before_commit()
                 conn.commit()
             else:
                 # One round trip: the function and COMMIT, pipelined.
@@ -792,11 +817,6 @@ class PostgresStore:
         assert row is not None
         totals = self._numbered(tx, row[0])
         return values, totals
-
-    def _hook(self, name: str) -> None:
-        hook = self.hooks.get(name)
-        if hook is not None:
-            hook()
 
     def _phase2(self, tx: _Tx) -> tuple[str, tuple[Any, ...]] | None:
         """The call of ``meshrelay_commit_rows`` that numbers and inserts the batch's new rows.
@@ -938,11 +958,14 @@ class PostgresStore:
         tx.d_bytes += len(body) - int(row[0])
         return AddResult(DUPLICATE, upgraded=True)
 
-    def apply_ack(self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False) -> Deferred[AckResult]:
+    def apply_ack(
+        self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False, attested: Sequence[str] = ()
+    ) -> Deferred[AckResult]:
         """Delete and tombstone held mail, tombstone unheld ids within the junk budget, record the ack.
 
-        The same rules as the SQLite store (``sqlite._op_ack``).
+        The same rules as the SQLite store (``sqlite._op_ack``), attested ids (v4) included.
         """
+        vouched_ids = frozenset(str(m) for m in attested)
         body = dumps_json(ack.to_json()).decode("utf-8")
         size = len(body.encode("utf-8"))
         mailbox = ack.mailbox
@@ -984,6 +1007,14 @@ class PostgresStore:
                 )
                 tx.d_bytes += TOMBSTONE_BYTES * sum(1 for (inserted,) in cur.fetchall() if inserted)
             skipped = 0
+            vouched = [m for m in unheld if m in vouched_ids]
+            if vouched:
+                # v4 (13): a junk tombstone made real by a peer that held the message leaves the junk budget.
+                cur.execute(
+                    "UPDATE tombstones SET junk = 0 WHERE mailbox = %s AND msg_id = ANY(%s) AND junk = 1",
+                    (mailbox, vouched),
+                )
+                tx.junk_delta -= TOMBSTONE_BYTES * cur.rowcount
             if unheld:
                 cur.execute(
                     "UPDATE tombstones SET expires = GREATEST(expires, %s) WHERE mailbox = %s AND msg_id = ANY(%s) "
@@ -991,21 +1022,26 @@ class PostgresStore:
                     (tombstone_expires, mailbox, unheld),
                 )
                 known = {r[0] for r in cur.fetchall()}
-                rest = [m for m in unheld if m not in known]
-                if rest:
-                    # The shared total is this process's last view plus this batch (another
-                    # process's batch may add a little); the junk total is exact (row lock).
-                    room = min(budget - tx.junk_now(cur), caps.max_stored_bytes - self._bytes - tx.d_bytes)
+                for junk_flag in (0, 1):
+                    # Attested ids (v4) are not junk: only the storage cap bounds them.
+                    # For junk, the shared total is this process's last view plus this batch
+                    # (another process's batch may add a little); the junk total is exact (row lock).
+                    rest = [m for m in unheld if m not in known and (m in vouched_ids) != bool(junk_flag)]
+                    if not rest:
+                        continue
+                    room = caps.max_stored_bytes - self._bytes - tx.d_bytes
+                    if junk_flag:
+                        room = min(room, budget - tx.junk_now(cur))
                     take = rest[: max(0, room // TOMBSTONE_BYTES)]
-                    skipped = len(rest) - len(take)
+                    skipped += len(rest) - len(take)
                     if take:
                         cur.execute(
-                            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) SELECT %s, m, %s, 1 "
+                            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) SELECT %s, m, %s, %s "
                             "FROM unnest(%s::text[]) AS m ON CONFLICT (mailbox, msg_id) DO NOTHING",
-                            (mailbox, tombstone_expires, take),
+                            (mailbox, tombstone_expires, junk_flag, take),
                         )
                         tx.d_bytes += TOMBSTONE_BYTES * cur.rowcount
-                        tx.junk_delta += TOMBSTONE_BYTES * cur.rowcount
+                        tx.junk_delta += TOMBSTONE_BYTES * cur.rowcount * junk_flag
             if ids:
                 cur.execute("DELETE FROM refused WHERE mailbox = %s AND msg_id = ANY(%s)", (mailbox, ids))
             key = (mailbox, ack.nonce)
@@ -1014,7 +1050,7 @@ class PostgresStore:
             cur.execute("SELECT 1 FROM acks WHERE mailbox = %s AND nonce = %s", key)
             if cur.fetchone() is not None:
                 return AckResult(deleted=deleted, new=False, skipped=skipped)
-            junk = 0 if deleted else 1
+            junk = 0 if deleted or vouched else 1
             if self._bytes + tx.d_bytes + size > caps.max_stored_bytes or (junk and tx.junk_now(cur) + size > budget):
                 return AckResult(deleted=deleted, new=True, stored=False, skipped=skipped)
             tx.acks.add(key)
@@ -1236,6 +1272,19 @@ class PostgresStore:
 
         return self._read(q)
 
+    def held_tombstones(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:
+        items = [(str(mb), str(m)) for mb, m in pairs]
+
+        def q(conn: Conn) -> set[tuple[str, str]]:
+            if not items:
+                return set()
+            rows = conn.execute(
+                _HELD_TOMBSTONES, {"mb": [mb for mb, _ in items], "id": [m for _, m in items]}
+            ).fetchall()
+            return {(str(mb), str(m)) for mb, m in rows}
+
+        return self._read(q)
+
     def bodies(
         self, msg_ids: Sequence[str], acks: Sequence[tuple[str, str]], now: int, max_bytes: int
     ) -> Deferred[Bodies]:
@@ -1336,18 +1385,6 @@ class PostgresStore:
             return None if row is None else Cursor(peer, row[0], int(row[1]), float(row[2]))
 
         return self._read(q)
-
-    # ------------------------------------------------------------------ test and tool helpers
-
-    def dump_live(self, now: int) -> dict[str, Any]:
-        """Synchronous snapshot of live content (tests, ``migrate-store`` checks)."""
-        with connect(self.dsn, "tool") as c:
-            return {
-                "envelopes": sorted(r[0] for r in c.execute("SELECT msg_id FROM envelopes WHERE expires > %s", (now,))),
-                "tombstones": sorted(
-                    (r[0], r[1]) for r in c.execute("SELECT mailbox, msg_id FROM tombstones WHERE expires > %s", (now,))
-                ),
-            }
 
 
 class _Listener:

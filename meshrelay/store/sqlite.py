@@ -111,6 +111,12 @@ WHERE NOT EXISTS (SELECT 1 FROM acks WHERE mailbox = json_extract(j.value, '$[0]
                   AND nonce = json_extract(j.value, '$[1]'))
 ORDER BY j.key
 """
+#: held_tombstones(): the (mailbox, msg_id) pairs asked for whose tombstone is not junk (v4, 13)
+_HELD_TOMBSTONES = """
+SELECT t.mailbox, t.msg_id FROM json_each(:items) AS j
+JOIN tombstones AS t ON t.mailbox = json_extract(j.value, '$[0]') AND t.msg_id = json_extract(j.value, '$[1]')
+WHERE t.junk = 0
+"""
 #: bodies(): per requested id (by index, in request order) its size and body, or NULLs when not held
 _BODIES_ENVELOPES = """
 SELECT CAST(j.key AS INTEGER), e.size, e.body FROM json_each(:items) AS j
@@ -250,39 +256,30 @@ def _op_add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
 
 def _add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AddResult:
     msg_id, mailbox, sender, expires, size, body, now, check, _peer, contact, stranger_cap = args
+    replica = False
     if check is not None:
         key, sig, signed, replica, permit_check = check
-        if replica:
-            # A replica of something already here (or tombstoned) is a
-            # duplicate whatever its signature says: nothing is stored either
-            # way, and sync re-sends such copies all the time.
-            stored, tombstoned, in_mailbox, from_sender = conn.execute(
-                _ADD_CHECKS, (msg_id, mailbox, now, sender)
-            ).fetchone()
-            if (stored or tombstoned) and not (stored and contact):
-                return AddResult(DUPLICATE)
-            # A new replica, or (v3) a contact copy that may upgrade a stored one: its
-            # signature is checked first, so an upgrade never stores a forged text.
-            if not verify_signature(key, sig, signed):
-                return AddResult(BAD_SIGNATURE)
-        else:
+        if not replica:
             # A deposit's signature is checked before dedup (docs/protocol.md 4.2).
             if not verify_signature(key, sig, signed):
                 return AddResult(BAD_SIGNATURE)
             # v3: then its permit's, when the relay left that to the writer too.
             if permit_check is not None and not verify_signature(*permit_check):
                 return AddResult(BAD_PERMIT)
-            stored, tombstoned, in_mailbox, from_sender = conn.execute(
-                _ADD_CHECKS, (msg_id, mailbox, now, sender)
-            ).fetchone()
-    else:
-        stored, tombstoned, in_mailbox, from_sender = conn.execute(
-            _ADD_CHECKS, (msg_id, mailbox, now, sender)
-        ).fetchone()
-    if stored or tombstoned:
-        if stored and contact:
-            return _upgrade(conn, st, msg_id, mailbox, expires, size, body)
+    stored, tombstoned, in_mailbox, from_sender = conn.execute(_ADD_CHECKS, (msg_id, mailbox, now, sender)).fetchone()
+    # v3: a contact copy of a stored envelope may upgrade it (from stranger mail to contact mail).
+    upgrade = stored and contact
+    if (stored or tombstoned) and not upgrade:
+        # A replica of something already here (or tombstoned) is a duplicate
+        # whatever its signature says: nothing is stored either way, and sync
+        # re-sends such copies all the time.
         return AddResult(DUPLICATE)
+    if replica and not verify_signature(key, sig, signed):
+        # A new replica, or a contact copy that may upgrade a stored one: its
+        # signature is checked first, so an upgrade never stores a forged text.
+        return AddResult(BAD_SIGNATURE)
+    if upgrade:
+        return _upgrade(conn, st, msg_id, mailbox, expires, size, body)
     if st.bytes + size > caps.max_stored_bytes:
         return AddResult(STORAGE_FULL)
     refusal = bucket_refusal(contact, stranger_cap, in_mailbox, lambda: _count_contacts(conn, mailbox, now), caps)
@@ -349,6 +346,8 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
     """
     mailbox, nonce, ids, tombstone_expires, body = args[:5]
     from_peer = bool(args[5]) if len(args) > 5 else False
+    #: v4 (docs/protocol.md 13): ids the relaying peer attests it held; not junk here
+    attested = frozenset(args[6]) if len(args) > 6 else frozenset()
     size = len(body.encode("utf-8"))
     budget = junk_budget(caps, from_peer)
     deleted = []
@@ -374,26 +373,38 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
                 (tombstone_expires, mailbox, msg_id),
             )
     skipped = 0
+    vouched_any = False
     for msg_id in unheld:
+        vouched = msg_id in attested
+        vouched_any = vouched_any or vouched
+        if (
+            vouched
+            and conn.execute(
+                "UPDATE tombstones SET junk = 0 WHERE mailbox = ? AND msg_id = ? AND junk = 1", (mailbox, msg_id)
+            ).rowcount
+        ):
+            # A junk tombstone made real by a peer that held the message: it leaves the junk budget.
+            st.junk -= TOMBSTONE_BYTES
         if conn.execute(
             "UPDATE tombstones SET expires = MAX(expires, ?) WHERE mailbox = ? AND msg_id = ?",
             (tombstone_expires, mailbox, msg_id),
         ).rowcount:
             continue
-        if st.junk + TOMBSTONE_BYTES > budget or st.bytes + TOMBSTONE_BYTES > caps.max_stored_bytes:
+        if st.bytes + TOMBSTONE_BYTES > caps.max_stored_bytes or (not vouched and st.junk + TOMBSTONE_BYTES > budget):
             skipped += 1
             continue
         conn.execute(
-            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) VALUES (?, ?, ?, 1)",
-            (mailbox, msg_id, tombstone_expires),
+            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) VALUES (?, ?, ?, ?)",
+            (mailbox, msg_id, tombstone_expires, 0 if vouched else 1),
         )
         st.bytes += TOMBSTONE_BYTES
-        st.junk += TOMBSTONE_BYTES
+        if not vouched:
+            st.junk += TOMBSTONE_BYTES
     if ids:
         conn.executemany("DELETE FROM refused WHERE msg_id = ? AND mailbox = ?", ((m, mailbox) for m in ids))
     if conn.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (mailbox, nonce)).fetchone():
         return AckResult(deleted=tuple(deleted), new=False, skipped=skipped)
-    junk = 0 if deleted else 1
+    junk = 0 if deleted or vouched_any else 1
     if st.bytes + size > caps.max_stored_bytes or (junk and st.junk + size > budget):
         return AckResult(deleted=tuple(deleted), new=True, stored=False, skipped=skipped)
     st.seq += 1
@@ -618,7 +629,7 @@ class SQLiteStore:
     """
 
     log = Logger()
-    #: deposits and replicas may pass their signature check to ``add_envelope``
+    #: deposits and replicas pass their signature check to ``add_envelope`` (see ``Store``)
     verifies_signatures = True
 
     def __init__(
@@ -675,8 +686,10 @@ class SQLiteStore:
 
     @caps.setter
     def caps(self, caps: Caps) -> None:
-        # In-process writers only: a writer process got its caps when it started.
+        # A config reload: the in-process core, and a writer process (which takes them between batches).
         self._core.caps = caps
+        if self._process is not None:
+            self._process.set_caps(caps)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -857,10 +870,24 @@ class SQLiteStore:
             return succeed(None)
         return self._write(("forget_refused", ([(str(m), str(p)) for m, p in items],)))
 
-    def apply_ack(self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False) -> Deferred[AckResult]:
+    def apply_ack(
+        self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False, attested: Sequence[str] = ()
+    ) -> Deferred[AckResult]:
         body = dumps_json(ack.to_json()).decode("utf-8")
         ids = tuple(dict.fromkeys(ack.ack))
-        return self._write(("ack", (ack.mailbox, ack.nonce, ids, tombstone_expires, body, from_peer)))
+        vouched = tuple(str(m) for m in attested)
+        return self._write(("ack", (ack.mailbox, ack.nonce, ids, tombstone_expires, body, from_peer, vouched)))
+
+    def held_tombstones(self, pairs: Sequence[tuple[str, str]]) -> Deferred[set[tuple[str, str]]]:
+        items = [(str(mb), str(m)) for mb, m in pairs]
+
+        def q(conn: sqlite3.Connection) -> set[tuple[str, str]]:
+            if not items:
+                return set()
+            rows = conn.execute(_HELD_TOMBSTONES, {"items": json.dumps(items)})
+            return {(str(mb), str(m)) for mb, m in rows}
+
+        return self._read(q)
 
     def claim_nonce(self, scope: str, nonce: str, expires: int) -> Deferred[bool]:
         return self._write(("nonce", (scope, nonce, expires)))
@@ -1026,15 +1053,3 @@ class SQLiteStore:
             return None if row is None else Cursor(peer, row[0], int(row[1]), float(row[2]))
 
         return self._read(q)
-
-    # ------------------------------------------------------------------ test and tool helpers
-
-    def dump_live(self, now: int) -> dict[str, Any]:
-        """Synchronous snapshot of live content (tests, ``migrate-store`` checks)."""
-        c = self._wconn
-        return {
-            "envelopes": sorted(r[0] for r in c.execute("SELECT msg_id FROM envelopes WHERE expires > ?", (now,))),
-            "tombstones": sorted(
-                (r[0], r[1]) for r in c.execute("SELECT mailbox, msg_id FROM tombstones WHERE expires > ?", (now,))
-            ),
-        }

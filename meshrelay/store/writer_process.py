@@ -39,6 +39,20 @@ from meshrelay.store.base import Caps, StoreError
 _HEAD = struct.Struct(">I")
 #: seconds to wait before starting a new child after one died
 RESPAWN_DELAY = 1.0
+#: the name of the one-op batch that hands the child new caps (a config reload)
+SET_CAPS = "__set_caps__"
+
+
+def _caps_argv(caps: Caps) -> list[str]:
+    return [
+        str(caps.per_sender_pending),
+        str(caps.per_mailbox_pending),
+        str(caps.max_stored_bytes),
+        str(caps.max_refused),
+        str(caps.max_policies),
+    ]
+
+
 #: seconds a stopping child gets to finish before it is killed
 STOP_TIMEOUT = 30.0
 
@@ -113,10 +127,7 @@ class ProcessWriter:
             os.pathsep.join(child_import_path()),
             path,
             durability,
-            str(caps.per_sender_pending),
-            str(caps.per_mailbox_pending),
-            str(caps.max_stored_bytes),
-            str(caps.max_refused),
+            *_caps_argv(caps),
         ]
         self._proto: _WriterProtocol | None = None
         self._inflight: deque[Deferred[Any]] = deque()
@@ -161,8 +172,20 @@ class ProcessWriter:
             return fail(StoreError(f"cannot send this batch to the writer process: {e}"))
         d: Deferred[Any] = Deferred()
         self._inflight.append(d)
-        self._proto.transport.write(_HEAD.pack(len(payload)) + payload)  # type: ignore[call-arg, misc]
+        self._proto.transport.write(_HEAD.pack(len(payload)) + payload)
         return d
+
+    def set_caps(self, caps: Caps) -> None:
+        """New caps (a config reload): for a respawned child, and sent to the running one.
+
+        The running child takes them between two batches: those sent before
+        run under the old caps, those sent after under the new ones.
+        """
+        self.argv[-5:] = _caps_argv(caps)
+        if self._proto is not None and self._stopping is None:
+            self.run([(SET_CAPS, caps)]).addErrback(
+                lambda f: self.log.error("writer process did not take the new caps: {why}", why=f.getErrorMessage())
+            )
 
     def _answer(self, payload: bytes) -> None:
         if not self._inflight:
@@ -199,7 +222,7 @@ class ProcessWriter:
         d: Deferred[None] = Deferred()
         self._stopping = d
         transport = proto.transport
-        transport.closeStdin()  # type: ignore[misc]
+        transport.closeStdin()
         killer = self.reactor.callLater(STOP_TIMEOUT, _kill, transport)
 
         def cancel_killer(result: Any) -> Any:
@@ -221,8 +244,8 @@ def child_main(argv: list[str]) -> int:
     """The child: read batches on stdin, answer on stdout, until stdin closes."""
     from meshrelay.store.sqlite import WriterCore, _connect
 
-    path, durability, per_sender, per_mailbox, max_bytes, max_refused = argv
-    caps = Caps(int(per_sender), int(per_mailbox), int(max_bytes), int(max_refused))
+    path, durability, *numbers = argv
+    caps = Caps(*(int(n) for n in numbers))
     conn = _connect(path, durability)
     core = WriterCore(conn, caps)
     checkpointer = core.run_checkpointer(path, durability)
@@ -235,6 +258,13 @@ def child_main(argv: list[str]) -> int:
         (n,) = _HEAD.unpack(head)
         ops = pickle.loads(inp.read(n))
         outcome: tuple[str, Any]
+        if len(ops) == 1 and isinstance(ops[0], tuple) and ops[0][0] == SET_CAPS:
+            core.caps = ops[0][1]
+            outcome = ("ok", ([], core.state))
+            data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+            out.write(_HEAD.pack(len(data)) + data)
+            out.flush()
+            continue
         try:
             results, state = core.run_batch(ops)
             # Exceptions travel as StoreErrors: any exception pickles that way.
