@@ -24,7 +24,7 @@ from twisted.web.client import URI, RequestTransmissionFailed, ResponseFailed, R
 from txtorcon.socks import SocksError
 
 from meshrelay import cli
-from meshrelay.config import ConfigError, PeerConfig, build_config
+from meshrelay.config import ConfigError, PeerConfig, build_config, diff_configs
 from meshrelay.peernet import PeerEndpointFactory, Proxy, Route, describe_failure, parse_proxy, peer_route, read_ca_file
 from meshrelay.replication import PooledHTTPClients
 from meshrelay.tap import check_endpoints
@@ -224,6 +224,20 @@ class ConfigTests(SynchronousTestCase):
             doc["peers"],
             [{"url": "https://b.example", "secret": "***", "proxy": "none", "ca_file": os.path.join(base, "ca.pem")}],
         )
+
+    def test_reload_diff_marks_the_node_proxy_restart_only(self) -> None:
+        """A reload applies a peer's own proxy and ca_file; node.peer_proxy needs a restart (read once)."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        TestCA().write_ca(os.path.join(base, "ca.pem"))
+        old = build_config(self.peer(), base_dir=base)
+        new = build_config(
+            {**self.peer(proxy="socks5h://127.0.0.1:9050", ca_file="ca.pem"), "node": {"peer_proxy": "none"}},
+            base_dir=base,
+        )
+        live = {c.key: c.live for c in diff_configs(old, new)}
+        peer = "peers[https://b.example]"
+        self.assertEqual(live, {"node.peer_proxy": False, f"{peer}.proxy": True, f"{peer}.ca_file": True})
 
     def test_bad_proxy_is_one_line(self) -> None:
         with self.assertRaises(ConfigError) as e:
