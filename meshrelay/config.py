@@ -478,7 +478,6 @@ def build_config(raw: dict[str, Any], source: str = "", base_dir: str = ".") -> 
             "node.listen",
             cfg.node.listen,
             "node.listen_address_means_nothing",
-            "node.peer_proxy",
             raw_node.get("listen_address_means_nothing"),
         )
         cfg = cfg.replace(node=dataclasses.replace(cfg.node, listen_address_means_nothing=True))
@@ -624,6 +623,7 @@ RESTART_KEYS = frozenset(
         "node.verify_threads",
         "node.store_writer",
         "node.listen_address_means_nothing",
+        "node.peer_proxy",
         "store.backend",
         "store.dsn",
         "store.dsn_file",
