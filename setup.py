@@ -21,6 +21,8 @@ setup(
         "cryptography>=42",
         "prometheus_client>=0.20",
         "PyNaCl>=1.5",
+        # peers through a SOCKS5 proxy (its SOCKS client) and onion-service listeners (its endpoints)
+        "txtorcon>=23.11",
     ],
     extras_require={
         # the PostgreSQL store backend (several processes sharing one database)

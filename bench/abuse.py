@@ -93,7 +93,7 @@ from twisted.web.server import Site
 from meshrelay import envelope as E
 from meshrelay.config import LimitsConfig
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
-from meshrelay.replication import QuietEndpoint
+from meshrelay.peernet import QuietEndpoint
 from tests.harness import NodeProcess, free_port
 from tests.helpers import link_secret
 

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from meshrelay.fairness import parse_proxies
+from meshrelay.peernet import parse_proxy, read_ca_file
 
 MIN_SECRET_LEN = 16
 #: secrets one peer link may hold at once (the signing one and those still accepted: a rotation)
@@ -88,6 +89,9 @@ class NodeConfig:
     #: extra Host names the admin listener answers to (a list, or comma-separated); loopback
     #: names and addresses and admin_listen's interface always are (DNS-rebinding guard)
     admin_hosts: str = field(default="", metadata={"list": True})
+    #: the SOCKS5 proxy every peer is dialled through unless its [[peers]] entry names its own
+    #: (``socks5h://host:port``, e.g. Tor's SocksPort ``socks5h://127.0.0.1:9050``); "" = direct
+    peer_proxy: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,10 @@ class PeerConfig:
     #: the secret this node signs its requests to the peer with
     secret: str = field(default="", repr=False)
     connect: str = ""
+    #: ``socks5h://host:port`` to dial this peer through; "none" = direct; "" = ``node.peer_proxy``
+    proxy: str = ""
+    #: a PEM file of the CA(s) this peer's TLS certificate must chain to (absolute); "" = system roots
+    ca_file: str = ""
     #: the key id of ``secret`` ("" when the link has a single secret without an id)
     key_id: str = ""
     #: every secret accepted from the peer, the signing one first (``[[peers]] secrets``, a
@@ -356,7 +364,7 @@ def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
     where = f"peers[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table")
-    allowed = {"url", "secret", "secret_file", "connect", "secrets"}
+    allowed = {"url", "secret", "secret_file", "connect", "secrets", "proxy", "ca_file"}
     for key, value in raw.items():
         if key not in allowed:
             raise ConfigError(f"{where}.{key}: unknown key")
@@ -374,14 +382,54 @@ def _build_peer(index: int, raw: Any, base_dir: str) -> PeerConfig:
             normalize_url(connect)
         except ValueError:
             raise ConfigError(f"{where}.connect: expected http(s)://host[:port], got {_describe(connect)}") from None
+    proxy = raw.get("proxy", "")
+    try:
+        parse_proxy(proxy)
+    except ValueError as e:
+        raise ConfigError(f"{where}.proxy: {e}") from None
+    ca_file = raw.get("ca_file", "")
+    if ca_file:
+        ca_file = os.path.abspath(os.path.join(base_dir, os.path.expanduser(ca_file)))
+        try:
+            read_ca_file(ca_file)
+        except OSError as e:
+            raise ConfigError(f"{where}.ca_file: cannot read {ca_file}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise ConfigError(f"{where}.ca_file: {e}") from None
+    network = {"proxy": proxy.strip(), "ca_file": ca_file}
     if "secrets" in raw:
         if "secret" in raw or "secret_file" in raw:
             raise ConfigError(f"{where}.secrets: give secrets, or secret / secret_file, not both")
         accepted = _build_secrets(f"{where}.secrets", raw["secrets"], base_dir)
         first = accepted[0]
-        return PeerConfig(url=url, secret=first.secret, connect=connect, key_id=first.id, secrets=accepted)
+        return PeerConfig(url=url, secret=first.secret, connect=connect, key_id=first.id, secrets=accepted, **network)
     secret, _ = _peer_secret(where, raw, base_dir)
-    return PeerConfig(url=url, secret=secret, connect=connect)
+    return PeerConfig(url=url, secret=secret, connect=connect, **network)
+
+
+def is_onion_endpoint(endpoint: str) -> bool:
+    """True for txtorcon's ``onion:`` server endpoint string (a Tor onion service)."""
+    return endpoint.strip().lower().startswith("onion:")
+
+
+def _check_onion(where: str, endpoint: str, means_nothing_key: str, raw_means_nothing: Any) -> None:
+    """An ``onion:`` listener names a running tor (``controlPort=``) and never says its address means something.
+
+    Every client of an onion service arrives from tor's own address, so the per-address limits
+    must use the request's keys; and without ``controlPort`` txtorcon launches a tor of its own
+    the moment the string is parsed (even by ``check-config``).
+    """
+    options = endpoint.split(":")[1:]
+    if not any(option.split("=", 1)[0] == "controlPort" for option in options):
+        raise ConfigError(
+            f"{where}: an onion: endpoint needs controlPort=PORT (a running tor's ControlPort, "
+            "e.g. onion:80:controlPort=9051:localPort=8081); meshrelay does not launch tor"
+        )
+    if raw_means_nothing is False:
+        raise ConfigError(
+            f"{means_nothing_key}: must not be false for an onion: endpoint (every client "
+            "arrives from tor's address); leave it out"
+        )
 
 
 def _build_listener(index: int, raw: Any) -> ListenerConfig:
@@ -396,6 +444,14 @@ def _build_listener(index: int, raw: Any) -> ListenerConfig:
         values[key] = _check_value(f"{where}.{key}", fields[key], value)
     if "endpoint" not in values:
         raise ConfigError(f"{where}.endpoint: missing")
+    if is_onion_endpoint(values["endpoint"]):
+        _check_onion(
+            f"{where}.endpoint",
+            values["endpoint"],
+            f"{where}.address_means_nothing",
+            raw.get("address_means_nothing"),
+        )
+        values["address_means_nothing"] = True
     return ListenerConfig(**values)
 
 
@@ -416,6 +472,15 @@ def build_config(raw: dict[str, Any], source: str = "", base_dir: str = ".") -> 
         else:
             raise ConfigError(f"{key}: unknown key")
     cfg = Config(source=source, **sections)
+    if is_onion_endpoint(cfg.node.listen):
+        raw_node = raw.get("node", {})
+        _check_onion(
+            "node.listen",
+            cfg.node.listen,
+            "node.listen_address_means_nothing",
+            raw_node.get("listen_address_means_nothing"),
+        )
+        cfg = cfg.replace(node=dataclasses.replace(cfg.node, listen_address_means_nothing=True))
     return _cross_check(cfg, base_dir)
 
 
@@ -437,6 +502,10 @@ def _cross_check(cfg: Config, base_dir: str) -> Config:
             f"limits.deposit_bytes_burst: must be at least limits.max_body_bytes ({lim.max_body_bytes}), "
             "or a deposit of that size could never pass"
         )
+    try:
+        parse_proxy(cfg.node.peer_proxy)
+    except ValueError as e:
+        raise ConfigError(f"node.peer_proxy: {e}") from None
     seen: set[str] = set()
     for i, peer in enumerate(cfg.peers):
         if peer.url == public_url:
@@ -523,8 +592,9 @@ def _masked_peer(peer: PeerConfig) -> dict[str, Any]:
         out["secrets"] = [{"id": s.id, "secret": "***"} for s in peer.secrets]
     else:
         out["secret"] = "***"
-    if peer.connect:
-        out["connect"] = peer.connect
+    for key in ("connect", "proxy", "ca_file"):
+        if getattr(peer, key):
+            out[key] = getattr(peer, key)
     return out
 
 
@@ -553,6 +623,7 @@ RESTART_KEYS = frozenset(
         "node.verify_threads",
         "node.store_writer",
         "node.listen_address_means_nothing",
+        "node.peer_proxy",
         "store.backend",
         "store.dsn",
         "store.dsn_file",

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 from meshrelay import policy as P
 from meshrelay.envelope import RawJSON, loads_json
+from meshrelay.peernet import describe_failure
 from meshrelay.protocol import POLICIES_PATH
 
 #: policies per push or page
@@ -123,7 +124,7 @@ class PolicyPeer:
 
         def failed(f: Failure) -> None:
             if not f.check(CancelledError):
-                self.log.debug("policy push to {peer} failed: {why}", peer=self.url, why=f.getErrorMessage())
+                self.log.debug("policy push to {peer} failed: {why}", peer=self.url, why=describe_failure(f))
 
         self._track(d).addErrback(failed)
 
@@ -138,7 +139,7 @@ class PolicyPeer:
         def done(result: Any) -> None:
             self._pulling = None
             if isinstance(result, Failure) and not result.check(CancelledError):
-                self.log.info("policy pull from {peer} failed: {why}", peer=self.url, why=result.getErrorMessage())
+                self.log.info("policy pull from {peer} failed: {why}", peer=self.url, why=describe_failure(result))
             return None
 
         self._pulling = d

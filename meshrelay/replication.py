@@ -45,27 +45,21 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     FirstError,
-    TimeoutError,
     gatherResults,
     succeed,
 )
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    URI,
     Agent,
-    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from meshrelay.config import Config, PeerConfig
@@ -73,6 +67,8 @@ from meshrelay.deferutil import shield
 from meshrelay.envelope import Envelope, SignedAck
 from meshrelay.logs import Aggregator
 from meshrelay.metrics import Metrics
+from meshrelay.peernet import PeerEndpointFactory, Route, peer_route
+from meshrelay.peernet import describe_failure as _describe
 from meshrelay.peers import PeerSigner, url_path
 from meshrelay.policy_sync import PolicyPeer
 from meshrelay.protocol import (
@@ -166,16 +162,6 @@ class Throttled(PeerError):
 
 class Downgrade(PeerError):
     """A v2 request was answered 400/404: the peer speaks v1 only (now)."""
-
-
-def _describe(f: Failure) -> str:
-    if f.check(TimeoutError):
-        return "timed out"
-    reasons = getattr(f.value, "reasons", None)
-    if f.check(ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) and reasons:
-        # The Agent wraps what went wrong in a list of Failures: say what it was.
-        return "; ".join(_describe(r) for r in reasons)
-    return f.getErrorMessage() or f.type.__name__  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------- transport
@@ -655,8 +641,12 @@ class SyncPuller:
         except CancelledError:
             raise
         except PeerError:
+            # A run that cannot even ask the features of an unreachable peer is a failed pull:
+            # counted, or a peer that is down (a proxy gone, a TLS refusal) would show no errors.
+            self.metrics.sync_pull_total.labels(self.url, "error").inc()
             raise
         except Exception as e:
+            self.metrics.sync_pull_total.labels(self.url, "error").inc()
             raise PeerError(_describe(Failure(e))) from e
         self.features = features
         # Name our signing secret in X-Peer-Key-Id only to a peer that reads it (5.6).
@@ -1332,58 +1322,48 @@ class LeanHTTPClient:
         return cast(Deferred[Any], self.agent.request(method.encode("ascii"), url.encode("ascii"), raw, body))
 
 
-@implementer(IStreamClientEndpoint)
-class QuietEndpoint:
-    """An endpoint that connects its factories quiet: no "Starting factory" line per new peer connection."""
-
-    def __init__(self, inner: IStreamClientEndpoint) -> None:
-        self._inner = inner
-
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        if isinstance(protocolFactory, Factory):
-            protocolFactory.noisy = False
-        return self._inner.connect(protocolFactory)
-
-
-@implementer(IAgentEndpointFactory)
-class PeerEndpoints:
-    """Where a peer URL connects, as Twisted's ``Agent`` does by default, with quiet factories.
+class PeerEndpoints(PeerEndpointFactory):
+    """Direct peer endpoints, as Twisted's ``Agent`` connects by default, with quiet factories.
 
     ``http``: TCP to the host name (every address it resolves to, the first that answers);
-    ``https``: TLS over that, the certificate checked like a browser does.
+    ``https``: TLS over that, the certificate checked against the system roots like a browser
+    does. (The bench clients use it; the node builds a :class:`PeerEndpointFactory` per route.)
     """
 
     def __init__(self, reactor: Any, connect_timeout: float) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout
-        self._tls = BrowserLikePolicyForHTTPS()
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._timeout
-        )
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
-        elif uri.scheme != b"http":
-            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-        return QuietEndpoint(endpoint)
+        super().__init__(reactor, Route(), connect_timeout)
 
 
 class PooledHTTPClients:
-    """The production client factory: one ``treq.HTTPClient`` on a persistent pool."""
+    """The production client factory: a :class:`LeanHTTPClient` per :class:`~meshrelay.peernet.Route`.
+
+    Peers dialled the same way (the same proxy, CA file and TLS name) share one Agent on one
+    persistent pool; a peer with its own proxy or CA gets its own, so a connection made through
+    one route is never reused for a peer that asked for another.
+    """
 
     def __init__(self, reactor: Any, config: Config) -> None:
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.reactor = reactor
+        self.config = config
+        self.pools: list[HTTPConnectionPool] = []
+        self.clients: dict[Route, LeanHTTPClient] = {}
+
+    def _new_client(self, route: Route) -> LeanHTTPClient:
+        pool = HTTPConnectionPool(self.reactor, persistent=True)
         # Pushes in flight, the sync puller with its prefetch and bodies
         # requests, and a fetch_remote or refetch, per peer.
-        self.pool.maxPersistentPerHost = config.sync.push_inflight_max + BODIES_INFLIGHT + 4
-        self.pool.cachedConnectionTimeout = 120
-        agent = Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, config.sync.push_timeout), pool=self.pool)
-        self.client = LeanHTTPClient(agent)
+        pool.maxPersistentPerHost = self.config.sync.push_inflight_max + BODIES_INFLIGHT + 4
+        pool.cachedConnectionTimeout = 120
+        self.pools.append(pool)
+        endpoints = PeerEndpointFactory(self.reactor, route, connect_timeout=self.config.sync.push_timeout)
+        return LeanHTTPClient(Agent.usingEndpointFactory(self.reactor, endpoints, pool=pool))
 
     def __call__(self, peer: PeerConfig) -> HTTPClient:
-        return cast(HTTPClient, self.client)
+        route = peer_route(peer.url, peer.connect, peer.proxy, self.config.node.peer_proxy, peer.ca_file)
+        if route not in self.clients:
+            self.clients[route] = self._new_client(route)
+        return cast(HTTPClient, self.clients[route])
 
     def close(self) -> Deferred[None]:
-        closed: Deferred[None] = self.pool.closeCachedConnections()
-        return closed
+        closing = [pool.closeCachedConnections() for pool in self.pools]
+        return gatherResults(closing).addCallback(lambda _: None)

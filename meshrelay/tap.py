@@ -16,18 +16,21 @@ from __future__ import annotations
 import sys
 from typing import Any, cast
 
+from OpenSSL.crypto import Error as CryptoError
+from OpenSSL.SSL import Error as SSLError
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
 from meshrelay import logs
 from meshrelay.admin import AdminAPI
-from meshrelay.config import CLI_OVERRIDES, Config, ConfigError, effective_values, load_config
+from meshrelay.config import CLI_OVERRIDES, Config, ConfigError, effective_values, is_onion_endpoint, load_config
 from meshrelay.node import Node
 from meshrelay.store.base import StoreError
 
@@ -86,10 +89,17 @@ def check_endpoints(config: Config, reactor: Any) -> None:
     endpoints = [(f"node.{key}", getattr(config.node, key)) for key in ("listen", "admin_listen")]
     endpoints += [(f"listeners[{i}].endpoint", lst.endpoint) for i, lst in enumerate(config.listeners)]
     for where, endpoint in endpoints:
+        # txtorcon's onion: parser dials tor's control port as it parses: check it on a
+        # reactor that connects nowhere (strports.service parses it again for real).
+        probe = MemoryReactor() if is_onion_endpoint(endpoint) else reactor
         try:
-            serverFromString(reactor, endpoint)
+            serverFromString(probe, endpoint)
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"{where}: not a valid endpoint ({e})") from None
+        except OSError as e:  # an ssl: endpoint's certificate or key file
+            raise ConfigError(f"{where}: not a valid endpoint (cannot read {e.filename}: {e.strerror})") from None
+        except (SSLError, CryptoError) as e:  # ... or one that is not PEM
+            raise ConfigError(f"{where}: not a valid endpoint (bad certificate or key: {e})") from None
 
 
 def log_config_summary(config: Config) -> None:

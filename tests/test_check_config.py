@@ -23,6 +23,8 @@ url = "http://127.0.0.1:8081"
 secret = "a-peer-secret-of-some-length"
 """
 
+P = '[[peers]]\nurl = "http://b.test"\nsecret = "0123456789abcdef"\n'
+
 #: (config text, the key the error line must name)
 BAD = [
     ('[node]\ncolour = "blue"\n', "node.colour: unknown key"),
@@ -54,6 +56,19 @@ BAD = [
         '[node]\npublic_url = "http://a.test"\n[[peers]]\nurl = "http://a.test"\nsecret = "0123456789abcdef"\n',
         "peers[0].url: is this node's own node.public_url",
     ),
+    (P + 'proxy = "socks5://127.0.0.1:9050"\n', "peers[0].proxy: 'socks5://127.0.0.1:9050': use socks5h://"),
+    (P + 'proxy = "http://127.0.0.1:8118"\n', "peers[0].proxy: expected socks5h://host:port"),
+    (P + 'proxy = "socks5h://127.0.0.1"\n', "peers[0].proxy: 'socks5h://127.0.0.1': give the proxy's host and port"),
+    (P + 'proxy = "socks5h://u:p@127.0.0.1:9050"\n', "peers[0].proxy: 'socks5h://u:p@127.0.0.1:9050': proxy user"),
+    ('[node]\npeer_proxy = "tor"\n', "node.peer_proxy: expected socks5h://host:port or 'none'"),
+    (P + 'ca_file = "no-such-ca.pem"\n', "peers[0].ca_file: cannot read"),
+    (P + 'ca_file = "node.toml"\n', "node.toml holds no PEM certificate"),
+    ('[[listeners]]\nendpoint = "onion:80"\n', "listeners[0].endpoint: an onion: endpoint needs controlPort=PORT"),
+    (
+        '[[listeners]]\nendpoint = "onion:80:controlPort=9051"\naddress_means_nothing = false\n',
+        "listeners[0].address_means_nothing: must not be false for an onion: endpoint",
+    ),
+    ('[node]\nlisten = "onion:80:localPort=8081"\n', "node.listen: an onion: endpoint needs controlPort"),
     ('[store]\nbackend = "postgresql"\n', "store.dsn: required"),
     ('[store]\ndsn = "x"\ndsn_file = "y"\n', "store.dsn: give dsn or dsn_file"),
     ("peers = 3\n", "peers: expected an array"),

@@ -367,6 +367,18 @@ class RepairBySyncTests(MeshTestCase):
         self.mesh.advance(30, step=5)
         self.assertEqual(self.live("b"), [env["msg_id"]])
 
+    def test_every_failed_sync_run_is_counted(self) -> None:
+        """Each sync run against an unreachable peer counts an error, also the runs that fail asking ``features``."""
+        self.mesh.set_mode("a", "b", "down", both=True)
+        self.mesh.advance(35, step=5)
+        first = self.metric("b", "meshrelay_sync_pull_total", peer=Mesh.url("a"), outcome="error")
+        self.assertGreater(first, 0)
+        # After a failure the puller forgets the peer's features and asks again on the next run.
+        self.mesh.advance(120, step=5)
+        self.assertGreaterEqual(
+            self.metric("b", "meshrelay_sync_pull_total", peer=Mesh.url("a"), outcome="error"), first + 3
+        )
+
     def test_node_that_was_down_catches_up_on_its_own_pull(self) -> None:
         """A node whose links were both down catches up once its pulls succeed again."""
         self.mesh.set_mode("a", "b", "down", both=True)

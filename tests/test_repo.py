@@ -69,6 +69,7 @@ LAYERS: dict[str, int] = {
             "store.migrations",
             "policy",
             "contact",
+            "peernet",
         ),
         0,
     ),
