@@ -759,6 +759,7 @@ class Relay:
         """Delete expired envelopes, tombstones, acks and nonces (the sweeper's tick)."""
 
         def done(result: SweepResult) -> SweepResult:
+            self.metrics.tombstones.set(result.live_tombstones)
             for kind in ("envelopes", "tombstones", "acks", "nonces"):
                 n = getattr(result, kind)
                 if n:

@@ -887,8 +887,9 @@ class SQLiteStore:
                 totals[key] += counts.get(key, 0)
             if counts["more"]:
                 return self._write(("sweep", (now,))).addCallback(step)
-            # Then the contact-bucket rows of expired envelopes (v3).
-            return self.sweep_contacts(now).addCallback(lambda _: SweepResult(**totals))
+            # Then the contact-bucket rows of expired envelopes (v3), and how many tombstones are left.
+            d = self.sweep_contacts(now).addCallback(lambda _: self.tombstone_count())
+            return d.addCallback(lambda n: SweepResult(**totals, live_tombstones=n))
 
         return self._write(("sweep", (now,))).addCallback(step)
 
@@ -901,6 +902,14 @@ class SQLiteStore:
                 (mailbox, now, limit + 1),
             ).fetchall()
             return [r[0] for r in rows[:limit]], len(rows) > limit
+
+        return self._read(q)
+
+    def tombstone_count(self) -> Deferred[int]:
+        """Tombstone rows stored (expired ones not yet swept included: they still take space)."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0])
 
         return self._read(q)
 
