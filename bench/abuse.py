@@ -3,17 +3,31 @@
 Run from the repository root (the nodes run this checkout's code)::
 
     python bench/abuse.py --minutes 2                      # the run of record
-    python bench/abuse.py --minutes 1 --json bench/results/abuse.json
+    python bench/abuse.py --minutes 1 --seed 10 --json bench/results/abuse.json
     python bench/abuse.py --seconds 8 --scale 0.1          # a smoke run of the tool
-    python bench/abuse.py --attacks acks,flood --seed 7    # some attacks only, replayable choices
+    python bench/abuse.py --only acks --seconds 30         # one attack alone
+    python bench/abuse.py --each --seconds 30 --seed 10    # phase A, then each attack alone: contributions
 
-One invocation runs two phases, each on three *fresh* ``twistd meshrelay``
-nodes (new data directories, so phase A's stored data, tombstones and nonces
-cannot bias phase B), fully peered with secrets, listening on 127.0.0.1:
+One invocation runs a no-attack phase and one or more attack phases, each on
+three *fresh* ``twistd meshrelay`` nodes (new data directories, so one phase's
+stored data, tombstones and nonces cannot bias the next), fully peered with
+secrets, listening on 127.0.0.1:
 
 - **phase A, no attack**: honest clients only, for ``--minutes``;
 - **phase B, attack**: the same honest clients plus every attack in
-  ``--attacks``, concurrently, for the same time.
+  ``--attacks``, concurrently, for the same time (with ``--each``: one phase
+  per attack, that attack alone).
+
+**Processes.**  This process only orchestrates: it starts the nodes, samples
+their data directories, reads their metrics and serves the hostile peer's
+URL from a thread.  The honest clients run in a process of their own, and
+every attack in another (``--role`` is internal), so the honest clients'
+event loop is not shared with the load generator: their latencies are the
+nodes', plus the honest process's own loop lag, which is measured (how late a
+0.1 s timer fires) and reported.  Attackers run at ``--attack-nice`` (default
+10): a real attacker sends from another host and does not take the nodes'
+CPU; on one machine the nice value stands in for that, and each attacker's CPU
+and request count are reported so that what it managed to send is known.
 
 Honest clients (each from its own loopback address, 127.0.1.x): ``--senders``
 senders deposit at ``--honest-rate`` per second each (open loop) at "their"
@@ -36,16 +50,17 @@ node, times ``--scale``):
 ``flood``         one address depositing big envelopes (max_message_bytes of ciphertext),
                   a fresh sender key for each, into fresh mailboxes, to fill the stores
 ``xff``           X-Forwarded-For junk through 127.0.0.1 as a trusted proxy (see ``--xff``)
-``fetch_remote``  an attacker fills its own mailbox (per_mailbox_pending big envelopes), then
-                  polls it with fetch_remote at every node, never acking
+``fetch_remote``  an attacker fills its own mailbox at node a (per_mailbox_pending big envelopes,
+                  from several addresses, before the honest clients start), then polls it with
+                  fetch_remote at every node, never acking
 ``log_flood``     peer requests naming a real peer with a bad HMAC
 
 The nodes run the defaults an operator would keep, except caps scaled down so
 that a run of a minute or two can reach them (``--cap-mb``, ``--max-nonces``,
 ``--max-waiting-polls``, ``--max-connections``; see ``node_config``), and a
 fourth configured peer, the hostile one, whose URL is a sink served by this
-process (it accepts whatever the nodes push to it and has no changes), in both
-phases.  With ``--xff proxy`` (default) the nodes trust 127.0.0.1 as a reverse
+process (it accepts whatever the nodes push to it and has no changes), in every
+phase.  With ``--xff proxy`` (default) the nodes trust 127.0.0.1 as a reverse
 proxy (``trusted_proxies``), as ``docs/operator.md`` says to do behind nginx,
 and the xff attacker sends from 127.0.0.1 what ``$proxy_add_x_forwarded_for``
 would pass on: junk followed by its real address; ``--xff direct`` sends the
@@ -54,25 +69,29 @@ trusts no proxy and skips the attack.
 
 At the end it prints, per phase, the honest success rate and p99 latencies,
 every node's data directory (the sum of its files' sizes) against the cap
-(``max_stored_bytes``), each node's log lines, the nodes' and this process's
-CPU, and the attack requests by outcome; then the verdict against the targets
-(honest success >= 99 %, honest p99 <= 2x the no-attack run, every node's data
-within its cap).  Exit status 1 when a target is missed, 0 when all are met.
-Everything is bounded by the phase length and per-attack in-flight caps, and
-every process is stopped at the end.
+(``max_stored_bytes``), each node's log lines, the nodes' CPU, the honest
+process's CPU and loop lag, each attacker's CPU, loop lag and requests by
+outcome; then the verdict against the targets (honest success >= 99 %, honest
+p99 <= 2x the no-attack run, every node's data within its cap), for every
+attack phase.  Exit status 1 when a target is missed, 0 when all are met, 2
+when the tool failed.  Everything is bounded by the phase length and
+per-attack in-flight caps, and every process is stopped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
 import os
 import random
 import resource
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -87,14 +106,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from meshrelay import envelope as E
 from meshrelay.config import LimitsConfig
-from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
 from meshrelay.peernet import QuietEndpoint
-from tests.harness import NodeProcess, free_port
+from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
+from tests.harness import NodeProcess
 from tests.helpers import link_secret
 
 NAMES = ("a", "b", "c")
@@ -145,6 +162,8 @@ ATTACK_ADDR = {
     "fetch_remote": ["127.0.0.80"],
     "log_flood": ["127.0.0.90"],
 }
+#: the fetch_remote attacker fills its mailbox from these (each has its own deposit byte budget)
+FETCH_REMOTE_FILL = [f"127.0.2.{i}" for i in range(1, 9)]
 LOG_REFUSED = "peer request refused"
 
 
@@ -172,31 +191,69 @@ class Client:
         )
 
 
-class Sink(Resource):
-    """The hostile peer's URL: accepts every push, has an empty changes feed."""
+class SinkHandler(http.server.BaseHTTPRequestHandler):
+    """The hostile peer's URL: accepts every push, has an empty changes feed (served from a thread)."""
 
-    isLeaf = True
+    protocol_version = "HTTP/1.1"
 
-    def render_GET(self, request: Any) -> bytes:
-        try:
-            since = int(request.args.get(b"since", [b"0"])[0])
-        except ValueError:
-            since = 0
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"ok": True, "feed": "hostile-sink", "items": [], "next": since, "more": False}).encode()
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
-    def render_POST(self, request: Any) -> bytes:
-        raw = request.content.read()
-        if request.path.endswith(b"/ack"):
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = b""
+            for _ in range(1_000_000):
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+            return out
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _answer(self, obj: Any) -> None:
+        raw = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self) -> None:
+        self._body()
+        since = 0
+        if "since=" in self.path:
+            try:
+                since = int(self.path.split("since=", 1)[1].split("&", 1)[0])
+            except ValueError:
+                since = 0
+        self._answer({"ok": True, "feed": "hostile-sink", "items": [], "next": since, "more": False})
+
+    def do_POST(self) -> None:
+        raw = self._body()
+        if self.path.split("?", 1)[0].endswith("/ack"):
             n, status = raw.count(b'"nonce"'), "applied"
         else:
             n, status = raw.count(b'"msg_id"'), "accepted"
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"ok": True, "results": [{"status": status}] * n}).encode()
+        self._answer({"ok": True, "results": [{"status": status}] * n})
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SinkHandler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="abuse-sink", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class IdleConn(protocol.Protocol):
-    def __init__(self, owner: Abuse, node: str) -> None:
+    def __init__(self, owner: Worker, node: str) -> None:
         self.owner = owner
         self.node = node
 
@@ -213,7 +270,7 @@ class IdleConn(protocol.Protocol):
 class _IdleFactory(protocol.ClientFactory):
     noisy = False
 
-    def __init__(self, owner: Abuse, node: str) -> None:
+    def __init__(self, owner: Worker, node: str) -> None:
         self.owner = owner
         self.node = node
 
@@ -260,19 +317,33 @@ def p99(values: list[float]) -> float:
     return common.percentile(values, 99)
 
 
-class Abuse:
-    """One phase: fresh nodes, honest clients, and (phase B) the attacks."""
+def ms(values: list[float], p: float) -> float:
+    return round(common.percentile(values, p) * 1000, 1) if values else float("nan")
 
-    def __init__(self, args: argparse.Namespace, workdir: str, attacks: list[str], label: str) -> None:
+
+class NodeRef:
+    """What a worker process knows of a node: where it listens."""
+
+    def __init__(self, port: int, url: str) -> None:
+        self.port = port
+        self.url = url
+
+
+class Worker:
+    """One client process of a phase: the honest clients (role ``honest``) or one attack (``attack``)."""
+
+    def __init__(self, args: argparse.Namespace, spec: dict[str, Any], role: str, attacks: list[str]) -> None:
         from twisted.internet import reactor
 
         self.reactor: Any = reactor
         self.args = args
-        self.label = label
-        self.workdir = os.path.join(workdir, label)
+        self.label = spec["label"]
+        self.role = role
         self.attacks = attacks
-        self.rng = random.Random(f"{args.seed}-{label}")
-        self.nodes: dict[str, NodeProcess] = {}
+        self.rng = random.Random(f"{args.seed}-{self.label}-{role}-{','.join(attacks)}")
+        self.nodes = {n: NodeRef(int(v["port"]), str(v["url"])) for n, v in spec["nodes"].items()}
+        self.sink_url = str(spec["sink_url"])
+        self.hostile_key = derive_key(HOSTILE_SECRET, self.sink_url)
         self.clients: dict[str, Client] = {}
         self.counts: Counter[str] = Counter()
         self.inflight: Counter[str] = Counter()
@@ -290,58 +361,19 @@ class Abuse:
         self.polls = Counter[str]()
         self.expected: dict[str, float] = {}
         self.delivered: dict[str, float] = {}
-        self.samples: list[dict[str, Any]] = []
-        self.data_max: dict[str, int] = {n: 0 for n in NAMES}
+        self.early: dict[str, float] = {}
         self.fetch_remote_lat: list[float] = []
-
-    # ------------------------------------------------------------------ mesh
-
-    def node_config(self) -> dict[str, Any]:
-        a = self.args
-        limits: dict[str, Any] = {
-            "client_rate": CLIENT_RATE,
-            "client_burst": 2 * CLIENT_RATE,
-            "max_stored_bytes": int(a.cap_mb * 1024 * 1024),
-            "max_nonces": a.max_nonces,
-            "max_waiting_polls": a.max_waiting_polls,
-            "max_connections": a.max_connections,
-            "clock_skew": CLOCK_SKEW,
-            "max_ttl": MAX_TTL,
-            "max_message_bytes": MAX_MESSAGE,
-            "per_mailbox_pending": PER_MAILBOX,
-        }
-        # tests/harness.py turns the per-address shares off for tests (one test process is all the
-        # load); an operator keeps the node's defaults, so the bench sets them back explicitly
-        defaults = LimitsConfig()
-        for key in ("deposit_bytes_rate", "deposit_bytes_burst", "max_waiting_polls_per_address"):
-            limits[key] = getattr(defaults, key)
-        if a.xff != "skip":
-            limits["trusted_proxies"] = "127.0.0.1"
-        return {"node": {"sweep_interval": 10}, "limits": limits, "sync": {"interval": 5}}
-
-    def start_nodes(self, sink_url: str) -> None:
-        config = self.node_config()
-        self.nodes = {n: NodeProcess(self.workdir, n, config=config) for n in NAMES}
-        for n, p in self.nodes.items():
-            p.peers = [{"url": self.nodes[o].url, "secret": link_secret(n, o)} for o in NAMES if o != n]
-            p.peers.append({"url": sink_url, "secret": HOSTILE_SECRET})
-        for p in self.nodes.values():
-            p.start(wait=False)
-        for p in self.nodes.values():
-            p.wait_ready(120)
-
-    def stop_nodes(self) -> None:
-        for p in self.nodes.values():
-            p.stop()
-
-    def url(self, node: str, path: str) -> str:
-        return f"http://127.0.0.1:{self.nodes[node].port}{path}"
+        self.measure_from = 0.0
+        self.loop_lag: list[float] = []
 
     def client(self, source: str, per_host: int = 32) -> Client:
         c = self.clients.get(source)
         if c is None:
             c = self.clients[source] = Client(self.reactor, source, per_host)
         return c
+
+    def url(self, node: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.nodes[node].port}{path}"
 
     # ------------------------------------------------------------------ plumbing
 
@@ -594,14 +626,24 @@ class Abuse:
         await self.call("127.0.0.1", "xff", NAMES[0], SEND, b'{"v":1,', "POST", headers)
 
     async def fetch_remote_fill(self) -> None:
-        """Fill the attacker's own mailbox at node a (paced under client_rate), then poll it with fetch_remote."""
-        source = ATTACK_ADDR["fetch_remote"][0]
-        for _ in range(PER_MAILBOX):
-            if self.stop_attacks:
-                return
-            body = self.big_envelope(self.fr_pub)
-            await self.call(source, "fetch_remote_fill", NAMES[0], SEND, body)
-            await self.sleep(0.02)
+        """Fill the attacker's own mailbox at node a before the phase is measured.
+
+        The fill comes from ``FETCH_REMOTE_FILL`` addresses in parallel (an attacker has many), so
+        the per-address deposit byte budget does not stretch it over the phase; each envelope has
+        a fresh sender key (``per_sender_pending``).
+        """
+        per = -(-PER_MAILBOX // len(FETCH_REMOTE_FILL))
+
+        async def one(source: str) -> None:
+            for _ in range(per):
+                if self.stop_attacks:
+                    return
+                body = self.big_envelope(self.fr_pub)
+                status, _, _, _ = await self.call(source, "fetch_remote_fill", NAMES[0], SEND, body)
+                if status == 429:
+                    await self.sleep(1.0)
+
+        await defer.DeferredList([defer.Deferred.fromCoroutine(one(s)) for s in FETCH_REMOTE_FILL], consumeErrors=True)
 
     async def attack_fetch_remote(self, i: int) -> None:
         source = ATTACK_ADDR["fetch_remote"][0]
@@ -666,12 +708,7 @@ class Abuse:
         if "fetch_remote" in self.attacks:
             self.fr_key = Ed25519PrivateKey.generate()
             self.fr_pub = E.public_key_b64u(self.fr_key)
-
-            async def fetch_remote() -> None:
-                await self.fetch_remote_fill()
-                await self.paced("fetch_remote", self.rate("fetch_remote"), self.attack_fetch_remote, 10)
-
-            runs.append(fetch_remote())
+            runs.append(self.paced("fetch_remote", self.rate("fetch_remote"), self.attack_fetch_remote, 10))
         if "idle" in self.attacks:
             runs.append(self.attack_idle())
         if "longpolls" in self.attacks:
@@ -682,69 +719,45 @@ class Abuse:
                     runs.extend(self.longpoller(source, node) for _ in range(per))
         return [defer.Deferred.fromCoroutine(r) for r in runs]
 
-    # ------------------------------------------------------------------ sampling
+    # ------------------------------------------------------------------ run (worker side)
 
-    def sample(self) -> None:
-        row: dict[str, Any] = {"t": round(time.monotonic() - self.t0, 1)}
-        for n, p in self.nodes.items():
-            size = dir_bytes(p.data_dir)
-            self.data_max[n] = max(self.data_max[n], size)
-            row[n] = size
-        self.samples.append(row)
+    def start_lagger(self) -> task.LoopingCall:
+        """This process's event-loop lag: how late a 0.1 s timer fires (its latencies include it)."""
+        due = [time.monotonic() + 0.1]
 
-    def node_metrics(self, node: NodeProcess) -> dict[str, float]:
-        out: dict[str, float] = {}
-        try:
-            status, body = node.admin("/api/mesh/metrics")
-        except OSError:
-            return out
-        if status != 200:
-            return out
-        for prefix in (
-            "meshrelay_stored_bytes",
-            "meshrelay_stored_envelopes",
-            "meshrelay_stored_tombstones",
-            "meshrelay_waiting_polls",
-            "meshrelay_http_refused",
-            "meshrelay_peer_auth_failures",
-        ):
-            values = [s["value"] for name, v in body["metrics"].items() if name.startswith(prefix) for s in v]
-            out[prefix] = float(sum(values))
-        return out
+        def tick() -> None:
+            now = time.monotonic()
+            self.loop_lag.append(max(0.0, now - due[0]))
+            due[0] = now + 0.1
 
-    # ------------------------------------------------------------------ run
+        lagger = task.LoopingCall(tick)
+        lagger.start(0.1, now=False)
+        return lagger
 
-    async def run(self, sink_url: str) -> dict[str, Any]:
+    def process_figures(self, ru0: Any, t0: float) -> dict[str, Any]:
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        seconds = max(time.monotonic() - t0, 1e-9)
+        return {
+            "pid": os.getpid(),
+            "cpu_seconds": round(cpu, 1),
+            "cpu_percent": round(100 * cpu / seconds, 1),
+            "seconds": round(seconds, 1),
+            "loop_lag_p50_ms": ms(self.loop_lag, 50),
+            "loop_lag_p99_ms": ms(self.loop_lag, 99),
+            "loop_lag_max_ms": round(max(self.loop_lag) * 1000, 1) if self.loop_lag else float("nan"),
+        }
+
+    async def run_honest(self) -> dict[str, Any]:
         a = self.args
-        self.sink_url = sink_url
-        self.hostile_key = derive_key(HOSTILE_SECRET, sink_url)
-        self.early: dict[str, float] = {}
         self.honest_setup()
-        cpu0 = {n: common.tree_cpu_seconds(p.proc.pid) for n, p in self.nodes.items() if p.proc}
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         self.t0 = time.monotonic()
         #: honest operations started in the first seconds (cold nodes, attacks ramping up) are not counted
         self.measure_from = self.t0 + min(5.0, 0.1 * a.phase_seconds)
-        sampler = task.LoopingCall(self.sample)
-        sampler.start(5.0)
-        # the generator's own event-loop lag: how late a 0.1 s timer fires (its latencies include it)
-        self.loop_lag: list[float] = []
-        lag_due = [time.monotonic() + 0.1]
-
-        def tick() -> None:
-            now = time.monotonic()
-            self.loop_lag.append(max(0.0, now - lag_due[0]))
-            lag_due[0] = now + 0.1
-
-        lagger = task.LoopingCall(tick)
-        lagger.start(0.1, now=False)
+        lagger = self.start_lagger()
         honest = [defer.Deferred.fromCoroutine(self.honest_recipient(j)) for j in range(a.recipients)]
         senders = [defer.Deferred.fromCoroutine(self.honest_sender(k)) for k in range(a.senders)]
-        attacks = self.start_attacks() if self.attacks else []
-        print(
-            f"  [{self.label}] running {a.phase_seconds:.0f} s; attacks: {', '.join(self.attacks) or 'none'}",
-            flush=True,
-        )
         for _ in range(int(a.phase_seconds) + 1):
             left = a.phase_seconds - (time.monotonic() - self.t0)
             if left <= 0:
@@ -761,18 +774,66 @@ class Abuse:
                 break
             await self.sleep(0.1)
         loaded = time.monotonic() - self.t0
-        self.sample()
-        cpu1 = {n: common.tree_cpu_seconds(p.proc.pid) for n, p in self.nodes.items() if p.proc}
-        ru1 = resource.getrusage(resource.RUSAGE_SELF)
-        metrics = {n: self.node_metrics(p) for n, p in self.nodes.items()}
-        rss = {n: round(common.tree_rss_mb(p.proc.pid), 1) for n, p in self.nodes.items() if p.proc}
-        # what happens once the nodes are stopped below is not part of the measurement
-        frozen = (Counter(self.deposits), Counter(self.polls), Counter(self.counts))
-        # stop
-        self.stop_attacks = True
-        self.stop_recipients = True
-        sampler.stop()
         lagger.stop()
+        proc = self.process_figures(ru0, self.t0)
+        # what happens after this (the waiting polls end) is not part of the measurement
+        deposits, polls, counts = Counter(self.deposits), Counter(self.polls), Counter(self.counts)
+        self.stop_recipients = True
+        for c in self.clients.values():
+            await c.pool.closeCachedConnections()
+        # the recipients' waiting polls end within their wait
+        await defer.DeferredList(honest, consumeErrors=True)
+        dep_total = sum(deposits.values())
+        poll_total = sum(polls.values())
+        accepted = len(self.expected)
+        delivered = sum(1 for m in self.expected if m in self.delivered)
+        ops = dep_total + poll_total + accepted
+        ok = deposits["ok"] + polls["ok"] + delivered
+        return {
+            "seconds": round(loaded, 1),
+            "honest": {
+                "success": ok / ops if ops else float("nan"),
+                "operations": ops,
+                "ok": ok,
+                "deposits": dict(deposits),
+                "deposit_retries": dict(self.retries),
+                "polls": dict(polls),
+                "accepted": accepted,
+                "delivered": delivered,
+                "deposit_p50_ms": ms(self.deposit_lat, 50),
+                "deposit_p99_ms": ms(self.deposit_lat, 99),
+                "delivery_p50_ms": ms(self.delivery_lat, 50),
+                "delivery_p99_ms": ms(self.delivery_lat, 99),
+            },
+            "process": proc,
+            "counts": dict(sorted(counts.items())),
+        }
+
+    async def run_attack(self, ready_file: str, stop_file: str) -> dict[str, Any]:
+        """Run ``self.attacks`` until ``stop_file`` exists (or a deadline); ``ready_file`` once set up."""
+        a = self.args
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.monotonic()
+        if "fetch_remote" in self.attacks:
+            self.fr_key = Ed25519PrivateKey.generate()
+            self.fr_pub = E.public_key_b64u(self.fr_key)
+            # the fill is the attacker's set-up, before the honest clients start
+            await self.fetch_remote_fill()
+        with open(ready_file, "w") as fh:
+            fh.write("ready\n")
+        lagger = self.start_lagger()
+        t_attack = time.monotonic()
+        runs = self.start_attacks()
+        deadline = t_attack + a.phase_seconds + a.drain + 180
+        for _ in range(10**7):
+            if os.path.exists(stop_file) or time.monotonic() >= deadline:
+                break
+            await self.sleep(0.2)
+        attacked = time.monotonic() - t_attack
+        lagger.stop()
+        proc = self.process_figures(ru0, t0)
+        counts = Counter(self.counts)
+        self.stop_attacks = True
         for c in list(self.idle_open):
             if c.transport is not None:
                 c.transport.loseConnection()
@@ -781,34 +842,272 @@ class Abuse:
                 c.stopConnecting()
             except Exception:
                 pass
-        # waiting polls (honest and attackers') end within their wait; stopping the nodes ends them sooner
-        self.stop_nodes()
-        rows = {n: table_rows(p.data_dir) for n, p in self.nodes.items()}
-        await defer.DeferredList(honest + attacks, consumeErrors=True)
         for c in self.clients.values():
             await c.pool.closeCachedConnections()
-        self.deposits, self.polls, self.counts = frozen
-        return self.figures(loaded, cpu0, cpu1, ru0, ru1, metrics, rss, rows)
+        # waiting long-polls end when the nodes stop (the orchestrator stops them after this file is written)
+        # requests of the attack proper (the fetch_remote fill is its set-up, idle connections are not requests)
+        sent = sum(
+            v
+            for k, v in counts.items()
+            if not k.endswith(":shed") and not k.startswith(("idle:", "fetch_remote_fill:"))
+        )
+        return {
+            "attacks": self.attacks,
+            "seconds": round(attacked, 1),
+            "requests_per_s": round(sent / max(attacked, 1e-9), 1),
+            "process": proc,
+            "counts": dict(sorted(counts.items())),
+            "fetch_remote_lat": self.fetch_remote_lat,
+            "tasks": len(runs),
+        }
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """The body of a ``--role honest|attack`` child process: one run, its figures to ``--out``."""
+    with open(args.spec) as fh:
+        spec = json.load(fh)
+    run_args = argparse.Namespace(**spec["args"])
+    common.raise_nofile(16384)
+    from twisted.internet import reactor
+
+    attacks = [args.attack] if args.role == "attack" else []
+    worker = Worker(run_args, spec, args.role, attacks)
+    result: list[Any] = []
+
+    async def go() -> dict[str, Any]:
+        if args.role == "honest":
+            return await worker.run_honest()
+        out = await worker.run_attack(spec["ready"][args.attack], spec["stop_file"])
+        # written now: the orchestrator stops the nodes once every attacker's figures are in
+        common.write_json(args.out, out)
+        return out
+
+    def done(value: Any) -> None:
+        result.append(value)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(go()).addBoth(done))  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    if not result or hasattr(result[0], "raiseException"):
+        if result:
+            result[0].printTraceback()
+        return 2
+    common.write_json(args.out, result[0])
+    return 0
+
+
+# --------------------------------------------------------------------------- orchestrator
+
+
+def node_config(args: argparse.Namespace) -> dict[str, Any]:
+    limits: dict[str, Any] = {
+        "client_rate": CLIENT_RATE,
+        "client_burst": 2 * CLIENT_RATE,
+        "max_stored_bytes": int(args.cap_mb * 1024 * 1024),
+        "max_nonces": args.max_nonces,
+        "max_waiting_polls": args.max_waiting_polls,
+        "max_connections": args.max_connections,
+        "clock_skew": CLOCK_SKEW,
+        "max_ttl": MAX_TTL,
+        "max_message_bytes": MAX_MESSAGE,
+        "per_mailbox_pending": PER_MAILBOX,
+    }
+    # tests/harness.py turns the per-address shares off for tests (one test process is all the
+    # load); an operator keeps the node's defaults, so the bench sets them back explicitly
+    defaults = LimitsConfig()
+    for key in ("deposit_bytes_rate", "deposit_bytes_burst", "max_waiting_polls_per_address"):
+        limits[key] = getattr(defaults, key)
+    if args.xff != "skip":
+        limits["trusted_proxies"] = "127.0.0.1"
+    return {"node": {"sweep_interval": 10}, "limits": limits, "sync": {"interval": 5}}
+
+
+def node_metrics(node: NodeProcess) -> dict[str, float]:
+    out: dict[str, float] = {}
+    try:
+        status, body = node.admin("/api/mesh/metrics")
+    except OSError:
+        return out
+    if status != 200:
+        return out
+    for prefix in (
+        "meshrelay_stored_bytes",
+        "meshrelay_stored_envelopes",
+        "meshrelay_stored_tombstones",
+        "meshrelay_waiting_polls",
+        "meshrelay_http_refused",
+        "meshrelay_peer_auth_failures",
+    ):
+        values = [s["value"] for name, v in body["metrics"].items() if name.startswith(prefix) for s in v]
+        out[prefix] = float(sum(values))
+    return out
+
+
+def _worker_limits(nice: int) -> Callable[[], None]:
+    def pre() -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = 16384 if hard == resource.RLIM_INFINITY else min(16384, hard)
+        if soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if nice:
+            os.nice(nice)
+
+    return pre
+
+
+class Phase:
+    """One phase, run by the orchestrator: fresh nodes, the honest process, one process per attack."""
+
+    def __init__(self, args: argparse.Namespace, workdir: str, attacks: list[str], label: str, sink: Sink) -> None:
+        self.args = args
+        self.label = label
+        self.workdir = os.path.join(workdir, label.split()[0] + ("-" + "-".join(attacks) if attacks else ""))
+        self.attacks = attacks
+        self.sink = sink
+        self.nodes: dict[str, NodeProcess] = {}
+        self.workers: list[tuple[str, subprocess.Popen[bytes], str]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.data_max: dict[str, int] = {n: 0 for n in NAMES}
+
+    def start_nodes(self) -> None:
+        config = node_config(self.args)
+        self.nodes = {n: NodeProcess(self.workdir, n, config=config) for n in NAMES}
+        for n, p in self.nodes.items():
+            p.peers = [{"url": self.nodes[o].url, "secret": link_secret(n, o)} for o in NAMES if o != n]
+            p.peers.append({"url": self.sink.url, "secret": HOSTILE_SECRET})
+        for p in self.nodes.values():
+            p.start(wait=False)
+        for p in self.nodes.values():
+            p.wait_ready(120)
+
+    def stop(self) -> None:
+        for _, proc, _ in self.workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+        for p in self.nodes.values():
+            p.stop()
+
+    def sample(self, t0: float) -> None:
+        row: dict[str, Any] = {"t": round(time.monotonic() - t0, 1)}
+        for n, p in self.nodes.items():
+            size = dir_bytes(p.data_dir)
+            self.data_max[n] = max(self.data_max[n], size)
+            row[n] = size
+        self.samples.append(row)
+
+    def spawn(self, role: str, spec_path: str, attack: str = "") -> tuple[str, subprocess.Popen[bytes], str]:
+        name = attack or role
+        out = os.path.join(self.workdir, f"worker-{name}.json")
+        log = open(os.path.join(self.workdir, f"worker-{name}.log"), "ab")
+        cmd = [sys.executable, os.path.abspath(__file__), "--role", role, "--spec", spec_path, "--out", out]
+        if attack:
+            cmd += ["--attack", attack]
+        proc = subprocess.Popen(
+            cmd,
+            env=common.child_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_worker_limits(self.args.attack_nice if attack else 0),
+        )
+        log.close()
+        entry = (name, proc, out)
+        self.workers.append(entry)
+        return entry
+
+    def worker_failed(self, name: str) -> RuntimeError:
+        try:
+            with open(os.path.join(self.workdir, f"worker-{name}.log"), "rb") as fh:
+                tail = fh.read()[-3000:].decode(errors="replace")
+        except OSError:
+            tail = "(no log)"
+        return RuntimeError(f"phase {self.label}: the {name} process failed:\n{tail}")
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        print(f"phase {self.label}: starting 3 fresh nodes", flush=True)
+        self.start_nodes()
+        stop_file = os.path.join(self.workdir, "stop-attacks")
+        spec = {
+            "label": self.label,
+            "nodes": {n: {"port": p.port, "url": p.url} for n, p in self.nodes.items()},
+            "sink_url": self.sink.url,
+            "args": {k: v for k, v in vars(a).items()},
+            "stop_file": stop_file,
+            "ready": {x: os.path.join(self.workdir, f"ready-{x}") for x in self.attacks},
+        }
+        spec_path = os.path.join(self.workdir, "spec.json")
+        common.write_json(spec_path, spec)
+        cpu0 = {n: common.tree_cpu_seconds(p.proc.pid) for n, p in self.nodes.items() if p.proc}
+        attackers = [self.spawn("attack", spec_path, x) for x in self.attacks if not (x == "xff" and a.xff == "skip")]
+        # every attacker set up (the fetch_remote fill) before the honest clients start
+        t_ready = time.monotonic()
+        for name, proc, _ in attackers:
+            for _ in range(10**6):
+                if os.path.exists(spec["ready"][name]):
+                    break
+                if proc.poll() is not None:
+                    raise self.worker_failed(name)
+                if time.monotonic() - t_ready > 180:
+                    raise RuntimeError(f"phase {self.label}: attacker {name} not ready within 180 s")
+                time.sleep(0.1)
+        print(
+            f"  [{self.label}] running {a.phase_seconds:.0f} s; attacks: {', '.join(self.attacks) or 'none'}"
+            f" (set-up {time.monotonic() - t_ready:.1f} s)",
+            flush=True,
+        )
+        t0 = time.monotonic()
+        name, honest, honest_out = self.spawn("honest", spec_path)
+        limit = a.phase_seconds + a.drain + HONEST_WAIT + GUARD + 120
+        next_sample = t0
+        for _ in range(10**7):
+            if honest.poll() is not None:
+                break
+            if time.monotonic() - t0 > limit:
+                raise RuntimeError(f"phase {self.label}: the honest process did not finish within {limit:.0f} s")
+            if time.monotonic() >= next_sample:
+                self.sample(t0)
+                next_sample += 5.0
+            time.sleep(0.1)
+        loaded = time.monotonic() - t0
+        if honest.returncode != 0:
+            raise self.worker_failed("honest")
+        self.sample(t0)
+        cpu1 = {n: common.tree_cpu_seconds(p.proc.pid) for n, p in self.nodes.items() if p.proc}
+        metrics = {n: node_metrics(p) for n, p in self.nodes.items()}
+        rss = {n: round(common.tree_rss_mb(p.proc.pid), 1) for n, p in self.nodes.items() if p.proc}
+        with open(stop_file, "w") as fh:
+            fh.write("stop\n")
+        attack_results: dict[str, Any] = {}
+        for name, proc, out in attackers:
+            for _ in range(600):
+                if os.path.exists(out) or proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+            try:
+                with open(out) as fh:
+                    attack_results[name] = json.load(fh)
+            except (OSError, ValueError):
+                raise self.worker_failed(name) from None
+        self.stop()
+        rows = {n: table_rows(p.data_dir) for n, p in self.nodes.items()}
+        with open(honest_out) as fh:
+            honest_result = json.load(fh)
+        print(f"phase {self.label}: done", flush=True)
+        return self.figures(loaded, honest_result, attack_results, cpu0, cpu1, metrics, rss, rows)
 
     def figures(
         self,
         loaded: float,
+        honest: dict[str, Any],
+        attackers: dict[str, Any],
         cpu0: dict[str, float],
         cpu1: dict[str, float],
-        ru0: Any,
-        ru1: Any,
         metrics: dict[str, dict[str, float]],
         rss: dict[str, float],
         rows: dict[str, dict[str, int]],
     ) -> dict[str, Any]:
-        dep_total = sum(self.deposits.values())
-        dep_ok = self.deposits["ok"]
-        poll_total = sum(self.polls.values())
-        poll_ok = self.polls["ok"]
-        accepted = len(self.expected)
-        delivered = sum(1 for m in self.expected if m in self.delivered)
-        ops = dep_total + poll_total + accepted
-        ok = dep_ok + poll_ok + delivered
         nodes: dict[str, Any] = {}
         cap = int(self.args.cap_mb * 1024 * 1024)
         for n, p in self.nodes.items():
@@ -830,34 +1129,24 @@ class Abuse:
                 "rows": rows[n],
                 **{k: v for k, v in metrics[n].items()},
             }
-        gen_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        counts: Counter[str] = Counter(honest["counts"])
+        fr_lat: list[float] = []
+        for r in attackers.values():
+            counts.update(r["counts"])
+            fr_lat.extend(r.get("fetch_remote_lat", []))
         return {
             "label": self.label,
             "attacks": self.attacks,
             "seconds": round(loaded, 1),
-            "honest": {
-                "success": ok / ops if ops else float("nan"),
-                "operations": ops,
-                "ok": ok,
-                "deposits": dict(self.deposits),
-                "deposit_retries": dict(self.retries),
-                "polls": dict(self.polls),
-                "accepted": accepted,
-                "delivered": delivered,
-                "deposit_p50_ms": round(common.percentile(self.deposit_lat, 50) * 1000, 1),
-                "deposit_p99_ms": round(p99(self.deposit_lat) * 1000, 1),
-                "delivery_p50_ms": round(common.percentile(self.delivery_lat, 50) * 1000, 1),
-                "delivery_p99_ms": round(p99(self.delivery_lat) * 1000, 1),
+            "honest": honest["honest"],
+            "honest_process": honest["process"],
+            "attackers": {
+                name: {"process": r["process"], "requests_per_s": r["requests_per_s"], "seconds": r["seconds"]}
+                for name, r in attackers.items()
             },
-            "fetch_remote_p50_ms": round(common.percentile(self.fetch_remote_lat, 50) * 1000, 1),
+            "fetch_remote_p50_ms": ms(fr_lat, 50),
             "nodes": nodes,
-            "generator_cpu_seconds": round(gen_cpu, 1),
-            "generator_cpu_percent": round(100 * gen_cpu / max(loaded, 1e-9), 1),
-            "generator_loop_lag_p50_ms": round(common.percentile(self.loop_lag, 50) * 1000, 1)
-            if self.loop_lag
-            else 0.0,
-            "generator_loop_lag_p99_ms": round(p99(self.loop_lag) * 1000, 1) if self.loop_lag else 0.0,
-            "counts": dict(sorted(self.counts.items())),
+            "counts": dict(sorted(counts.items())),
             "samples": self.samples,
         }
 
@@ -890,15 +1179,18 @@ def print_report(phases: list[dict[str, Any]]) -> bool:
     nan = float("nan")
     print(
         "\nphase            honest ok    success  deposits ok  polls ok  delivered   dep p50/p99 ms  deliv p50/p99 ms"
+        "  honest loop lag p50/p99 ms"
     )
     for ph in phases:
         h = ph["honest"]
+        hp = ph["honest_process"]
         print(
             f"{ph['label']:15s} {h['ok']:5d}/{h['operations']:<6d} {100 * h['success']:7.2f} %"
             f" {h['deposits'].get('ok', 0):5d}/{sum(h['deposits'].values()):<5d}"
             f" {h['polls'].get('ok', 0):4d}/{sum(h['polls'].values()):<4d}"
             f" {h['delivered']:5d}/{h['accepted']:<5d}"
-            f" {h['deposit_p50_ms']:7.0f}/{h['deposit_p99_ms']:<7.0f} {h['delivery_p50_ms']:7.0f}/{h['delivery_p99_ms']:.0f}"
+            f" {h['deposit_p50_ms']:7.0f}/{h['deposit_p99_ms']:<7.0f} {h['delivery_p50_ms']:7.0f}/{h['delivery_p99_ms']:<8.0f}"
+            f"  {hp['loop_lag_p50_ms']}/{hp['loop_lag_p99_ms']}"
         )
         fails = {f"deposit {k}": v for k, v in h["deposits"].items() if k != "ok"}
         fails.update({f"poll {k}": v for k, v in h["polls"].items() if k != "ok"})
@@ -920,24 +1212,46 @@ def print_report(phases: list[dict[str, Any]]) -> bool:
                 f"  {f.get('meshrelay_http_refused', nan):13.0f}"
                 f"  {f['log_lines']:9d} ({f['log_refused_lines']})    {f['cpu_seconds']:7.1f}  {f['rss_mb']}"
             )
+        hp = ph["honest_process"]
         print(
-            f"{ph['label']:15s} load generator CPU: {ph['generator_cpu_seconds']} s"
-            f" ({ph['generator_cpu_percent']} % of one core over {ph['seconds']} s)"
-            f"; its event-loop lag p50 / p99 {ph.get('generator_loop_lag_p50_ms', 0)} / {ph.get('generator_loop_lag_p99_ms', 0)} ms"
+            f"{ph['label']:15s} honest process: CPU {hp['cpu_percent']} % of a core,"
+            f" loop lag p50 / p99 / max {hp['loop_lag_p50_ms']} / {hp['loop_lag_p99_ms']} / {hp['loop_lag_max_ms']} ms"
         )
-    attack = phases[-1]
-    if attack["counts"]:
-        print("\nattack requests (kind:outcome -> count), phase", attack["label"])
-        for k, v in attack["counts"].items():
-            if not k.startswith("honest"):
-                print(f"  {k:40s} {v}")
-        if attack["fetch_remote_p50_ms"] == attack["fetch_remote_p50_ms"]:
-            print(f"  fetch_remote poll p50: {attack['fetch_remote_p50_ms']} ms")
-    rows = verdicts(phases[0], attack)
-    print("\ntarget                          figure                                   target      verdict")
-    for measure, figure, target, met in rows:
-        print(f"{measure:31s} {figure:40s} {target:11s} {'met' if met else 'MISSED'}")
-    return all(met for *_, met in rows)
+        for name, w in ph["attackers"].items():
+            pr = w["process"]
+            print(
+                f"{ph['label']:15s} attacker {name:12s}: {w['requests_per_s']:7.1f} req/s, CPU {pr['cpu_percent']} %"
+                f" of a core, loop lag p50 / p99 {pr['loop_lag_p50_ms']} / {pr['loop_lag_p99_ms']} ms"
+            )
+    ok = True
+    for attack in phases[1:]:
+        if attack["counts"]:
+            print("\nattack requests (kind:outcome -> count), phase", attack["label"])
+            for k, v in attack["counts"].items():
+                if not k.startswith("honest"):
+                    print(f"  {k:40s} {v}")
+            if attack["fetch_remote_p50_ms"] == attack["fetch_remote_p50_ms"]:
+                print(f"  fetch_remote poll p50: {attack['fetch_remote_p50_ms']} ms")
+    for attack in phases[1:]:
+        rows = verdicts(phases[0], attack)
+        print(f"\nphase {attack['label']}: target     figure                                   target      verdict")
+        for measure, figure, target, met in rows:
+            print(f"{measure:31s} {figure:40s} {target:11s} {'met' if met else 'MISSED'}")
+        ok = ok and all(met for *_, met in rows)
+    if len(phases) > 2:
+        print("\nper attack (each alone against phase A):")
+        print("attack          success   dep p99 ms (x A)   deliv p99 ms (x A)   honest lag p99 ms  attacker req/s")
+        a_dep, a_del = phases[0]["honest"]["deposit_p99_ms"], phases[0]["honest"]["delivery_p99_ms"]
+        for ph in phases[1:]:
+            h = ph["honest"]
+            rate = sum(w["requests_per_s"] for w in ph["attackers"].values())
+            print(
+                f"{','.join(ph['attacks']):15s} {100 * h['success']:6.2f} %"
+                f"  {h['deposit_p99_ms']:7.0f} ({h['deposit_p99_ms'] / a_dep if a_dep else nan:5.1f}x)"
+                f"  {h['delivery_p99_ms']:9.0f} ({h['delivery_p99_ms'] / a_del if a_del else nan:5.1f}x)"
+                f"  {ph['honest_process']['loop_lag_p99_ms']:14}  {rate:12.1f}"
+            )
+    return ok
 
 
 def main() -> int:
@@ -945,6 +1259,8 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=2.0, help="length of each phase")
     p.add_argument("--seconds", type=float, default=None, help="length of each phase in seconds (overrides --minutes)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of: {','.join(ATTACKS)}")
+    p.add_argument("--only", default=None, choices=ATTACKS, help="one attack alone (same as --attacks ATTACK)")
+    p.add_argument("--each", action="store_true", help="one attack phase per attack in --attacks, each alone")
     p.add_argument("--seed", type=int, default=None, help="replay the honest clients' and attackers' choices")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every attack's rate and size")
     p.add_argument("--senders", type=int, default=4)
@@ -956,11 +1272,19 @@ def main() -> int:
     p.add_argument("--max-waiting-polls", type=int, default=250, help="limits.max_waiting_polls (default 10000)")
     p.add_argument("--max-connections", type=int, default=800, help="limits.max_connections (default 10240)")
     p.add_argument("--xff", choices=("proxy", "direct", "skip"), default="proxy")
+    p.add_argument("--attack-nice", type=int, default=10, help="nice value of the attacker processes (0: as the nodes)")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--keep", action="store_true", help="keep the nodes' directories and logs")
+    # internal: a worker process of a phase
+    p.add_argument("--role", choices=("honest", "attack"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--attack", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.role:
+        return worker_main(args)
     args.phase_seconds = args.seconds if args.seconds is not None else args.minutes * 60
-    attacks = [x.strip() for x in args.attacks.split(",") if x.strip()]
+    attacks = [args.only] if args.only else [x.strip() for x in args.attacks.split(",") if x.strip()]
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         p.error(f"unknown attack(s): {', '.join(sorted(unknown))}")
@@ -970,52 +1294,35 @@ def main() -> int:
         args.seed = random.SystemRandom().randrange(2**32)
     common.raise_nofile(16384)
     workdir = tempfile.mkdtemp(prefix="meshrelay-abuse-")
+    plan: list[tuple[str, list[str]]] = [("A no attack", [])]
+    if args.each:
+        plan += [(f"B {x}", [x]) for x in attacks]
+    else:
+        plan.append(("B attack", attacks))
     print(
-        f"abuse: 2 phases of {args.phase_seconds:.0f} s, scale {args.scale}, seed {args.seed}, dir {workdir}\n"
+        f"abuse: {len(plan)} phases of {args.phase_seconds:.0f} s, scale {args.scale}, seed {args.seed}, dir {workdir}\n"
         f"  caps: max_stored_bytes {args.cap_mb} MiB, max_nonces {args.max_nonces}, max_waiting_polls"
         f" {args.max_waiting_polls}, max_connections {args.max_connections}, client_rate {CLIENT_RATE}/s;"
-        f" xff mode {args.xff}; machine {common.machine_info()}",
+        f" xff mode {args.xff}; attackers at nice {args.attack_nice}; machine {common.machine_info()}",
         flush=True,
     )
-    from twisted.internet import reactor
-
-    sink_port = free_port()
-    sink_url = f"http://127.0.0.1:{sink_port}"
-    site = Site(Sink())
-    site.noisy = False
-    listener = reactor.listenTCP(sink_port, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+    sink = Sink()
     phases: list[dict[str, Any]] = []
-    failure: list[Any] = []
-    current: list[Abuse] = []
-
-    async def run_all() -> None:
-        for label, chosen in (("A no attack", []), ("B attack", attacks)):
-            phase = Abuse(args, workdir, chosen, label.split()[0])
-            phase.label = label
-            current[:] = [phase]
-            print(f"phase {label}: starting 3 fresh nodes", flush=True)
-            phase.start_nodes(sink_url)
-            phases.append(await phase.run(sink_url))
-            print(f"phase {label}: done", flush=True)
-
-    def done(result: Any) -> None:
-        if hasattr(result, "raiseException"):
-            failure.append(result)
-        reactor.stop()  # type: ignore[attr-defined]
-
-    reactor.callWhenRunning(  # type: ignore[attr-defined]
-        lambda: defer.Deferred.fromCoroutine(run_all()).addBoth(done)
-    )
     try:
-        reactor.run()  # type: ignore[attr-defined]
-    finally:
-        for phase in current:
-            phase.stop_nodes()
-        listener.stopListening()
-    if failure:
-        failure[0].printTraceback()
+        for label, chosen in plan:
+            phase = Phase(args, workdir, chosen, label, sink)
+            try:
+                phases.append(phase.run())
+            finally:
+                phase.stop()
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
         print(f"kept {workdir}")
         return 2
+    finally:
+        sink.close()
     met = print_report(phases)
     if args.json:
         common.write_json(args.json, {"args": {k: v for k, v in vars(args).items()}, "phases": phases, "met": met})

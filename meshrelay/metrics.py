@@ -94,7 +94,9 @@ class Metrics:
             "Bytes stored, as counted toward max_stored_bytes: envelopes, signed acks and tombstones",
             registry=r,
         )
-        self.tombstones = Gauge("meshrelay_stored_tombstones", "Live tombstones", registry=r)
+        self.tombstones = Gauge(
+            "meshrelay_stored_tombstones", "Tombstones stored, as of the last expiry sweep", registry=r
+        )
         self.waiting_polls = Gauge("meshrelay_waiting_polls", "Long-polls waiting", registry=r)
         self.expired_total = Counter("meshrelay_expired", "Rows removed by the expiry sweeper", ["kind"], registry=r)
         self.refused_total = Counter(

@@ -578,6 +578,14 @@ class Relay:
 
     async def _poll(self, obj: Any, client: str | None = None) -> dict[str, Any]:
         req = E.parse_poll(obj)
+        share = client if client is not None else "mailbox:" + req.auth.mailbox
+        if req.wait > 0 and not req.auth.ack:
+            # A long-poll from an address (or mailbox) whose share of waiting polls is full is
+            # refused before its signature check, nonce claim and reads: a flood of them costs the
+            # node a parse, not a store write each (issue 10).  A poll that acks still gets its
+            # acks applied first (acks free space), and one without wait is served.  The node-wide
+            # bound is checked only when the poll would really wait (mail pending is served).
+            self._check_share(share)
         await self._authorize(req)
         auth = req.auth
         if auth.ack:
@@ -591,7 +599,7 @@ class Relay:
         # first read and the registration is found by the second read, one
         # that commits later wakes the waiter.  Only a poll that really waits
         # counts toward max_waiting_polls.
-        waiter = self._register(auth.mailbox, client if client is not None else "mailbox:" + auth.mailbox)
+        waiter = self._register(auth.mailbox, share)
         try:
             result = await self._messages(auth.mailbox, req.limit)
             if result["messages"]:
@@ -613,6 +621,7 @@ class Relay:
     # ------------------------------------------------------------------ waiters
 
     def _register(self, mailbox: str, share: str | None = None) -> _Waiter:
+        share = share if share is not None else "mailbox:" + mailbox
         if self._waiting >= self.limits.max_waiting_polls:
             self._cap_hit(
                 "max_waiting_polls",
@@ -620,7 +629,16 @@ class Relay:
                 limit=self.limits.max_waiting_polls,
             )
             raise RateLimited("too many waiting polls on this node")
-        share = share if share is not None else "mailbox:" + mailbox
+        self._check_share(share)
+        waiter = _Waiter(mailbox, share)
+        self._waiters.setdefault(mailbox, {})[waiter] = None
+        self._waiting_by_share[share] = self._waiting_by_share.get(share, 0) + 1
+        self._waiting += 1
+        self.metrics.waiting_polls.set(self._waiting)
+        return waiter
+
+    def _check_share(self, share: str) -> None:
+        """Raise RateLimited when ``share`` (an address, or a mailbox) already has its share of waiting polls."""
         # An address's share, and never more than half of all: no one address holds every slot.
         per_share = min(self.limits.max_waiting_polls_per_address, max(1, self.limits.max_waiting_polls // 2))
         if per_share and self._waiting_by_share.get(share, 0) >= per_share:
@@ -630,12 +648,6 @@ class Relay:
                 limit=per_share,
             )
             raise RateLimited("too many waiting polls from this address")
-        waiter = _Waiter(mailbox, share)
-        self._waiters.setdefault(mailbox, {})[waiter] = None
-        self._waiting_by_share[share] = self._waiting_by_share.get(share, 0) + 1
-        self._waiting += 1
-        self.metrics.waiting_polls.set(self._waiting)
-        return waiter
 
     def _unregister(self, waiter: _Waiter) -> None:
         group = self._waiters.get(waiter.mailbox)
@@ -786,6 +798,7 @@ class Relay:
         """Delete expired envelopes, tombstones, acks and nonces (the sweeper's tick)."""
 
         def done(result: SweepResult) -> SweepResult:
+            self.metrics.tombstones.set(result.live_tombstones)
             for kind in ("envelopes", "tombstones", "acks", "nonces"):
                 n = getattr(result, kind)
                 if n:

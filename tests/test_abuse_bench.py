@@ -19,7 +19,10 @@ ATTACKS = ("acks", "nonce", "peer_nonce", "idle", "longpolls", "flood", "xff", "
 
 class AbuseBenchSmokeTests(SynchronousTestCase):
     def test_abuse_tool_runs_both_phases_and_every_attack(self) -> None:
-        """bench/abuse.py runs a no-attack and an attack phase, sends every attack and writes its figures."""
+        """bench/abuse.py runs a no-attack and an attack phase, sends every attack and writes its figures.
+
+        The honest clients and each attack run in processes of their own (not the orchestrator's).
+        """
         out = os.path.abspath(self.mktemp()) + ".json"
         proc = subprocess.run(
             [sys.executable, os.path.join(REPO, "bench", "abuse.py"), "--seconds", "4", "--scale", "0.05"]
@@ -41,11 +44,39 @@ class AbuseBenchSmokeTests(SynchronousTestCase):
         self.assertEqual(base["honest"]["ok"], base["honest"]["operations"], base["honest"])
         # every attack reached the nodes; a bad peer HMAC is refused and logged at every node
         sent = {key.split(":", 1)[0] for key, n in attack["counts"].items() if n and not key.endswith(":shed")}
-        self.assertLessEqual(set(ATTACKS) - {"fetch_remote"}, sent, attack["counts"])
-        self.assertIn("fetch_remote_fill", sent, attack["counts"])
+        self.assertLessEqual(set(ATTACKS), sent, attack["counts"])
+        # the fetch_remote attacker fills its mailbox before the phase, then polls with fetch_remote
+        self.assertGreater(attack["counts"].get("fetch_remote_fill:200", 0), 0, attack["counts"])
+        self.assertGreater(attack["counts"].get("fetch_remote:200", 0), 0, attack["counts"])
+        # the honest clients and every attacker run in processes of their own, none of them this one
+        pids = {attack["honest_process"]["pid"]} | {w["process"]["pid"] for w in attack["attackers"].values()}
+        self.assertEqual(len(pids), 1 + len(ATTACKS), attack["attackers"])
+        self.assertEqual(set(attack["attackers"]), set(ATTACKS))
+        # the honest process reports its own loop lag (its latencies include it)
+        for ph in (base, attack):
+            self.assertGreaterEqual(ph["honest_process"]["loop_lag_p99_ms"], 0.0)
         self.assertGreater(attack["counts"].get("log_flood:403 forbidden", 0), 0, attack["counts"])
         for name, node in attack["nodes"].items():
             self.assertGreater(node["log_refused_lines"], 0, name)
             self.assertEqual(node["cap_bytes"], 64 * 2**20)
             self.assertGreater(node["data_bytes_max"], 0)
         self.assertIn("honest success under attack", proc.stdout)
+
+    def test_each_attack_alone(self) -> None:
+        """--each runs phase A and then one phase per attack, that attack alone; --only picks one."""
+        out = os.path.abspath(self.mktemp()) + ".json"
+        proc = subprocess.run(
+            [sys.executable, os.path.join(REPO, "bench", "abuse.py"), "--seconds", "3", "--scale", "0.05"]
+            + ["--drain", "5", "--seed", "2", "--attacks", "acks,log_flood", "--each", "--json", out],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        self.assertIn(proc.returncode, (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:])
+        with open(out) as fh:
+            phases = json.load(fh)["phases"]
+        self.assertEqual([ph["attacks"] for ph in phases], [[], ["acks"], ["log_flood"]])
+        self.assertEqual(set(phases[1]["attackers"]), {"acks"})
+        self.assertEqual({k.split(":")[0] for k in phases[2]["counts"] if not k.startswith("honest")}, {"log_flood"})
+        self.assertIn("per attack (each alone against phase A)", proc.stdout)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -23,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay.config import ConfigError, build_config
 from meshrelay.fairness import AddressPolicy
+from meshrelay.store.sqlite import DB_NAME
 from meshrelay.tap import Options, makeService
 from tests.helpers import Identity, MemNode
 
@@ -235,6 +237,8 @@ class AddressPolicyTests(SynchronousTestCase):
 
 class WaitingShareTests(SiteTestCase):
     limits = {"max_waiting_polls": 100}
+    #: one address's share of waiting polls
+    share = 32
 
     def long_poll(self, host: str, who: Identity | None = None) -> bytes:
         who = who or Identity()
@@ -259,9 +263,47 @@ class WaitingShareTests(SiteTestCase):
         # Its share is free again.
         self.assertEqual(self.long_poll("192.0.2.66"), b"")
 
+    def nonce_rows(self) -> int:
+        conn = sqlite3.connect(os.path.join(self.n.config.node.data_dir, DB_NAME))
+        try:
+            return int(conn.execute("SELECT count(*) FROM nonces").fetchone()[0])
+        finally:
+            conn.close()
+
+    def test_a_long_poll_over_the_share_is_refused_before_its_checks(self) -> None:
+        """Past its share an address's long-polls are refused before the signature check and the nonce claim.
+
+        A flood of them (issue 10's long-poll attacker sent about 1,000 a second) then costs the
+        node a parse each, not a signature check, a durable nonce write and two reads.
+        """
+        self.assertEqual([self.long_poll("192.0.2.66") for _ in range(self.share)], [b""] * self.share)
+        claimed = self.nonce_rows()
+        who = Identity()
+        forged = who.poll_body(ts=self.now(), wait=30)
+        forged["sig"] = Identity().poll_body(ts=self.now())["sig"]
+        over = self.exchange("192.0.2.66", http_post("/api/mesh/dm/poll", forged))
+        self.assertEqual((status_of(over), error_of(over)), (429, "rate_limited"))
+        valid = who.poll_body(ts=self.now(), wait=30)
+        over = self.exchange("192.0.2.66", http_post("/api/mesh/dm/poll", valid))
+        self.assertEqual((status_of(over), error_of(over)), (429, "rate_limited"))
+        self.assertEqual(self.nonce_rows(), claimed)
+        # a long-poll that acks is still checked and its acks applied (acks free space) before it is refused
+        bob = Identity()
+        env = Identity().envelope(bob, b"to ack", ts=self.now())
+        self.assertEqual(status_of(self.exchange("198.51.100.7", http_post("/api/mesh/dm/send", env))), 200)
+        acking = bob.poll_body(ts=self.now(), ack=[env["msg_id"]], wait=30)
+        over = self.exchange("192.0.2.66", http_post("/api/mesh/dm/poll", acking))
+        self.assertEqual((status_of(over), error_of(over)), (429, "rate_limited"))
+        self.assertEqual(self.n.store.stats().envelopes, 0)
+        self.n.clock.advance(30)
+        # the refused request's nonce was never used up: sent again once the share is free, it waits
+        self.assertEqual(self.exchange("192.0.2.66", http_post("/api/mesh/dm/poll", valid)), b"")
+        self.n.clock.advance(30)
+
 
 class SmallWaitingPoolTests(WaitingShareTests):
     limits = {"max_waiting_polls": 10}
+    share = 5
 
     def test_one_address_cannot_hold_every_waiting_poll(self) -> None:
         """With a small max_waiting_polls an address gets at most half of it; another address still waits."""

@@ -466,6 +466,22 @@ class ExpiryTests(NodeTestCase):
         self.assertEqual(self.n.metrics.sample("meshrelay_expired_total", {"kind": "envelopes"}), 1)
         self.assertEqual(self.n.metrics.sample("meshrelay_stored_envelopes"), 0)
 
+    def test_the_tombstone_gauge_follows_the_store(self) -> None:
+        """meshrelay_stored_tombstones is the store's tombstone count, set by the expiry sweep."""
+        envs = [self.env(self.alice, self.bob, b"%d" % i) for i in range(2)]
+        for env in envs:
+            self.n.send(env)
+        self.polled_ids(self.bob, ack=[envs[0]["msg_id"], "7" * 64])
+        self.assertEqual(self.n.metrics.sample("meshrelay_stored_tombstones"), 0)
+        self.n.clock.advance(self.n.config.node.sweep_interval)
+        self.assertEqual(self.n.metrics.sample("meshrelay_stored_tombstones"), 2)
+        self.polled_ids(self.bob, ack=[envs[1]["msg_id"]])
+        self.n.clock.advance(self.n.config.node.sweep_interval)
+        self.assertEqual(self.n.metrics.sample("meshrelay_stored_tombstones"), 3)
+        lim = self.n.config.limits
+        self.n.clock.advance(lim.max_ttl + 2 * lim.clock_skew + self.n.config.node.sweep_interval)
+        self.assertEqual(self.n.metrics.sample("meshrelay_stored_tombstones"), 0)
+
     def test_tombstones_expire_after_their_lifetime(self) -> None:
         """A tombstone lives ack ts + max_ttl + 2 x skew, then the sweeper removes it."""
         env = self.env(self.alice, self.bob)

@@ -436,6 +436,24 @@ class StoreBehaviour:
         self.assertEqual((store.stats().envelopes, store.stats().bytes), (0, 0))
         self.assertEqual(self.successResultOf(store.sweep(tomb(ack))).envelopes, 0)
 
+    def test_sweep_reports_the_tombstones_left(self) -> None:
+        """The sweep says how many tombstone rows the store holds once it ended (the tombstone gauge)."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        env = make_env(alice, bob)
+        self.add(store, env)
+        self.assertEqual(self.successResultOf(store.sweep(T0)).live_tombstones, 0)
+        early = make_ack(bob, [env.msg_id, "4" * 64, "5" * 64])
+        self.ack(store, early)
+        later = make_ack(bob, ["6" * 64], ts=T0 + 100)
+        self.ack(store, later)
+        self.assertEqual(self.successResultOf(store.tombstone_count()), 4)
+        self.assertEqual(self.successResultOf(store.sweep(T0 + 1)).live_tombstones, 4)
+        # the first ack's tombstones expire, the later one's is left
+        result = self.successResultOf(store.sweep(tomb(early)))
+        self.assertEqual((result.tombstones, result.live_tombstones), (3, 1))
+        self.assertEqual(self.successResultOf(store.sweep(tomb(later))).live_tombstones, 0)
+
     def test_stats_survive_a_restart(self) -> None:
         """Stored count and bytes are kept in the store, not recomputed from memory."""
         store = self.make_store()

@@ -297,6 +297,8 @@ class SweepResult:
     acks: int = 0
     nonces: int = 0
     refused: int = 0
+    #: tombstone rows the store holds once the sweep ended (the ``meshrelay_stored_tombstones`` gauge)
+    live_tombstones: int = 0
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,9 @@ class Store(Protocol):
 
     def stats(self) -> StoreStats:
         """Stored envelope count and bytes as of the last commit (no I/O)."""
+
+    def tombstone_count(self) -> Deferred[int]:
+        """Tombstone rows stored (a read; the sweep reports it as ``live_tombstones``)."""
 
     def add_envelope(
         self, env: Envelope, now: int, verify: str | None = None, peer: str | None = None

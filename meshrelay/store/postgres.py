@@ -1140,9 +1140,28 @@ class PostgresStore:
                 return self._write((), op).addCallback(step)
             # Then the contact-bucket rows of expired envelopes (v3), and the shared totals.
             d = self.sweep_contacts(now).addCallback(lambda _: self._refresh_stats())
-            return d.addCallback(lambda _: SweepResult(*totals))
+            d.addCallback(lambda _: self.tombstone_count())
+            return d.addCallback(
+                lambda n: SweepResult(
+                    envelopes=totals[0],
+                    tombstones=totals[1],
+                    acks=totals[2],
+                    nonces=totals[3],
+                    refused=totals[4],
+                    live_tombstones=n,
+                )
+            )
 
         return self._write((), op).addCallback(step)
+
+    def tombstone_count(self) -> Deferred[int]:
+        """Tombstone rows stored (expired ones not yet swept included: they still take space)."""
+
+        def q(conn: Conn) -> int:
+            row = conn.execute("SELECT count(*) FROM tombstones").fetchone()
+            return int(row[0]) if row else 0
+
+        return self._read(q)
 
     def _refresh_stats(self) -> Deferred[None]:
         """Re-read the shared totals (other processes change them too)."""

@@ -76,8 +76,26 @@ MAX_SEQ = 2**63 - 1
 #: rows deleted per sweeper transaction, so deposits interleave with a big sweep
 SWEEP_CHUNK = 5000
 #: WAL pages (4 KiB) after which the writer checkpoints by itself, should the
-#: checkpointer thread fall behind
+#: checkpointer thread fall behind: at most this many, and an eighth of the
+#: storage cap for smaller caps (``wal_backstop_pages``)
 WAL_BACKSTOP_PAGES = 20000
+#: ... and at least this many
+WAL_BACKSTOP_MIN_PAGES = 256
+WAL_PAGE = 4096
+#: the size the WAL file is cut back to when a checkpoint lets it restart (``journal_size_limit``,
+#: at most the backstop): without it the file keeps the size of its largest burst
+WAL_KEEP_BYTES = 4 * 1024 * 1024
+
+
+def wal_backstop_pages(max_stored_bytes: int) -> int:
+    """WAL pages after which the writer checkpoints by itself: a store's WAL slack during a burst."""
+    return max(WAL_BACKSTOP_MIN_PAGES, min(WAL_BACKSTOP_PAGES, max_stored_bytes // 8 // WAL_PAGE))
+
+
+def wal_keep_bytes(max_stored_bytes: int) -> int:
+    """The WAL's size once a checkpoint let it restart (journal_size_limit): its slack after a burst."""
+    return min(WAL_KEEP_BYTES, wal_backstop_pages(max_stored_bytes) * WAL_PAGE)
+
 
 #: dedup, tombstone and both cap counts of a deposit in one statement
 #: (parameters: msg_id, mailbox, now, sender)
@@ -165,6 +183,11 @@ def _connect(path: str, durability: str) -> sqlite3.Connection:
     conn.execute("PRAGMA cache_size=-8000")
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
+
+
+def checkpoint(conn: sqlite3.Connection) -> None:
+    """One passive WAL checkpoint (never waits for the writer); the checkpointer thread's tick."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _meta_get(conn: sqlite3.Connection, key: str) -> str | None:
@@ -537,6 +560,11 @@ class WriterCore:
         self.count = int(_meta_get(conn, "stored_count") or 0)
         self.bytes = int(_meta_get(conn, "stored_bytes") or 0)
         self.junk = int(_meta_get(conn, "junk_bytes") or 0)
+        # The WAL's slack on disk: the writer checkpoints by itself past the backstop (the
+        # checkpointer thread normally does it first), and the file shrinks back after a burst
+        # instead of keeping its high-water size.
+        conn.execute(f"PRAGMA wal_autocheckpoint={wal_backstop_pages(caps.max_stored_bytes)}").fetchall()
+        conn.execute(f"PRAGMA journal_size_limit={wal_keep_bytes(caps.max_stored_bytes)}").fetchall()
 
     @property
     def state(self) -> tuple[int, int, int]:
@@ -549,10 +577,9 @@ class WriterCore:
         checkpoints it would run inside a commit of the writer, and every write
         waiting behind that commit would wait for the disk too.  A passive
         checkpoint on another connection never blocks the writer; the writer's
-        own automatic checkpoint stays on, at a much larger WAL size, only as
-        a backstop if this thread falls behind.
+        own automatic checkpoint stays on, at a much larger WAL size
+        (``wal_backstop_pages``), only as a backstop if this thread falls behind.
         """
-        self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
         stop = threading.Event()
 
         def loop() -> None:
@@ -560,7 +587,7 @@ class WriterCore:
             try:
                 while not stop.wait(interval):
                     try:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        checkpoint(conn)
                     except sqlite3.Error as e:
                         sys.stderr.write(f"wal checkpoint failed: {e}\n")
             finally:
@@ -914,8 +941,9 @@ class SQLiteStore:
                 totals[key] += counts.get(key, 0)
             if counts["more"]:
                 return self._write(("sweep", (now,))).addCallback(step)
-            # Then the contact-bucket rows of expired envelopes (v3).
-            return self.sweep_contacts(now).addCallback(lambda _: SweepResult(**totals))
+            # Then the contact-bucket rows of expired envelopes (v3), and how many tombstones are left.
+            d = self.sweep_contacts(now).addCallback(lambda _: self.tombstone_count())
+            return d.addCallback(lambda n: SweepResult(**totals, live_tombstones=n))
 
         return self._write(("sweep", (now,))).addCallback(step)
 
@@ -928,6 +956,14 @@ class SQLiteStore:
                 (mailbox, now, limit + 1),
             ).fetchall()
             return [r[0] for r in rows[:limit]], len(rows) > limit
+
+        return self._read(q)
+
+    def tombstone_count(self) -> Deferred[int]:
+        """Tombstone rows stored (expired ones not yet swept included: they still take space)."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0])
 
         return self._read(q)
 
