@@ -12,11 +12,15 @@ import contextlib
 import dataclasses
 import io
 import os
+import shutil
 import sqlite3
 import stat
+import subprocess
+import unittest
 from typing import Any
 from unittest import mock
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import cli
@@ -25,7 +29,7 @@ from meshrelay.store import migrations
 from meshrelay.store.base import ACCEPTED, Caps, Cursor
 from meshrelay.store.sqlite import DB_NAME, SQLiteStore
 from tests.helpers import T0, Identity, MemNode, Mesh
-from tests.pgtest import create_schema, requires_pg, sql
+from tests.pgtest import base_dsn, create_schema, requires_pg, sql
 from tests.test_store import make_ack, make_env, tomb
 
 CAPS = Caps(per_sender_pending=10000, per_mailbox_pending=10000, max_stored_bytes=10**9)
@@ -419,3 +423,58 @@ class PostgresRestoreTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("stored_count 99 but 4 envelope rows", err)
         self.assertEqual(sql(dsn, "SELECT value FROM meta WHERE key = 'feed_id'"), [(reopened.feed_id,)])
+
+    @pytest.mark.integration
+    def test_pg_dump_and_pg_restore_then_restore_postgres_bring_the_store_back(self) -> None:
+        """The procedure of docs/postgresql.md: dump the schema, lose it, pg_restore it, meshrelay restore --postgres."""
+        from meshrelay.store.postgres import PostgresStore
+
+        tools = [shutil.which(t) for t in ("pg_dump", "pg_restore")]
+        if None in tools:
+            if os.environ.get("CI") == "true":
+                self.fail("pg_dump and pg_restore are missing: .ci/run installs postgresql-client")
+            raise unittest.SkipTest("pg_dump/pg_restore are not installed (Debian: postgresql-client)")
+        dsn = create_schema(self.addCleanup, "mr_backup")
+        (schema,) = sql(dsn, "SELECT current_schema()")[0]
+        store = PostgresStore(dsn, CAPS)
+        store.start()
+        sender, box = Identity(), Identity()
+        ids = []
+        for i in range(5):
+            env = make_env(sender, box, b"%d" % i)
+            self.successResultOf(store.add_envelope(env, T0))
+            ids.append(env.msg_id)
+        ack = make_ack(box, ids[:2])
+        self.successResultOf(store.apply_ack(ack, tomb(ack)))
+        self.successResultOf(store.put_policy("m1", 1, "a" * 64, "{p1}"))
+        before, old_feed = store.dump_live(T0), store.feed_id
+        self.successResultOf(store.close())
+        dump = os.path.abspath(self.mktemp())
+        base = base_dsn()
+        assert base is not None
+        run = subprocess.run(
+            ["pg_dump", "--format=custom", f"--schema={schema}", f"--file={dump}", f"--dbname={base}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(run.returncode, 0, run.stderr)
+        sql(base, f'DROP SCHEMA "{schema}" CASCADE')
+        run = subprocess.run(
+            ["pg_restore", "--no-owner", f"--dbname={base}", dump], capture_output=True, text=True, timeout=120
+        )
+        self.assertEqual(run.returncode, 0, run.stderr)
+        conf = os.path.abspath(self.mktemp())
+        with open(conf, "w") as fh:
+            fh.write(f'[store]\nbackend = "postgresql"\ndsn = "{dsn}"\n')
+        code, text, err = run_cli("restore", "--postgres", "--config", conf)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("3 envelopes, 1 acks, 2 tombstones, 1 policies", text)
+        restored = PostgresStore(dsn, CAPS)
+        restored.start()
+        self.addCleanup(restored.close)
+        self.assertEqual(restored.dump_live(T0), before)
+        self.assertNotEqual(restored.feed_id, old_feed)
+        # The restored schema still commits (the dump carries the commit function too).
+        env = make_env(sender, box, b"after")
+        self.assertEqual(self.successResultOf(restored.add_envelope(env, T0)).status, ACCEPTED)
