@@ -399,6 +399,7 @@ class PostgresRestoreTests(SynchronousTestCase):
         self.successResultOf(store.put_policy("m1", 1, "a" * 64, "{p1}"))
         self.successResultOf(store.put_policy("m2", 1, "b" * 64, "{p2}"))
         old_feed = store.feed_id
+        self.assertTrue(self.successResultOf(store.acquire_lease("sync:http://peer.test", "old-process", 3600)))
         self.successResultOf(store.close())
         dsn_file = os.path.abspath(self.mktemp())
         with open(dsn_file, "w") as fh:
@@ -417,6 +418,8 @@ class PostgresRestoreTests(SynchronousTestCase):
         pseqs = [r[0] for r in sql(dsn, "SELECT pseq FROM policies ORDER BY pseq")]
         self.assertGreater(pseqs[0], 10**15)
         self.assertEqual(len(self.successResultOf(reopened.policies_since(2, 10))), 2)
+        # The lost processes' leases are gone: a new process syncs at once.
+        self.assertTrue(self.successResultOf(reopened.acquire_lease("sync:http://peer.test", "new-process", 30)))
         # Counters that disagree with the rows are refused, and nothing changes.
         sql(dsn, "UPDATE meta SET value = '99' WHERE key = 'stored_count'")
         code, _, err = run_cli("restore", "--postgres", "--dsn-file", dsn_file)

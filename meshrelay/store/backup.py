@@ -467,6 +467,8 @@ def restore_sqlite(
 def restore_postgres(dsn: str, *, now: float | None = None) -> RestoreReport:
     """Finish a ``pg_restore``: verify the restored schema (counters against rows) and renew its feed identity.
 
+    Also forgets the sync leases of the processes that held them.
+
     Run it with every meshrelay process of that store stopped (they read the
     feed id when they start).
     """
@@ -493,6 +495,9 @@ def restore_postgres(dsn: str, *, now: float | None = None) -> RestoreReport:
                 raise BackupError(f"no meshrelay store at {where} (no meta table: did pg_restore run?)") from None
             summarize(run, "counters")
             old, new = renew_feed_identity(run, time.time() if now is None else now)
+            # Held by processes of the lost store: nobody renews them, so they would only delay the
+            # new processes' sync runs until they expire.
+            run("DELETE FROM leases", ())
             after = summarize(run, "counters")
     except psycopg.Error as e:
         raise BackupError(f"restore failed at {where}: {_one_line(e)}") from None
