@@ -15,6 +15,10 @@
     meshrelay watch --node URL
     meshrelay gen-secret [--out FILE]
     meshrelay check-config FILE [--diff OLD | --diff-running [--admin URL]]
+    meshrelay backup (--data-dir DIR | --config FILE) OUT [--force] [--step-pages N] [--quick]
+    meshrelay restore BACKUP (--data-dir DIR | --config FILE) [--force] [--quick]
+    meshrelay restore BACKUP --check
+    meshrelay restore --postgres (--config FILE | --dsn-file PATH)
     meshrelay demo-mesh [--dir DIR] [--base-port PORT]
 
 Every user mistake (bad key file, unreachable node, a refusal by the node, a
@@ -553,6 +557,116 @@ def check_endpoints(cfg: Any) -> None:
     tap_check(cfg, MemoryReactor())
 
 
+def _store_location(args: argparse.Namespace) -> tuple[str, Any]:
+    """``--data-dir`` or ``--config``'s ``node.data_dir``, and the config (None without ``--config``)."""
+    from meshrelay.config import ConfigError, load_config
+
+    if args.config is None:
+        return args.data_dir, None
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        raise _CommandError(f"config error: {e}") from None
+    return cfg.node.data_dir, cfg
+
+
+class _CommandError(Exception):
+    """A one-line failure of an operator command."""
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Copy a serving SQLite node's store to OUT (0600) with SQLite's online backup, and verify it."""
+    from meshrelay.store.backup import STEP_PAGES, BackupError, backup_sqlite
+
+    try:
+        data_dir, cfg = _store_location(args)
+        if cfg is not None and cfg.store.backend != "sqlite":
+            raise _CommandError(
+                f"store.backend is {cfg.store.backend!r}: back it up with pg_dump (docs/postgresql.md, "
+                "'Backup and restore')"
+            )
+        report = backup_sqlite(
+            data_dir, args.out, force=args.force, step_pages=args.step_pages or STEP_PAGES, quick=args.quick
+        )
+    except (_CommandError, BackupError) as e:
+        return _fail(f"backup: {e}")
+    s = report.summary
+    _say(
+        sys.stdout,
+        f"backed up store {s.feed_id} (schema {s.schema_version}) to {report.path}: {s.describe()}; "
+        f"{report.file_bytes} bytes in {report.steps} steps, {report.seconds:.1f}s; {s.checked} ok",
+    )
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Bring a backup up as a node's store, with a new feed identity (or finish a pg_restore)."""
+    from meshrelay.store.backup import BackupError, check_backup, restore_postgres, restore_sqlite
+
+    try:
+        if args.postgres:
+            return _restore_postgres(args, restore_postgres)
+        if args.backup is None:
+            raise _CommandError("give the BACKUP file (or --postgres after a pg_restore)")
+        if args.check:
+            if args.data_dir is not None or args.config is not None or args.force:
+                raise _CommandError("--check reads the backup only: give no --data-dir, --config or --force")
+            s = check_backup(args.backup, quick=args.quick)
+            _say(
+                sys.stdout,
+                f"{args.backup}: a good backup of store {s.feed_id} (schema {s.schema_version}): "
+                f"{s.describe()}; {s.checked} ok",
+            )
+            return EXIT_OK
+        if args.data_dir is None and args.config is None:
+            raise _CommandError("give --data-dir DIR or --config FILE: where the node's store goes")
+        data_dir, cfg = _store_location(args)
+        if cfg is not None and cfg.store.backend != "sqlite":
+            raise _CommandError(f"store.backend is {cfg.store.backend!r}: use pg_restore, then restore --postgres")
+        report = restore_sqlite(args.backup, data_dir, force=args.force, quick=args.quick)
+    except (_CommandError, BackupError) as e:
+        return _fail(f"restore: {e}")
+    s = report.summary
+    _say(
+        sys.stdout,
+        f"restored {report.path} from store {report.old_feed_id} (schema {s.schema_version}): {s.describe()}; "
+        f"{s.checked} ok; new feed id {report.new_feed_id}: peers read this node's feed again from the start. "
+        "Start the node with the same public_url and peers.",
+    )
+    return EXIT_OK
+
+
+def _restore_postgres(args: argparse.Namespace, restore: Callable[..., Any]) -> int:
+    from meshrelay.config import ConfigError, read_secret_file
+
+    if args.backup is not None or args.data_dir is not None or args.check or args.force:
+        raise _CommandError("--postgres works on the database pg_restore filled: give --config or --dsn-file only")
+    if args.dsn_file is not None:
+        try:
+            # Same rule as store.dsn_file: refused when group or others may access it.
+            dsn = read_secret_file("--dsn-file", args.dsn_file, ".")
+        except ConfigError as e:
+            raise _CommandError(str(e)) from None
+    elif args.config is not None:
+        _, cfg = _store_location(args)
+        if cfg.store.backend != "postgresql" or not cfg.store.dsn:
+            raise _CommandError(f"{args.config}: store.backend is not 'postgresql' with a dsn or dsn_file")
+        dsn = cfg.store.dsn
+    else:
+        raise _CommandError("--postgres needs --config FILE or --dsn-file PATH")
+    try:
+        report = restore(dsn)
+    except ImportError as e:
+        raise _CommandError(f"--postgres needs psycopg 3 ({e}): pip install 'meshrelay[postgresql]'") from None
+    s = report.summary
+    _say(
+        sys.stdout,
+        f"restored PostgreSQL store at {report.path} from store {report.old_feed_id} (schema {s.schema_version}): "
+        f"{s.describe()}; counters ok; new feed id {report.new_feed_id}. Start the processes.",
+    )
+    return EXIT_OK
+
+
 def cmd_demo_mesh(args: argparse.Namespace) -> int:
     """Run three peered nodes on loopback until Ctrl-C (see meshrelay.demo)."""
     from meshrelay.demo import run_demo
@@ -686,6 +800,40 @@ def _conf_check_config(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _store_options(p: argparse.ArgumentParser, required: bool) -> None:
+    where = p.add_mutually_exclusive_group(required=required)
+    where.add_argument("--data-dir", metavar="DIR", help="the node's data directory")
+    where.add_argument("--config", metavar="FILE", help="the node's config file (its node.data_dir, or [store])")
+
+
+def _conf_backup(p: argparse.ArgumentParser) -> None:
+    _store_options(p, required=True)
+    p.add_argument("out", metavar="OUT", help="the backup file to write (mode 0600)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.add_argument(
+        "--step-pages",
+        type=_int_range(1, 2**31 - 1),
+        default=None,
+        metavar="N",
+        help="pages (4 KiB) copied per step (default 1024: 4 MiB)",
+    )
+    p.add_argument("--quick", action="store_true", help="verify the copy with quick_check, not integrity_check")
+
+
+def _conf_restore(p: argparse.ArgumentParser) -> None:
+    p.add_argument("backup", nargs="?", metavar="BACKUP", help="a file made by meshrelay backup")
+    _store_options(p, required=False)
+    p.add_argument("--force", action="store_true", help="replace the store in a non-empty DIR (node stopped)")
+    p.add_argument("--quick", action="store_true", help="verify with quick_check, not integrity_check")
+    p.add_argument("--check", action="store_true", help="only verify BACKUP and print what it holds")
+    p.add_argument(
+        "--postgres",
+        action="store_true",
+        help="after pg_restore: verify the PostgreSQL store and give it a new feed identity",
+    )
+    p.add_argument("--dsn-file", metavar="PATH", help="--postgres: a file holding the DSN (mode 0600)")
+
+
 def _conf_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", metavar="DIR", help="where to write configs, keys and data (default: a new temp dir)")
     p.add_argument(
@@ -733,6 +881,8 @@ COMMANDS: dict[str, Command] = {
         "validate a node config and print its effective values", _conf_check_config, cmd_check_config
     ),
     "demo-mesh": Command("run three peered nodes on loopback until Ctrl-C", _conf_demo, cmd_demo_mesh),
+    "backup": Command("copy a serving SQLite node's store to a verified file", _conf_backup, cmd_backup),
+    "restore": Command("bring a backup up as a node's store, with a new feed identity", _conf_restore, cmd_restore),
 }
 
 

@@ -7,9 +7,11 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import tomllib
 from typing import Any
@@ -286,31 +288,38 @@ class AgainstNodeDocsTests(SynchronousTestCase):
         self.assertEqual(acked, {"ok": True, "messages": [], "has_more": False})
 
     def test_online_backup_and_restore(self) -> None:
-        """The operator guide's online backup (Python API) and restore with a new feed id keep every envelope."""
+        """The operator guide's `meshrelay backup` and `meshrelay restore` commands, as written, keep every envelope."""
         alice, bob = C.Identity.generate(), C.Identity.generate()
         ids = []
         for i in range(3):
             env = alice.envelope(bob.address, alice.seal_text(bob.address, b"m%d" % i))
             self.assertEqual(self.node.send(env)[0], 200)
             ids.append(env["msg_id"])
+        guide = read(os.path.join(DOCS, "operator.md"))
         backup = os.path.join(self.base, "backup.sqlite3")
-        script = read(os.path.join(DOCS, "operator.md")).split("python3 - ", 1)[1].split("<<'PY'\n", 1)[1]
-        script = script.split("\nPY\n", 1)[0]
-        src_db = os.path.join(self.node.data_dir, "meshrelay.sqlite3")
-        r = subprocess.run(["python3", "-", src_db, backup], input=script.encode(), capture_output=True, timeout=60)
+        r = _run_documented(
+            guide.split("### 7.1 Back up a live node", 1)[1],
+            "meshrelay backup",
+            {"/etc/meshrelay/meshrelay.toml": self.node.config_path, "/backup/meshrelay-$(date +%F).sqlite3": backup},
+        )
         self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("3 envelopes", r.stdout)
 
         restored = NodeProcess(self.base, "restored")
-        os.makedirs(restored.data_dir)
-        shutil.copy(backup, os.path.join(restored.data_dir, "meshrelay.sqlite3"))
+        restored.write_config()
+        r = _run_documented(
+            guide.split("### 7.2 Restore a node", 1)[1],
+            "meshrelay restore",
+            {"/etc/meshrelay/meshrelay.toml": restored.config_path, "/backup/meshrelay-2026-12-04.sqlite3": backup},
+        )
+        self.assertEqual(r.returncode, 0, r.stderr)
         conn = sqlite3.connect(os.path.join(restored.data_dir, "meshrelay.sqlite3"))
-        old_feed = conn.execute("SELECT value FROM meta WHERE key = 'feed_id'").fetchone()[0]
-        with conn:
-            conn.execute("UPDATE meta SET value = lower(hex(randomblob(16))) WHERE key = 'feed_id'")
-        new_feed = conn.execute("SELECT value FROM meta WHERE key = 'feed_id'").fetchone()[0]
+        new_feed, old_feed = (
+            dict(conn.execute("SELECT key, value FROM meta").fetchall())[k] for k in ("feed_id", "restored_from")
+        )
         conn.close()
         self.assertNotEqual(old_feed, new_feed)
-        self.assertEqual(len(new_feed), 32)
+        self.assertIn(f"new feed id {new_feed}", r.stdout)
         restored.start()
         try:
             result = C.NodeClient(restored.url).poll(bob)
@@ -318,3 +327,19 @@ class AgainstNodeDocsTests(SynchronousTestCase):
             self.assertEqual(bob.open_envelope(result.messages[2]).text, b"m2")
         finally:
             restored.stop()
+
+
+def _run_documented(section: str, command: str, paths: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the first ``sudo -u meshrelay <command> ...`` shell block of ``section``, with ``paths`` replaced."""
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    line = " ".join(part.strip() for part in block.replace("\\\n", " ").splitlines())
+    prefix = f"sudo -u meshrelay {command} "
+    assert line.startswith(prefix), line
+    for documented, actual in paths.items():
+        assert documented in line, (documented, line)
+        line = line.replace(documented, actual)
+    argv = shlex.split(line.removeprefix("sudo -u meshrelay meshrelay "))
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "meshrelay.cli", *argv], capture_output=True, text=True, timeout=120, env=env
+    )

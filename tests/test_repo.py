@@ -73,7 +73,9 @@ LAYERS: dict[str, int] = {
         ),
         0,
     ),
-    **dict.fromkeys(("store.base", "store.sqlite", "store.writer_process", "store.postgres", "store", "verifier"), 1),
+    **dict.fromkeys(
+        ("store.base", "store.sqlite", "store.writer_process", "store.postgres", "store.backup", "store", "verifier"), 1
+    ),
     **dict.fromkeys(("relay", "peers", "replication", "policy_sync"), 2),
     **dict.fromkeys(("web", "api", "peer_api", "cors", "inbox", "admin", "status"), 3),
     **dict.fromkeys(("node", "tap"), 4),
