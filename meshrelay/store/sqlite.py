@@ -83,8 +83,10 @@ WAL_BACKSTOP_PAGES = 20000
 WAL_BACKSTOP_MIN_PAGES = 256
 WAL_PAGE = 4096
 #: the size the WAL file is cut back to when a checkpoint lets it restart (``journal_size_limit``,
-#: at most the backstop): without it the file keeps the size of its largest burst
-WAL_KEEP_BYTES = 4 * 1024 * 1024
+#: at most the backstop): without it the file keeps the size of its largest burst.  Not much smaller:
+#: at 4 MiB a node under load cut the file back after every checkpoint and re-grew it inside its
+#: commits, and the deposit-to-peer p99 rose from about 40 to 60-120 ms (bench/mesh_bench.py latency)
+WAL_KEEP_BYTES = 64 * 1024 * 1024
 
 
 def wal_backstop_pages(max_stored_bytes: int) -> int:
