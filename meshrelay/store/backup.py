@@ -35,13 +35,14 @@ identity the same way (docs/postgresql.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,6 +270,22 @@ def _discard(path: str) -> None:
             pass
 
 
+@contextlib.contextmanager
+def _discarded_on_failure(tmp: str, what: str) -> Iterator[None]:
+    """Remove the half-written ``tmp`` when the body fails; SQLite and OS errors become one-line BackupErrors."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        _discard(tmp)
+        raise BackupError(f"{what} failed: {e}") from None
+    except OSError as e:
+        _discard(tmp)
+        raise BackupError(f"{what} failed: {e.strerror or e}") from None
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
 def backup_sqlite(
     data_dir: str,
     out: str,
@@ -307,46 +324,38 @@ def backup_sqlite(
     os.close(fd)
     steps = 0
     try:
-        dst = sqlite3.connect(tmp, isolation_level=None)
-        try:
-            # One snapshot for the whole copy (see the module docstring): BEGIN
-            # alone takes none, the first read does.
-            src.execute("BEGIN")
-            src.execute("SELECT COUNT(*) FROM meta").fetchone()
-
-            def step(status: int, remaining: int, total: int) -> None:
-                nonlocal steps
-                steps += 1
-                if progress is not None:
-                    progress(remaining, total)
-
-            src.backup(dst, pages=step_pages, progress=step)
-            src.execute("COMMIT")
-            # A file of its own: no -wal beside it is needed to read it.
-            dst.execute("PRAGMA journal_mode=DELETE").fetchone()
-            summary = verify(dst, quick)
-        finally:
-            dst.close()
-        private_file(tmp)
-        _fsync_file(tmp)
-        if force:
-            os.replace(tmp, out)
-        else:
+        with _discarded_on_failure(tmp, "backup"):
+            dst = sqlite3.connect(tmp, isolation_level=None)
             try:
-                os.link(tmp, out)
-            except FileExistsError:
-                raise BackupError(f"{out} already exists (use --force to replace it)") from None
-            os.unlink(tmp)
-        _fsync_dir(directory)
-    except sqlite3.Error as e:
-        _discard(tmp)
-        raise BackupError(f"backup failed: {e}") from None
-    except OSError as e:
-        _discard(tmp)
-        raise BackupError(f"backup failed: {e.strerror or e}") from None
-    except BaseException:
-        _discard(tmp)
-        raise
+                # One snapshot for the whole copy (see the module docstring): BEGIN
+                # alone takes none, the first read does.
+                src.execute("BEGIN")
+                src.execute("SELECT COUNT(*) FROM meta").fetchone()
+
+                def step(status: int, remaining: int, total: int) -> None:
+                    nonlocal steps
+                    steps += 1
+                    if progress is not None:
+                        progress(remaining, total)
+
+                src.backup(dst, pages=step_pages, progress=step)
+                src.execute("COMMIT")
+                # A file of its own: no -wal beside it is needed to read it.
+                dst.execute("PRAGMA journal_mode=DELETE").fetchone()
+                summary = verify(dst, quick)
+            finally:
+                dst.close()
+            private_file(tmp)
+            _fsync_file(tmp)
+            if force:
+                os.replace(tmp, out)
+            else:
+                try:
+                    os.link(tmp, out)
+                except FileExistsError:
+                    raise BackupError(f"{out} already exists (use --force to replace it)") from None
+                os.unlink(tmp)
+            _fsync_dir(directory)
     finally:
         src.close()
     return BackupReport(out, summary, os.path.getsize(out), steps, clock() - started)
@@ -426,7 +435,7 @@ def restore_sqlite(
     os.fchmod(fd, PRIVATE_FILE)
     os.close(fd)
     when = time.time() if now is None else now
-    try:
+    with _discarded_on_failure(tmp, "restore"):
         shutil.copyfile(backup, tmp)
         conn = sqlite3.connect(tmp, isolation_level=None)
         try:
@@ -449,15 +458,6 @@ def restore_sqlite(
                 pass
         os.replace(tmp, target)
         _fsync_dir(data_dir)
-    except sqlite3.Error as e:
-        _discard(tmp)
-        raise BackupError(f"restore failed: {e}") from None
-    except OSError as e:
-        _discard(tmp)
-        raise BackupError(f"restore failed: {e.strerror or e}") from None
-    except BaseException:
-        _discard(tmp)
-        raise
     return RestoreReport(target, after, old, new)
 
 
