@@ -45,6 +45,15 @@ def terminate(proc: subprocess.Popen[Any], timeout: float) -> int:
     return proc.returncode
 
 
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:
+    """Poll ``predicate`` until true; fail after ``timeout`` seconds (a guard, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting: {what}")
+        time.sleep(interval)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1, free a moment ago, outside the ephemeral range, not handed out before."""
     pick = random.SystemRandom()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.harness import NodeProcess, feed_ids
+from tests.harness import NodeProcess, feed_ids, wait_for
 from tests.helpers import Identity, link_secret
 
 pytestmark = pytest.mark.integration
@@ -44,17 +44,6 @@ def count(node: NodeProcess, who: Identity) -> int:
 
 def metric(node: NodeProcess, name: str, **labels: str) -> float:
     return node.metric(name, **labels)
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:
-    """Poll ``predicate`` until true; fail after ``timeout`` seconds (a guard, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting: {what}")
-        time.sleep(interval)
 
 
 class MeshIntegrationTestCase(SynchronousTestCase):

@@ -24,22 +24,13 @@ from typing import Any
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.harness import NodeProcess, free_port
+from tests.harness import NodeProcess, free_port, wait_for
 from tests.helpers import Identity, link_secret
 from tests.tlsca import TestCA
 
 pytestmark = pytest.mark.integration
 
 DANTED = shutil.which("danted") or (os.path.exists("/usr/sbin/danted") and "/usr/sbin/danted") or None
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:
-    """Poll ``predicate`` until true; fail after ``timeout`` seconds (a guard, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting: {what}")
-        time.sleep(interval)
 
 
 def answers(port: int) -> bool:

@@ -15,22 +15,13 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import cli
-from tests.harness import NodeProcess, changes_page
+from tests.harness import NodeProcess, changes_page, wait_for
 from tests.helpers import Identity
 
 pytestmark = pytest.mark.integration
 
 OLD = "the-old-link-secret-0123456789abcdef"
 NEW = "the-new-link-secret-0123456789abcdef"
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:
-    """Poll ``predicate`` until true; fail after ``timeout`` seconds (a guard, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting: {what}")
-        time.sleep(interval)
 
 
 def feed_envelopes(node: NodeProcess, reader: NodeProcess, secret: str) -> set[str]:

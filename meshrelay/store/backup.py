@@ -246,15 +246,8 @@ def _uri_path(path: str) -> str:
     return quote(os.path.abspath(path))
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
+def _fsync(path: str) -> None:
+    """Flush a file, or a directory's entries (a rename in it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -346,7 +339,7 @@ def backup_sqlite(
             finally:
                 dst.close()
             private_file(tmp)
-            _fsync_file(tmp)
+            _fsync(tmp)
             if force:
                 os.replace(tmp, out)
             else:
@@ -355,7 +348,7 @@ def backup_sqlite(
                 except FileExistsError:
                     raise BackupError(f"{out} already exists (use --force to replace it)") from None
                 os.unlink(tmp)
-            _fsync_dir(directory)
+            _fsync(directory)
     finally:
         src.close()
     return BackupReport(out, summary, os.path.getsize(out), steps, clock() - started)
@@ -449,7 +442,7 @@ def restore_sqlite(
         finally:
             conn.close()
         private_file(tmp)
-        _fsync_file(tmp)
+        _fsync(tmp)
         # A -wal left by the replaced store would be replayed into the new file: remove it first.
         for suffix in SIDE_FILES:
             try:
@@ -457,7 +450,7 @@ def restore_sqlite(
             except FileNotFoundError:
                 pass
         os.replace(tmp, target)
-        _fsync_dir(data_dir)
+        _fsync(data_dir)
     return RestoreReport(target, after, old, new)
 
 
