@@ -30,8 +30,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.harness import NodeProcess  # noqa: E402
-from tests.helpers import Identity  # noqa: E402
+from tests.harness import NodeProcess
+from tests.helpers import Identity
 
 SECRET = "fetch-remote-bench-secret"
 

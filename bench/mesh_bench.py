@@ -475,15 +475,27 @@ async def catchup(reactor: Any, args: argparse.Namespace) -> None:
             seconds, failures = await closed_loop(client, cluster["a"].url + SEND, make_envelopes(n), 32)
             assert failures == 0, failures
             done += n
+        a_before = node_cpu(cluster["a"])
         launched = time.perf_counter()
         cluster["b"].start(wait=False)
         spies = start_profilers(args.profile, {"a": cluster["a"], "b": cluster["b"]})
+        # B answers its admin API once it has started (and begun to sync).
+        await wait_until(reactor, lambda: cluster.gauge("b", "meshrelay_stored_envelopes") >= 0, 60, 0.02)
+        ready = time.perf_counter() - launched
         await wait_until(reactor, lambda: cluster.gauge("b", "meshrelay_stored_envelopes") >= args.backlog, 3600, 0.1)
         seconds = time.perf_counter() - launched
+        a_after, b_used = node_cpu(cluster["a"]), node_cpu(cluster["b"])
         stop_profilers(spies)
+        a_cpu = sum(a_after) - sum(a_before)
         print(
-            f"  fresh node B holds all {args.backlog} after {seconds:.1f} s (from its launch): "
-            f"{args.backlog / seconds:.0f} envelopes/s"
+            f"  fresh node B holds all {args.backlog} after {seconds:.1f} s from its launch: "
+            f"{args.backlog / seconds:.0f} envelopes/s ({ready:.1f} s to start; "
+            f"{args.backlog / (seconds - ready):.0f} envelopes/s once started)"
+        )
+        print(
+            f"  CPU per envelope: A {a_cpu / args.backlog * 1e6:.0f} us, B {sum(b_used) / args.backlog * 1e6:.0f} us "
+            f"(node {b_used[0] / args.backlog * 1e6:.0f} + writer {b_used[1] / args.backlog * 1e6:.0f}, "
+            f"its start-up included)"
         )
     finally:
         await pool.closeCachedConnections()
@@ -500,7 +512,7 @@ def start_profilers(out_dir: str | None, nodes: dict[str, NodeProcess]) -> list[
         assert node.proc is not None
         out = os.path.join(out_dir, f"{name}.txt")
         cmd = ["py-spy", "record", "--pid", str(node.proc.pid), "--subprocesses", "--threads"]
-        cmd += ["--format", "raw", "--rate", "200", "--nonblocking", "--output", out]
+        cmd += ["--format", "raw", "--rate", "200", "--nonblocking", "--output", out] + (["--gil"] if os.environ.get("SPY_GIL") else [])
         spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return spies
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -272,26 +272,39 @@ class Relay:
 
     # ------------------------------------------------------------------ envelopes
 
-    def _store_envelope(
-        self, env: E.Envelope, origin: str, verify: str | None = None, peer: str | None = None
-    ) -> Deferred[AddResult]:
-        """Add ``env``; on commit wake its mailbox's long-polls (and push a client deposit).
+    def _store_envelope(self, env: E.Envelope, verify: str | None = None) -> Deferred[AddResult]:
+        """Add a client's ``env``; on commit wake its mailbox's long-polls and push it to the peers.
 
         With ``verify`` a store that ``verifies_signatures`` checks the signature in its writer.
         """
-        now = self.now()
 
         def committed(result: AddResult) -> AddResult:
             if result.status == ACCEPTED:
                 self._update_gauges()
                 self.wake(env.mailbox)
-                if origin == "client":
-                    self._envelope_committed(env)
-                else:
-                    self.metrics.replication_lag.observe(max(0, now - env.ts))
+                self._envelope_committed(env)
             return result
 
-        return self.store.add_envelope(env, now, verify=verify, peer=peer).addCallback(committed)
+        return self.store.add_envelope(env, self.now(), verify=verify).addCallback(committed)
+
+    def _store_replicas(
+        self, envs: list[E.Envelope], verify: str | None, peer: str | None
+    ) -> Deferred[list[AddResult]]:
+        """Add a page of replicas as one store operation; on commit wake the mailboxes of those accepted."""
+        now = self.now()
+
+        def committed(results: list[AddResult]) -> list[AddResult]:
+            accepted = False
+            for env, result in zip(envs, results):
+                if result.status == ACCEPTED:
+                    accepted = True
+                    self.wake(env.mailbox)
+                    self.metrics.replication_lag.observe(max(0, now - env.ts))
+            if accepted:
+                self._update_gauges()
+            return results
+
+        return self.store.add_envelopes(envs, now, verify=verify, peer=peer).addCallback(committed)
 
     def deposit(self, obj: Any) -> Deferred[dict[str, Any]]:
         """A client deposit (3.1): size, shape, msg_id, signature, time, dedup, caps.
@@ -316,7 +329,7 @@ class Relay:
         try:
             E.check_deposit_time(env, self.now(), lim.clock_skew, lim.min_ttl, lim.max_ttl)
             if self.store.verifies_signatures:
-                d = shield(self._store_envelope(self._admit_unverified(env, extras), "client", verify="deposit"))
+                d = shield(self._store_envelope(self._admit_unverified(env, extras), verify="deposit"))
             else:
                 d = _run(self._verify_then_store(env, extras))
         except MeshError as e:
@@ -329,7 +342,7 @@ class Relay:
     async def _verify_then_store(self, env: E.Envelope, extras: P.Extras) -> AddResult:
         await self._verify(env.sender_key, env.sig_bytes, env.signed)
         env = await self._admit(env, extras)
-        return await shield(self._store_envelope(env, "client"))
+        return await shield(self._store_envelope(env))
 
     def _admit_unverified(self, env: E.Envelope, extras: P.Extras) -> E.Envelope:
         """First contact (v3) for a store that verifies: no I/O, the policy's rules and the permit's fields.
@@ -438,8 +451,8 @@ class Relay:
                 late[i] = e
         # Those the time rule refuses are verified here either way, so a forged one reports bad_signature.
         here = [(i, env) for i, env in parsed if not in_store or i in late]
-        checks = [self.verifier.verify(env.sender_key, env.sig_bytes, env.signed) for _, env in here]
-        verdicts = await shield(gatherResults(checks)) if checks else []
+        checks = [(env.sender_key, env.sig_bytes, env.signed) for _, env in here]
+        verdicts = await shield(self.verifier.verify_many(checks)) if checks else []
         forged = {i for (i, _), ok in zip(here, verdicts) if not ok}
         kept = []
         for i, env in parsed:
@@ -458,12 +471,10 @@ class Relay:
             except MeshError as e:
                 results[i] = self._replica_rejected(env.to_json(), e)
         parsed = admitted
-        adds: list[tuple[int, E.Envelope, Deferred[AddResult]]] = [
-            (i, env, self._store_envelope(env, "peer", "replica" if in_store else None, peer)) for i, env in parsed
-        ]
-        done = await shield(gatherResults([d for _, _, d in adds])) if adds else []
+        envs = [env for _, env in parsed]
+        done = await shield(self._store_replicas(envs, "replica" if in_store else None, peer)) if envs else []
         refused: dict[str, int] = {}
-        for (i, env, _), res in zip(adds, done):
+        for (i, env), res in zip(parsed, done):
             self.metrics.replica_total.labels(_REPLICA_OUTCOME[res.status]).inc()
             if res.status in (ACCEPTED, DUPLICATE):
                 results[i] = {"msg_id": env.msg_id, "status": res.status}

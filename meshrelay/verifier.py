@@ -10,6 +10,8 @@ With no executor, verification runs inline (tests, ``verify_threads = 0``).
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
@@ -28,7 +30,8 @@ class Verifier:
         self._executor = executor
         self._max_inflight = max(1, max_inflight)
         self._inflight = 0
-        self._pending: list[tuple[Item, Deferred[bool]]] = []
+        #: waiting groups: (items, deferred, whether it wants the whole list or one verdict)
+        self._pending: list[tuple[list[Item], Deferred[Any], bool]] = []
 
     def start(self) -> None:
         if self._executor is not None:
@@ -42,8 +45,17 @@ class Verifier:
         """Fire with True when ``sig`` is ``key``'s signature over ``msg``."""
         if self._executor is None:
             return succeed(verify_signature(key, sig, msg))
-        d: Deferred[bool] = Deferred()
-        self._pending.append(((key, sig, msg), d))
+        return self._queue([(key, sig, msg)], False)
+
+    def verify_many(self, items: list[Item]) -> Deferred[list[bool]]:
+        """One verdict per (key, sig, msg), in order: a page of replicas costs one Deferred, not one each."""
+        if self._executor is None or not items:
+            return succeed(_verify_all(items))
+        return self._queue(list(items), True)
+
+    def _queue(self, items: list[Item], many: bool) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._pending.append((items, d, many))
         if self._inflight < self._max_inflight:
             self._dispatch()
         return d
@@ -52,12 +64,17 @@ class Verifier:
         assert self._executor is not None
         batch, self._pending = self._pending, []
         self._inflight += 1
-        self._executor.run(_verify_all, [item for item, _ in batch]).addBoth(self._done, batch)
+        flat = [item for items, _, _ in batch for item in items]
+        self._executor.run(_verify_all, flat).addBoth(self._done, batch)
 
-    def _done(self, result: list[bool] | Failure, batch: list[tuple[Item, Deferred[bool]]]) -> None:
+    def _done(self, result: list[bool] | Failure, batch: list[tuple[list[Item], Deferred[Any], bool]]) -> None:
         self._inflight -= 1
-        for i, (_, d) in enumerate(batch):
+        at = 0
+        for items, d, many in batch:
+            n = len(items)
             # A verification that could not run counts as not verified.
-            d.callback(False if isinstance(result, Failure) else result[i])
+            verdicts = [False] * n if isinstance(result, Failure) else result[at : at + n]
+            at += n
+            d.callback(verdicts if many else verdicts[0])
         if self._pending and self._inflight < self._max_inflight:
             self._dispatch()

@@ -56,11 +56,16 @@ class HeldVerifier:
     """A verifier whose answers wait until the test releases them, oldest first (one verifier thread)."""
 
     def __init__(self) -> None:
-        self.held: list[tuple[Deferred[bool], bool]] = []
+        self.held: list[tuple[Deferred[Any], bool | list[bool]]] = []
 
     def verify(self, key: bytes, sig: bytes, msg: bytes) -> Deferred[bool]:
         d: Deferred[bool] = Deferred()
         self.held.append((d, verify_signature(key, sig, msg)))
+        return d
+
+    def verify_many(self, items: list[tuple[bytes, bytes, bytes]]) -> Deferred[list[bool]]:
+        d: Deferred[list[bool]] = Deferred()
+        self.held.append((d, [verify_signature(*item) for item in items]))
         return d
 
     def release_all(self, mesh: Mesh) -> None:

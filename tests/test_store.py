@@ -23,6 +23,7 @@ from meshrelay import envelope as E
 from meshrelay.executor import Executor, InlineExecutor
 from meshrelay.metrics import Metrics
 from meshrelay.store import migrations
+from meshrelay.store import sqlite as sqlite_store
 from meshrelay.store.base import (
     ACCEPTED,
     DUPLICATE,
@@ -502,6 +503,26 @@ class StoreBehaviour:
         self.assertEqual(self.fetch_ids(store, bob), [e0.msg_id, e1.msg_id, e2.msg_id])
         self.assertIsNone(self.successResultOf(store.get_cursor("http://b.test")))
         self.assertEqual(store.stats().envelopes, 3)
+
+    def test_add_envelopes_answers_each_in_order(self) -> None:
+        """A page of replicas added at once: one result per envelope, in order, with dedup, tombstones and caps."""
+        store = self.make_store(Caps(per_sender_pending=2))
+        bob, alice, carol = Identity(), Identity(), Identity()
+        held = make_env(alice, bob, b"held")
+        gone = make_env(carol, bob, b"gone")
+        self.assertEqual(self.add(store, held).status, ACCEPTED)
+        self.ack(store, make_ack(bob, [gone.msg_id]))  # an ack before its envelope
+        fresh = make_env(alice, bob, b"fresh")
+        over = make_env(alice, bob, b"over")  # alice's third: over the sender cap
+        other = make_env(carol, alice, b"other")
+        page = [held, fresh, gone, over, other, fresh]
+        results = self.successResultOf(store.add_envelopes(page, T0, peer="http://p.test"))
+        self.assertEqual([r.status for r in results], [DUPLICATE, ACCEPTED, DUPLICATE, SENDER_CAP, ACCEPTED, DUPLICATE])
+        self.assertTrue(results[3].remembered)
+        self.assertEqual([r.msg_id for r in self.successResultOf(store.refused(T0, 10))], [over.msg_id])
+        self.assertEqual(sorted(self.fetch_ids(store, bob)), sorted([held.msg_id, fresh.msg_id]))
+        self.assertEqual(self.fetch_ids(store, alice), [other.msg_id])
+        self.assertEqual(self.successResultOf(store.add_envelopes([], T0)), [])
 
     def test_one_batch_sees_its_own_earlier_operations(self) -> None:
         """Within one batch: a repeated deposit is a duplicate, caps count earlier deposits, an ack deletes them."""
@@ -1055,6 +1076,41 @@ class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
         self.assertEqual([i.body for i in page.items], [first.raw])
         self.assertEqual([i.kind for i in rest.items], ["envelope", "ack"])
         self.assertEqual(len(calls), 1)
+
+    def test_a_page_of_replicas_is_one_write_operation(self) -> None:
+        """add_envelopes crosses to the writer as one operation, whatever the page's length."""
+        writer = ManualExecutor()
+        store = self.make_store(writer=writer)
+        bob, alice = Identity(), Identity()
+        hold = store.claim_nonce("x", "y", T0 + 60)  # occupies the writer
+        page = [make_env(alice, bob, b"%d" % i) for i in range(5)]
+        d = store.add_envelopes(page, T0, peer="http://p.test")
+        writer.release()
+        self.assertTrue(self.successResultOf(hold))
+        ((_, (ops,), _),) = writer.jobs
+        self.assertEqual([op[0] for op in ops], ["add_many"])
+        writer.release()
+        self.assertEqual([r.status for r in self.successResultOf(d)], [ACCEPTED] * 5)
+
+    def test_a_failing_item_fails_the_page_but_not_its_neighbours(self) -> None:
+        """One add of a page failing in SQLite: the call fails with StoreError, the others are stored."""
+        metrics = Metrics()
+        store = self.make_store(metrics=metrics)
+        bob, alice = Identity(), Identity()
+        page = [make_env(alice, bob, b"%d" % i) for i in range(3)]
+        real_add = sqlite_store._add
+
+        def failing_add(conn: Any, st: Any, caps: Caps, args: tuple[Any, ...]) -> AddResult:
+            if args[0] == page[1].msg_id:
+                conn.execute("INSERT INTO envelopes (seq) VALUES (NULL)")  # violates NOT NULL
+            return real_add(conn, st, caps, args)
+
+        self.patch(sqlite_store, "_add", failing_add)
+        f = self.failureResultOf(store.add_envelopes(page, T0), StoreError)
+        self.assertIn("NOT NULL", f.getErrorMessage())
+        self.assertEqual(sorted(self.fetch_ids(store, bob)), sorted([page[0].msg_id, page[2].msg_id]))
+        self.assertEqual(metrics.value("meshrelay_store_errors_total"), 1)
+        self.assertEqual(store.stats().envelopes, 2)
 
 
 @requires_pg

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -81,6 +81,39 @@ def settle_batch(
             metrics.store_errors_total.inc()
         log.error("store operation failed: {err}", err=one_line(result))
         d.errback(result if isinstance(result, StoreError) else StoreError(one_line(result)))
+
+
+def settle_items(outcomes: Sequence[tuple[bool, Any]], metrics: Any, log: Logger) -> list[Any]:
+    """The values of one multi-item operation (``add_envelopes``); a StoreError if any item failed.
+
+    The items that succeeded are committed either way: a caller that retries
+    the whole list finds them as duplicates.  Failures count and log as
+    :func:`settle_batch`'s do.
+    """
+    failed = [value for ok, value in outcomes if not ok]
+    if not failed:
+        return [value for _, value in outcomes]
+    if metrics is not None:
+        metrics.store_errors_total.inc(len(failed))
+    msg = one_line(failed[0])
+    log.error("{n} of {total} store operations failed: {err}", n=len(failed), total=len(outcomes), err=msg)
+    raise failed[0] if isinstance(failed[0], StoreError) else StoreError(msg)
+
+
+def add_each(
+    add: Callable[[Envelope, int, str | None, str | None], Deferred[AddResult]],
+    envs: Sequence[Envelope],
+    now: int,
+    verify: str | None,
+    peer: str | None,
+) -> Deferred[list[AddResult]]:
+    """``add_envelopes`` for a backend whose own group commit already batches single adds."""
+
+    def first(f: Failure) -> Failure:
+        return f.value.subFailure if isinstance(f.value, FirstError) else f
+
+    d = gatherResults([add(env, now, verify, peer) for env in envs], consumeErrors=True)
+    return d.addErrback(first)
 
 
 @dataclass(frozen=True)
@@ -342,6 +375,15 @@ class Store(Protocol):
         With ``peer`` (a replica offered by that peer), a cap refusal is
         remembered (bounded, see ``refused``) in the same transaction, and an
         acceptance forgets every remembered refusal of that msg_id.
+        """
+
+    def add_envelopes(
+        self, envs: Sequence[Envelope], now: int, verify: str | None = None, peer: str | None = None
+    ) -> Deferred[list[AddResult]]:
+        """``add_envelope`` for each of ``envs``, in order, one result each (a page of replicas).
+
+        Fails with ``StoreError`` when any of them failed; those that did not
+        are stored all the same.
         """
 
     def apply_ack(

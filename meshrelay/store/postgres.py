@@ -103,6 +103,7 @@ from meshrelay.store.base import (
     StoreError,
     StoreStats,
     SweepResult,
+    add_each,
     bucket_refusal,
     cut_page,
     fill_bodies,
@@ -856,6 +857,12 @@ class PostgresStore:
         return seq, count, nbytes
 
     # ------------------------------------------------------------------ writes
+
+    def add_envelopes(
+        self, envs: Sequence[Envelope], now: int, verify: str | None = None, peer: str | None = None
+    ) -> Deferred[list[AddResult]]:
+        # Single adds queued in one reactor turn already share one transaction here.
+        return add_each(self.add_envelope, envs, now, verify, peer)
 
     def add_envelope(
         self, env: Envelope, now: int, verify: str | None = None, peer: str | None = None

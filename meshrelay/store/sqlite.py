@@ -66,6 +66,7 @@ from meshrelay.store.base import (
     fill_bodies,
     junk_budget,
     settle_batch,
+    settle_items,
 )
 
 T = TypeVar("T")
@@ -331,6 +332,27 @@ def _add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]
     return AddResult(ACCEPTED, seq=st.seq)
 
 
+def _add_args(env: Envelope, now: int, verify: str | None, peer: str | None) -> tuple[Any, ...]:
+    """The ``add`` operation's arguments (plain values: they cross to the writer process)."""
+    body = env.raw
+    check = (
+        None if verify is None else (env.sender_key, env.sig_bytes, env.signed, verify == "replica", env.permit_check)
+    )
+    return (
+        env.msg_id,
+        env.mailbox,
+        env.sender,
+        env.expires,
+        len(body),
+        body,
+        now,
+        check,
+        peer,
+        env.contact,
+        env.stranger_cap,
+    )
+
+
 def _count_contacts(conn: sqlite3.Connection, mailbox: str, now: int) -> int:
     """Live contact envelopes of ``mailbox`` (protocol v3)."""
     (n,) = conn.execute(
@@ -527,11 +549,33 @@ def _op_forget_refused(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: t
     conn.executemany("DELETE FROM refused WHERE msg_id = ? AND peer = ?", items)
 
 
+def _op_add_many(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> list[tuple[bool, Any]]:
+    """Several adds as one operation (a page of replicas): ``(ok, AddResult or exception)`` each.
+
+    Each add is isolated from the others' failures exactly as a lone ``add``
+    op is in :meth:`WriterCore.run_batch` (its only write that can fail alone
+    is its last statement, which SQLite undoes by itself).
+    """
+    (items,) = args
+    out: list[tuple[bool, Any]] = []
+    for item in items:
+        saved = (st.seq, st.count, st.bytes, st.junk)
+        try:
+            out.append((True, _op_add(conn, st, caps, item)))
+        except Exception as e:
+            if not conn.in_transaction:
+                raise
+            st.seq, st.count, st.bytes, st.junk = saved
+            out.append((False, e))
+    return out
+
+
 OpFunction = Callable[[sqlite3.Connection, _Batch, Caps, tuple[Any, ...]], Any]
 
 #: name -> (function, its only write is its last statement)
 OPS: dict[str, tuple[OpFunction, bool]] = {
     "add": (_op_add, True),
+    "add_many": (_op_add_many, True),
     "ack": (_op_ack, False),
     "nonce": (_op_nonce, True),
     "cursor": (_op_cursor, True),
@@ -880,14 +924,19 @@ class SQLiteStore:
         is verified before dedup; a replica only when it is not a duplicate.
         With ``peer``, a cap refusal is remembered (see ``refused``).
         """
-        body = env.raw
-        check = (
-            None
-            if verify is None
-            else (env.sender_key, env.sig_bytes, env.signed, verify == "replica", env.permit_check)
-        )
-        args = (env.msg_id, env.mailbox, env.sender, env.expires, len(body), body, now, check, peer)
-        return self._write(("add", (*args, env.contact, env.stranger_cap))).addCallback(self._count_forgotten)
+        return self._write(("add", _add_args(env, now, verify, peer))).addCallback(self._count_forgotten)
+
+    def add_envelopes(
+        self, envs: Sequence[Envelope], now: int, verify: str | None = None, peer: str | None = None
+    ) -> Deferred[list[AddResult]]:
+        """``add_envelope`` for each, as one write operation (one Deferred, one round trip to the writer)."""
+        if not envs:
+            return succeed([])
+        items = [_add_args(env, now, verify, peer) for env in envs]
+        return self._write(("add_many", (items,))).addCallback(self._settle_many)
+
+    def _settle_many(self, outcomes: list[tuple[bool, Any]]) -> list[AddResult]:
+        return [self._count_forgotten(r) for r in settle_items(outcomes, self._metrics, self.log)]
 
     def _count_forgotten(self, result: AddResult) -> AddResult:
         if result.remembered is False and self._metrics is not None:
