@@ -512,7 +512,9 @@ def start_profilers(out_dir: str | None, nodes: dict[str, NodeProcess]) -> list[
         assert node.proc is not None
         out = os.path.join(out_dir, f"{name}.txt")
         cmd = ["py-spy", "record", "--pid", str(node.proc.pid), "--subprocesses", "--threads"]
-        cmd += ["--format", "raw", "--rate", "200", "--nonblocking", "--output", out] + (["--gil"] if os.environ.get("SPY_GIL") else [])
+        cmd += ["--format", "raw", "--rate", "200", "--nonblocking", "--output", out] + (
+            ["--gil"] if os.environ.get("SPY_GIL") else []
+        )
         spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return spies
 
