@@ -121,6 +121,8 @@ ACK = "ack"
 
 #: pages one sync run pulls before it yields (the next run starts at once)
 MAX_PAGES_PER_RUN = 1000
+#: pages of one sync run being applied (verified and stored) at once, while the next is fetched
+APPLY_DEPTH = 3
 #: pages a fetch_remote (or a refetch from a v1-only peer) pulls from a peer for one mailbox
 MAX_FETCH_PAGES = 4
 #: cap on a push answer's body (results are ~100 bytes per item)
@@ -699,19 +701,24 @@ class SyncPuller:
         synced_at = cursor.synced_at if cursor is not None else 0.0
         if synced_at and (self.synced_at is None or synced_at > self.synced_at):
             self.synced_at = synced_at
-        # A pipeline two pages deep: while page N is verified and stored, page
-        # N+1 (with its bodies, for a v2 peer) is already being fetched.  The
-        # durable cursor only ever moves past a page whose items are all
-        # applied, in order.
+        # A pipeline: while up to APPLY_DEPTH pages are verified and stored,
+        # the next page (with its bodies, for a v2 peer) is already being
+        # fetched.  The durable cursor only ever moves past a page whose items
+        # are all applied, in order.
         prefetch: Deferred[Page] | None = None
-        applying: tuple[Deferred[None], Page] | None = None
+        applying: deque[tuple[Deferred[None], Page]] = deque()
         pages = 0
+
+        async def finish_all(synced_at: float) -> float:
+            while applying:
+                synced_at = await self._finish(applying[0], synced_at)
+                applying.popleft()
+            return synced_at
+
         try:
             while True:
                 if pages and not await self._lease():
-                    if applying is not None:
-                        synced_at = await self._finish(applying, synced_at)
-                        applying = None
+                    await finish_all(synced_at)
                     return "skipped"
                 if prefetch is None:
                     prefetch = self._load_page(since)
@@ -731,25 +738,26 @@ class SyncPuller:
                 last = not page.more or pages >= MAX_PAGES_PER_RUN
                 if not last:
                     prefetch = self._load_page(since)
-                if applying is not None and applying[1].acks:
-                    # This page's envelopes must not overtake the previous
+                if any(earlier.acks for _, earlier in applying):
+                    # This page's envelopes must not overtake an earlier
                     # page's acks (see _apply): let those finish first.
-                    synced_at = await self._finish(applying, synced_at)
-                    applying = None
-                # The new page's apply is held in ``applying`` before anything
-                # is awaited, so the cleanup below cancels it if that fails.
-                previous, applying = applying, (Deferred.fromCoroutine(self._apply(page)), page)
-                if previous is not None:
-                    synced_at = await self._finish(previous, synced_at)
+                    synced_at = await finish_all(synced_at)
+                # The new page's apply is in ``applying`` before anything is
+                # awaited, so the cleanup below cancels it if that fails.
+                applying.append((Deferred.fromCoroutine(self._apply(page)), page))
+                while len(applying) >= APPLY_DEPTH:
+                    synced_at = await self._finish(applying[0], synced_at)
+                    applying.popleft()
                 if last:
-                    synced_at = await self._finish(applying, synced_at)
-                    applying = None
+                    await finish_all(synced_at)
                     return "ok" if not page.more else "partial"
         finally:
-            for pending in (prefetch, applying[0] if applying is not None else None):
-                if pending is not None:
-                    pending.addErrback(lambda _: None)
-                    pending.cancel()
+            pending: list[Deferred[Any]] = [done for done, _ in applying]
+            if prefetch is not None:
+                pending.append(prefetch)
+            for d in pending:
+                d.addErrback(lambda _: None)
+                d.cancel()
 
     async def _finish(self, applying: tuple[Deferred[None], Page], synced_at: float) -> float:
         """Wait for a page's items to be applied, then move the durable cursor past it."""

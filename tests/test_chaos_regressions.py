@@ -25,7 +25,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from meshrelay import cli
 from meshrelay import envelope as E
 from meshrelay.envelope import verify_signature
-from meshrelay.replication import _describe
+from meshrelay.replication import APPLY_DEPTH, _describe
 from tests.helpers import Identity, MemNode, Mesh, make_config
 from tests.test_replication import MeshTestCase
 
@@ -101,6 +101,29 @@ class SyncPipelineOrderTests(MeshTestCase):
         held.release_all(self.mesh)
         self.assertEqual(self.live("a"), [m2["msg_id"]])
         self.assertEqual(self.live("b"), [m2["msg_id"]])
+
+
+class SyncPipelineDepthTests(MeshTestCase):
+    names = ("a", "b")
+    sync = {"interval": 3600}
+
+    def test_several_pages_are_applied_at_once_and_the_cursor_moves_in_order(self) -> None:
+        """While page 1 waits for its verification, pages 2 and 3 are verified too (APPLY_DEPTH), not one by one."""
+        self.mesh.set_mode("a", "b", "down", both=True)
+        puller = self.peer_client("b", "a").puller
+        puller.ids_limit = 2
+        envs = [self.send("a", b"m%d" % i, sender=Identity()) for i in range(10)]
+        self.mesh.set_mode("a", "b", "up", both=True)
+        held = HeldVerifier()
+        self.mesh["b"].relay.verifier = held  # type: ignore[assignment]
+        puller.sync_now()
+        self.mesh.settle()
+        self.assertEqual(len(held.held), APPLY_DEPTH)  # three pages' verifications wait at once
+        self.assertEqual(self.successResultOf(self.mesh["b"].store.get_cursor(Mesh.url("a"))).since, 0)
+        held.release_all(self.mesh)
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
+        cursor = self.successResultOf(self.mesh["b"].store.get_cursor(Mesh.url("a")))
+        self.assertEqual(cursor.since, 10)
 
 
 class _Silent(Protocol):
