@@ -474,14 +474,17 @@ class Relay:
         envs = [env for _, env in parsed]
         done = await shield(self._store_replicas(envs, "replica" if in_store else None, peer)) if envs else []
         refused: dict[str, int] = {}
+        outcomes: dict[str, int] = {}
         for (i, env), res in zip(parsed, done):
-            self.metrics.replica_total.labels(_REPLICA_OUTCOME[res.status]).inc()
+            outcomes[res.status] = outcomes.get(res.status, 0) + 1
             if res.status in (ACCEPTED, DUPLICATE):
                 results[i] = {"msg_id": env.msg_id, "status": res.status}
             else:
                 results[i] = {"msg_id": env.msg_id, "status": "rejected", "error": res.status}
                 if res.status != BAD_SIGNATURE:  # a forgery, not a cap (counted in replica_total)
                     refused[res.status] = refused.get(res.status, 0) + 1
+        for status, n in outcomes.items():  # one metric update per outcome, not per replica
+            self.metrics.replica_total.labels(_REPLICA_OUTCOME[status]).inc(n)
         for status, n in refused.items():
             self._cap_hit("replica_" + status, "{n} replica(s) refused at a cap ({status})", n=n, status=status)
         return [r for r in results if r is not None]
