@@ -246,7 +246,7 @@ def _stat(pid: int) -> tuple[int, float]:
 
 
 def node_cpu(node: NodeProcess) -> tuple[float, float]:
-    """CPU seconds used so far by a node process, and by its children (the store writer)."""
+    """CPU seconds used so far by a node process, and by its children (store writer, signature verifier)."""
     assert node.proc is not None
     pid = node.proc.pid
     own = _stat(pid)[1]
@@ -282,7 +282,7 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
         per: dict[str, list[float]] = {"solo": [], "a": []}
         print(
             f"cpu: {args.rounds} rounds x {args.count} deposits, concurrency {args.concurrency}, "
-            f"sync.interval {args.interval}s; CPU = node process + store writer child"
+            f"sync.interval {args.interval}s; CPU = node process + its children (store writer, signature verifier)"
         )
         await closed_loop(client, cluster["solo"].url + SEND, make_envelopes(200), args.concurrency)  # warm-up
         await closed_loop(client, cluster["a"].url + SEND, make_envelopes(200), args.concurrency)
@@ -323,7 +323,7 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                     pushed = f"; {requests:.0f} push requests, {items / max(requests, 1):.1f} items each"
                 print(
                     f"  round {r + 1} {label}: {(own + writer) * 1e6:7.0f} us CPU per deposit "
-                    f"(node {own * 1e6:.0f} + writer {writer * 1e6:.0f}; {done / seconds:.0f} deposits/s, "
+                    f"(node {own * 1e6:.0f} + children {writer * 1e6:.0f}; {done / seconds:.0f} deposits/s, "
                     f"{failures} failed{pushed})"
                 )
         solo, mesh = statistics.median(per["solo"]), statistics.median(per["a"])
@@ -463,7 +463,7 @@ async def latency(reactor: Any, args: argparse.Namespace) -> None:
 
 
 async def catchup(reactor: Any, args: argparse.Namespace) -> None:
-    config = {"limits": BENCH_LIMITS, "sync": {"interval": 3600}}
+    config = {"limits": BENCH_LIMITS, "sync": {"interval": 3600}, "node": {"verifier": args.verifier}}
     cluster = Cluster(["a", "b"], [("a", "b")], config)
     client, pool = make_client(reactor, 32)
     try:
@@ -494,7 +494,7 @@ async def catchup(reactor: Any, args: argparse.Namespace) -> None:
         )
         print(
             f"  CPU per envelope: A {a_cpu / args.backlog * 1e6:.0f} us, B {sum(b_used) / args.backlog * 1e6:.0f} us "
-            f"(node {b_used[0] / args.backlog * 1e6:.0f} + writer {b_used[1] / args.backlog * 1e6:.0f}, "
+            f"(node {b_used[0] / args.backlog * 1e6:.0f} + children {b_used[1] / args.backlog * 1e6:.0f}, "
             f"its start-up included)"
         )
     finally:
@@ -615,6 +615,7 @@ def main() -> None:
     p = sub.add_parser("catchup")
     p.add_argument("--backlog", type=int, default=100000)
     p.add_argument("--profile", default=None, help="py-spy both nodes while B catches up; collapsed stacks to DIR")
+    p.add_argument("--verifier", default="process", choices=("process", "thread"), help="node.verifier of the nodes")
     p = sub.add_parser("ackprop")
     p.add_argument("--count", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=4)

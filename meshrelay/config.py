@@ -78,7 +78,10 @@ class NodeConfig:
     log_format: str = field(default="text", metadata=_choice("text", "json"))
     #: seconds between expiry sweeps
     sweep_interval: int = field(default=60, metadata=_range(1, 86400))
-    #: worker threads that verify Ed25519 signatures off the reactor (0 = on the reactor)
+    #: where Ed25519 signatures are verified off the reactor: a child process (its own
+    #: interpreter lock) or worker threads of the node's process (``verify_threads``)
+    verifier: str = field(default="process", metadata=_choice("process", "thread"))
+    #: with ``verifier = "thread"``: worker threads that verify (0 = on the reactor)
     verify_threads: int = field(default=1, metadata=_range(0, 64))
     #: where SQLite writes (and deposit signature checks) run: a child process
     #: (uses a second core) or a thread of the node's process
@@ -620,6 +623,7 @@ RESTART_KEYS = frozenset(
         "node.data_dir",
         "node.durability",
         "node.log_format",
+        "node.verifier",
         "node.verify_threads",
         "node.store_writer",
         "node.listen_address_means_nothing",

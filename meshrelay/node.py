@@ -20,8 +20,10 @@ from twisted.web.resource import Resource
 
 from meshrelay import __version__
 from meshrelay.api import ClientAPI
+from meshrelay.child import ProcessExecutor
 from meshrelay.config import Config, ConfigChange, ConfigError, PeerConfig, diff_configs, keep_restart_values
 from meshrelay.cors import CorsPolicy, CorsResource
+from meshrelay.errors import Unavailable
 from meshrelay.executor import ThreadExecutor
 from meshrelay.fairness import AddressPolicy
 from meshrelay.inbox import InboxResource
@@ -96,11 +98,12 @@ class Node(Service):
         self.store = store_factory(config, reactor, self.metrics)
         threads = config.node.verify_threads
         if verifier is None:
-            verifier = (
-                Verifier(ThreadExecutor(reactor, threads, "meshrelay-verify"), max_inflight=threads)
-                if threads
-                else Verifier()
-            )
+            if config.node.verifier == "process":
+                verifier = Verifier(ProcessExecutor(reactor, "signature verifier", Unavailable), max_inflight=2)
+            elif threads:
+                verifier = Verifier(ThreadExecutor(reactor, threads, "meshrelay-verify"), max_inflight=threads)
+            else:
+                verifier = Verifier()
         self.verifier = verifier
         self.relay = Relay(self.store, config, reactor, self.metrics, self.verifier)
         # The store logs per operation (a failing disk fails every write): aggregate it too.

@@ -66,6 +66,7 @@ LAYERS: dict[str, int] = {
             "files",
             "deferutil",
             "executor",
+            "child",
             "store.migrations",
             "policy",
             "contact",

@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import envelope as E
+from meshrelay.errors import Unavailable
 from meshrelay.verifier import Verifier
 from tests.helpers import Identity
 
@@ -83,14 +84,14 @@ class VerifierTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(group), [True, False, True])
         self.assertFalse(self.successResultOf(last))
 
-    def test_a_failed_job_verifies_nothing(self) -> None:
-        """When the pool cannot run the job, every item counts as not verified."""
+    def test_a_failed_job_is_unavailable_not_forged(self) -> None:
+        """When the executor cannot run a job (its child died), every request of it fails with Unavailable."""
         pool = HeldExecutor(broken=True)
         verifier = Verifier(pool)
         items = signed_items(2)
         group = verifier.verify_many([items[0], items[0]])
         pool.release()
-        self.assertEqual(self.successResultOf(group), [False, False])
+        self.assertEqual(self.failureResultOf(group, Unavailable).value.code, "unavailable")
         single = verifier.verify(*items[0])
         pool.release()
-        self.assertFalse(self.successResultOf(single))
+        self.failureResultOf(single, Unavailable)
