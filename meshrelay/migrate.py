@@ -56,6 +56,8 @@ class Table:
     columns: tuple[str, ...]
     #: compared and repaired by the final pass (nonces expire within minutes: copied only)
     verify: bool = True
+    #: key columns that are not text (ordered as numbers or bytes on both sides, no collation)
+    plain_keys: tuple[str, ...] = ("seq",)
 
     def key_of(self, row: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(row[self.columns.index(k)] for k in self.key)
@@ -64,7 +66,8 @@ class Table:
 TABLES = (
     Table("envelopes", ("seq",), ("seq", "msg_id", "mailbox", "sender", "expires", "size", "body")),
     Table("acks", ("seq",), ("seq", "mailbox", "nonce", "expires", "body", "size", "junk")),
-    Table("tombstones", ("mailbox", "msg_id"), ("mailbox", "msg_id", "expires", "junk")),
+    # keyed by tombstone_key(mailbox, msg_id) since schema 6: 16 bytes, BLOB and BYTEA both order bytewise
+    Table("tombstones", ("digest",), ("digest", "expires", "junk"), plain_keys=("digest",)),
     Table("peer_cursors", ("peer",), ("peer", "feed_id", "since", "synced_at")),
     Table("nonces", ("scope", "nonce"), ("scope", "nonce", "expires"), verify=False),
 )
@@ -90,7 +93,26 @@ def _sqlite_page(conn: sqlite3.Connection, t: Table, after: tuple[Any, ...] | No
 
 def _pg_keys(t: Table) -> str:
     # byte order for text keys, the order SQLite uses
-    return ", ".join(k if k == "seq" else f'{k} COLLATE "C"' for k in t.key)
+    return ", ".join(k if k in t.plain_keys else f'{k} COLLATE "C"' for k in t.key)
+
+
+def _checkpoint_text(after: tuple[Any, ...]) -> str:
+    """A chunk's last key as JSON (a bytes value as ``{"hex": ...}``)."""
+    return json.dumps([{"hex": v.hex()} if isinstance(v, bytes) else v for v in after])
+
+
+def _checkpoint_key(t: Table, text: str) -> tuple[Any, ...] | None:
+    """The key a checkpoint names, or None (start the table again) when it is not a key of ``t``.
+
+    A run interrupted by an older meshrelay recorded tombstones by (mailbox, msg_id), their
+    key before schema 6: that table is copied again from its start (rows already there are upserted).
+    """
+    values = json.loads(text)
+    after = tuple(bytes.fromhex(v["hex"]) if isinstance(v, dict) else v for v in values)
+    plain = {i for i, k in enumerate(t.key) if k in t.plain_keys}
+    if len(after) != len(t.key) or any(isinstance(v, str) for i, v in enumerate(after) if i in plain):
+        return None
+    return after
 
 
 def _pg_page(conn: Any, t: Table, after: tuple[Any, ...] | None, n: int) -> list[tuple[Any, ...]]:
@@ -270,7 +292,7 @@ class Migrator:
     def _copy(self, src: sqlite3.Connection, dst: Any, t: Table) -> int:
         ckpt_key = f"migration_ckpt_{t.name}"
         row = dst.execute("SELECT value FROM meta WHERE key = %s", (ckpt_key,)).fetchone()
-        after: tuple[Any, ...] | None = tuple(json.loads(row[0])) if row else None
+        after = _checkpoint_key(t, row[0]) if row else None
         upsert = _upsert_sql(t)
         total = 0
         while True:
@@ -283,7 +305,7 @@ class Migrator:
                     cur.executemany(upsert, rows)
                 dst.execute(
                     "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (ckpt_key, json.dumps(list(after))),
+                    (ckpt_key, _checkpoint_text(after)),
                 )
             total += len(rows)
             if self.after_chunk is not None:

@@ -48,7 +48,6 @@ from typing import Any
 
 from meshrelay.files import PRIVATE_FILE, private_dir, private_file
 from meshrelay.store import migrations
-from meshrelay.store.base import TOMBSTONE_BYTES
 from meshrelay.store.sqlite import DB_NAME
 
 #: pages (of 4 KiB) copied per backup step: 4 MiB
@@ -150,7 +149,8 @@ def summarize(run: Run, checked: str) -> StoreSummary:
         problems.append(f"stored_count {counters['stored_count']} but {envelopes} envelope rows")
     if counters["last_seq"] < max(env_top, ack_top):
         problems.append(f"last_seq {counters['last_seq']} but a row has seq {max(env_top, ack_top)}")
-    accounted = int(env_bytes) + int(ack_bytes) + TOMBSTONE_BYTES * int(tombstones)
+    # a tombstone counts as the schema that made the store counted it (300 bytes before schema 6)
+    accounted = int(env_bytes) + int(ack_bytes) + migrations.tombstone_bytes(version) * int(tombstones)
     if sized and counters["stored_bytes"] != accounted:
         problems.append(f"stored_bytes {counters['stored_bytes']} but the rows account for {accounted}")
     if problems:

@@ -18,6 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from meshrelay.envelope import Envelope, SignedAck
+from meshrelay.store import migrations
+from meshrelay.store.migrations import tombstone_key as tombstone_key
 
 #: add_envelope outcomes
 ACCEPTED = "accepted"
@@ -264,9 +266,10 @@ class Refused:
     expires: int
 
 
-#: bytes a tombstone is accounted for in the stored total: its row and its expiry index entry
-#: on disk (measured about 270 bytes per tombstone on SQLite, rounded up)
-TOMBSTONE_BYTES = 300
+#: bytes a tombstone is accounted for in the stored total: its row (a 16-byte key, ``tombstone_key``,
+#: its expiry and junk flag) and its expiry index entry on disk, measured with bench/stored_form.py
+#: and rounded up (docs/benchmarks.md)
+TOMBSTONE_BYTES = migrations.TOMBSTONE_BYTES
 #: the share of ``max_stored_bytes`` that tombstones of ids never held here and signed acks that
 #: deleted nothing here may take in all (anyone with a key pair can create those)
 JUNK_SHARE = 8
