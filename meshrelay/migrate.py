@@ -38,7 +38,6 @@ from typing import Any
 
 from meshrelay.config import ConfigError, load_config, read_secret_file
 from meshrelay.store import migrations
-from meshrelay.store.base import TOMBSTONE_BYTES
 from meshrelay.store.sqlite import DB_NAME
 from meshrelay.store.sqlite import migrate as sqlite_migrate
 
@@ -109,10 +108,7 @@ def _checkpoint_key(t: Table, text: str) -> tuple[Any, ...] | None:
     """
     values = json.loads(text)
     after = tuple(bytes.fromhex(v["hex"]) if isinstance(v, dict) else v for v in values)
-    plain = {i for i, k in enumerate(t.key) if k in t.plain_keys}
-    if len(after) != len(t.key) or any(isinstance(v, str) for i, v in enumerate(after) if i in plain):
-        return None
-    return after
+    return after if len(after) == len(t.key) else None
 
 
 def _pg_page(conn: Any, t: Table, after: tuple[Any, ...] | None, n: int) -> list[tuple[Any, ...]]:
@@ -356,8 +352,8 @@ class Migrator:
                 "SELECT coalesce(sum(size), 0), coalesce(sum(size * junk), 0) FROM acks"
             ).fetchone()
             tombs, tomb_junk = dst.execute("SELECT count(*), coalesce(sum(junk), 0) FROM tombstones").fetchone()
-            nbytes = int(nbytes) + int(ack_bytes) + TOMBSTONE_BYTES * int(tombs)
-            junk = int(ack_junk) + TOMBSTONE_BYTES * int(tomb_junk)
+            nbytes = int(nbytes) + int(ack_bytes) + postgres.TOMBSTONE_BYTES * int(tombs)
+            junk = int(ack_junk) + postgres.TOMBSTONE_BYTES * int(tomb_junk)
             for key, value in (
                 ("last_seq", last_seq),
                 ("stored_count", count),

@@ -18,6 +18,15 @@ SQLITE_TOMBSTONE_KEY = "meshrelay_tombstone_key"
 #: bytes of a tombstone's key (``tombstone_key``)
 TOMBSTONE_KEY_BYTES = 16
 
+#: bytes a tombstone was accounted for at schema 4 and 5, on both backends (migration 4 counted existing ones so)
+TOMBSTONE_BYTES_V4 = 300
+#: bytes a tombstone is accounted for from schema 6 on, per backend: its row and its index entries on
+#: disk, measured with bench/stored_form.py and rounded up (docs/benchmarks.md).  PostgreSQL's
+#: 24-byte tuple header and its index entries' alignment make its figure about twice SQLite's.
+TOMBSTONE_BYTES_V6 = {"sqlite": 64, "postgresql": 128}
+#: the migration that keys tombstones by ``tombstone_key``
+COMPACT_TOMBSTONES_VERSION = 6
+
 DIALECTS: dict[str, dict[str, str]] = {
     "sqlite": {
         "bigint": "INTEGER",
@@ -26,6 +35,7 @@ DIALECTS: dict[str, dict[str, str]] = {
         "without_rowid": " WITHOUT ROWID",
         "octets": "length(CAST(body AS BLOB))",
         "tombstone_key": f"{SQLITE_TOMBSTONE_KEY}(mailbox, msg_id)",
+        "tombstone_bytes_v6": str(TOMBSTONE_BYTES_V6["sqlite"]),
     },
     "postgresql": {
         "bigint": "BIGINT",
@@ -37,6 +47,7 @@ DIALECTS: dict[str, dict[str, str]] = {
         # the mailbox and the msg_id, cut to its first TOMBSTONE_KEY_BYTES
         "tombstone_key": "substring(sha256(int4send(octet_length(convert_to(mailbox, 'UTF8'))) "
         "|| convert_to(mailbox, 'UTF8') || convert_to(msg_id, 'UTF8')) FROM 1 FOR 16)",
+        "tombstone_bytes_v6": str(TOMBSTONE_BYTES_V6["postgresql"]),
     },
 }
 
@@ -156,20 +167,13 @@ COMMIT_ROWS_V2 = COMMIT_ROWS_V1.replace(
     "INSERT INTO acks (seq, mailbox, nonce, expires, body, size, junk)\n"
     "        SELECT * FROM unnest(ack_seq, a_mailbox, a_nonce, a_expires, a_body, a_size, a_junk);",
 )
-#: bytes a tombstone was accounted for at schema 4 and 5 (migration 4 counted existing ones so)
-TOMBSTONE_BYTES_V4 = 300
-#: bytes a tombstone is accounted for from schema 6 on (store.base.TOMBSTONE_BYTES): its row and its
-#: expiry index entry on disk, measured with bench/stored_form.py (docs/benchmarks.md), rounded up
-TOMBSTONE_BYTES = 72
-#: the migration that keys tombstones by ``tombstone_key``
-COMPACT_TOMBSTONES_VERSION = 6
 
 
-def tombstone_bytes(version: int) -> int:
-    """Bytes per tombstone in ``stored_bytes`` of a store at schema ``version`` (0 before schema 4)."""
+def tombstone_bytes(version: int, dialect: str) -> int:
+    """Bytes per tombstone in ``stored_bytes`` of a ``dialect`` store at schema ``version`` (0 before schema 4)."""
     if version < 4:
         return 0
-    return TOMBSTONE_BYTES_V4 if version < COMPACT_TOMBSTONES_VERSION else TOMBSTONE_BYTES
+    return TOMBSTONE_BYTES_V4 if version < COMPACT_TOMBSTONES_VERSION else TOMBSTONE_BYTES_V6[dialect]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -321,9 +325,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             # stored_bytes and junk_bytes count a tombstone at its new size
             "UPDATE meta SET value = CAST((SELECT COALESCE(SUM(size), 0) FROM envelopes) "
             "+ (SELECT COALESCE(SUM(size), 0) FROM acks) "
-            f"+ {TOMBSTONE_BYTES} * (SELECT COUNT(*) FROM tombstones) AS TEXT) WHERE key = 'stored_bytes'",
+            "+ {tombstone_bytes_v6} * (SELECT COUNT(*) FROM tombstones) AS TEXT) WHERE key = 'stored_bytes'",
             "UPDATE meta SET value = CAST((SELECT COALESCE(SUM(size * junk), 0) FROM acks) "
-            f"+ {TOMBSTONE_BYTES} * (SELECT COALESCE(SUM(junk), 0) FROM tombstones) AS TEXT) "
+            "+ {tombstone_bytes_v6} * (SELECT COALESCE(SUM(junk), 0) FROM tombstones) AS TEXT) "
             "WHERE key = 'junk_bytes'",
         ),
         only=(("postgresql", "ALTER INDEX tombstones_v6_pkey RENAME TO tombstones_pkey"),),

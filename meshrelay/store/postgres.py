@@ -91,7 +91,6 @@ from meshrelay.store.base import (
     POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
-    TOMBSTONE_BYTES,
     AckResult,
     AddResult,
     Bodies,
@@ -114,6 +113,9 @@ from meshrelay.store.base import (
 )
 
 T = TypeVar("T")
+
+#: bytes a tombstone counts for in the stored total (see ``Store.tombstone_bytes``)
+TOMBSTONE_BYTES = migrations.tombstone_bytes(migrations.LATEST_VERSION, "postgresql")
 Conn = psycopg.Connection[Any]
 Cur = psycopg.Cursor[Any]
 
@@ -472,6 +474,7 @@ class PostgresStore:
     log = Logger()
     #: ``add_envelope`` ignores ``verify``: the relay checks signatures before it calls
     verifies_signatures = False
+    tombstone_bytes = TOMBSTONE_BYTES
 
     def __init__(
         self,

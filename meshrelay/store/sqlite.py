@@ -49,7 +49,6 @@ from meshrelay.store.base import (
     POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
-    TOMBSTONE_BYTES,
     AckResult,
     AddResult,
     Bodies,
@@ -73,6 +72,8 @@ from meshrelay.store.base import (
 T = TypeVar("T")
 
 DB_NAME = "meshrelay.sqlite3"
+#: bytes a tombstone counts for in the stored total (see ``Store.tombstone_bytes``)
+TOMBSTONE_BYTES = migrations.tombstone_bytes(migrations.LATEST_VERSION, "sqlite")
 #: the largest seq a 64-bit column holds: a larger ``since`` simply has nothing after it
 MAX_SEQ = 2**63 - 1
 #: rows deleted per sweeper transaction, so deposits interleave with a big sweep
@@ -711,6 +712,7 @@ class SQLiteStore:
     log = Logger()
     #: deposits and replicas pass their signature check to ``add_envelope`` (see ``Store``)
     verifies_signatures = True
+    tombstone_bytes = TOMBSTONE_BYTES
 
     def __init__(
         self,
