@@ -15,7 +15,8 @@ ack's canonical JSON).  Only a temporary directory is written; it is removed at 
 
 With ``--dsn`` the same acks also go to a PostgreSQL store in a schema of its own (dropped at the
 end), and it reports the size of each table (with its TOAST table) and index there (8 KiB pages, no
-VACUUM: as a node that just took the flood).
+VACUUM: as a node that just took the flood; with ``--churn``, a VACUUM after each sweep, as if
+autovacuum kept up).
 
 With ``--churn R`` the acks get ten different expiry times, and then R rounds each sweep the
 oldest tenth and apply a tenth more (new made-up ids, a later expiry): the live count stays the
@@ -32,6 +33,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,12 +70,14 @@ def steps(acks: int, ids: int, churn: int) -> list[Step]:
     return out
 
 
-def run(store: Any, plan: list[Step]) -> None:
+def run(store: Any, plan: list[Step], after_sweep: Callable[[], None] | None = None) -> None:
     for kind, value, expires in plan:
         if kind == "ack":
             store.apply_ack(value, expires)
         else:
             store.sweep(value)
+            if after_sweep is not None:
+                after_sweep()
 
 
 def postgres(dsn: str, plan: list[Step]) -> None:
@@ -90,7 +94,13 @@ def postgres(dsn: str, plan: list[Step]) -> None:
         store: Any = PostgresStore(
             make_conninfo(dsn, options=f"-csearch_path={schema}"), Caps(max_stored_bytes=1 << 40)
         )
-        run(store, plan)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+
+            def vacuum() -> None:
+                # as if autovacuum kept up: the space of swept rows is free for the next inserts
+                conn.execute(f'VACUUM "{schema}".tombstones, "{schema}".acks')
+
+            run(store, plan, vacuum)
         accounted = store.stats().bytes
         per_tombstone = getattr(store, "tombstone_bytes", TOMBSTONE_BYTES)
         store.close()

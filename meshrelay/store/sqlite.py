@@ -231,6 +231,10 @@ def migrate(conn: sqlite3.Connection) -> int:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+    if current and current < migrations.LATEST_VERSION:
+        # A migration may rewrite whole tables (schema 6: every tombstone, and the old pages zeroed
+        # where SQLite is built with SECURE_DELETE): move them into the file and cut the WAL back now.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     return current
 
 
