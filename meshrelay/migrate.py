@@ -5,10 +5,12 @@
     python -m meshrelay.migrate --from ./meshrelay-data --to postgresql://meshrelay@db/meshrelay
     python -m meshrelay.migrate --config meshrelay.toml      # node.data_dir -> store.dsn / dsn_file
 
-What is copied: envelopes and acks with their ``seq``, tombstones, sync
-cursors, unexpired nonces, and the feed id, so peers that follow this node's
-``changes`` feed carry on from their cursors.  ``last_seq`` becomes at least
-the source's, so a ``seq`` is never handed out twice.  Not copied: the
+What is copied: envelopes and acks with their ``seq``, tombstones (by their
+16-byte key, schema 6), sync cursors, unexpired nonces, and the feed id, so
+peers that follow this node's ``changes`` feed carry on from their cursors.
+``last_seq`` becomes at least the source's, so a ``seq`` is never handed out
+twice.  The stored totals are counted again on the target, a tombstone at
+PostgreSQL's size (``postgres.TOMBSTONE_BYTES``).  Not copied: the
 remembered cap refusals (table ``refused``, schema 3): they are hints for
 fetching refused replicas again, the target starts with none, and replicas
 refused before the move still arrive by sync or are fetched by clients.
