@@ -5,10 +5,12 @@
     python -m meshrelay.migrate --from ./meshrelay-data --to postgresql://meshrelay@db/meshrelay
     python -m meshrelay.migrate --config meshrelay.toml      # node.data_dir -> store.dsn / dsn_file
 
-What is copied: envelopes and acks with their ``seq``, tombstones, sync
-cursors, unexpired nonces, and the feed id, so peers that follow this node's
-``changes`` feed carry on from their cursors.  ``last_seq`` becomes at least
-the source's, so a ``seq`` is never handed out twice.  Not copied: the
+What is copied: envelopes and acks with their ``seq``, tombstones (by their
+16-byte key, schema 6), sync cursors, unexpired nonces, and the feed id, so
+peers that follow this node's ``changes`` feed carry on from their cursors.
+``last_seq`` becomes at least the source's, so a ``seq`` is never handed out
+twice.  The stored totals are counted again on the target, a tombstone at
+PostgreSQL's size (``postgres.TOMBSTONE_BYTES``).  Not copied: the
 remembered cap refusals (table ``refused``, schema 3): they are hints for
 fetching refused replicas again, the target starts with none, and replicas
 refused before the move still arrive by sync or are fetched by clients.
@@ -38,7 +40,6 @@ from typing import Any
 
 from meshrelay.config import ConfigError, load_config, read_secret_file
 from meshrelay.store import migrations
-from meshrelay.store.base import TOMBSTONE_BYTES
 from meshrelay.store.sqlite import DB_NAME
 from meshrelay.store.sqlite import migrate as sqlite_migrate
 
@@ -56,6 +57,8 @@ class Table:
     columns: tuple[str, ...]
     #: compared and repaired by the final pass (nonces expire within minutes: copied only)
     verify: bool = True
+    #: key columns that are not text (ordered as numbers or bytes on both sides, no collation)
+    plain_keys: tuple[str, ...] = ("seq",)
 
     def key_of(self, row: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(row[self.columns.index(k)] for k in self.key)
@@ -64,7 +67,8 @@ class Table:
 TABLES = (
     Table("envelopes", ("seq",), ("seq", "msg_id", "mailbox", "sender", "expires", "size", "body")),
     Table("acks", ("seq",), ("seq", "mailbox", "nonce", "expires", "body", "size", "junk")),
-    Table("tombstones", ("mailbox", "msg_id"), ("mailbox", "msg_id", "expires", "junk")),
+    # keyed by tombstone_key(mailbox, msg_id) since schema 6: 16 bytes, BLOB and BYTEA both order bytewise
+    Table("tombstones", ("digest",), ("digest", "expires", "junk"), plain_keys=("digest",)),
     Table("peer_cursors", ("peer",), ("peer", "feed_id", "since", "synced_at")),
     Table("nonces", ("scope", "nonce"), ("scope", "nonce", "expires"), verify=False),
 )
@@ -90,7 +94,23 @@ def _sqlite_page(conn: sqlite3.Connection, t: Table, after: tuple[Any, ...] | No
 
 def _pg_keys(t: Table) -> str:
     # byte order for text keys, the order SQLite uses
-    return ", ".join(k if k == "seq" else f'{k} COLLATE "C"' for k in t.key)
+    return ", ".join(k if k in t.plain_keys else f'{k} COLLATE "C"' for k in t.key)
+
+
+def _checkpoint_text(after: tuple[Any, ...]) -> str:
+    """A chunk's last key as JSON (a bytes value as ``{"hex": ...}``)."""
+    return json.dumps([{"hex": v.hex()} if isinstance(v, bytes) else v for v in after])
+
+
+def _checkpoint_key(t: Table, text: str) -> tuple[Any, ...] | None:
+    """The key a checkpoint names, or None (start the table again) when it is not a key of ``t``.
+
+    A run interrupted by an older meshrelay recorded tombstones by (mailbox, msg_id), their
+    key before schema 6: that table is copied again from its start (rows already there are upserted).
+    """
+    values = json.loads(text)
+    after = tuple(bytes.fromhex(v["hex"]) if isinstance(v, dict) else v for v in values)
+    return after if len(after) == len(t.key) else None
 
 
 def _pg_page(conn: Any, t: Table, after: tuple[Any, ...] | None, n: int) -> list[tuple[Any, ...]]:
@@ -270,7 +290,7 @@ class Migrator:
     def _copy(self, src: sqlite3.Connection, dst: Any, t: Table) -> int:
         ckpt_key = f"migration_ckpt_{t.name}"
         row = dst.execute("SELECT value FROM meta WHERE key = %s", (ckpt_key,)).fetchone()
-        after: tuple[Any, ...] | None = tuple(json.loads(row[0])) if row else None
+        after = _checkpoint_key(t, row[0]) if row else None
         upsert = _upsert_sql(t)
         total = 0
         while True:
@@ -283,7 +303,7 @@ class Migrator:
                     cur.executemany(upsert, rows)
                 dst.execute(
                     "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (ckpt_key, json.dumps(list(after))),
+                    (ckpt_key, _checkpoint_text(after)),
                 )
             total += len(rows)
             if self.after_chunk is not None:
@@ -334,8 +354,8 @@ class Migrator:
                 "SELECT coalesce(sum(size), 0), coalesce(sum(size * junk), 0) FROM acks"
             ).fetchone()
             tombs, tomb_junk = dst.execute("SELECT count(*), coalesce(sum(junk), 0) FROM tombstones").fetchone()
-            nbytes = int(nbytes) + int(ack_bytes) + TOMBSTONE_BYTES * int(tombs)
-            junk = int(ack_junk) + TOMBSTONE_BYTES * int(tomb_junk)
+            nbytes = int(nbytes) + int(ack_bytes) + postgres.TOMBSTONE_BYTES * int(tombs)
+            junk = int(ack_junk) + postgres.TOMBSTONE_BYTES * int(tomb_junk)
             for key, value in (
                 ("last_seq", last_seq),
                 ("stored_count", count),

@@ -26,7 +26,7 @@ from meshrelay import envelope as E
 from meshrelay.config import Config, LimitsConfig, NodeConfig, build_config
 from meshrelay.node import Node
 from meshrelay.store import caps_from
-from meshrelay.store.base import Store
+from meshrelay.store.base import Store, tombstone_key
 from meshrelay.store.sqlite import SQLiteStore
 from meshrelay.verifier import Verifier
 
@@ -108,8 +108,17 @@ def inline_store(config: Config, reactor: Any, metrics: Any = None) -> Store:
     return SQLiteStore(config.node.data_dir, caps_from(config), durability=config.node.durability, metrics=metrics)
 
 
+def tkeys(*pairs: tuple[str, str]) -> list[bytes]:
+    """The stored keys of the tombstones of ``(mailbox, msg_id)`` pairs, sorted as :func:`dump_live` lists them."""
+    return sorted(tombstone_key(mb, m) for mb, m in pairs)
+
+
 def dump_live(store: Any, now: int) -> dict[str, Any]:
-    """The live envelope ids and tombstones of ``store`` (either backend), read on a connection of the test's own."""
+    """The live envelope ids and tombstone keys of ``store`` (either backend), read on a connection of the test's own.
+
+    A tombstone is stored by its key only (``tombstone_key(mailbox, msg_id)``, schema 6): compare with
+    :func:`tkeys`.
+    """
     if isinstance(store, SQLiteStore):
         conn: Any = contextlib.closing(sqlite3.connect(store.path))
         mark = "?"
@@ -119,8 +128,8 @@ def dump_live(store: Any, now: int) -> dict[str, Any]:
         conn, mark = connect(store.dsn, "tool"), "%s"
     with conn as c:
         envelopes = c.execute(f"SELECT msg_id FROM envelopes WHERE expires > {mark}", (now,)).fetchall()
-        tombstones = c.execute(f"SELECT mailbox, msg_id FROM tombstones WHERE expires > {mark}", (now,)).fetchall()
-    return {"envelopes": sorted(r[0] for r in envelopes), "tombstones": sorted((r[0], r[1]) for r in tombstones)}
+        tombstones = c.execute(f"SELECT digest FROM tombstones WHERE expires > {mark}", (now,)).fetchall()
+    return {"envelopes": sorted(r[0] for r in envelopes), "tombstones": sorted(bytes(r[0]) for r in tombstones)}
 
 
 class MemNode:

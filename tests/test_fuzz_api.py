@@ -45,8 +45,7 @@ from twisted.trial.unittest import TestCase
 
 from meshrelay import envelope as E
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL
-from meshrelay.store.base import TOMBSTONE_BYTES
-from meshrelay.store.sqlite import DB_NAME
+from meshrelay.store.sqlite import DB_NAME, TOMBSTONE_BYTES
 from tests.apispec import error_shape_problems, load_spec, peer_headers
 from tests.harness import NodeProcess, free_port
 from tests.helpers import Identity

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import sqlite3
 import subprocess
@@ -14,13 +16,14 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import migrate
-from meshrelay.store.base import Caps, Cursor
-from meshrelay.store.sqlite import DB_NAME, SQLiteStore
+from meshrelay.store import migrations
+from meshrelay.store.base import DUPLICATE, AddResult, Caps, Cursor
+from meshrelay.store.sqlite import DB_NAME, TOMBSTONE_BYTES, SQLiteStore
 from tests.harness import REPO
 from tests.helpers import T0, Identity
 from tests.pgtest import create_schema, requires_pg
 from tests.test_postgres import result_of
-from tests.test_store import make_ack, make_env, tomb
+from tests.test_store import make_ack, make_env, schema_statements, tomb
 
 
 class Interrupted(Exception):
@@ -120,7 +123,12 @@ class MigrateStoreTests(SynchronousTestCase):
         self.addCleanup(sqlite_store.close)
         pg = self.open_pg()
         self.assertEqual(pg.feed_id, self.info["feed_id"])
-        self.assertEqual(pg.stats(), self.info["stats"])
+        # the same totals, a tombstone counted at PostgreSQL's size (10 tombstones)
+        stats = self.info["stats"]
+        self.assertEqual(pg.tombstone_bytes, migrations.TOMBSTONE_BYTES_V6["postgresql"])
+        self.assertEqual(
+            pg.stats(), dataclasses.replace(stats, bytes=stats.bytes + 10 * (pg.tombstone_bytes - TOMBSTONE_BYTES))
+        )
         self.assertEqual(result_of(pg.changes(0, 500, T0)), result_of(sqlite_store.changes(0, 500, T0)))
         owner = self.info["owners"][3]
         self.assertEqual(result_of(pg.fetch(owner.pub, T0, 100)), result_of(sqlite_store.fetch(owner.pub, T0, 100)))
@@ -145,6 +153,61 @@ class MigrateStoreTests(SynchronousTestCase):
         self.assertEqual(code, 0)
         self.assertIn("resumed", out)
         self.assertEqual(pg_content(self.dsn), sqlite_content(self.data_dir))
+
+    def test_a_resumed_run_restarts_tombstones_from_an_older_checkpoint(self) -> None:
+        """A checkpoint of tombstones by (mailbox, msg_id) (an older meshrelay's run) restarts that table."""
+        chunks: list[str] = []
+
+        def stop_in_tombstones(table: str, n: int) -> None:
+            chunks.append(table)
+            if table == "tombstones":
+                raise Interrupted()
+
+        m = migrate.Migrator(self.data_dir, self.dsn, chunk=3, after_chunk=stop_in_tombstones)
+        self.assertRaises(Interrupted, m.run)
+        self.assertEqual(len(pg_content(self.dsn)["tombstones"]), 3)
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE meta SET value = %s WHERE key = 'migration_ckpt_tombstones'",
+                (json.dumps([Identity().pub, "ab" * 32]),),
+            )
+        code, out, err = run_main("--from", self.data_dir, "--to", self.dsn, "--chunk", "3")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("copied 0 envelopes, 0 acks, 10 tombstones", out)
+        self.assertEqual(pg_content(self.dsn), sqlite_content(self.data_dir))
+
+    def test_a_source_at_schema_5_is_upgraded_and_its_tombstones_still_stop_envelopes(self) -> None:
+        """A SQLite store of schema 5 (tombstones by mailbox and msg_id) migrates; PostgreSQL refuses those envelopes."""
+        data_dir = self.mktemp()
+        os.makedirs(data_dir)
+        bob, alice = Identity(), Identity()
+        acked = [make_env(alice, bob, b"acked %d" % i) for i in range(3)]
+        statements = schema_statements("sqlite", 5) + [
+            (
+                "INSERT INTO tombstones (mailbox, msg_id, expires, junk) VALUES (?, ?, ?, ?)",
+                (bob.pub, e.msg_id, T0 + 600, i % 2),
+            )
+            for i, e in enumerate(acked)
+        ]
+        statements.append(
+            ("UPDATE meta SET value = ? WHERE key = 'stored_bytes'", (str(3 * migrations.TOMBSTONE_BYTES_V4),))
+        )
+        conn = sqlite3.connect(os.path.join(data_dir, DB_NAME), isolation_level=None)
+        try:
+            for stmt, args in statements:
+                conn.execute(stmt, args)
+        finally:
+            conn.close()
+        code, out, err = run_main("--from", data_dir, "--to", self.dsn)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("3 tombstones", out)
+        pg = self.open_pg()
+        self.assertEqual(pg.stats().bytes, 3 * pg.tombstone_bytes)
+        for e in acked:
+            self.assertEqual(result_of(pg.add_envelope(e, T0)), AddResult(DUPLICATE))
+        self.assertEqual(result_of(pg.add_envelope(make_env(alice, bob, b"new"), T0)).status, "accepted")
 
     def test_refuses_a_target_that_holds_another_store(self) -> None:
         """A database already used by a PostgreSQL node is not overwritten."""

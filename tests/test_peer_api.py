@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshrelay import envelope as E
 from meshrelay.config import Config, build_config
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
-from tests.helpers import Identity, MemNode, dump_live
+from tests.helpers import Identity, MemNode, dump_live, tkeys
 
 A_URL = "http://a.test"
 B_URL = "http://b.test"
@@ -237,7 +237,7 @@ class AckTests(PeerAPITestCase):
         )
         live = dump_live(self.node.store, self.now())
         self.assertEqual(live["envelopes"], [])
-        self.assertEqual(live["tombstones"], [(self.mailbox.pub, env["msg_id"])])
+        self.assertEqual(live["tombstones"], tkeys((self.mailbox.pub, env["msg_id"])))
         _, body = self.peer("POST", REPLICATE, {"envelope": env})
         self.assertEqual(body["results"], [{"msg_id": env["msg_id"], "status": "duplicate"}])
         self.assertEqual(dump_live(self.node.store, self.now())["envelopes"], [])

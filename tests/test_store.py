@@ -31,7 +31,6 @@ from meshrelay.store.base import (
     SENDER_CAP,
     STORAGE_FULL,
     STRANGER_FULL,
-    TOMBSTONE_BYTES,
     AckResult,
     AddResult,
     Bodies,
@@ -41,6 +40,7 @@ from meshrelay.store.base import (
     Store,
     StoreError,
     junk_budget,
+    tombstone_key,
 )
 from meshrelay.store.sqlite import DB_NAME, SQLiteStore
 from tests.helpers import T0, Identity, dump_live
@@ -68,6 +68,19 @@ def ack_size(ack: E.SignedAck) -> int:
 
 def tomb(ack: E.SignedAck) -> int:
     return E.tombstone_expiry(ack.ts, MAX_TTL, SKEW)
+
+
+def schema_statements(dialect: str, version: int) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements (``?`` placeholders) that make an empty store at schema ``version``, as a meshrelay of then did."""
+    statements: list[tuple[str, tuple[Any, ...]]] = [
+        ("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)", ())
+    ]
+    for m in migrations.MIGRATIONS[:version]:
+        statements += [(stmt, ()) for stmt in m.render(dialect)]
+        statements += [
+            ("INSERT INTO meta (key, value) VALUES (?, ?)", kv) for kv in migrations.seed_meta(m.version).items()
+        ]
+    return statements + [("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),))]
 
 
 class ManualExecutor:
@@ -107,6 +120,11 @@ class StoreBehaviour:
     shared = False
     #: the SQL dialect of migrations.Migration.render
     dialect = ""
+
+    @property
+    def tombstone_bytes(self) -> int:
+        """Bytes a tombstone counts for in this backend's stored total."""
+        return migrations.tombstone_bytes(migrations.LATEST_VERSION, self.dialect)
 
     # supplied by the TestCase
     successResultOf: Callable[..., Any]
@@ -210,7 +228,7 @@ class StoreBehaviour:
         self.assertEqual(self.add(store, e1).status, DUPLICATE)
         self.assertEqual(store.stats().envelopes, 1)
         # two tombstones and the signed ack are storage too
-        self.assertEqual(store.stats().bytes, len(e2.raw) + 2 * TOMBSTONE_BYTES + ack_size(ack))
+        self.assertEqual(store.stats().bytes, len(e2.raw) + 2 * self.tombstone_bytes + ack_size(ack))
 
     def test_tombstone_before_envelope_blocks_it(self) -> None:
         """An ack that arrives before its envelope still stops it (a late replica)."""
@@ -289,7 +307,7 @@ class StoreBehaviour:
         e1 = make_env(alice, bob, b"1" * 1000)
         ack = make_ack(bob, [e1.msg_id])
         # room for two envelopes, and for the tombstone and signed ack an ack leaves in place of one
-        store = self.make_store(Caps(max_stored_bytes=2 * len(e1.raw) + TOMBSTONE_BYTES + ack_size(ack) + 10))
+        store = self.make_store(Caps(max_stored_bytes=2 * len(e1.raw) + self.tombstone_bytes + ack_size(ack) + 10))
         self.add(store, e1)
         self.add(store, make_env(alice, bob, b"2" * 1000))
         self.assertEqual(self.add(store, make_env(alice, bob, b"3" * 1000)).status, STORAGE_FULL)
@@ -431,7 +449,7 @@ class StoreBehaviour:
         result = self.successResultOf(store.sweep(T0 + 60))
         self.assertEqual((result.envelopes, result.tombstones, result.acks, result.nonces), (1, 0, 0, 1))
         self.assertEqual(store.stats().envelopes, 1)
-        self.assertEqual(store.stats().bytes, len(keep.raw) + TOMBSTONE_BYTES + ack_size(ack))
+        self.assertEqual(store.stats().bytes, len(keep.raw) + self.tombstone_bytes + ack_size(ack))
         result = self.successResultOf(store.sweep(tomb(ack)))
         self.assertEqual((result.envelopes, result.tombstones, result.acks), (1, 1, 1))
         self.assertEqual((store.stats().envelopes, store.stats().bytes), (0, 0))
@@ -466,7 +484,9 @@ class StoreBehaviour:
         self.ack(store, ack)
         store = self.reopen(store)
         self.assertEqual(store.stats().envelopes, 2)
-        self.assertEqual(store.stats().bytes, len(envs[0].raw) + len(envs[2].raw) + TOMBSTONE_BYTES + ack_size(ack))
+        self.assertEqual(
+            store.stats().bytes, len(envs[0].raw) + len(envs[2].raw) + self.tombstone_bytes + ack_size(ack)
+        )
 
     def test_schema_is_at_the_latest_migration_and_feed_id_is_kept(self) -> None:
         """A new store is migrated to the latest version; reopening keeps its feed id."""
@@ -804,9 +824,9 @@ class StoreBehaviour:
         ack = make_ack(Identity(), [f"{i:064x}" for i in range(500)])
         result = self.ack(store, ack)
         self.assertEqual((result.stored, result.skipped), (True, 0))
-        self.assertEqual(store.stats().bytes, 500 * TOMBSTONE_BYTES + ack_size(ack))
+        self.assertEqual(store.stats().bytes, 500 * self.tombstone_bytes + ack_size(ack))
         store = self.reopen(store)
-        self.assertEqual(store.stats().bytes, 500 * TOMBSTONE_BYTES + ack_size(ack))
+        self.assertEqual(store.stats().bytes, 500 * self.tombstone_bytes + ack_size(ack))
         self.assertEqual(self.successResultOf(store.sweep(tomb(ack))).tombstones, 500)
         self.assertEqual(store.stats().bytes, 0)
 
@@ -822,7 +842,7 @@ class StoreBehaviour:
         self.assertLessEqual(store.stats().bytes, budget)
         self.assertGreater(sum(r.skipped for r in results), 0)
         self.assertFalse(results[-1].stored)
-        self.assertLessEqual(len(dump_live(store, T0)["tombstones"]), budget // TOMBSTONE_BYTES)
+        self.assertLessEqual(len(dump_live(store, T0)["tombstones"]), budget // self.tombstone_bytes)
         # the rest of the cap is still there for mail
         bob = Identity()
         big = make_env(Identity(), bob, b"x" * 4000)
@@ -929,9 +949,99 @@ class StoreBehaviour:
         again = self.ack(store, late)
         self.assertEqual((again.skipped, again.stored), (0, True))
 
-    def raw_sql(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """Run statements (``?`` placeholders) on the backend's database directly, in one transaction."""
+    def raw_sql(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
+        """Run statements (``?`` placeholders) on the backend's database directly, in one transaction.
+
+        Returns the rows of the last statement.
+        """
         raise NotImplementedError
+
+    def test_upgrade_from_schema_5_keys_tombstones_by_digest(self) -> None:
+        """Schema 6: tombstones made at schema 5 still stop their envelopes, keep their junk flag, count at the new size."""
+        bob, carol, alice = Identity(), Identity(), Identity()
+        kept, acked, early = make_env(alice, bob, b"kept"), make_env(alice, bob, b"acked"), make_env(alice, carol)
+        ack = make_ack(bob, [acked.msg_id])
+        # carol acked a message before it reached this node: a junk tombstone, and a junk ack
+        junk_ack = make_ack(carol, [early.msg_id])
+        statements = schema_statements(self.dialect, 5)
+        for seq, a, junk in ((2, ack, 0), (3, junk_ack, 1)):
+            body = E.dumps_json(a.to_json()).decode()
+            statements.append(
+                (
+                    "INSERT INTO acks (seq, mailbox, nonce, expires, body, size, junk) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (seq, a.mailbox, a.nonce, tomb(a), body, len(body), junk),
+                )
+            )
+        statements += [
+            (
+                "INSERT INTO envelopes (seq, msg_id, mailbox, sender, expires, size, body) VALUES (1, ?, ?, ?, ?, ?, ?)",
+                (kept.msg_id, kept.mailbox, kept.sender, kept.expires, len(kept.raw), kept.raw),
+            ),
+            (
+                "INSERT INTO tombstones (mailbox, msg_id, expires, junk) VALUES (?, ?, ?, 0)",
+                (bob.pub, acked.msg_id, tomb(ack)),
+            ),
+            (
+                "INSERT INTO tombstones (mailbox, msg_id, expires, junk) VALUES (?, ?, ?, 1)",
+                (carol.pub, early.msg_id, tomb(junk_ack)),
+            ),
+            ("UPDATE meta SET value = '3' WHERE key = 'last_seq'", ()),
+            ("UPDATE meta SET value = '1' WHERE key = 'stored_count'", ()),
+            (
+                "UPDATE meta SET value = ? WHERE key = 'stored_bytes'",
+                (str(len(kept.raw) + ack_size(ack) + ack_size(junk_ack) + 2 * migrations.TOMBSTONE_BYTES_V4),),
+            ),
+            (
+                "UPDATE meta SET value = ? WHERE key = 'junk_bytes'",
+                (str(ack_size(junk_ack) + migrations.TOMBSTONE_BYTES_V4),),
+            ),
+        ]
+        self.raw_sql(statements)
+        store = self.make_store()
+        self.assertEqual(store.migrated_from, 5)
+        self.assertEqual(store.tombstone_bytes, self.tombstone_bytes)
+        self.assertLess(self.tombstone_bytes, migrations.TOMBSTONE_BYTES_V4)
+        accounted = len(kept.raw) + ack_size(ack) + ack_size(junk_ack) + 2 * self.tombstone_bytes
+        self.assertEqual(store.stats().bytes, accounted)
+        self.assertEqual(self.meta(store, "stored_bytes"), str(accounted))
+        self.assertEqual(self.meta(store, "junk_bytes"), str(ack_size(junk_ack) + self.tombstone_bytes))
+        rows = self.raw_sql([("SELECT digest FROM tombstones ORDER BY digest", ())])
+        self.assertEqual(
+            [bytes(r[0]) for r in rows],
+            sorted([tombstone_key(bob.pub, acked.msg_id), tombstone_key(carol.pub, early.msg_id)]),
+        )
+        self.assertEqual(self.successResultOf(store.tombstone_count()), 2)
+        # Both tombstones still stop their envelopes, as deposits and as replicas.
+        self.assertEqual(self.add(store, acked), AddResult(DUPLICATE))
+        self.assertEqual(self.successResultOf(store.add_envelope(early, T0, peer="p")), AddResult(DUPLICATE))
+        pairs = [(bob.pub, acked.msg_id), (carol.pub, early.msg_id), (bob.pub, kept.msg_id), (alice.pub, acked.msg_id)]
+        self.assertEqual(self.successResultOf(store.missing(pairs, [], T0)), ([(alice.pub, acked.msg_id)], []))
+        # Only the tombstone of mail held here is served as held (v4): the junk flag was kept.
+        self.assertEqual(self.successResultOf(store.held_tombstones(pairs)), {(bob.pub, acked.msg_id)})
+        # The next ack of the same id keeps one tombstone (the key matches the migrated one).
+        self.assertEqual(
+            self.successResultOf(store.apply_ack(make_ack(bob, [acked.msg_id], T0 + 1), tomb(ack) + 1)).deleted, ()
+        )
+        self.assertEqual(self.successResultOf(store.tombstone_count()), 2)
+        # Everything expires: nothing is accounted any more.
+        self.successResultOf(store.sweep(tomb(ack) + 1))
+        self.assertEqual(store.stats().bytes, 0)
+        self.assertEqual(self.meta(store, "junk_bytes"), "0")
+
+    def test_tombstone_key_in_sql_is_tombstone_key(self) -> None:
+        """The migration's SQL spelling of tombstone_key gives the bytes the store looks up, for any text."""
+        pairs = [("ab", "c"), ("a", "bc"), ("", ""), ("m\u00e9l", "\u2603" * 3), (Identity().pub, "f" * 64)]
+        expr = migrations.DIALECTS[self.dialect]["tombstone_key"]
+        for mb, m in pairs:
+            ((key,),) = self.raw_sql([(f"SELECT {expr} FROM (SELECT ? AS mailbox, ? AS msg_id) AS t", (mb, m))])
+            self.assertEqual(bytes(key), tombstone_key(mb, m), (mb, m))
+        # 16 bytes, and the mailbox's length keeps ("ab", "c") and ("a", "bc") apart
+        self.assertEqual({len(tombstone_key(mb, m)) for mb, m in pairs}, {migrations.TOMBSTONE_KEY_BYTES})
+        self.assertEqual(len({tombstone_key(mb, m) for mb, m in pairs}), len(pairs))
+
+    def meta(self, store: Store, key: str) -> str:
+        ((value,),) = self.raw_sql([("SELECT value FROM meta WHERE key = ?", (key,))])
+        return str(value)
 
     def test_upgrade_from_schema_3_accounts_acks_and_tombstones(self) -> None:
         """A store made at schema 3 upgrades: acks get sizes, stored_bytes counts acks and tombstones, mail is kept."""
@@ -966,7 +1076,7 @@ class StoreBehaviour:
         store = self.make_store()
         self.assertEqual(store.migrated_from, 3)
         self.assertEqual(store.stats().envelopes, 1)
-        self.assertEqual(store.stats().bytes, len(kept.raw) + ack_size(ack) + TOMBSTONE_BYTES)
+        self.assertEqual(store.stats().bytes, len(kept.raw) + ack_size(ack) + self.tombstone_bytes)
         items = self.successResultOf(store.changes(0, 10, T0, ids_only=True)).items
         self.assertEqual([(i.kind, i.size) for i in items], [("envelope", len(kept.raw)), ("ack", ack_size(ack))])
         self.assertEqual(self.add(store, acked), AddResult(DUPLICATE))
@@ -1042,16 +1152,19 @@ class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
     def open_store(self, caps: Caps, writer: Executor | None, metrics: Metrics | None) -> Store:
         return SQLiteStore(self.data_dir, caps, writer=writer or InlineExecutor(), metrics=metrics)
 
-    def raw_sql(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def raw_sql(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
         os.makedirs(self.data_dir, exist_ok=True)
         conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME), isolation_level=None)
+        sqlite_store.register_functions(conn)
+        rows: list[tuple[Any, ...]] = []
         try:
             conn.execute("BEGIN")
             for stmt, args in statements:
-                conn.execute(stmt, args)
+                rows = conn.execute(stmt, args).fetchall()
             conn.execute("COMMIT")
         finally:
             conn.close()
+        return rows
 
     def test_a_page_is_read_under_one_snapshot(self) -> None:
         """A deposit and an ack committed while a page is being read never move next past the deposit."""
@@ -1129,9 +1242,12 @@ class PostgresStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
 
         return PostgresStore(self.dsn, caps, writer=writer or InlineExecutor(), metrics=metrics)
 
-    def raw_sql(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def raw_sql(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
         import psycopg
 
+        rows: list[tuple[Any, ...]] = []
         with psycopg.connect(self.dsn) as conn:
             for stmt, args in statements:
-                conn.execute(stmt.replace("?", "%s") if args else stmt, args or None)
+                cur = conn.execute(stmt.replace("?", "%s") if args else stmt, args or None)
+                rows = cur.fetchall() if cur.description else []
+        return rows

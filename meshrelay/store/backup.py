@@ -48,7 +48,6 @@ from typing import Any
 
 from meshrelay.files import PRIVATE_FILE, private_dir, private_file
 from meshrelay.store import migrations
-from meshrelay.store.base import TOMBSTONE_BYTES
 from meshrelay.store.sqlite import DB_NAME
 
 #: pages (of 4 KiB) copied per backup step: 4 MiB
@@ -111,7 +110,7 @@ class RestoreReport:
 # --------------------------------------------------------------------------- checks
 
 
-def summarize(run: Run, checked: str) -> StoreSummary:
+def summarize(run: Run, checked: str, dialect: str) -> StoreSummary:
     """Read a store's meta and row counts and check that they agree; raises :class:`BackupError`.
 
     In one consistent snapshot the counters the writer keeps in ``meta`` match
@@ -150,7 +149,8 @@ def summarize(run: Run, checked: str) -> StoreSummary:
         problems.append(f"stored_count {counters['stored_count']} but {envelopes} envelope rows")
     if counters["last_seq"] < max(env_top, ack_top):
         problems.append(f"last_seq {counters['last_seq']} but a row has seq {max(env_top, ack_top)}")
-    accounted = int(env_bytes) + int(ack_bytes) + TOMBSTONE_BYTES * int(tombstones)
+    # a tombstone counts as the schema (and backend) that made the store counted it
+    accounted = int(env_bytes) + int(ack_bytes) + migrations.tombstone_bytes(version, dialect) * int(tombstones)
     if sized and counters["stored_bytes"] != accounted:
         problems.append(f"stored_bytes {counters['stored_bytes']} but the rows account for {accounted}")
     if problems:
@@ -178,7 +178,7 @@ def verify(conn: sqlite3.Connection, quick: bool = False) -> StoreSummary:
     if [tuple(r) for r in rows] != [("ok",)]:
         first = "; ".join(str(r[0]) for r in rows[:3])
         raise BackupError(f"{pragma} failed: {first}")
-    return summarize(_sqlite_run(conn), pragma)
+    return summarize(_sqlite_run(conn), pragma, "sqlite")
 
 
 def _sqlite_run(conn: sqlite3.Connection) -> Run:
@@ -438,7 +438,7 @@ def restore_sqlite(
             conn.execute("COMMIT")
             # The mode the node runs in; set now, so the file the node opens is already a WAL database.
             conn.execute("PRAGMA journal_mode=WAL").fetchone()
-            after = summarize(_sqlite_run(conn), before.checked)
+            after = summarize(_sqlite_run(conn), before.checked, "sqlite")
         finally:
             conn.close()
         private_file(tmp)
@@ -486,12 +486,12 @@ def restore_postgres(dsn: str, *, now: float | None = None) -> RestoreReport:
                 run("LOCK TABLE meta IN EXCLUSIVE MODE", ())
             except psycopg.errors.UndefinedTable:
                 raise BackupError(f"no meshrelay store at {where} (no meta table: did pg_restore run?)") from None
-            summarize(run, "counters")
+            summarize(run, "counters", "postgresql")
             old, new = renew_feed_identity(run, time.time() if now is None else now)
             # Held by processes of the lost store: nobody renews them, so they would only delay the
             # new processes' sync runs until they expire.
             run("DELETE FROM leases", ())
-            after = summarize(run, "counters")
+            after = summarize(run, "counters", "postgresql")
     except psycopg.Error as e:
         raise BackupError(f"restore failed at {where}: {_one_line(e)}") from None
     finally:

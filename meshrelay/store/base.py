@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from meshrelay.envelope import Envelope, SignedAck
+from meshrelay.store.migrations import tombstone_key as tombstone_key
 
 #: add_envelope outcomes
 ACCEPTED = "accepted"
@@ -264,9 +265,6 @@ class Refused:
     expires: int
 
 
-#: bytes a tombstone is accounted for in the stored total: its row and its expiry index entry
-#: on disk (measured about 270 bytes per tombstone on SQLite, rounded up)
-TOMBSTONE_BYTES = 300
 #: the share of ``max_stored_bytes`` that tombstones of ids never held here and signed acks that
 #: deleted nothing here may take in all (anyone with a key pair can create those)
 JUNK_SHARE = 8
@@ -351,6 +349,9 @@ class Store(Protocol):
     caps: Caps
     #: the schema version the store had when it was opened (0: created just now)
     migrated_from: int
+    #: bytes a tombstone counts for in the stored total and the junk budget: what its row (a 16-byte
+    #: ``tombstone_key``, its expiry and junk flag) and its index entries take on this backend's disk
+    tombstone_bytes: int
     #: True when ``add_envelope(verify=...)`` checks the signatures in the store's writer (answering
     #: ``bad_signature``/``bad_permit``); False when it ignores ``verify`` and the caller checks them
     verifies_signatures: bool

@@ -8,21 +8,64 @@ in its ``meta`` table.  Never edit a released migration: append a new one.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass
+
+#: the SQL function a SQLite connection registers (``tombstone_key``) to compute a tombstone's key in SQL
+SQLITE_TOMBSTONE_KEY = "meshrelay_tombstone_key"
+
+#: bytes of a tombstone's key (``tombstone_key``)
+TOMBSTONE_KEY_BYTES = 16
+
+#: bytes a tombstone was accounted for at schema 4 and 5, on both backends (migration 4 counted existing ones so)
+TOMBSTONE_BYTES_V4 = 300
+#: bytes a tombstone is accounted for from schema 6 on, per backend: its row and its index entries on
+#: disk once sweeps and new acks have turned the pages over (``bench/stored_form.py --churn``: about
+#: 64 on SQLite, 143 on PostgreSQL with vacuum keeping up), rounded up (docs/benchmarks.md).
+#: PostgreSQL's 24-byte tuple header and its index entries' alignment cost it about twice SQLite's.
+TOMBSTONE_BYTES_V6 = {"sqlite": 72, "postgresql": 160}
+#: the migration that keys tombstones by ``tombstone_key``
+COMPACT_TOMBSTONES_VERSION = 6
 
 DIALECTS: dict[str, dict[str, str]] = {
     "sqlite": {
         "bigint": "INTEGER",
+        "smallint": "INTEGER",
+        "blob": "BLOB",
         "without_rowid": " WITHOUT ROWID",
         "octets": "length(CAST(body AS BLOB))",
+        "tombstone_key": f"{SQLITE_TOMBSTONE_KEY}(mailbox, msg_id)",
+        "tombstone_bytes_v6": str(TOMBSTONE_BYTES_V6["sqlite"]),
     },
     "postgresql": {
         "bigint": "BIGINT",
+        "smallint": "SMALLINT",
+        "blob": "BYTEA",
         "without_rowid": "",
         "octets": "octet_length(body)",
+        # the same bytes as tombstone_key(): SHA-256 of the mailbox's UTF-8 length (4 bytes, big-endian),
+        # the mailbox and the msg_id, cut to its first TOMBSTONE_KEY_BYTES
+        "tombstone_key": "substring(sha256(int4send(octet_length(convert_to(mailbox, 'UTF8'))) "
+        "|| convert_to(mailbox, 'UTF8') || convert_to(msg_id, 'UTF8')) FROM 1 FOR 16)",
+        "tombstone_bytes_v6": str(TOMBSTONE_BYTES_V6["postgresql"]),
     },
 }
+
+
+def tombstone_key(mailbox: str, msg_id: str) -> bytes:
+    """The stored key of the tombstone of ``(mailbox, msg_id)`` (schema 6): 16 bytes of SHA-256.
+
+    The mailbox's length comes first, so no two pairs share an input.  128
+    bits: finding an ack id whose key equals that of another mailbox's message
+    (to tombstone it) takes about 2**128 / (tombstones stored) hashes.  Text
+    that is not valid UTF-8 (a lone surrogate) is hashed as Python's
+    ``surrogatepass`` encodes it: such a pair is never stored, so it matches
+    nothing.
+    """
+    mb = mailbox.encode("utf-8", "surrogatepass")
+    data = len(mb).to_bytes(4, "big") + mb + msg_id.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).digest()[:TOMBSTONE_KEY_BYTES]
 
 
 #: the migration that adds first contact's tables (after the store's own migrations)
@@ -125,8 +168,14 @@ COMMIT_ROWS_V2 = COMMIT_ROWS_V1.replace(
     "INSERT INTO acks (seq, mailbox, nonce, expires, body, size, junk)\n"
     "        SELECT * FROM unnest(ack_seq, a_mailbox, a_nonce, a_expires, a_body, a_size, a_junk);",
 )
-#: bytes a tombstone is accounted for (store.base.TOMBSTONE_BYTES; migration 4 counts existing ones)
-TOMBSTONE_BYTES = 300
+
+
+def tombstone_bytes(version: int, dialect: str) -> int:
+    """Bytes per tombstone in ``stored_bytes`` of a ``dialect`` store at schema ``version`` (0 before schema 4)."""
+    if version < 4:
+        return 0
+    return TOMBSTONE_BYTES_V4 if version < COMPACT_TOMBSTONES_VERSION else TOMBSTONE_BYTES_V6[dialect]
+
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -229,7 +278,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             # stored_bytes now counts envelopes, acks and tombstones
             "UPDATE meta SET value = CAST((SELECT COALESCE(SUM(size), 0) FROM envelopes) "
             "+ (SELECT COALESCE(SUM(size), 0) FROM acks) "
-            f"+ {TOMBSTONE_BYTES} * (SELECT COUNT(*) FROM tombstones) AS TEXT) WHERE key = 'stored_bytes'",
+            f"+ {TOMBSTONE_BYTES_V4} * (SELECT COUNT(*) FROM tombstones) AS TEXT) WHERE key = 'stored_bytes'",
         ),
         only=(("postgresql", COMMIT_ROWS_V2),),
     ),
@@ -255,6 +304,34 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX contacts_by_mailbox ON contacts (mailbox, expires)",
             "CREATE INDEX contacts_by_expiry ON contacts (expires)",
         ),
+    ),
+    Migration(
+        COMPACT_TOMBSTONES_VERSION,
+        "compact tombstones: keyed by 16 bytes of SHA-256 of (mailbox, msg_id), not by the two texts",
+        (
+            # Nothing ever lists the ids of tombstones: every use asks about a (mailbox, msg_id) it
+            # already has, so the key need not be reversible.  In this column order PostgreSQL pads
+            # nothing (the 17-byte short bytea, the smallint, then the bigint at offset 48).
+            """CREATE TABLE tombstones_v6 (
+                digest {blob} NOT NULL PRIMARY KEY,
+                junk {smallint} NOT NULL DEFAULT 0,
+                expires {bigint} NOT NULL
+            ){without_rowid}""",
+            # two pairs with one key (never seen: 2**-128) would keep one tombstone, the longer-lived
+            "INSERT INTO tombstones_v6 (digest, expires, junk) "
+            "SELECT {tombstone_key}, MAX(expires), MIN(junk) FROM tombstones GROUP BY 1",
+            "DROP TABLE tombstones",
+            "ALTER TABLE tombstones_v6 RENAME TO tombstones",
+            "CREATE INDEX tombstones_by_expiry ON tombstones (expires)",
+            # stored_bytes and junk_bytes count a tombstone at its new size
+            "UPDATE meta SET value = CAST((SELECT COALESCE(SUM(size), 0) FROM envelopes) "
+            "+ (SELECT COALESCE(SUM(size), 0) FROM acks) "
+            "+ {tombstone_bytes_v6} * (SELECT COUNT(*) FROM tombstones) AS TEXT) WHERE key = 'stored_bytes'",
+            "UPDATE meta SET value = CAST((SELECT COALESCE(SUM(size * junk), 0) FROM acks) "
+            "+ {tombstone_bytes_v6} * (SELECT COALESCE(SUM(junk), 0) FROM tombstones) AS TEXT) "
+            "WHERE key = 'junk_bytes'",
+        ),
+        only=(("postgresql", "ALTER INDEX tombstones_v6_pkey RENAME TO tombstones_pkey"),),
     ),
 )
 

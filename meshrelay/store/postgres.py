@@ -91,7 +91,6 @@ from meshrelay.store.base import (
     POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
-    TOMBSTONE_BYTES,
     AckResult,
     AddResult,
     Bodies,
@@ -110,9 +109,13 @@ from meshrelay.store.base import (
     junk_budget,
     one_line,
     settle_batch,
+    tombstone_key,
 )
 
 T = TypeVar("T")
+
+#: bytes a tombstone counts for in the stored total (see ``Store.tombstone_bytes``)
+TOMBSTONE_BYTES = migrations.tombstone_bytes(migrations.LATEST_VERSION, "postgresql")
 Conn = psycopg.Connection[Any]
 Cur = psycopg.Cursor[Any]
 
@@ -328,7 +331,10 @@ class _Tx:
         row = self.checked.get(key)
         if row is None or self.swept or key[1] in self.dirty:
             msg_id, mailbox, sender, now = key
-            cur.execute(_CHECK_ENVELOPE, {"id": msg_id, "mb": mailbox, "s": sender, "now": now})
+            cur.execute(
+                _CHECK_ENVELOPE,
+                {"id": msg_id, "mb": mailbox, "s": sender, "now": now, "key": tombstone_key(mailbox, msg_id)},
+            )
             row = cur.fetchone()
             assert row is not None
         return row
@@ -368,36 +374,35 @@ SELECT COUNT(*) FROM contacts c JOIN envelopes e ON e.msg_id = c.msg_id
 WHERE c.mailbox = %(mb)s AND c.expires > %(now)s AND e.expires > %(now)s
 """
 
+#: (the last array: each deposit's tombstone_key)
 _CHECK_ENVELOPES = """
 SELECT t.id, t.mb, t.s, t.now,
        EXISTS (SELECT 1 FROM envelopes e WHERE e.msg_id = t.id),
-       EXISTS (SELECT 1 FROM tombstones b WHERE b.mailbox = t.mb AND b.msg_id = t.id AND b.expires > t.now),
+       EXISTS (SELECT 1 FROM tombstones b WHERE b.digest = t.k AND b.expires > t.now),
        (SELECT count(*) FROM envelopes e WHERE e.mailbox = t.mb AND e.expires > t.now),
        (SELECT count(*) FROM envelopes e WHERE e.mailbox = t.mb AND e.sender = t.s AND e.expires > t.now)
-FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[]) AS t(id, mb, s, now)
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bytea[]) AS t(id, mb, s, now, k)
 """
 
 _CHECK_ENVELOPE = """
 SELECT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = %(id)s),
-       EXISTS (SELECT 1 FROM tombstones WHERE mailbox = %(mb)s AND msg_id = %(id)s AND expires > %(now)s),
+       EXISTS (SELECT 1 FROM tombstones WHERE digest = %(key)s AND expires > %(now)s),
        (SELECT count(*) FROM envelopes WHERE mailbox = %(mb)s AND expires > %(now)s),
        (SELECT count(*) FROM envelopes WHERE mailbox = %(mb)s AND sender = %(s)s AND expires > %(now)s)
 """
 
 
-#: an envelope the store holds, or whose live tombstone stops it
+#: an envelope the store holds, or whose live tombstone stops it (``key``: each pair's tombstone_key)
 _HELD_ENVELOPES = """
 SELECT t.mb, t.id,
        EXISTS (SELECT 1 FROM envelopes e WHERE e.msg_id = t.id)
-       OR EXISTS (SELECT 1 FROM tombstones b WHERE b.mailbox = t.mb AND b.msg_id = t.id AND b.expires > %(now)s)
-FROM unnest(%(mb)s::text[], %(id)s::text[]) WITH ORDINALITY AS t(mb, id, i) ORDER BY t.i
+       OR EXISTS (SELECT 1 FROM tombstones b WHERE b.digest = t.k AND b.expires > %(now)s)
+FROM unnest(%(mb)s::text[], %(id)s::text[], %(key)s::bytea[]) WITH ORDINALITY AS t(mb, id, k, i) ORDER BY t.i
 """
 
-#: held_tombstones(): the (mailbox, msg_id) pairs asked for whose tombstone is not junk (v4, 13)
+#: held_tombstones(): the tombstone keys asked for whose tombstone is not junk (v4, 13)
 _HELD_TOMBSTONES = """
-SELECT t.mailbox, t.msg_id FROM tombstones t
-JOIN unnest(%(mb)s::text[], %(id)s::text[]) AS u(mb, m) ON t.mailbox = u.mb AND t.msg_id = u.m
-WHERE t.junk = 0
+SELECT digest FROM tombstones WHERE digest = ANY(%(key)s::bytea[]) AND junk = 0
 """
 _HELD_ACKS = """
 SELECT t.mb, t.n, EXISTS (SELECT 1 FROM acks a WHERE a.mailbox = t.mb AND a.nonce = t.n)
@@ -469,6 +474,7 @@ class PostgresStore:
     log = Logger()
     #: ``add_envelope`` ignores ``verify``: the relay checks signatures before it calls
     verifies_signatures = False
+    tombstone_bytes = TOMBSTONE_BYTES
 
     def __init__(
         self,
@@ -785,7 +791,8 @@ class PostgresStore:
                         (keys,),
                     )
                 if checks:
-                    cur.execute(_CHECK_ENVELOPES, [list(col) for col in zip(*checks)])
+                    keys_of = [tombstone_key(mailbox, msg_id) for msg_id, mailbox, _, _ in checks]
+                    cur.execute(_CHECK_ENVELOPES, [*(list(col) for col in zip(*checks)), keys_of])
             if checks:
                 for msg_id, mailbox, sender, now, *found in cur.fetchall():
                     tx.checked[(msg_id, mailbox, sender, now)] = tuple(found)
@@ -1003,14 +1010,15 @@ class PostgresStore:
                     tx.d_count -= 1
                     tx.d_bytes -= freed
             deleted = tuple(m for m in ids if m in gone)
-            held = list(deleted)
+            tkey = {m: tombstone_key(mailbox, m) for m in ids}
+            held = [tkey[m] for m in deleted]
             unheld = [m for m in ids if m not in gone]
             if held:
                 cur.execute(
-                    "INSERT INTO tombstones (mailbox, msg_id, expires, junk) SELECT %s, m, %s, 0 "
-                    "FROM unnest(%s::text[]) AS m ON CONFLICT (mailbox, msg_id) DO UPDATE "
+                    "INSERT INTO tombstones (digest, expires, junk) SELECT k, %s, 0 "
+                    "FROM unnest(%s::bytea[]) AS k ON CONFLICT (digest) DO UPDATE "
                     "SET expires = GREATEST(tombstones.expires, excluded.expires) RETURNING (xmax = 0)",
-                    (mailbox, tombstone_expires, held),
+                    (tombstone_expires, held),
                 )
                 tx.d_bytes += TOMBSTONE_BYTES * sum(1 for (inserted,) in cur.fetchall() if inserted)
             skipped = 0
@@ -1018,22 +1026,22 @@ class PostgresStore:
             if vouched:
                 # v4 (13): a junk tombstone made real by a peer that held the message leaves the junk budget.
                 cur.execute(
-                    "UPDATE tombstones SET junk = 0 WHERE mailbox = %s AND msg_id = ANY(%s) AND junk = 1",
-                    (mailbox, vouched),
+                    "UPDATE tombstones SET junk = 0 WHERE digest = ANY(%s::bytea[]) AND junk = 1",
+                    ([tkey[m] for m in vouched],),
                 )
                 tx.junk_delta -= TOMBSTONE_BYTES * cur.rowcount
             if unheld:
                 cur.execute(
-                    "UPDATE tombstones SET expires = GREATEST(expires, %s) WHERE mailbox = %s AND msg_id = ANY(%s) "
-                    "RETURNING msg_id",
-                    (tombstone_expires, mailbox, unheld),
+                    "UPDATE tombstones SET expires = GREATEST(expires, %s) WHERE digest = ANY(%s::bytea[]) "
+                    "RETURNING digest",
+                    (tombstone_expires, [tkey[m] for m in unheld]),
                 )
-                known = {r[0] for r in cur.fetchall()}
+                known = {bytes(r[0]) for r in cur.fetchall()}
                 for junk_flag in (0, 1):
                     # Attested ids (v4) are not junk: only the storage cap bounds them.
                     # For junk, the shared total is this process's last view plus this batch
                     # (another process's batch may add a little); the junk total is exact (row lock).
-                    rest = [m for m in unheld if m not in known and (m in vouched_ids) != bool(junk_flag)]
+                    rest = [tkey[m] for m in unheld if tkey[m] not in known and (m in vouched_ids) != bool(junk_flag)]
                     if not rest:
                         continue
                     room = caps.max_stored_bytes - self._bytes - tx.d_bytes
@@ -1043,9 +1051,9 @@ class PostgresStore:
                     skipped += len(rest) - len(take)
                     if take:
                         cur.execute(
-                            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) SELECT %s, m, %s, %s "
-                            "FROM unnest(%s::text[]) AS m ON CONFLICT (mailbox, msg_id) DO NOTHING",
-                            (mailbox, tombstone_expires, junk_flag, take),
+                            "INSERT INTO tombstones (digest, expires, junk) SELECT k, %s, %s "
+                            "FROM unnest(%s::bytea[]) AS k ON CONFLICT (digest) DO NOTHING",
+                            (tombstone_expires, junk_flag, take),
                         )
                         tx.d_bytes += TOMBSTONE_BYTES * cur.rowcount
                         tx.junk_delta += TOMBSTONE_BYTES * cur.rowcount * junk_flag
@@ -1286,7 +1294,12 @@ class PostgresStore:
             if env_list:
                 rows = conn.execute(
                     _HELD_ENVELOPES,
-                    {"now": now, "mb": [mb for mb, _ in env_list], "id": [m for _, m in env_list]},
+                    {
+                        "now": now,
+                        "mb": [mb for mb, _ in env_list],
+                        "id": [m for _, m in env_list],
+                        "key": [tombstone_key(mb, m) for mb, m in env_list],
+                    },
                 ).fetchall()
                 lack_env = [(mb, m) for mb, m, held in rows if not held]
             if ack_list:
@@ -1304,10 +1317,9 @@ class PostgresStore:
         def q(conn: Conn) -> set[tuple[str, str]]:
             if not items:
                 return set()
-            rows = conn.execute(
-                _HELD_TOMBSTONES, {"mb": [mb for mb, _ in items], "id": [m for _, m in items]}
-            ).fetchall()
-            return {(str(mb), str(m)) for mb, m in rows}
+            keys = {tombstone_key(mb, m): (mb, m) for mb, m in items}
+            rows = conn.execute(_HELD_TOMBSTONES, {"key": list(keys)}).fetchall()
+            return {keys[bytes(k)] for (k,) in rows}
 
         return self._read(q)
 

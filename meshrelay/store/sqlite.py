@@ -49,7 +49,6 @@ from meshrelay.store.base import (
     POLICY_STALE,
     SENDER_CAP,
     STORAGE_FULL,
-    TOMBSTONE_BYTES,
     AckResult,
     AddResult,
     Bodies,
@@ -67,11 +66,14 @@ from meshrelay.store.base import (
     junk_budget,
     settle_batch,
     settle_items,
+    tombstone_key,
 )
 
 T = TypeVar("T")
 
 DB_NAME = "meshrelay.sqlite3"
+#: bytes a tombstone counts for in the stored total (see ``Store.tombstone_bytes``)
+TOMBSTONE_BYTES = migrations.tombstone_bytes(migrations.LATEST_VERSION, "sqlite")
 #: the largest seq a 64-bit column holds: a larger ``since`` simply has nothing after it
 MAX_SEQ = 2**63 - 1
 #: rows deleted per sweeper transaction, so deposits interleave with a big sweep
@@ -101,29 +103,23 @@ def wal_keep_bytes(max_stored_bytes: int) -> int:
 
 
 #: dedup, tombstone and both cap counts of a deposit in one statement
-#: (parameters: msg_id, mailbox, now, sender)
+#: (parameters: msg_id, mailbox, now, sender, tombstone_key(mailbox, msg_id))
 _ADD_CHECKS = """
 SELECT
     EXISTS (SELECT 1 FROM envelopes WHERE msg_id = ?1),
-    EXISTS (SELECT 1 FROM tombstones WHERE mailbox = ?2 AND msg_id = ?1 AND expires > ?3),
+    EXISTS (SELECT 1 FROM tombstones WHERE digest = ?5 AND expires > ?3),
     (SELECT COUNT(*) FROM envelopes WHERE mailbox = ?2 AND expires > ?3),
     (SELECT COUNT(*) FROM envelopes WHERE mailbox = ?2 AND sender = ?4 AND expires > ?3)
 """
 
 
-#: an envelope the store holds, or whose live tombstone stops it (parameters: id, mb, now)
-_HELD_ENVELOPE = """
-SELECT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = :id)
-    OR EXISTS (SELECT 1 FROM tombstones WHERE mailbox = :mb AND msg_id = :id AND expires > :now)
-"""
-
-
+#: a tombstone's key in SQL, for the (mailbox, msg_id) pair of a json_each row (``_connect`` registers it)
+_ITEM_KEY = f"{migrations.SQLITE_TOMBSTONE_KEY}(json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'))"
 #: missing(): the (mailbox, msg_id) pairs of a JSON array (by index) this node lacks, in input order
-_LACKING_ENVELOPES = """
+_LACKING_ENVELOPES = f"""
 SELECT CAST(j.key AS INTEGER) FROM json_each(:items) AS j
 WHERE NOT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = json_extract(j.value, '$[1]'))
-  AND NOT EXISTS (SELECT 1 FROM tombstones WHERE mailbox = json_extract(j.value, '$[0]')
-                  AND msg_id = json_extract(j.value, '$[1]') AND expires > :now)
+  AND NOT EXISTS (SELECT 1 FROM tombstones WHERE digest = {_ITEM_KEY} AND expires > :now)
 ORDER BY j.key
 """
 _LACKING_ACKS = """
@@ -132,10 +128,10 @@ WHERE NOT EXISTS (SELECT 1 FROM acks WHERE mailbox = json_extract(j.value, '$[0]
                   AND nonce = json_extract(j.value, '$[1]'))
 ORDER BY j.key
 """
-#: held_tombstones(): the (mailbox, msg_id) pairs asked for whose tombstone is not junk (v4, 13)
-_HELD_TOMBSTONES = """
-SELECT t.mailbox, t.msg_id FROM json_each(:items) AS j
-JOIN tombstones AS t ON t.mailbox = json_extract(j.value, '$[0]') AND t.msg_id = json_extract(j.value, '$[1]')
+#: held_tombstones(): the (mailbox, msg_id) pairs asked for (by index) whose tombstone is not junk (v4, 13)
+_HELD_TOMBSTONES = f"""
+SELECT CAST(j.key AS INTEGER) FROM json_each(:items) AS j
+JOIN tombstones AS t ON t.digest = {_ITEM_KEY}
 WHERE t.junk = 0
 """
 #: bodies(): per requested id (by index, in request order) its size and body, or NULLs when not held
@@ -179,8 +175,21 @@ def _changes_sql(by_mailbox: bool, ids_only: bool, budget: bool) -> str:
     )
 
 
+def _sql_tombstone_key(mailbox: object, msg_id: object) -> bytes | None:
+    """``tombstone_key`` as a SQL function (NULL unless both are text)."""
+    if isinstance(mailbox, str) and isinstance(msg_id, str):
+        return tombstone_key(mailbox, msg_id)
+    return None
+
+
+def register_functions(conn: sqlite3.Connection) -> None:
+    """The SQL functions the store's statements and migrations use (``meshrelay_tombstone_key``)."""
+    conn.create_function(migrations.SQLITE_TOMBSTONE_KEY, 2, _sql_tombstone_key, deterministic=True)
+
+
 def _connect(path: str, durability: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    register_functions(conn)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=" + ("FULL" if durability == "full" else "NORMAL"))
     conn.execute("PRAGMA cache_size=-8000")
@@ -207,6 +216,7 @@ def _meta_set(conn: sqlite3.Connection, key: str, value: object) -> None:
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema up to date; returns the version it started from."""
+    register_functions(conn)
     conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     current = int(_meta_get(conn, "schema_version") or 0)
     for m in migrations.pending(current):
@@ -221,6 +231,10 @@ def migrate(conn: sqlite3.Connection) -> int:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+    if current and current < migrations.LATEST_VERSION:
+        # A migration may rewrite whole tables (schema 6: every tombstone, and the old pages zeroed
+        # where SQLite is built with SECURE_DELETE): move them into the file and cut the WAL back now.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     return current
 
 
@@ -292,7 +306,9 @@ def _add(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]
             # v3: then its permit's, when the relay left that to the writer too.
             if permit_check is not None and not verify_signature(*permit_check):
                 return AddResult(BAD_PERMIT)
-    stored, tombstoned, in_mailbox, from_sender = conn.execute(_ADD_CHECKS, (msg_id, mailbox, now, sender)).fetchone()
+    stored, tombstoned, in_mailbox, from_sender = conn.execute(
+        _ADD_CHECKS, (msg_id, mailbox, now, sender, tombstone_key(mailbox, msg_id))
+    ).fetchone()
     # v3: a contact copy of a stored envelope may upgrade it (from stranger mail to contact mail).
     upgrade = stored and contact
     if (stored or tombstoned) and not upgrade:
@@ -409,40 +425,36 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
         deleted.append(msg_id)
         st.count -= 1
         st.bytes -= row[0][0]
+        key = tombstone_key(mailbox, msg_id)
         if conn.execute(
-            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) VALUES (?, ?, ?, 0) ON CONFLICT DO NOTHING",
-            (mailbox, msg_id, tombstone_expires),
+            "INSERT INTO tombstones (digest, expires, junk) VALUES (?, ?, 0) ON CONFLICT DO NOTHING",
+            (key, tombstone_expires),
         ).rowcount:
             st.bytes += TOMBSTONE_BYTES
         else:
             conn.execute(
-                "UPDATE tombstones SET expires = MAX(expires, ?) WHERE mailbox = ? AND msg_id = ?",
-                (tombstone_expires, mailbox, msg_id),
+                "UPDATE tombstones SET expires = MAX(expires, ?) WHERE digest = ?",
+                (tombstone_expires, key),
             )
     skipped = 0
     vouched_any = False
     for msg_id in unheld:
         vouched = msg_id in attested
         vouched_any = vouched_any or vouched
-        if (
-            vouched
-            and conn.execute(
-                "UPDATE tombstones SET junk = 0 WHERE mailbox = ? AND msg_id = ? AND junk = 1", (mailbox, msg_id)
-            ).rowcount
-        ):
+        key = tombstone_key(mailbox, msg_id)
+        if vouched and conn.execute("UPDATE tombstones SET junk = 0 WHERE digest = ? AND junk = 1", (key,)).rowcount:
             # A junk tombstone made real by a peer that held the message: it leaves the junk budget.
             st.junk -= TOMBSTONE_BYTES
         if conn.execute(
-            "UPDATE tombstones SET expires = MAX(expires, ?) WHERE mailbox = ? AND msg_id = ?",
-            (tombstone_expires, mailbox, msg_id),
+            "UPDATE tombstones SET expires = MAX(expires, ?) WHERE digest = ?", (tombstone_expires, key)
         ).rowcount:
             continue
         if st.bytes + TOMBSTONE_BYTES > caps.max_stored_bytes or (not vouched and st.junk + TOMBSTONE_BYTES > budget):
             skipped += 1
             continue
         conn.execute(
-            "INSERT INTO tombstones (mailbox, msg_id, expires, junk) VALUES (?, ?, ?, ?)",
-            (mailbox, msg_id, tombstone_expires, 0 if vouched else 1),
+            "INSERT INTO tombstones (digest, expires, junk) VALUES (?, ?, ?)",
+            (key, tombstone_expires, 0 if vouched else 1),
         )
         st.bytes += TOMBSTONE_BYTES
         if not vouched:
@@ -490,8 +502,8 @@ def _op_sweep(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any,
     out = {"envelopes": len(rows), "more": int(len(rows) == SWEEP_CHUNK)}
     # tombstones and acks are accounted too
     tombs = conn.execute(
-        "DELETE FROM tombstones WHERE (mailbox, msg_id) IN "
-        "(SELECT mailbox, msg_id FROM tombstones WHERE expires <= ? LIMIT ?) RETURNING junk",
+        "DELETE FROM tombstones WHERE digest IN "
+        "(SELECT digest FROM tombstones WHERE expires <= ? LIMIT ?) RETURNING junk",
         (now, SWEEP_CHUNK),
     ).fetchall()
     st.bytes -= TOMBSTONE_BYTES * len(tombs)
@@ -704,6 +716,7 @@ class SQLiteStore:
     log = Logger()
     #: deposits and replicas pass their signature check to ``add_envelope`` (see ``Store``)
     verifies_signatures = True
+    tombstone_bytes = TOMBSTONE_BYTES
 
     def __init__(
         self,
@@ -963,7 +976,7 @@ class SQLiteStore:
             if not items:
                 return set()
             rows = conn.execute(_HELD_TOMBSTONES, {"items": json.dumps(items)})
-            return {(str(mb), str(m)) for mb, m in rows}
+            return {items[i] for (i,) in rows}
 
         return self._read(q)
 
