@@ -300,6 +300,66 @@ class WaitingShareTests(SiteTestCase):
         self.assertEqual(self.exchange("192.0.2.66", http_post("/api/mesh/dm/poll", valid)), b"")
         self.n.clock.advance(30)
 
+    def fill_share(self, host: str = "192.0.2.66") -> None:
+        self.assertEqual([self.long_poll(host) for _ in range(self.share)], [b""] * self.share)
+
+    def test_a_long_poll_over_the_share_is_refused_before_the_routes(self) -> None:
+        """Past its share, a long-poll is answered 429 without entering the poll route (no Deferred, no coroutine).
+
+        Issue 10's long-poll attacker makes each node refuse about 200 of these a second, in
+        bursts; each one's reactor time is what the next honest request waits for.  The answer
+        is the route's: same status, body, Retry-After, CORS headers, metric and log line.
+        """
+        self.fill_share()
+        routed: list[Any] = []
+        real_poll = self.n.relay.poll
+        self.patch(self.n.relay, "poll", lambda *a, **kw: routed.append(a) or real_poll(*a, **kw))
+        before = self.n.metrics.sample("meshrelay_dm_poll_total", {"outcome": "rate_limited"}) or 0.0
+        agg = self.n.relay.log_agg
+        self.assertEqual(agg.pending("refused:rate_limited"), 0)
+        answers = [
+            self.exchange("192.0.2.66", http_post("/api/mesh/dm/poll", Identity().poll_body(ts=self.now(), wait=30)))
+            for _ in range(2)
+        ]
+        early = answers[0]
+        self.assertEqual([(status_of(a), error_of(a)) for a in answers], [(429, "rate_limited")] * 2)
+        self.assertEqual(routed, [])
+        self.assertEqual(self.n.metrics.sample("meshrelay_dm_poll_total", {"outcome": "rate_limited"}), before + 2)
+        # logged as the error table logs a refusal: the first line at once, the second counted
+        self.assertEqual(agg.pending("refused:rate_limited"), 1)
+        self.assertEqual(agg.pending("cap:max_waiting_polls_per_address"), 1)
+        # the same poll through the route (the early answer turned off) is answered the same way
+        self.patch(self.site.resource.inner, "early", None)
+        routed_answer = self.exchange(
+            "192.0.2.66", http_post("/api/mesh/dm/poll", Identity().poll_body(ts=self.now(), wait=30))
+        )
+        self.assertEqual(len(routed), 1)
+
+        def without_date(raw: bytes) -> bytes:
+            return re.sub(rb"Date: [^\r]*\r\n", b"", raw)
+
+        self.assertEqual(without_date(early), without_date(routed_answer))
+        self.assertIn(b"Retry-After: 1\r\n", early)
+        self.assertIn(b"Access-Control-Allow-Origin: *\r\n", early)
+        self.n.clock.advance(30)
+
+    def test_over_the_share_a_bad_request_still_gets_its_own_code(self) -> None:
+        """The early refusal comes after step 1 (docs/protocol.md 4.4): content type, JSON and shape are answered first."""
+        self.fill_share()
+        who = Identity()
+        bad_shape = {**who.poll_body(ts=self.now(), wait=30), "extra": 1}
+        answer = self.exchange("192.0.2.66", http_post("/api/mesh/dm/poll", bad_shape))
+        self.assertEqual((status_of(answer), error_of(answer)), (400, "bad_request"))
+        raw = b'{"mailbox": 1,'
+        head = b"POST /api/mesh/dm/poll HTTP/1.1\r\nHost: a.test\r\nContent-Type: application/json\r\n"
+        answer = self.exchange("192.0.2.66", head + b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+        self.assertEqual((status_of(answer), error_of(answer)), (400, "bad_json"))
+        body = json.dumps(who.poll_body(ts=self.now(), wait=30)).encode()
+        plain = b"POST /api/mesh/dm/poll HTTP/1.1\r\nHost: a.test\r\nContent-Type: text/plain\r\n"
+        answer = self.exchange("192.0.2.66", plain + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertEqual((status_of(answer), error_of(answer)), (415, "unsupported_media_type"))
+        self.n.clock.advance(30)
+
 
 class SmallWaitingPoolTests(WaitingShareTests):
     limits = {"max_waiting_polls": 10}
