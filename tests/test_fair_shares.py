@@ -22,6 +22,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from meshrelay import fairness
 from meshrelay.config import ConfigError, build_config
 from meshrelay.fairness import AddressPolicy
 from meshrelay.store.sqlite import DB_NAME
@@ -221,6 +222,33 @@ class AddressPolicyTests(SynchronousTestCase):
         self.assertIsNone(p.connection_key(UNIXAddress(None)))
         self.assertIsNone(p.connection_key(UNIXAddress(b"/run/meshrelay.sock")))
         self.assertIsNone(p.with_address_meaning_nothing(True).connection_key(IPv4Address("TCP", "192.0.2.1", 1)))
+
+    def test_a_hosts_key_is_parsed_once(self) -> None:
+        """A connecting host's key is remembered (no address parse per request), until a reload or HOST_KEYS hosts."""
+        p = AddressPolicy()
+        parsed: list[str] = []
+        real = fairness.parse_ip
+        self.patch(fairness, "parse_ip", lambda text: parsed.append(text) or real(text))
+        self.assertEqual([p.key("192.0.2.1") for _ in range(3)], ["192.0.2.1/32"] * 3)
+        self.assertEqual(parsed, ["192.0.2.1"])
+        # X-Forwarded-For is read each time (it differs per request)
+        self.assertEqual(p.key("192.0.2.1", b"203.0.113.5"), "192.0.2.1/32")
+        self.assertEqual(len(parsed), 2)
+        # so is a connection's, for the connection cap
+        addr = IPv4Address("TCP", "192.0.2.2", 1)
+        self.assertEqual([p.connection_key(addr) for _ in range(3)], ["192.0.2.2/32"] * 3)
+        self.assertEqual(parsed[2:], ["192.0.2.2"])
+        # a reload's new prefix and proxies are used at once
+        p.reconfigure("192.0.2.2", 24, 64)
+        self.assertEqual(p.key("192.0.2.1"), "192.0.2.0/24")
+        self.assertIsNone(p.connection_key(addr))
+        # bounded: past HOST_KEYS hosts it starts again
+        for i in range(fairness.HOST_KEYS + 10):
+            host = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+            p.key(host)
+            p.connection_key(IPv4Address("TCP", host, 1))
+        self.assertLessEqual(len(p._host_keys), fairness.HOST_KEYS)
+        self.assertLessEqual(len(p._connection_keys), fairness.HOST_KEYS)
 
     def test_forwarded_for_chain(self) -> None:
         """Right to left past trusted proxies; the first untrusted hop if it parses, else the proxy."""
