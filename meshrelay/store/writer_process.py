@@ -242,6 +242,8 @@ def _kill(transport: Any) -> None:
 
 def child_main(argv: list[str]) -> int:
     """The child: read batches on stdin, answer on stdout, until stdin closes."""
+    import gc
+
     from meshrelay.store.sqlite import WriterCore, _connect
 
     path, durability, *numbers = argv
@@ -249,6 +251,10 @@ def child_main(argv: list[str]) -> int:
     conn = _connect(path, durability)
     core = WriterCore(conn, caps)
     checkpointer = core.run_checkpointer(path, durability)
+    # What is loaded now lives as long as the child: no full collection walks it again (a
+    # collection's pause is a pause of every batch queued behind it).
+    gc.collect()
+    gc.freeze()
     inp = sys.stdin.buffer
     out = sys.stdout.buffer
     while True:
