@@ -16,9 +16,17 @@ from twisted.web.iweb import IRequest
 
 from meshrelay import __version__
 from meshrelay import envelope as E
-from meshrelay.errors import BadRequest, RateLimited
+from meshrelay.errors import BadRequest, MeshError, RateLimited
 from meshrelay.relay import Relay
-from meshrelay.web import FALLBACK_ATTR, SHARE_KEY_ATTR, body_length, install_error_table, json_response, read_json
+from meshrelay.web import (
+    FALLBACK_ATTR,
+    SHARE_KEY_ATTR,
+    answer_refusal,
+    body_length,
+    install_error_table,
+    json_response,
+    read_json,
+)
 
 
 def policy_query(args: dict[bytes, list[bytes]]) -> str:
@@ -78,6 +86,28 @@ class ClientAPI:
 
     def resource(self) -> Any:
         return self.app.resource()
+
+    def refuse_early(self, request: IRequest, share: str) -> bytes | None:
+        """The answer to a long-poll over its address's share, before the routes; None: route the poll.
+
+        Called by :class:`~meshrelay.web.NodeRoot` for a poll that passed the per-address
+        limits.  An address under its share of waiting polls costs a dict lookup here; one over
+        it has the body parsed and shape-checked, and a poll with ``wait > 0`` and no ``ack`` is
+        answered ``429 rate_limited`` at once, as :meth:`poll` would answer it (same body,
+        ``Retry-After``, metrics and log line) but without Klein's routing, the coroutine and
+        the error handler: what a flood of such polls costs the reactor per request (issue 10).
+        Anything else (a bad content type, body or shape, a poll that acks or does not wait) is
+        routed, and answered there.
+        """
+        relay = self.relay
+        if not relay.share_full(share):
+            return None
+        try:
+            obj = read_json(request)
+        except MeshError:
+            return None
+        refusal = relay.refuse_over_share(obj, share)
+        return None if refusal is None else answer_refusal(request, refusal, relay.log_agg)
 
     def _answer(self, request: IRequest, d: Deferred[dict[str, Any]]) -> Deferred[bytes]:
         return d.addCallback(lambda result: json_response(request, 200, result))

@@ -18,6 +18,7 @@ and exits.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import struct
@@ -260,6 +261,10 @@ def serve(handle: Callable[[Any], tuple[str, Any]]) -> None:
 
     ``handle`` returns ``("ok", value)`` or ``("error", message)``.
     """
+    # What is loaded now lives as long as the child: no full collection walks it again (a
+    # collection's pause is a pause of every request queued behind it).
+    gc.collect()
+    gc.freeze()
     inp = sys.stdin.buffer
     out = sys.stdout.buffer
     while True:

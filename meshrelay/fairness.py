@@ -32,6 +32,9 @@ from twisted.web.iweb import IRequest
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+#: connecting hosts whose share key an AddressPolicy remembers (a dict of short strings: under 1 MB)
+HOST_KEYS = 4096
+
 
 def parse_proxies(text: str) -> tuple[IPNetwork, ...]:
     """``"10.0.0.1, 192.168.0.0/16, ::1"`` -> networks; ``ValueError`` naming the first bad entry."""
@@ -75,12 +78,20 @@ class AddressPolicy:
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix
         self.address_means_nothing = address_means_nothing
+        #: connecting host -> its share key, for requests without X-Forwarded-For, and for the
+        #: connection cap (None: the cap does not apply): every request and connection needs its
+        #: key, and parsing the address each time was a tenth of what the node spent on a refused
+        #: request (issue 10's floods).  Bounded: each is emptied when it reaches HOST_KEYS.
+        self._host_keys: dict[str, str] = {}
+        self._connection_keys: dict[str, str | None] = {}
 
     def reconfigure(self, trusted_proxies: str, ipv4_prefix: int, ipv6_prefix: int) -> None:
         """A reloaded config's proxies and prefixes (whether the address means anything stays)."""
         self.proxies = parse_proxies(trusted_proxies)
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix
+        self._host_keys = {}
+        self._connection_keys = {}
 
     def with_address_meaning_nothing(self, flag: bool) -> AddressPolicy:
         """The same policy for a listener whose connecting address does (not) mean anything."""
@@ -119,6 +130,16 @@ class AddressPolicy:
         """The share key of a request; None on a listener whose address means nothing."""
         if self.address_means_nothing:
             return None
+        if not forwarded_for:
+            key = self._host_keys.get(host)
+            if key is None:
+                if len(self._host_keys) >= HOST_KEYS:
+                    self._host_keys = {}
+                key = self._host_keys[host] = self._key(host, None)
+            return key
+        return self._key(host, forwarded_for)
+
+    def _key(self, host: str, forwarded_for: bytes | None) -> str:
         client = self.client(host, forwarded_for)
         return client if isinstance(client, str) else self.network_key(client)
 
@@ -132,10 +153,15 @@ class AddressPolicy:
         """
         if self.address_means_nothing:
             return None
-        ip = parse_ip(str(getattr(addr, "host", "")))
-        if ip is None or self.trusted(ip):
-            return None
-        return self.network_key(ip)
+        host = str(getattr(addr, "host", ""))
+        if host in self._connection_keys:
+            return self._connection_keys[host]
+        if len(self._connection_keys) >= HOST_KEYS:
+            self._connection_keys = {}
+        ip = parse_ip(host)
+        key = None if ip is None or self.trusted(ip) else self.network_key(ip)
+        self._connection_keys[host] = key
+        return key
 
 
 def request_host(request: IRequest) -> str:

@@ -176,6 +176,7 @@ class Node(Service):
             self.deposit_limiter,
             metrics=self.metrics,
             log_agg=self.relay.log_agg,
+            early=self.client_api.refuse_early,
         )
         # CORS wraps the whole root so that the per-address 429s carry it too (client routes only).
         cors = CorsResource(root, CorsPolicy(self.config.web.cors_origins))

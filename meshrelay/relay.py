@@ -651,17 +651,55 @@ class Relay:
         self.metrics.waiting_polls.set(self._waiting)
         return waiter
 
+    def _per_share(self) -> int:
+        # An address's share, and never more than half of all: no one address holds every slot.
+        return min(self.limits.max_waiting_polls_per_address, max(1, self.limits.max_waiting_polls // 2))
+
+    def share_full(self, share: str) -> bool:
+        """Whether ``share`` (an address, or a mailbox) already has its share of waiting polls."""
+        per_share = self._per_share()
+        return bool(per_share) and self._waiting_by_share.get(share, 0) >= per_share
+
+    def _share_refusal(self, share: str) -> RateLimited | None:
+        """The refusal of a long-poll from ``share`` when it already has its share of waiting polls (logged)."""
+        if not self.share_full(share):
+            return None
+        self._cap_hit(
+            "max_waiting_polls_per_address",
+            "an address (or mailbox) already has {limit} long-polls waiting; refusing more with rate_limited",
+            limit=self._per_share(),
+        )
+        return RateLimited("too many waiting polls from this address")
+
     def _check_share(self, share: str) -> None:
         """Raise RateLimited when ``share`` (an address, or a mailbox) already has its share of waiting polls."""
-        # An address's share, and never more than half of all: no one address holds every slot.
-        per_share = min(self.limits.max_waiting_polls_per_address, max(1, self.limits.max_waiting_polls // 2))
-        if per_share and self._waiting_by_share.get(share, 0) >= per_share:
-            self._cap_hit(
-                "max_waiting_polls_per_address",
-                "an address (or mailbox) already has {limit} long-polls waiting; refusing more with rate_limited",
-                limit=per_share,
-            )
-            raise RateLimited("too many waiting polls from this address")
+        refusal = self._share_refusal(share)
+        if refusal is not None:
+            raise refusal
+
+    def refuse_over_share(self, obj: Any, client: str) -> MeshError | None:
+        """The refusal of a long-poll over its address's share, decided with no Deferred; None: serve it as usual.
+
+        The cheap path of docs/protocol.md 4.4 step 8 for a flood of long-polls from one address:
+        a poll with ``wait > 0`` and no ``ack`` from an address whose share of waiting polls is
+        full is refused right after its shape check, exactly as :meth:`poll` would refuse it
+        (``429 rate_limited``, counted and logged the same), but without the coroutine and
+        Deferred machinery :meth:`poll` runs (issue 10: about 200 such refusals a second per
+        node, each of which the node's reactor serves before the next honest request).  A body
+        that is not a poll of that kind is left to :meth:`poll` (its shape errors included).
+        """
+        if not self.share_full(client):
+            return None
+        try:
+            req = E.parse_poll(obj)
+        except MeshError:
+            return None
+        if req.wait <= 0 or req.auth.ack:
+            return None
+        refusal = self._share_refusal(client)
+        if refusal is not None:
+            self.metrics.polls_total.labels(refusal.code).inc()
+        return refusal
 
     def _unregister(self, waiter: _Waiter) -> None:
         group = self._waiters.get(waiter.mailbox)

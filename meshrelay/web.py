@@ -465,21 +465,29 @@ ERROR_TABLE: tuple[_ErrorRow, ...] = (
 )
 
 
+def answer_refusal(request: IRequest, e: MeshError, agg: Any) -> bytes:
+    """The answer to a refusal, logged (aggregated) as the error table logs it; for a route that refuses without raising."""
+    row = ERROR_TABLE[0]
+    if e.code not in _LOGGED_BY_RELAY:
+        detail = " ".join(e.detail.split())[:200]
+        fields = {"path": _shown_path(request), "status": e.status, "code": e.code, "detail": detail}
+        note_refusal(agg, row.log_key.format(code=e.code), row.log_fmt, row.level, **fields)
+    return json_response(request, e.status, e.body(), e.retry_after)
+
+
 def _answer_error(*args: Any) -> bytes:
     request, failure = _request_failure(args)
     row = next(r for r in ERROR_TABLE if failure.check(r.kind))
     if row.kind is CancelledError:
         return b""
     e = failure.value
-    status, body, retry_after = row.status, error_body(row.code, row.detail), None
     if isinstance(e, MeshError):
-        status, body, retry_after = e.status, e.body(), e.retry_after
+        return answer_refusal(request, e, _owner_agg(args))
+    status, body = row.status, error_body(row.code, row.detail)
     code = body["error"]
-    if row.log_key and not (isinstance(e, MeshError) and e.code in _LOGGED_BY_RELAY):
+    if row.log_key:
         fields = {"path": _shown_path(request), "status": status, "code": code}
-        if isinstance(e, MeshError):
-            fields["detail"] = " ".join(e.detail.split())[:200]
-        elif row.status == 503:
+        if row.status == 503:
             fields["err"] = e
         agg = _owner_agg(args)
         key = row.log_key.format(code=code)
@@ -489,7 +497,7 @@ def _answer_error(*args: Any) -> bytes:
             agg.emit(log, key, row.log_fmt, row.level, failure, **fields)
         else:
             log.failure(row.log_fmt, failure, row.level, **fields)
-    return json_response(request, status, body, retry_after)
+    return json_response(request, status, body)
 
 
 def install_error_table(app: Klein) -> None:
@@ -502,10 +510,11 @@ SHARE_KEY_ATTR = "meshrelay_share_key"
 FALLBACK_ATTR = "meshrelay_address_means_nothing"
 
 SEND_PATH = b"/api/mesh/dm/send"
+POLL_PATH = b"/api/mesh/dm/poll"
 #: client requests whose bodies are writes, charged to the address's byte budget
 #: (limits.deposit_bytes_*), and the refusal reason of each: a deposit stores its body, and a
 #: poll's acks cost a delete and a tombstone per id (a 500-id ack is a 34 KB body)
-WRITE_PATHS = {SEND_PATH: "deposit_bytes", b"/api/mesh/dm/poll": "ack_bytes"}
+WRITE_PATHS = {SEND_PATH: "deposit_bytes", POLL_PATH: "ack_bytes"}
 
 
 def body_length(request: IRequest) -> int:
@@ -528,6 +537,11 @@ class NodeRoot(Resource):
     address means nothing there is no such key: the request is marked, and
     the client API charges keys from the body instead.  Peer requests are
     limited per authenticated peer by the peer API.
+
+    ``early(request, share_key)`` may answer a client poll that passed those
+    limits before it reaches the routes (an answer, or None to route it): the
+    client API refuses there a long-poll over its address's share of waiting
+    polls (:meth:`meshrelay.api.ClientAPI.refuse_early`).
     """
 
     isLeaf = True
@@ -541,10 +555,12 @@ class NodeRoot(Resource):
         deposit_limiter: Any = None,
         metrics: Any = None,
         log_agg: Any = None,
+        early: Callable[[IRequest, str], bytes | None] | None = None,
     ) -> None:
         super().__init__()
         self.metrics = metrics
         self.log_agg = log_agg
+        self.early = early
         self.client = client
         self.peer = peer
         self.client_limiter = client_limiter
@@ -576,6 +592,10 @@ class NodeRoot(Resource):
                 "too many bytes written from this address; slow down",
                 deposits.retry_after(body_length(request)),
             )
+        if self.early is not None and path == POLL_PATH and request.method == b"POST":
+            answer = self.early(request, key)
+            if answer is not None:
+                return answer
         return self.client.render(request)
 
     def _limited(self, request: IRequest, reason: str, detail: str, retry_after: int | None = None) -> bytes:

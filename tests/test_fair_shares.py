@@ -22,6 +22,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from meshrelay import fairness
 from meshrelay.config import ConfigError, build_config
 from meshrelay.fairness import AddressPolicy
 from meshrelay.store.sqlite import DB_NAME
@@ -222,6 +223,33 @@ class AddressPolicyTests(SynchronousTestCase):
         self.assertIsNone(p.connection_key(UNIXAddress(b"/run/meshrelay.sock")))
         self.assertIsNone(p.with_address_meaning_nothing(True).connection_key(IPv4Address("TCP", "192.0.2.1", 1)))
 
+    def test_a_hosts_key_is_parsed_once(self) -> None:
+        """A connecting host's key is remembered (no address parse per request), until a reload or HOST_KEYS hosts."""
+        p = AddressPolicy()
+        parsed: list[str] = []
+        real = fairness.parse_ip
+        self.patch(fairness, "parse_ip", lambda text: parsed.append(text) or real(text))
+        self.assertEqual([p.key("192.0.2.1") for _ in range(3)], ["192.0.2.1/32"] * 3)
+        self.assertEqual(parsed, ["192.0.2.1"])
+        # X-Forwarded-For is read each time (it differs per request)
+        self.assertEqual(p.key("192.0.2.1", b"203.0.113.5"), "192.0.2.1/32")
+        self.assertEqual(len(parsed), 2)
+        # so is a connection's, for the connection cap
+        addr = IPv4Address("TCP", "192.0.2.2", 1)
+        self.assertEqual([p.connection_key(addr) for _ in range(3)], ["192.0.2.2/32"] * 3)
+        self.assertEqual(parsed[2:], ["192.0.2.2"])
+        # a reload's new prefix and proxies are used at once
+        p.reconfigure("192.0.2.2", 24, 64)
+        self.assertEqual(p.key("192.0.2.1"), "192.0.2.0/24")
+        self.assertIsNone(p.connection_key(addr))
+        # bounded: past HOST_KEYS hosts it starts again
+        for i in range(fairness.HOST_KEYS + 10):
+            host = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+            p.key(host)
+            p.connection_key(IPv4Address("TCP", host, 1))
+        self.assertLessEqual(len(p._host_keys), fairness.HOST_KEYS)
+        self.assertLessEqual(len(p._connection_keys), fairness.HOST_KEYS)
+
     def test_forwarded_for_chain(self) -> None:
         """Right to left past trusted proxies; the first untrusted hop if it parses, else the proxy."""
         p = AddressPolicy("10.0.0.1, 10.0.1.0/24")
@@ -298,6 +326,66 @@ class WaitingShareTests(SiteTestCase):
         self.n.clock.advance(30)
         # the refused request's nonce was never used up: sent again once the share is free, it waits
         self.assertEqual(self.exchange("192.0.2.66", http_post("/api/mesh/dm/poll", valid)), b"")
+        self.n.clock.advance(30)
+
+    def fill_share(self, host: str = "192.0.2.66") -> None:
+        self.assertEqual([self.long_poll(host) for _ in range(self.share)], [b""] * self.share)
+
+    def test_a_long_poll_over_the_share_is_refused_before_the_routes(self) -> None:
+        """Past its share, a long-poll is answered 429 without entering the poll route (no Deferred, no coroutine).
+
+        Issue 10's long-poll attacker makes each node refuse about 200 of these a second, in
+        bursts; each one's reactor time is what the next honest request waits for.  The answer
+        is the route's: same status, body, Retry-After, CORS headers, metric and log line.
+        """
+        self.fill_share()
+        routed: list[Any] = []
+        real_poll = self.n.relay.poll
+        self.patch(self.n.relay, "poll", lambda *a, **kw: routed.append(a) or real_poll(*a, **kw))
+        before = self.n.metrics.sample("meshrelay_dm_poll_total", {"outcome": "rate_limited"}) or 0.0
+        agg = self.n.relay.log_agg
+        self.assertEqual(agg.pending("refused:rate_limited"), 0)
+        answers = [
+            self.exchange("192.0.2.66", http_post("/api/mesh/dm/poll", Identity().poll_body(ts=self.now(), wait=30)))
+            for _ in range(2)
+        ]
+        early = answers[0]
+        self.assertEqual([(status_of(a), error_of(a)) for a in answers], [(429, "rate_limited")] * 2)
+        self.assertEqual(routed, [])
+        self.assertEqual(self.n.metrics.sample("meshrelay_dm_poll_total", {"outcome": "rate_limited"}), before + 2)
+        # logged as the error table logs a refusal: the first line at once, the second counted
+        self.assertEqual(agg.pending("refused:rate_limited"), 1)
+        self.assertEqual(agg.pending("cap:max_waiting_polls_per_address"), 1)
+        # the same poll through the route (the early answer turned off) is answered the same way
+        self.patch(self.site.resource.inner, "early", None)
+        routed_answer = self.exchange(
+            "192.0.2.66", http_post("/api/mesh/dm/poll", Identity().poll_body(ts=self.now(), wait=30))
+        )
+        self.assertEqual(len(routed), 1)
+
+        def without_date(raw: bytes) -> bytes:
+            return re.sub(rb"Date: [^\r]*\r\n", b"", raw)
+
+        self.assertEqual(without_date(early), without_date(routed_answer))
+        self.assertIn(b"Retry-After: 1\r\n", early)
+        self.assertIn(b"Access-Control-Allow-Origin: *\r\n", early)
+        self.n.clock.advance(30)
+
+    def test_over_the_share_a_bad_request_still_gets_its_own_code(self) -> None:
+        """The early refusal comes after step 1 (docs/protocol.md 4.4): content type, JSON and shape are answered first."""
+        self.fill_share()
+        who = Identity()
+        bad_shape = {**who.poll_body(ts=self.now(), wait=30), "extra": 1}
+        answer = self.exchange("192.0.2.66", http_post("/api/mesh/dm/poll", bad_shape))
+        self.assertEqual((status_of(answer), error_of(answer)), (400, "bad_request"))
+        raw = b'{"mailbox": 1,'
+        head = b"POST /api/mesh/dm/poll HTTP/1.1\r\nHost: a.test\r\nContent-Type: application/json\r\n"
+        answer = self.exchange("192.0.2.66", head + b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+        self.assertEqual((status_of(answer), error_of(answer)), (400, "bad_json"))
+        body = json.dumps(who.poll_body(ts=self.now(), wait=30)).encode()
+        plain = b"POST /api/mesh/dm/poll HTTP/1.1\r\nHost: a.test\r\nContent-Type: text/plain\r\n"
+        answer = self.exchange("192.0.2.66", plain + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertEqual((status_of(answer), error_of(answer)), (415, "unsupported_media_type"))
         self.n.clock.advance(30)
 
 

@@ -8,7 +8,8 @@ import sqlite3
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay.store.base import Caps, junk_budget
-from meshrelay.store.sqlite import DB_NAME
+from meshrelay.store.migrations import tombstone_key
+from meshrelay.store.sqlite import DB_NAME, TOMBSTONE_BYTES
 from tests.adminhelpers import AdminClient
 from tests.helpers import Identity, MemNode, make_config
 
@@ -109,3 +110,66 @@ class JunkAckDiskTests(SynchronousTestCase):
         self.assertLessEqual(files["-wal"], wal_keep_bytes(SMALL_CAP), files)
         self.assertLessEqual(wal_keep_bytes(SMALL_CAP), wal_backstop_pages(SMALL_CAP) * 4096)
         self.assertLessEqual(sum(files.values()), SMALL_CAP, files)
+
+
+class JunkAckCostTests(SynchronousTestCase):
+    """What a junk ack costs the store's writer: a few statements for the whole list, not a few per id.
+
+    Issue 10's junk acks (500 made-up ids each; 2 a second per node, and each pushed to the
+    peers) ran about 1,900 statements each and held the writer about 9 ms, and every honest
+    deposit queued behind one waited that long.
+    """
+
+    def setUp(self) -> None:
+        from meshrelay.store.sqlite import SQLiteStore
+
+        self.store = SQLiteStore(self.mktemp(), Caps(max_stored_bytes=CAP))
+        self.addCleanup(self.store.close)
+        self.statements: list[str] = []
+        self.store._wconn.set_trace_callback(self.statements.append)
+
+    def junk_ack(self, ids: int = IDS) -> None:
+        from meshrelay import envelope as E
+        from tests.helpers import T0
+
+        ack = E.parse_signed_ack(Identity().signed(ts=T0, ack=[os.urandom(32).hex() for _ in range(ids)]))
+        self.successResultOf(self.store.apply_ack(ack, T0 + 3600))
+
+    def test_a_junk_ack_runs_a_few_statements_and_one_insert_per_new_tombstone(self) -> None:
+        del self.statements[:]
+        before = self.store.stats().bytes
+        self.junk_ack()
+        made = (self.store.stats().bytes - before) // TOMBSTONE_BYTES
+        inserts = [s for s in self.statements if s.startswith("INSERT INTO tombstones")]
+        self.assertGreater(len(inserts), 0)
+        self.assertLessEqual(len(inserts), made)
+        self.assertLessEqual(len(self.statements) - len(inserts), 15)
+
+    def test_past_the_junk_budget_a_junk_ack_runs_a_few_statements(self) -> None:
+        while self.store.stats().bytes + IDS * TOMBSTONE_BYTES < junk_budget(Caps(max_stored_bytes=CAP)):
+            self.junk_ack()
+        self.junk_ack()
+        del self.statements[:]
+        self.junk_ack()
+        self.assertLessEqual(len(self.statements), 15)
+
+    def test_ids_listed_twice_are_applied_once(self) -> None:
+        """A held id and a made-up id, each listed twice: one delete, two tombstones, both extended by a later ack."""
+        from meshrelay import envelope as E
+        from tests.helpers import T0
+
+        bob, alice = Identity(), Identity()
+        env = E.parse_envelope(alice.envelope(bob, b"held", ts=T0), 8192)
+        self.successResultOf(self.store.add_envelope(env, T0))
+        junk = "ab" * 32
+        ack = E.parse_signed_ack(bob.signed(ts=T0, ack=[env.msg_id, junk, env.msg_id, junk]))
+        result = self.successResultOf(self.store.apply_ack(ack, T0 + 3600))
+        self.assertEqual(result.deleted, (env.msg_id,))
+        self.assertEqual(self.store.stats().envelopes, 0)
+        held_key, junk_key = tombstone_key(bob.pub, env.msg_id), tombstone_key(bob.pub, junk)
+        rows = self.store._wconn.execute("SELECT digest, expires, junk FROM tombstones ORDER BY digest").fetchall()
+        self.assertEqual(rows, sorted([(held_key, T0 + 3600, 0), (junk_key, T0 + 3600, 1)]))
+        later = E.parse_signed_ack(bob.signed(ts=T0 + 1, ack=[junk, env.msg_id]))
+        self.successResultOf(self.store.apply_ack(later, T0 + 7200))
+        rows = self.store._wconn.execute("SELECT digest, expires FROM tombstones ORDER BY digest").fetchall()
+        self.assertEqual(rows, sorted([(held_key, T0 + 7200), (junk_key, T0 + 7200)]))
