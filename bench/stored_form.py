@@ -33,6 +33,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -140,7 +141,9 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="meshrelay-stored-form-")
     try:
         store = SQLiteStore(tmp, Caps(max_stored_bytes=1 << 40))
+        started = time.perf_counter()
         run(store, plan)
+        took = time.perf_counter() - started
         accounted = store.stats().bytes
         store.close()
         path = os.path.join(tmp, DB_NAME)
@@ -160,6 +163,8 @@ def main() -> int:
             conn.close()
         size = os.path.getsize(path)
         print(f"{tombs} tombstones from {ack_rows} acks of {args.ids} ids ({ack_bytes} bytes of ack JSON)")
+        applied = sum(len(v.ack) for k, v, _ in plan if k == "ack")
+        print(f"applying them (inline writer, sweeps included): {took:.2f} s, {took / applied * 1e6:.1f} us per id")
         print(f"{'table / index':28s} {'pages, bytes':>14s} {'payload':>12s} {'per tombstone':>14s}")
         for name, pg, payload in pages[:6]:
             print(f"{name:28s} {pg:14d} {payload:12d} {pg / max(tombs, 1):14.1f}")

@@ -22,7 +22,7 @@ TOMBSTONE_KEY_BYTES = 16
 TOMBSTONE_BYTES_V4 = 300
 #: bytes a tombstone is accounted for from schema 6 on, per backend: its row and its index entries on
 #: disk once sweeps and new acks have turned the pages over (``bench/stored_form.py --churn``: about
-#: 64 on SQLite, 143 on PostgreSQL with vacuum keeping up), rounded up (docs/benchmarks.md).
+#: 66 on SQLite, 150 on PostgreSQL with vacuum keeping up), rounded up (docs/benchmarks.md).
 #: PostgreSQL's 24-byte tuple header and its index entries' alignment cost it about twice SQLite's.
 TOMBSTONE_BYTES_V6 = {"sqlite": 72, "postgresql": 160}
 #: the migration that keys tombstones by ``tombstone_key``
@@ -44,28 +44,32 @@ DIALECTS: dict[str, dict[str, str]] = {
         "blob": "BYTEA",
         "without_rowid": "",
         "octets": "octet_length(body)",
-        # the same bytes as tombstone_key(): SHA-256 of the mailbox's UTF-8 length (4 bytes, big-endian),
-        # the mailbox and the msg_id, cut to its first TOMBSTONE_KEY_BYTES
-        "tombstone_key": "substring(sha256(int4send(octet_length(convert_to(mailbox, 'UTF8'))) "
-        "|| convert_to(mailbox, 'UTF8') || convert_to(msg_id, 'UTF8')) FROM 1 FOR 16)",
+        # the same bytes as tombstone_key(): 4 bytes of SHA-256 of the mailbox, then 12 of SHA-256 of
+        # the mailbox's UTF-8 length (4 bytes, big-endian), the mailbox and the msg_id
+        "tombstone_key": "substring(sha256(convert_to(mailbox, 'UTF8')) FROM 1 FOR 4) "
+        "|| substring(sha256(int4send(octet_length(convert_to(mailbox, 'UTF8'))) "
+        "|| convert_to(mailbox, 'UTF8') || convert_to(msg_id, 'UTF8')) FROM 1 FOR 12)",
         "tombstone_bytes_v6": str(TOMBSTONE_BYTES_V6["postgresql"]),
     },
 }
 
 
 def tombstone_key(mailbox: str, msg_id: str) -> bytes:
-    """The stored key of the tombstone of ``(mailbox, msg_id)`` (schema 6): 16 bytes of SHA-256.
+    """The stored key of the tombstone of ``(mailbox, msg_id)`` (schema 6): 16 bytes.
 
-    The mailbox's length comes first, so no two pairs share an input.  128
-    bits: finding an ack id whose key equals that of another mailbox's message
-    (to tombstone it) takes about 2**128 / (tombstones stored) hashes.  Text
-    that is not valid UTF-8 (a lone surrogate) is hashed as Python's
-    ``surrogatepass`` encodes it: such a pair is never stored, so it matches
-    nothing.
+    4 bytes of SHA-256 of the mailbox, then 12 of SHA-256 of the pair (the
+    mailbox's length first, so no two pairs share an input).  The mailbox
+    prefix keeps one ack's tombstones side by side in the table's B-tree: a
+    500-id ack writes a few pages, not one page per id.  The pair part alone
+    must match for an ack id of another mailbox (whose prefix an attacker can
+    grind keys for) to stop a message: about 2**96 / (that mailbox's
+    tombstones) hashes.  Text that is not valid UTF-8 (a lone surrogate) is
+    hashed as Python's ``surrogatepass`` encodes it: such a pair is never
+    stored, so it matches nothing.
     """
     mb = mailbox.encode("utf-8", "surrogatepass")
-    data = len(mb).to_bytes(4, "big") + mb + msg_id.encode("utf-8", "surrogatepass")
-    return hashlib.sha256(data).digest()[:TOMBSTONE_KEY_BYTES]
+    pair = len(mb).to_bytes(4, "big") + mb + msg_id.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(mb).digest()[:4] + hashlib.sha256(pair).digest()[: TOMBSTONE_KEY_BYTES - 4]
 
 
 #: the migration that adds first contact's tables (after the store's own migrations)
@@ -307,7 +311,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         COMPACT_TOMBSTONES_VERSION,
-        "compact tombstones: keyed by 16 bytes of SHA-256 of (mailbox, msg_id), not by the two texts",
+        "compact tombstones: keyed by 16 bytes (tombstone_key) of (mailbox, msg_id), not by the two texts",
         (
             # Nothing ever lists the ids of tombstones: every use asks about a (mailbox, msg_id) it
             # already has, so the key need not be reversible.  In this column order PostgreSQL pads
@@ -317,7 +321,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 junk {smallint} NOT NULL DEFAULT 0,
                 expires {bigint} NOT NULL
             ){without_rowid}""",
-            # two pairs with one key (never seen: 2**-128) would keep one tombstone, the longer-lived
+            # two pairs with one key (a chance of 2**-96 per two pairs of one mailbox) keep one tombstone
             "INSERT INTO tombstones_v6 (digest, expires, junk) "
             "SELECT {tombstone_key}, MAX(expires), MIN(junk) FROM tombstones GROUP BY 1",
             "DROP TABLE tombstones",
