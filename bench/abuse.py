@@ -24,10 +24,15 @@ URL from a thread.  The honest clients run in a process of their own, and
 every attack in another (``--role`` is internal), so the honest clients'
 event loop is not shared with the load generator: their latencies are the
 nodes', plus the honest process's own loop lag, which is measured (how late a
-0.1 s timer fires) and reported.  Attackers run at ``--attack-nice`` (default
-10): a real attacker sends from another host and does not take the nodes'
-CPU; on one machine the nice value stands in for that, and each attacker's CPU
-and request count are reported so that what it managed to send is known.
+0.1 s timer fires) and reported.  A real attacker sends from another host and
+does not take the nodes' CPU; on one machine the attackers' scheduling stands
+in for that: ``--attack-sched idle`` runs them as ``SCHED_IDLE`` (they get only
+the CPU no node, writer or honest client wants, and yield it the moment one
+wakes), ``--attack-sched nice`` at ``--attack-nice`` (default 10; before
+2026-12-04's third session the only way: at nice 10 the attackers still took
+about 0.8 of the machine's 2 cores and delayed the nodes' wakeups).  Each
+attacker's CPU and achieved request rate are reported either way, so what it
+managed to send is known.
 
 Honest clients (each from its own loopback address, 127.0.1.x): ``--senders``
 senders deposit at ``--honest-rate`` per second each (open loop) at "their"
@@ -355,6 +360,10 @@ class Worker:
         # honest figures
         self.deposit_lat: list[float] = []
         self.delivery_lat: list[float] = []
+        #: (seconds into the phase the deposit was sent, its latency, its node): when the slow ones happen
+        self.deposit_series: list[tuple[float, float, str]] = []
+        #: (seconds into the phase the deposit was sent, deposit to delivered)
+        self.delivery_series: list[tuple[float, float]] = []
         self.deposits = Counter[str]()
         #: honest deposits retried after a 429, by the 429's outcome
         self.retries = Counter[str]()
@@ -494,12 +503,14 @@ class Worker:
         mid = env["msg_id"]
         self.deposits["ok"] += 1
         self.deposit_lat.append(dt)
+        self.deposit_series.append((round(sent - self.t0, 4), round(dt, 5), node))
         self.expected[mid] = sent
         early = self.early.pop(mid, None)
         if early is not None and mid not in self.delivered:
             # delivered before the deposit's answer came back
             self.delivered[mid] = max(0.0, early - sent)
             self.delivery_lat.append(self.delivered[mid])
+            self.delivery_series.append((round(sent - self.t0, 4), round(self.delivered[mid], 5)))
 
     async def honest_sender(self, k: int) -> None:
         source = f"{HONEST_BASE}{k + 1}"
@@ -555,6 +566,7 @@ class Worker:
                     continue
                 self.delivered[mid] = now - sent
                 self.delivery_lat.append(now - sent)
+                self.delivery_series.append((round(sent - self.t0, 4), round(now - sent, 5)))
 
     # ------------------------------------------------------------------ attacks
 
@@ -738,8 +750,11 @@ class Worker:
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         seconds = max(time.monotonic() - t0, 1e-9)
+        policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else -1
         return {
             "pid": os.getpid(),
+            "sched": {getattr(os, "SCHED_IDLE", -2): "idle", getattr(os, "SCHED_OTHER", -2): "normal"}.get(policy, "?"),
+            "nice": os.nice(0),
             "cpu_seconds": round(cpu, 1),
             "cpu_percent": round(100 * cpu / seconds, 1),
             "seconds": round(seconds, 1),
@@ -804,6 +819,8 @@ class Worker:
                 "deposit_p99_ms": ms(self.deposit_lat, 99),
                 "delivery_p50_ms": ms(self.delivery_lat, 50),
                 "delivery_p99_ms": ms(self.delivery_lat, 99),
+                "deposit_series": self.deposit_series,
+                "delivery_series": self.delivery_series,
             },
             "process": proc,
             "counts": dict(sorted(counts.items())),
@@ -922,14 +939,16 @@ def node_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"node": {"sweep_interval": 10}, "limits": limits, "sync": {"interval": 5}}
 
 
-def node_metrics(node: NodeProcess) -> dict[str, float]:
-    out: dict[str, float] = {}
+def node_metrics(node: NodeProcess) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     try:
         status, body = node.admin("/api/mesh/metrics")
     except OSError:
         return out
     if status != 200:
         return out
+    # every sample, for the JSON figures (request and refusal counts, commit batches, pushes...)
+    out["metrics_all"] = body["metrics"]
     for prefix in (
         "meshrelay_stored_bytes",
         "meshrelay_stored_envelopes",
@@ -943,7 +962,7 @@ def node_metrics(node: NodeProcess) -> dict[str, float]:
     return out
 
 
-def _worker_limits(nice: int) -> Callable[[], None]:
+def _worker_limits(nice: int, idle: bool = False) -> Callable[[], None]:
     def pre() -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         target = 16384 if hard == resource.RLIM_INFINITY else min(16384, hard)
@@ -951,6 +970,8 @@ def _worker_limits(nice: int) -> Callable[[], None]:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         if nice:
             os.nice(nice)
+        if idle:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
     return pre
 
@@ -1009,7 +1030,10 @@ class Phase:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_worker_limits(self.args.attack_nice if attack else 0),
+            preexec_fn=_worker_limits(
+                self.args.attack_nice if attack and self.args.attack_sched == "nice" else 0,
+                bool(attack) and self.args.attack_sched == "idle",
+            ),
         )
         log.close()
         entry = (name, proc, out)
@@ -1273,6 +1297,12 @@ def main() -> int:
     p.add_argument("--max-connections", type=int, default=800, help="limits.max_connections (default 10240)")
     p.add_argument("--xff", choices=("proxy", "direct", "skip"), default="proxy")
     p.add_argument("--attack-nice", type=int, default=10, help="nice value of the attacker processes (0: as the nodes)")
+    p.add_argument(
+        "--attack-sched",
+        choices=("idle", "nice"),
+        default="idle",
+        help="attackers as SCHED_IDLE (idle) or at --attack-nice (nice)",
+    )
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--keep", action="store_true", help="keep the nodes' directories and logs")
     # internal: a worker process of a phase
@@ -1303,7 +1333,9 @@ def main() -> int:
         f"abuse: {len(plan)} phases of {args.phase_seconds:.0f} s, scale {args.scale}, seed {args.seed}, dir {workdir}\n"
         f"  caps: max_stored_bytes {args.cap_mb} MiB, max_nonces {args.max_nonces}, max_waiting_polls"
         f" {args.max_waiting_polls}, max_connections {args.max_connections}, client_rate {CLIENT_RATE}/s;"
-        f" xff mode {args.xff}; attackers at nice {args.attack_nice}; machine {common.machine_info()}",
+        f" xff mode {args.xff}; attackers "
+        + ("SCHED_IDLE" if args.attack_sched == "idle" else f"at nice {args.attack_nice}")
+        + f"; machine {common.machine_info()}",
         flush=True,
     )
     sink = Sink()

@@ -275,11 +275,13 @@ class PushQueue:
         self.clock = clock
         self.log_agg = log_agg
         self.reconfigure(config)
-        #: when the last request started (on the injected clock)
-        self.last_sent = float("-inf")
+        #: when the last request of each kind started (on the injected clock)
+        self.last_sent_kind = {ENVELOPE: float("-inf"), ACK: float("-inf")}
         self.queues: dict[str, deque[str]] = {ENVELOPE: deque(), ACK: deque()}
         self.queued_bytes = {ENVELOPE: 0, ACK: 0}
         self.inflight = 0
+        #: requests in flight of each kind: each kind is a lane of its own (see ``_ready``)
+        self.inflight_kind = {ENVELOPE: 0, ACK: 0}
         self.paused_until = 0.0
         self._turn = ACK
         self._pump_call: Any = None
@@ -365,35 +367,49 @@ class PushQueue:
             self._pump_call = self.clock.callLater(pause, self._pump)
         elif self._may_send():
             self._pump_call = self.clock.callLater(0, self._pump)
-        elif self.inflight == 0:
-            # Lingering: the last request started less than push_linger ago.
-            self._pump_call = self.clock.callLater(max(0.0, self.last_sent + self.linger - now), self._pump)
+        elif self.inflight < self.inflight_max:
+            # Lingering: a lane whose last request started less than push_linger ago.
+            waits = [
+                self.last_sent_kind[kind] + self.linger - now
+                for kind, q in self.queues.items()
+                if q and not self.inflight_kind[kind]
+            ]
+            if waits:
+                self._pump_call = self.clock.callLater(max(0.0, min(waits)), self._pump)
 
-    def _full_batch(self) -> bool:
-        for kind, q in self.queues.items():
-            if len(q) >= MAX_BATCH or self.queued_bytes[kind] + len(q) + 16 >= self.max_body:
-                return True
-        return False
+    def _full(self, kind: str) -> bool:
+        q = self.queues[kind]
+        return len(q) >= MAX_BATCH or self.queued_bytes[kind] + len(q) + 16 >= self.max_body
 
-    def _may_send(self) -> bool:
-        """Whether to start a request now.
+    def _ready(self, kind: str, now: float) -> bool:
+        """Whether a batch of ``kind`` may start now (the in-flight bound and a 429 pause aside).
 
         A full batch goes at once (up to ``push_inflight_max`` requests in
         flight, so a backlog drains in parallel).  A smaller one goes only when
-        nothing is in flight and the last request started at least
+        no request of its kind is in flight and the last one started at least
         ``push_linger_ms`` ago: an idle peer gets a deposit at once, while under
         load the items of several commits coalesce into one request (fewer,
         bigger requests: the per-request cost of HTTP and HMAC dominated
-        pushing when every group commit became its own request).
+        pushing when every group commit became its own request).  Envelopes
+        and acks are lanes of their own: a deposit never waits for a batch of
+        acks in flight, nor an ack for envelopes (issue 10's junk acks are
+        34 KB each, and a peer applies one in milliseconds: deposits waited
+        behind them).
         """
+        if not self.queues[kind]:
+            return False
+        if self._full(kind):
+            return True
+        return not self.inflight_kind[kind] and now >= self.last_sent_kind[kind] + self.linger
+
+    def _may_send(self) -> bool:
+        """Whether to start a request now: a kind is ``_ready``, within the in-flight bound, not paused."""
         if self._stopped or not self.depth or self.inflight >= self.inflight_max:
             return False
         now = self.clock.seconds()
         if now < self.paused_until:
             return False
-        if self._full_batch():
-            return True
-        return self.inflight == 0 and now >= self.last_sent + self.linger
+        return any(self._ready(kind, now) for kind in self.queues)
 
     def _pump(self) -> None:
         self._pump_call = None
@@ -405,11 +421,12 @@ class PushQueue:
         self._schedule_pump()
 
     def _next_kind(self) -> str:
-        # Alternate between acks and envelopes when both wait.
+        # Alternate between acks and envelopes when both are ready.
+        now = self.clock.seconds()
         other = ENVELOPE if self._turn == ACK else ACK
-        if self.queues[other]:
+        if self._ready(other, now):
             self._turn = other
-        return self._turn if self.queues[self._turn] else other
+        return self._turn if self._ready(self._turn, now) else other
 
     def _take_batch(self, kind: str) -> tuple[list[str], bytes]:
         """Pop as many items as fit in one request body; at least one."""
@@ -427,12 +444,13 @@ class PushQueue:
     def _send(self, kind: str, items: list[str], body: bytes) -> None:
         self._batch_size.observe(len(items))
         self.inflight += 1
-        self.last_sent = self.clock.seconds()
+        self.inflight_kind[kind] += 1
+        self.last_sent_kind[kind] = self.clock.seconds()
         path = REPLICATE_PATH if kind == ENVELOPE else ACK_PATH
         d = self.transport.request("POST", path, body=body)
         d.addCallback(self._answered, kind, len(items))
         d.addErrback(self._failed, kind, items)
-        d.addBoth(self._done)
+        d.addBoth(self._done, kind)
         self.transport.track(d)
 
     def _answered(self, answer: tuple[int, bytes], kind: str, n: int) -> None:
@@ -498,8 +516,9 @@ class PushQueue:
         self.queued_bytes[kind] += size
         self._depth.set(self.depth)
 
-    def _done(self, _: Any) -> None:
+    def _done(self, _: Any, kind: str) -> None:
         self.inflight -= 1
+        self.inflight_kind[kind] -= 1
         self._schedule_pump()
 
 

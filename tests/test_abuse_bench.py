@@ -55,6 +55,12 @@ class AbuseBenchSmokeTests(SynchronousTestCase):
         # the honest process reports its own loop lag (its latencies include it)
         for ph in (base, attack):
             self.assertGreaterEqual(ph["honest_process"]["loop_lag_p99_ms"], 0.0)
+        # attackers stand in for another host: SCHED_IDLE by default, the honest clients as the nodes
+        self.assertEqual({w["process"]["sched"] for w in attack["attackers"].values()}, {"idle"})
+        self.assertEqual((attack["honest_process"]["sched"], attack["honest_process"]["nice"]), ("normal", 0))
+        # when each honest deposit was sent and how long it and its delivery took
+        self.assertEqual(len(attack["honest"]["deposit_series"]), attack["honest"]["deposits"].get("ok", 0))
+        self.assertEqual(len(attack["honest"]["delivery_series"]), attack["honest"]["delivered"])
         self.assertGreater(attack["counts"].get("log_flood:403 forbidden", 0), 0, attack["counts"])
         for name, node in attack["nodes"].items():
             self.assertGreater(node["log_refused_lines"], 0, name)

@@ -219,6 +219,37 @@ class PushTests(MeshTestCase):
         self.assertEqual(len(pushes), 2)
         self.assertEqual(len(self.live("b")), 6)
 
+    def test_a_deposit_does_not_wait_for_acks_in_flight(self) -> None:
+        """Envelopes and acks are lanes of their own: a deposit goes while a batch of acks is in flight.
+
+        Issue 10's junk acks (500 ids, 34 KB each) are pushed like any ack; a peer takes
+        milliseconds to apply one, and honest deposits used to wait behind them.
+        """
+        env = self.send("a")
+        self.mesh.settle()
+        self.mesh.set_mode("a", "b", "hold")
+        link = self.mesh.link("a", "b")
+
+        def held() -> list[str]:
+            return [url.rsplit("/", 1)[-1] for _, url, _, _ in link.held]
+
+        self.assertEqual(self.poll("a", ack=[env["msg_id"]])[0], 200)
+        self.assertEqual(held(), ["ack"])
+        later = self.send("a", b"later", sender=Identity())
+        self.mesh.settle()
+        self.assertEqual(held(), ["ack", "replicate-envelope"])
+        # a second small batch of a kind still waits for the one of its kind in flight
+        self.send("a", b"third", sender=Identity())
+        self.mesh.settle()
+        client = self.peer_client("a", "b")
+        self.assertEqual((len(link.held), client.push.depth), (2, 1))
+        self.mesh.set_mode("a", "b", "up")
+        link.release()
+        self.mesh.settle()
+        self.assertEqual((client.push.inflight, client.push.depth), (0, 0))
+        self.assertEqual(len(self.live("b")), 2)
+        self.assertIn(later["msg_id"], self.live("b"))
+
     def test_inflight_is_bounded(self) -> None:
         """A backlog of full batches gets at most push_inflight_max requests at once; the rest waits."""
         self.mesh.set_mode("a", "b", "hold")

@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
+from meshrelay.store import writer_process
 from meshrelay.store.base import Caps
 from meshrelay.store.sqlite import DB_NAME, WriterCore, migrate
 from meshrelay.store.writer_process import _caps_argv, child_main
@@ -115,12 +116,14 @@ class SchemaVersionTests(SynchronousTestCase):
         self.assertIn("newer than this meshrelay knows", str(cm.exception))
 
 
-class GCFreezeTests(SynchronousTestCase):
-    """The node and its store writer keep their start-up objects out of the cyclic GC's full passes.
+class StartUpTests(SynchronousTestCase):
+    """What the node and its store writer do once started, so that they stall their work less.
 
-    A full collection walked every object the process had built (about 65,000 in a node); under
-    issue 10's attack soak a node ran one every ten seconds or so, each stopping its reactor
-    for about 40 ms.  ``gc.freeze`` after start-up leaves those passes the objects made since.
+    Both keep their start-up objects out of the cyclic GC's full passes: a full collection
+    walked every object the process had built (about 65,000 in a node); under issue 10's
+    attack soak a node ran one every ten seconds or so, each stopping its reactor for about
+    40 ms.  ``gc.freeze`` after start-up leaves those passes the objects made since.  And the
+    writer runs as ``SCHED_BATCH`` (see ``writer_process.no_wakeup_preemption``).
     """
 
     def record(self) -> list[str]:
@@ -136,8 +139,8 @@ class GCFreezeTests(SynchronousTestCase):
         self.addCleanup(top.stopService)
         self.assertEqual(calls, ["collect", "freeze"])
 
-    def test_the_writer_child_freezes_what_it_loaded(self) -> None:
-        calls = self.record()
+    def run_child(self) -> None:
+        """child_main in this process, on a fresh database, with an empty stdin (it stops at once)."""
         data = os.path.abspath(self.mktemp())
         os.makedirs(data)
         conn = sqlite3.connect(os.path.join(data, DB_NAME))
@@ -153,4 +156,17 @@ class GCFreezeTests(SynchronousTestCase):
         self.patch(sys, "stdin", Std(b""))
         self.patch(sys, "stdout", Std(b""))
         self.assertEqual(child_main([os.path.join(data, DB_NAME), "normal", *_caps_argv(Caps())]), 0)
+
+    def test_the_writer_child_freezes_what_it_loaded(self) -> None:
+        calls = self.record()
+        self.patch(writer_process, "no_wakeup_preemption", lambda: None)
+        self.run_child()
         self.assertEqual(calls, ["collect", "freeze"])
+
+    def test_the_writer_child_does_not_preempt_the_reactor_that_wakes_it(self) -> None:
+        """The writer runs as SCHED_BATCH: woken by the node's pipe write, it does not take the node's core from it."""
+        self.record()
+        policies: list[tuple[int, int]] = []
+        self.patch(os, "sched_setscheduler", lambda pid, policy, param: policies.append((pid, policy)))
+        self.run_child()
+        self.assertEqual(policies, [(0, os.SCHED_BATCH)])

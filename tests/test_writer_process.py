@@ -209,6 +209,15 @@ class WriterProcessTests(TestCase):
         self.assertEqual(reopened.stats().envelopes, 20)
         reopened._wconn.close()
 
+    @inlineCallbacks
+    def test_the_child_runs_as_sched_batch(self) -> Any:
+        """The real child runs as SCHED_BATCH: woken by the node's pipe write, it does not preempt the node's reactor."""
+        if not hasattr(os, "sched_getscheduler"):
+            self.skipTest("no sched_getscheduler on this platform")
+        yield self.store.add_envelope(self.env(b"one"), self.now)
+        assert self.writer.pid is not None
+        self.assertEqual(os.sched_getscheduler(self.writer.pid), os.SCHED_BATCH)
+
 
 class WriterIsolationTests(TestCase):
     """Issue 10 item 6: the writer child imports only the real package, and writes private files."""
