@@ -374,6 +374,10 @@ class Worker:
         self.fetch_remote_lat: list[float] = []
         self.measure_from = 0.0
         self.loop_lag: list[float] = []
+        policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else -1
+        #: this process's scheduling class and nice value, as started
+        self.sched = {getattr(os, "SCHED_IDLE", -2): "idle", getattr(os, "SCHED_OTHER", -2): "normal"}.get(policy, "?")
+        self.nice = os.nice(0)
 
     def client(self, source: str, per_host: int = 32) -> Client:
         c = self.clients.get(source)
@@ -750,11 +754,11 @@ class Worker:
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         seconds = max(time.monotonic() - t0, 1e-9)
-        policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else -1
         return {
             "pid": os.getpid(),
-            "sched": {getattr(os, "SCHED_IDLE", -2): "idle", getattr(os, "SCHED_OTHER", -2): "normal"}.get(policy, "?"),
-            "nice": os.nice(0),
+            # as it ran (the orchestrator lifts a SCHED_IDLE attacker once the phase is over)
+            "sched": self.sched,
+            "nice": self.nice,
             "cpu_seconds": round(cpu, 1),
             "cpu_percent": round(100 * cpu / seconds, 1),
             "seconds": round(seconds, 1),
@@ -1103,6 +1107,14 @@ class Phase:
         rss = {n: round(common.tree_rss_mb(p.proc.pid), 1) for n, p in self.nodes.items() if p.proc}
         with open(stop_file, "w") as fh:
             fh.write("stop\n")
+        if a.attack_sched == "idle":
+            # The measurement is over: an attacker starved of CPU on a busy machine must still get
+            # to write its figures (as SCHED_IDLE it may not run at all while the cores are busy).
+            for _, proc, _ in attackers:
+                try:
+                    os.sched_setscheduler(proc.pid, os.SCHED_OTHER, os.sched_param(0))
+                except OSError:
+                    pass
         attack_results: dict[str, Any] = {}
         for name, proc, out in attackers:
             for _ in range(600):
