@@ -386,10 +386,17 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 def write_json(path: str, data: Any) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a temporary file renamed over it).
+
+    Another process may be waiting for the file to appear (bench/abuse.py's workers): it must
+    never read half of one.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=True)
         fh.write("\n")
+    os.replace(tmp, path)
 
 
 def machine_info() -> dict[str, Any]:
