@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -13,33 +9,23 @@ from meshrelay import envelope as E
 from meshrelay.errors import Unavailable
 from meshrelay.verifier import Verifier
 from tests.helpers import Identity
+from tests.test_store import ManualExecutor
 
 
-class HeldExecutor:
-    """Runs each submitted job only on :meth:`release`; optionally fails them all."""
+class HeldExecutor(ManualExecutor):
+    """Runs each submitted job only on ``release`` (test_store's executor); ``broken``: fails them all."""
 
     def __init__(self, broken: bool = False) -> None:
-        self.jobs: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+        super().__init__()
         self.broken = broken
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.jobs.append((fn, args, d))
-        return d
-
-    def release(self) -> None:
+    def release(self) -> int:
+        if not self.broken:
+            return super().release()
         jobs, self.jobs = self.jobs, []
-        for fn, args, d in jobs:
-            if self.broken:
-                d.errback(Failure(RuntimeError("pool gone")))
-            else:
-                d.callback(fn(*args))
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
+        for _, _, d in jobs:
+            d.errback(Failure(RuntimeError("pool gone")))
+        return len(jobs)
 
 
 def signed_items(n: int) -> list[tuple[bytes, bytes, bytes]]:
