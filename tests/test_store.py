@@ -1205,6 +1205,17 @@ class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
         writer.release()
         self.assertEqual([r.status for r in self.successResultOf(d)], [ACCEPTED] * 5)
 
+    def test_the_writer_connection_has_the_larger_page_cache(self) -> None:
+        """The writer's connection caches WRITER_CACHE_KIB of pages, a reader's READER_CACHE_KIB."""
+        store = self.make_store()
+        assert isinstance(store, SQLiteStore)
+        self.assertGreater(sqlite_store.WRITER_CACHE_KIB, sqlite_store.READER_CACHE_KIB)
+        (writer,) = store._wconn.execute("PRAGMA cache_size").fetchone()
+        self.assertEqual(writer, -sqlite_store.WRITER_CACHE_KIB)
+        reader = sqlite_store._connect(store.path, "normal")
+        self.addCleanup(reader.close)
+        self.assertEqual(reader.execute("PRAGMA cache_size").fetchone()[0], -sqlite_store.READER_CACHE_KIB)
+
     def test_a_failing_item_fails_the_page_but_not_its_neighbours(self) -> None:
         """One add of a page failing in SQLite: the call fails with StoreError, the others are stored."""
         metrics = Metrics()

@@ -187,12 +187,22 @@ def register_functions(conn: sqlite3.Connection) -> None:
     conn.create_function(migrations.SQLITE_TOMBSTONE_KEY, 2, _sql_tombstone_key, deterministic=True)
 
 
-def _connect(path: str, durability: str) -> sqlite3.Connection:
+#: page cache of a reader connection, KiB
+READER_CACHE_KIB = 8_000
+#: page cache of the writer's connection, KiB (an upper bound: SQLite fills it only as pages are used).
+#: Every insert updates three indexes at places spread over them (msg_id, mailbox, sender); at a
+#: hundred thousand envelopes those indexes alone outgrow 8 MiB, and each miss is a read of the
+#: file.  A 100k catch-up (bench/mesh_bench.py catchup) spent 101-102 us per envelope in the
+#: children with 64 MiB against 104-108 with 8 MiB (docs/benchmarks.md, fourth session).
+WRITER_CACHE_KIB = 65_536
+
+
+def _connect(path: str, durability: str, cache_kib: int = READER_CACHE_KIB) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     register_functions(conn)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=" + ("FULL" if durability == "full" else "NORMAL"))
-    conn.execute("PRAGMA cache_size=-8000")
+    conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
 
@@ -756,7 +766,7 @@ class SQLiteStore:
             private_dir(data_dir)
             for suffix in ("", "-wal", "-shm", "-journal"):
                 private_file(self.path + suffix, create=not suffix)
-            self._wconn = _connect(self.path, durability)
+            self._wconn = _connect(self.path, durability, WRITER_CACHE_KIB)
             self.migrated_from = migrate(self._wconn)
             self.feed_id = _meta_get(self._wconn, "feed_id") or ""
             self._core = WriterCore(self._wconn, caps)

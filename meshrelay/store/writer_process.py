@@ -100,11 +100,11 @@ def no_wakeup_preemption() -> None:
 
 def child_main(argv: list[str]) -> int:
     """The child: run the batches read on stdin, answer on stdout, until stdin closes."""
-    from meshrelay.store.sqlite import WriterCore, _connect
+    from meshrelay.store.sqlite import WRITER_CACHE_KIB, WriterCore, _connect
 
     path, durability, *numbers = argv
     caps = Caps(*(int(n) for n in numbers))
-    conn = _connect(path, durability)
+    conn = _connect(path, durability, WRITER_CACHE_KIB)
     core = WriterCore(conn, caps)
     checkpointer = core.run_checkpointer(path, durability)
     no_wakeup_preemption()
