@@ -70,3 +70,92 @@ class ProcessExecutorTests(TestCase):
         self.assertEqual((yield verifier.verify_many(signed_items(2))), [True, False])
         self.assertNotEqual(self.executor.child.pid, first)
         self.assertEqual(self.executor.child.spawned, 2)
+
+
+def echo(value: bytes) -> int:
+    return len(value)
+
+
+class _FakeWriter:
+    """What write_to_child reads of Twisted's stdin writer (abstract.FileDescriptor's buffer state)."""
+
+    def __init__(self, fd: int, buffered: bytes = b"") -> None:
+        self.fd = fd
+        self.dataBuffer = buffered
+        self.offset = 0
+        self._tempDataLen = 0
+        self.connected = 1
+        self.disconnecting = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class _FakeTransport:
+    def __init__(self, writer: _FakeWriter) -> None:
+        self.pipes = {0: writer}
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class WriteToChildTests(TestCase):
+    def pipe(self) -> tuple[int, int]:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        return r, w
+
+    def test_an_idle_pipe_is_written_at_once(self) -> None:
+        r, w = self.pipe()
+        transport = _FakeTransport(_FakeWriter(w))
+        child.write_to_child(transport, b"frame")
+        self.assertEqual(os.read(r, 100), b"frame")
+        self.assertEqual(transport.written, [])
+
+    def test_behind_unsent_data_the_frame_goes_through_twisted(self) -> None:
+        """Twisted still holds bytes for the pipe: writing past them would reorder the frames."""
+        r, w = self.pipe()
+        transport = _FakeTransport(_FakeWriter(w, buffered=b"earlier"))
+        child.write_to_child(transport, b"frame")
+        self.assertEqual(transport.written, [b"frame"])
+        os.write(w, b"x")
+        self.assertEqual(os.read(r, 100), b"x")  # nothing of the frame went into the pipe
+
+    def test_what_does_not_fit_goes_through_twisted_in_order(self) -> None:
+        r, w = self.pipe()
+        transport = _FakeTransport(_FakeWriter(w))
+        big = bytes(range(256)) * 2048  # 512 KiB: more than a pipe holds
+        child.write_to_child(transport, big)
+        (rest,) = transport.written
+        self.assertGreater(len(rest), 0)
+        taken = b""
+        while len(taken) < len(big) - len(rest):
+            taken += os.read(r, 1 << 16)
+        self.assertEqual(taken + rest, big)
+
+    def test_a_closed_pipe_is_left_to_twisted(self) -> None:
+        r, w = os.pipe()
+        os.close(r)
+        self.addCleanup(os.close, w)
+        transport = _FakeTransport(_FakeWriter(w))
+        child.write_to_child(transport, b"frame")  # EPIPE: no exception here
+        self.assertEqual(transport.written, [b"frame"])
+
+
+class BigFramesTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_frames_larger_than_the_pipe_arrive_whole_and_in_order(self) -> Any:
+        executor = child.ProcessExecutor(reactor, "test helper", Unavailable)
+        executor.start()
+        self.addCleanup(executor.child.stop)
+        sizes = [300_000, 10, 200_000, 1, 150_000, 70_000, 5]
+        answers = [executor.run(echo, b"x" * n) for n in sizes]
+        got = []
+        for d in answers:
+            got.append((yield d))
+        self.assertEqual(got, sizes)
