@@ -173,3 +173,22 @@ class JunkAckCostTests(SynchronousTestCase):
         self.successResultOf(self.store.apply_ack(later, T0 + 7200))
         rows = self.store._wconn.execute("SELECT digest, expires FROM tombstones ORDER BY digest").fetchall()
         self.assertEqual(rows, sorted([(held_key, T0 + 7200), (junk_key, T0 + 7200)]))
+
+
+class KeyListTests(SynchronousTestCase):
+    def test_key_lists_come_in_three_shapes_padded_with_their_last_key(self) -> None:
+        from meshrelay.store import sqlite as sqlite_store
+
+        keys = [bytes([i % 256, i // 256]) for i in range(1100)]
+        pieces = list(sqlite_store._key_chunks(keys))
+        self.assertEqual([len(chunk) for _, chunk in pieces], [512, 512, 512])
+        self.assertEqual([p.count("?") for p, _ in pieces], [512, 512, 512])
+        self.assertEqual(pieces[2][1][:76], keys[1024:])
+        self.assertEqual(set(pieces[2][1][76:]), {keys[-1]})
+        self.assertEqual(
+            b"".join(b"".join(c[:512]) for _, c in pieces[:2]) + b"".join(pieces[2][1][:76]), b"".join(keys)
+        )
+        for n, size in ((1, 8), (8, 8), (9, 64), (64, 64), (65, 512), (500, 512)):
+            ((placeholders, chunk),) = sqlite_store._key_chunks(keys[:n])
+            self.assertEqual((placeholders.count("?"), len(chunk)), (size, size))
+            self.assertEqual(chunk[:n], keys[:n])
