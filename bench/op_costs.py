@@ -1,0 +1,169 @@
+"""What one operation costs the node: a signed poll over HTTP, and the writer's junk-ack operation.
+
+Run from the repository root::
+
+    python bench/op_costs.py poll [--n 3000] [--rounds 3]   # node CPU per signed poll (real node, HTTP)
+    python bench/op_costs.py ack [--n 100] [--rounds 3]     # SQLite writer time per 500-id junk ack
+    python bench/op_costs.py all --json bench/results/op_costs.json
+
+``poll``: one ``twistd meshrelay`` node on 127.0.0.1 (per-address rate limit
+off), one client sending signed polls (``limit=1``, no wait) from a fresh
+throwaway key each, one at a time on a keep-alive connection: the smallest
+request that makes the node use both of its children (the signature in the
+verifier, the nonce claim in the store's writer) and a reader thread (the
+mailbox).  Printed: the node's own CPU and its children's per poll (from
+/proc), and polls per second; the median of ``--rounds``.  This is the cost a
+flood of valid polls (issue 10's ``nonce`` attack) has per request.
+
+``ack``: the store writer's operation for one signed ack of 500 made-up ids
+(what issue 10's ``acks`` attack sends), on a real SQLite store in this process
+with the soak's 64 MiB cap: first while the junk budget is open (each id becomes
+a junk tombstone), then once it is full (each id is looked up and skipped).
+Printed: milliseconds of CPU per ack operation, the median of ``--rounds``
+fresh stores.  Every other write of the node waits behind such an operation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshrelay import envelope as E
+from meshrelay.executor import InlineExecutor
+from meshrelay.store.base import Caps, junk_budget
+from meshrelay.store.sqlite import TOMBSTONE_BYTES, SQLiteStore
+from tests.harness import NodeProcess
+
+POLL = "/api/mesh/dm/poll"
+ACK_IDS = E.MAX_ACK_IDS
+CAP = 64 << 20
+
+
+def node_cpu(node: NodeProcess) -> tuple[float, float]:
+    assert node.proc is not None
+    pid = node.proc.pid
+    children = sum(common.tree_cpu_seconds(c) for c in common.child_pids(pid))
+    return common.cpu_seconds(pid), children
+
+
+def poll_bodies(n: int) -> list[bytes]:
+    out = []
+    for _ in range(n):
+        body = E.make_signed_request(Ed25519PrivateKey.generate(), int(time.time()), os.urandom(16), [])
+        body["limit"] = 1
+        out.append(E.dumps_json(body))
+    return out
+
+
+def poll_round(n: int) -> dict[str, float]:
+    workdir = tempfile.mkdtemp(prefix="meshrelay-opcost-")
+    node = NodeProcess(workdir, "a", config={"limits": {"client_rate": 0}})
+    try:
+        node.start()
+        warm, bodies = poll_bodies(200), poll_bodies(n)
+        conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+
+        def post(body: bytes) -> None:
+            conn.request("POST", POLL, body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"poll answered {response.status}")
+
+        for body in warm:
+            post(body)
+        before, t0 = node_cpu(node), time.perf_counter()
+        for body in bodies:
+            post(body)
+        seconds, after = time.perf_counter() - t0, node_cpu(node)
+        conn.close()
+        return {
+            "node_us": 1e6 * (after[0] - before[0]) / n,
+            "children_us": 1e6 * (after[1] - before[1]) / n,
+            "polls_per_s": n / seconds,
+        }
+    finally:
+        node.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def junk_ack(i: int) -> tuple[str, tuple[Any, ...]]:
+    mailbox = E.b64u_encode(hashlib.sha256(b"mailbox %d" % i).digest())
+    ids = [os.urandom(32).hex() for _ in range(ACK_IDS)]
+    return "ack", (mailbox, os.urandom(16).hex(), ids, int(time.time()) + 3600, "x" * 34_000, False, ())
+
+
+def ack_round(n: int) -> dict[str, float]:
+    workdir = tempfile.mkdtemp(prefix="meshrelay-opcost-")
+    try:
+        store = SQLiteStore(workdir, Caps(max_stored_bytes=CAP), writer=InlineExecutor())
+        store.start()
+        core = store._core  # the writer's own operations, as the writer process runs them
+
+        def timed(acks: list[tuple[str, tuple[Any, ...]]]) -> float:
+            t0 = time.process_time()
+            for op in acks:
+                core.run_batch([op])
+            return 1e3 * (time.process_time() - t0) / len(acks)
+
+        filling = int(junk_budget(Caps(max_stored_bytes=CAP)) / TOMBSTONE_BYTES / ACK_IDS)
+        open_ms = timed([junk_ack(i) for i in range(min(n, filling // 2))])
+        timed([junk_ack(i) for i in range(filling)])  # the rest of the budget, and past it
+        full_ms = timed([junk_ack(i) for i in range(n)])
+        store.close()
+        return {"budget_open_ms": open_ms, "budget_full_ms": full_ms}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def medians(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("poll", "ack", "all"))
+    parser.add_argument("--n", type=int, default=0, help="operations per round (poll 3000, ack 100)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the figures here")
+    args = parser.parse_args()
+    out: dict[str, Any] = {"machine": common.machine_info()}
+    if args.what in ("poll", "all"):
+        rounds = [poll_round(args.n or 3000) for _ in range(args.rounds)]
+        m = out["poll"] = medians(rounds)
+        for r in rounds:
+            print(
+                f"  poll round: node {r['node_us']:.0f} us + children {r['children_us']:.0f} us, {r['polls_per_s']:.0f}/s"
+            )
+        print(
+            f"signed poll (fresh key, sequential): node {m['node_us']:.0f} us + children "
+            f"{m['children_us']:.0f} us CPU per poll; {m['polls_per_s']:.0f} polls/s (medians of {args.rounds})"
+        )
+    if args.what in ("ack", "all"):
+        rounds = [ack_round(args.n or 100) for _ in range(args.rounds)]
+        m = out["ack"] = medians(rounds)
+        for r in rounds:
+            print(f"  ack round: budget open {r['budget_open_ms']:.2f} ms, full {r['budget_full_ms']:.2f} ms")
+        print(
+            f"junk ack of {ACK_IDS} ids, writer CPU per operation: junk budget open {m['budget_open_ms']:.2f} ms, "
+            f"full {m['budget_full_ms']:.2f} ms (medians of {args.rounds})"
+        )
+    if args.json:
+        common.write_json(args.json, out)
+
+
+if __name__ == "__main__":
+    main()
