@@ -682,6 +682,18 @@ class StoreBehaviour:
         self.assertEqual(lack_env, [(bob.pub, other.msg_id)])
         self.assertEqual(self.successResultOf(store.missing([], [], T0)), ([], []))
 
+    def test_missing_over_a_long_page_with_repeats(self) -> None:
+        """A page longer than one statement's key list (512 on SQLite), an id listed twice, a tombstone at its end."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        acked = make_env(alice, bob, b"acked")
+        self.add(store, acked)
+        self.ack(store, make_ack(bob, [acked.msg_id]))
+        filler = [(bob.pub, "%064x" % i) for i in range(700)]
+        envs = filler + [(bob.pub, acked.msg_id), filler[3], (alice.pub, acked.msg_id)]
+        lack_env, _ = self.successResultOf(store.missing(envs, [], T0))
+        self.assertEqual(lack_env, filler + [filler[3], (alice.pub, acked.msg_id)])
+
     def test_bodies_in_request_order_within_the_budget(self) -> None:
         """bodies returns held items in request order within max_bytes (the first always) and lists the gone."""
         store = self.make_store()

@@ -115,11 +115,11 @@ SELECT
 
 #: a tombstone's key in SQL, for the (mailbox, msg_id) pair of a json_each row (``_connect`` registers it)
 _ITEM_KEY = f"{migrations.SQLITE_TOMBSTONE_KEY}(json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'))"
-#: missing(): the (mailbox, msg_id) pairs of a JSON array (by index) this node lacks, in input order
-_LACKING_ENVELOPES = f"""
+#: missing(): the msg_ids of a JSON array (by index) no stored envelope has, in input order (their
+#: tombstones are looked up next, by keys computed in Python: see ``_live_tombstones``)
+_UNSTORED_IDS = """
 SELECT CAST(j.key AS INTEGER) FROM json_each(:items) AS j
-WHERE NOT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = json_extract(j.value, '$[1]'))
-  AND NOT EXISTS (SELECT 1 FROM tombstones WHERE digest = {_ITEM_KEY} AND expires > :now)
+WHERE NOT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = j.value)
 ORDER BY j.key
 """
 _LACKING_ACKS = """
@@ -422,6 +422,21 @@ def _key_chunks(keys: list[bytes]) -> Iterator[tuple[str, list[bytes]]]:
         chunk = keys[i : i + largest]
         size = next(n for n in _KEY_LIST_SIZES if n >= len(chunk))
         yield _in_keys(size), chunk + [chunk[-1]] * (size - len(chunk))
+
+
+def _live_tombstones(conn: sqlite3.Connection, keys: dict[bytes, T], now: int) -> set[T]:
+    """The values of ``keys`` (tombstone key -> anything) whose tombstone exists and has not expired.
+
+    The keys come from Python (``tombstone_key``): as a SQL function called per row they cost a
+    sync page's ``missing()`` 3.6 instead of 2.3 us per id (a fresh node checks every id it is offered).
+    """
+    found: set[T] = set()
+    for in_keys, chunk in _key_chunks(list(keys)):
+        for (digest,) in conn.execute(
+            f"SELECT digest FROM tombstones WHERE digest IN {in_keys} AND expires > ?", (*chunk, now)
+        ):
+            found.add(keys[digest])
+    return found
 
 
 def _extend_tombstones(conn: sqlite3.Connection, keys: dict[str, bytes], expires: int) -> set[str]:
@@ -1133,8 +1148,10 @@ class SQLiteStore:
             lack_env: list[tuple[str, str]] = []
             lack_ack: list[tuple[str, str]] = []
             if env_list:
-                rows = conn.execute(_LACKING_ENVELOPES, {"items": json.dumps(env_list), "now": now})
-                lack_env = [env_list[i] for (i,) in rows]
+                rows = conn.execute(_UNSTORED_IDS, {"items": json.dumps([m for _, m in env_list])})
+                unstored = [env_list[i] for (i,) in rows]
+                dead = _live_tombstones(conn, {tombstone_key(mb, m): (mb, m) for mb, m in unstored}, now)
+                lack_env = [pair for pair in unstored if pair not in dead]
             if ack_list:
                 rows = conn.execute(_LACKING_ACKS, {"items": json.dumps(ack_list)})
                 lack_ack = [ack_list[i] for (i,) in rows]
