@@ -689,7 +689,7 @@ class StoreBehaviour:
         acked = make_env(alice, bob, b"acked")
         self.add(store, acked)
         self.ack(store, make_ack(bob, [acked.msg_id]))
-        filler = [(bob.pub, "%064x" % i) for i in range(700)]
+        filler = [(bob.pub, f"{i:064x}") for i in range(700)]
         envs = filler + [(bob.pub, acked.msg_id), filler[3], (alice.pub, acked.msg_id)]
         lack_env, _ = self.successResultOf(store.missing(envs, [], T0))
         self.assertEqual(lack_env, filler + [filler[3], (alice.pub, acked.msg_id)])

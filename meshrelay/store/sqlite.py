@@ -113,10 +113,8 @@ SELECT
 """
 
 
-#: a tombstone's key in SQL, for the (mailbox, msg_id) pair of a json_each row (``_connect`` registers it)
-_ITEM_KEY = f"{migrations.SQLITE_TOMBSTONE_KEY}(json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'))"
 #: missing(): the msg_ids of a JSON array (by index) no stored envelope has, in input order (their
-#: tombstones are looked up next, by keys computed in Python: see ``_live_tombstones``)
+#: tombstones are looked up next, by keys computed in Python: see ``_tombstones_where``)
 _UNSTORED_IDS = """
 SELECT CAST(j.key AS INTEGER) FROM json_each(:items) AS j
 WHERE NOT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = j.value)
@@ -127,12 +125,6 @@ SELECT CAST(j.key AS INTEGER) FROM json_each(:items) AS j
 WHERE NOT EXISTS (SELECT 1 FROM acks WHERE mailbox = json_extract(j.value, '$[0]')
                   AND nonce = json_extract(j.value, '$[1]'))
 ORDER BY j.key
-"""
-#: held_tombstones(): the (mailbox, msg_id) pairs asked for (by index) whose tombstone is not junk (v4, 13)
-_HELD_TOMBSTONES = f"""
-SELECT CAST(j.key AS INTEGER) FROM json_each(:items) AS j
-JOIN tombstones AS t ON t.digest = {_ITEM_KEY}
-WHERE t.junk = 0
 """
 #: bodies(): per requested id (by index, in request order) its size and body, or NULLs when not held
 _BODIES_ENVELOPES = """
@@ -424,16 +416,17 @@ def _key_chunks(keys: list[bytes]) -> Iterator[tuple[str, list[bytes]]]:
         yield _in_keys(size), chunk + [chunk[-1]] * (size - len(chunk))
 
 
-def _live_tombstones(conn: sqlite3.Connection, keys: dict[bytes, T], now: int) -> set[T]:
-    """The values of ``keys`` (tombstone key -> anything) whose tombstone exists and has not expired.
+def _tombstones_where(conn: sqlite3.Connection, keys: dict[bytes, T], where: str, *params: Any) -> set[T]:
+    """The values of ``keys`` (tombstone key -> anything) whose tombstone exists and meets ``where``.
 
-    The keys come from Python (``tombstone_key``): as a SQL function called per row they cost a
-    sync page's ``missing()`` 3.6 instead of 2.3 us per id (a fresh node checks every id it is offered).
+    The keys come from Python (``tombstone_key``), bound as parameters.  As a SQL function called
+    per row inside a json_each they cost a sync page's ``missing()`` 3.6 instead of 2.3 us per id,
+    and every call took the interpreter lock back in a reader thread, from the reactor.
     """
     found: set[T] = set()
     for in_keys, chunk in _key_chunks(list(keys)):
         for (digest,) in conn.execute(
-            f"SELECT digest FROM tombstones WHERE digest IN {in_keys} AND expires > ?", (*chunk, now)
+            f"SELECT digest FROM tombstones WHERE digest IN {in_keys} AND {where}", (*chunk, *params)
         ):
             found.add(keys[digest])
     return found
@@ -1043,10 +1036,8 @@ class SQLiteStore:
         items = [(str(mb), str(m)) for mb, m in pairs]
 
         def q(conn: sqlite3.Connection) -> set[tuple[str, str]]:
-            if not items:
-                return set()
-            rows = conn.execute(_HELD_TOMBSTONES, {"items": json.dumps(items)})
-            return {items[i] for (i,) in rows}
+            # The pairs whose tombstone is not junk (v4, docs/protocol.md 13).
+            return _tombstones_where(conn, {tombstone_key(mb, m): (mb, m) for mb, m in items}, "junk = 0")
 
         return self._read(q)
 
@@ -1150,7 +1141,8 @@ class SQLiteStore:
             if env_list:
                 rows = conn.execute(_UNSTORED_IDS, {"items": json.dumps([m for _, m in env_list])})
                 unstored = [env_list[i] for (i,) in rows]
-                dead = _live_tombstones(conn, {tombstone_key(mb, m): (mb, m) for mb, m in unstored}, now)
+                keys = {tombstone_key(mb, m): (mb, m) for mb, m in unstored}
+                dead = _tombstones_where(conn, keys, "expires > ?", now)
                 lack_env = [pair for pair in unstored if pair not in dead]
             if ack_list:
                 rows = conn.execute(_LACKING_ACKS, {"items": json.dumps(ack_list)})
