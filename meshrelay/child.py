@@ -124,7 +124,12 @@ class _ChildProtocol(ProcessProtocol):
                 self.owner.log.error("{what} process: {line}", what=self.owner.what, line=line)
 
     def processEnded(self, reason: Failure) -> None:
-        self.owner._ended(self, reason)
+        # On the next turn, not inside Twisted's reaping: ``reapAllProcesses`` walks a snapshot of
+        # its handlers, and what ``_ended`` sets off (a node stopping: the other child's stdin
+        # closed, so that child reaped at once) could reap a process still ahead in that walk,
+        # which then fails "Failed to reap None" (seen in CI when the writer and the verifier
+        # stopped together; twisted/twisted#9778 describes the same trap).
+        self.owner.reactor.callLater(0, self.owner._ended, self, reason)
 
 
 class ChildProcess:

@@ -159,3 +159,26 @@ class BigFramesTests(TestCase):
         for d in answers:
             got.append((yield d))
         self.assertEqual(got, sizes)
+
+
+class ProcessEndedTests(TestCase):
+    def test_the_owner_learns_of_the_exit_on_the_next_turn_not_inside_the_reaping(self) -> None:
+        """Twisted reaps from a snapshot of its processes: the owner's reaction must wait a turn."""
+        from twisted.internet.task import Clock
+        from twisted.python.failure import Failure
+
+        ended: list[Any] = []
+
+        class Owner:
+            reactor = Clock()
+
+            def _ended(self, proto: Any, reason: Failure) -> None:
+                ended.append((proto, reason))
+
+        owner = Owner()
+        proto = child._ChildProtocol(owner)  # type: ignore[arg-type]
+        reason = Failure(RuntimeError("exited"))
+        proto.processEnded(reason)
+        self.assertEqual(ended, [])
+        owner.reactor.advance(0)
+        self.assertEqual(ended, [(proto, reason)])
