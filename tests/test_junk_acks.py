@@ -192,3 +192,13 @@ class KeyListTests(SynchronousTestCase):
             ((placeholders, chunk),) = sqlite_store._key_chunks(keys[:n])
             self.assertEqual((placeholders.count("?"), len(chunk)), (size, size))
             self.assertEqual(chunk[:n], keys[:n])
+
+
+class TombstoneKeysTests(SynchronousTestCase):
+    def test_the_batch_form_gives_the_same_keys(self) -> None:
+        from meshrelay.store import migrations
+
+        for mailbox in ("A" * 43, "", "\udcff", "é"):
+            ids = ["ab" * 32, "", "\ud800x", "cd" * 32]
+            self.assertEqual(migrations.tombstone_keys(mailbox, ids), [tombstone_key(mailbox, m) for m in ids])
+        self.assertEqual(migrations.tombstone_keys("A" * 43, []), [])

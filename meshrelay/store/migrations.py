@@ -72,6 +72,19 @@ def tombstone_key(mailbox: str, msg_id: str) -> bytes:
     return hashlib.sha256(mb).digest()[:4] + hashlib.sha256(pair).digest()[: TOMBSTONE_KEY_BYTES - 4]
 
 
+def tombstone_keys(mailbox: str, msg_ids: list[str]) -> list[bytes]:
+    """``[tombstone_key(mailbox, m) for m in msg_ids]``, hashing the mailbox's part once (an ack's ids share it)."""
+    mb = mailbox.encode("utf-8", "surrogatepass")
+    head = hashlib.sha256(mb).digest()[:4]
+    pair = hashlib.sha256(len(mb).to_bytes(4, "big") + mb)
+    out = []
+    for msg_id in msg_ids:
+        h = pair.copy()
+        h.update(msg_id.encode("utf-8", "surrogatepass"))
+        out.append(head + h.digest()[: TOMBSTONE_KEY_BYTES - 4])
+    return out
+
+
 #: the migration that adds first contact's tables (after the store's own migrations)
 FIRST_CONTACT_VERSION = 5
 

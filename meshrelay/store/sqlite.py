@@ -482,7 +482,7 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
             (mailbox, listed),
         ).fetchall()
     )
-    keys = {m: tombstone_key(mailbox, m) for m in unique}
+    keys = dict(zip(unique, migrations.tombstone_keys(mailbox, unique), strict=True))
     deleted = [m for m in unique if m in held]
     unheld = [m for m in unique if m not in held]
     if deleted:
