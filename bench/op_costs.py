@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from mesh_bench import node_cpu
 
 from meshrelay import envelope as E
 from meshrelay.executor import InlineExecutor
@@ -50,13 +51,6 @@ from tests.harness import NodeProcess
 POLL = "/api/mesh/dm/poll"
 ACK_IDS = E.MAX_ACK_IDS
 CAP = 64 << 20
-
-
-def node_cpu(node: NodeProcess) -> tuple[float, float]:
-    assert node.proc is not None
-    pid = node.proc.pid
-    children = sum(common.tree_cpu_seconds(c) for c in common.child_pids(pid))
-    return common.cpu_seconds(pid), children
 
 
 def poll_bodies(n: int) -> list[bytes]:

@@ -67,9 +67,7 @@ def tombstone_key(mailbox: str, msg_id: str) -> bytes:
     hashed as Python's ``surrogatepass`` encodes it: such a pair is never
     stored, so it matches nothing.
     """
-    mb = mailbox.encode("utf-8", "surrogatepass")
-    pair = len(mb).to_bytes(4, "big") + mb + msg_id.encode("utf-8", "surrogatepass")
-    return hashlib.sha256(mb).digest()[:4] + hashlib.sha256(pair).digest()[: TOMBSTONE_KEY_BYTES - 4]
+    return tombstone_keys(mailbox, [msg_id])[0]
 
 
 def tombstone_keys(mailbox: str, msg_ids: list[str]) -> list[bytes]:

@@ -114,7 +114,7 @@ SELECT
 
 
 #: missing(): the msg_ids of a JSON array (by index) no stored envelope has, in input order (their
-#: tombstones are looked up next, by keys computed in Python: see ``_tombstones_where``)
+#: tombstones are looked up next, by keys computed in Python: see ``_keyed``)
 _UNSTORED_IDS = """
 SELECT CAST(j.key AS INTEGER) FROM json_each(:items) AS j
 WHERE NOT EXISTS (SELECT 1 FROM envelopes WHERE msg_id = j.value)
@@ -403,8 +403,8 @@ def _upgrade(
 _KEY_LIST_SIZES = (8, 64, 512)
 
 
-def _in_keys(n: int) -> str:
-    return "(" + ", ".join("?" * n) + ")"
+#: the placeholder list of each size: ``(?, ?, ...)``
+_IN_KEYS = {n: "(" + ", ".join("?" * n) + ")" for n in _KEY_LIST_SIZES}
 
 
 def _key_chunks(keys: list[bytes]) -> Iterator[tuple[str, list[bytes]]]:
@@ -413,41 +413,28 @@ def _key_chunks(keys: list[bytes]) -> Iterator[tuple[str, list[bytes]]]:
     for i in range(0, len(keys), largest):
         chunk = keys[i : i + largest]
         size = next(n for n in _KEY_LIST_SIZES if n >= len(chunk))
-        yield _in_keys(size), chunk + [chunk[-1]] * (size - len(chunk))
+        yield _IN_KEYS[size], chunk + [chunk[-1]] * (size - len(chunk))
 
 
-def _tombstones_where(conn: sqlite3.Connection, keys: dict[bytes, T], where: str, *params: Any) -> set[T]:
-    """The values of ``keys`` (tombstone key -> anything) whose tombstone exists and meets ``where``.
+def _keyed(conn: sqlite3.Connection, keys: dict[bytes, T], sql: str, *params: Any) -> set[T]:
+    """Run ``sql`` over ``keys`` (tombstone key -> anything); the values of the digests it returns.
 
-    The keys come from Python (``tombstone_key``), bound as parameters.  As a SQL function called
-    per row inside a json_each they cost a sync page's ``missing()`` 3.6 instead of 2.3 us per id,
-    and every call took the interpreter lock back in a reader thread, from the reactor.
+    ``{keys}`` in ``sql`` stands for one piece of the key list (``_key_chunks``), bound after
+    ``params``.  The keys come from Python (``tombstone_key``): as a SQL function called per row
+    inside a json_each they cost a sync page's ``missing()`` 3.6 instead of 2.3 us per id, a 500-id
+    ack about twice as much, and every call took the interpreter lock back in a reader thread.
     """
     found: set[T] = set()
     for in_keys, chunk in _key_chunks(list(keys)):
-        for (digest,) in conn.execute(
-            f"SELECT digest FROM tombstones WHERE digest IN {in_keys} AND {where}", (*chunk, *params)
-        ):
+        for (digest,) in conn.execute(sql.format(keys=in_keys), (*params, *chunk)):
             found.add(keys[digest])
     return found
 
 
-def _extend_tombstones(conn: sqlite3.Connection, keys: dict[str, bytes], expires: int) -> set[str]:
-    """Extend the tombstones of the ids of ``keys`` (msg_id -> tombstone key) that exist to at least
-    ``expires``; the ids that had one.
-
-    The keys are computed once, in Python, by the caller and bound as parameters: asking SQLite for
-    them (a Python SQL function per id, inside a json_each) cost a 500-id ack about twice as much.
-    """
-    by_key = {k: m for m, k in keys.items()}
-    found: set[str] = set()
-    for in_keys, chunk in _key_chunks(list(by_key)):
-        for (digest,) in conn.execute(
-            f"UPDATE tombstones SET expires = MAX(expires, ?) WHERE digest IN {in_keys} RETURNING digest",
-            (expires, *chunk),
-        ):
-            found.add(by_key[digest])
-    return found
+def _extend_tombstones(conn: sqlite3.Connection, keys: dict[bytes, str], expires: int) -> set[str]:
+    """Extend the tombstones of ``keys`` (tombstone key -> msg_id) that exist to at least ``expires``; the ids that had one."""
+    sql = "UPDATE tombstones SET expires = MAX(expires, ?) WHERE digest IN {keys} RETURNING digest"
+    return _keyed(conn, keys, sql, expires)
 
 
 def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AckResult:
@@ -489,7 +476,7 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
         st.count -= len(deleted)
         st.bytes -= sum(held.values())
         # Tombstone what was held (or extend the tombstone it already had).
-        extended = _extend_tombstones(conn, {m: keys[m] for m in deleted}, tombstone_expires)
+        extended = _extend_tombstones(conn, {keys[m]: m for m in deleted}, tombstone_expires)
         fresh = [(keys[m], tombstone_expires) for m in deleted if m not in extended]
         conn.executemany("INSERT INTO tombstones (digest, expires, junk) VALUES (?, ?, 0)", fresh)
         st.bytes += TOMBSTONE_BYTES * len(fresh)
@@ -497,12 +484,10 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
     vouched = [m for m in unheld if m in attested]
     if vouched:
         # Junk tombstones made real by a peer that held the message: they leave the junk budget.
-        made_real = sum(
-            conn.execute(f"UPDATE tombstones SET junk = 0 WHERE junk = 1 AND digest IN {in_keys}", chunk).rowcount
-            for in_keys, chunk in _key_chunks([keys[m] for m in vouched])
-        )
+        sql = "UPDATE tombstones SET junk = 0 WHERE junk = 1 AND digest IN {keys} RETURNING digest"
+        made_real = len(_keyed(conn, {keys[m]: m for m in vouched}, sql))
         st.junk -= TOMBSTONE_BYTES * made_real
-    extended = _extend_tombstones(conn, {m: keys[m] for m in unheld}, tombstone_expires) if unheld else set()
+    extended = _extend_tombstones(conn, {keys[m]: m for m in unheld}, tombstone_expires) if unheld else set()
     rows = []
     for msg_id in unheld:
         if msg_id in extended:
@@ -1037,7 +1022,8 @@ class SQLiteStore:
 
         def q(conn: sqlite3.Connection) -> set[tuple[str, str]]:
             # The pairs whose tombstone is not junk (v4, docs/protocol.md 13).
-            return _tombstones_where(conn, {tombstone_key(mb, m): (mb, m) for mb, m in items}, "junk = 0")
+            sql = "SELECT digest FROM tombstones WHERE junk = 0 AND digest IN {keys}"
+            return _keyed(conn, {tombstone_key(mb, m): (mb, m) for mb, m in items}, sql)
 
         return self._read(q)
 
@@ -1142,7 +1128,7 @@ class SQLiteStore:
                 rows = conn.execute(_UNSTORED_IDS, {"items": json.dumps([m for _, m in env_list])})
                 unstored = [env_list[i] for (i,) in rows]
                 keys = {tombstone_key(mb, m): (mb, m) for mb, m in unstored}
-                dead = _tombstones_where(conn, keys, "expires > ?", now)
+                dead = _keyed(conn, keys, "SELECT digest FROM tombstones WHERE expires > ? AND digest IN {keys}", now)
                 lack_env = [pair for pair in unstored if pair not in dead]
             if ack_list:
                 rows = conn.execute(_LACKING_ACKS, {"items": json.dumps(ack_list)})
