@@ -35,6 +35,8 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+#: endpoints one :class:`PeerEndpointFactory` keeps for reuse (an agent dials only its peers' origins)
+MAX_ENDPOINTS = 256
 #: ``proxy`` values that mean "dial directly" (a per-peer ``none`` overrides ``node.peer_proxy``)
 NO_PROXY = ("", "none")
 
@@ -146,8 +148,28 @@ class PeerEndpointFactory:
         self.trust_root: Any = None
         if route.ca_file:
             self.trust_root = trustRootFromCertificates(read_ca_file(route.ca_file))
+        #: endpoints made so far, by (scheme, host, port); see :meth:`endpointForURI`
+        self._made: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        """The endpoint for ``uri``'s origin, made once and then reused.
+
+        ``Agent`` asks for an endpoint on every request, even when its pool
+        then hands it a cached connection; making a ``HostnameEndpoint`` (and
+        for ``https`` the TLS options) each time was about a quarter of the
+        cost of starting a push.  Endpoints connect any number of times, and
+        an agent only ever dials its peers' few origins (bounded anyway).
+        """
+        key = (uri.scheme, uri.host, int(uri.port))
+        endpoint = self._made.get(key)
+        if endpoint is None:
+            endpoint = self._make(uri)
+            if len(self._made) >= MAX_ENDPOINTS:
+                self._made.clear()
+            self._made[key] = endpoint
+        return endpoint
+
+    def _make(self, uri: URI) -> IStreamClientEndpoint:
         if uri.scheme not in (b"http", b"https"):
             raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
         host = uri.host.decode("ascii")

@@ -25,7 +25,16 @@ from txtorcon.socks import SocksError
 
 from meshrelay import cli
 from meshrelay.config import ConfigError, PeerConfig, build_config, diff_configs
-from meshrelay.peernet import PeerEndpointFactory, Proxy, Route, describe_failure, parse_proxy, peer_route, read_ca_file
+from meshrelay.peernet import (
+    MAX_ENDPOINTS,
+    PeerEndpointFactory,
+    Proxy,
+    Route,
+    describe_failure,
+    parse_proxy,
+    peer_route,
+    read_ca_file,
+)
 from meshrelay.replication import PooledHTTPClients
 from meshrelay.tap import check_endpoints
 from tests.tlsca import TestCA
@@ -151,6 +160,32 @@ class EndpointChoiceTests(SynchronousTestCase):
         self.assertIn(b"\x03\x09b.example\x01\xbb", request)
         self.assertEqual(after[:1], b"\x16")  # once the proxy says "connected", the ClientHello
         self.assertIn(b"b.example", after)
+
+    def test_an_origin_endpoint_is_made_once_and_dials_every_time(self) -> None:
+        """Agent asks for an endpoint per request: the factory reuses one per origin, and it dials anew each connect."""
+        for route, url, dialled in (
+            (Route(), b"http://127.0.0.1:8081/mesh", ("127.0.0.1", 8081)),
+            (Route(), b"https://127.0.0.1:8443/", ("127.0.0.1", 8443)),
+            (Route(proxy=Proxy("127.0.0.1", 9050)), b"http://abcdefgh.onion:8080/", ("127.0.0.1", 9050)),
+        ):
+            reactor = MemoryReactorClock()
+            factory = PeerEndpointFactory(reactor, route, connect_timeout=7)
+            endpoint = factory.endpointForURI(URI.fromBytes(url))
+            self.assertIs(factory.endpointForURI(URI.fromBytes(url + b"other/path?q=1")), endpoint)
+            other = factory.endpointForURI(
+                URI.fromBytes(url.replace(b"127.0.0.1", b"127.0.0.2").replace(b"abcd", b"wxyz"))
+            )
+            self.assertIsNot(other, endpoint)
+            for _ in range(2):
+                endpoint.connect(Factory.forProtocol(Protocol))
+            reactor.advance(0)
+            self.assertEqual([c[:2] for c in reactor.tcpClients], [dialled, dialled])
+
+    def test_the_endpoint_memory_is_bounded(self) -> None:
+        factory = PeerEndpointFactory(MemoryReactorClock(), Route(), connect_timeout=7)
+        for port in range(1, 2 * MAX_ENDPOINTS):
+            factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:%d/" % port))
+        self.assertLessEqual(len(factory._made), MAX_ENDPOINTS)
 
     def test_ca_file_is_the_trust_root(self) -> None:
         path = TestCA().write_ca(self.mktemp())
