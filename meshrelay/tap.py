@@ -24,7 +24,6 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.internet.testing import MemoryReactor
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -109,7 +108,14 @@ def check_endpoints(config: Config, reactor: Any) -> None:
     for where, endpoint in endpoints:
         # txtorcon's onion: parser dials tor's control port as it parses: check it on a
         # reactor that connects nowhere (strports.service parses it again for real).
-        probe = MemoryReactor() if is_onion_endpoint(endpoint) else reactor
+        # Imported here: twisted.internet.testing brings trial with it, a tenth of the
+        # node's import time, and only an onion listener needs it.
+        if is_onion_endpoint(endpoint):
+            from twisted.internet.testing import MemoryReactor
+
+            probe: Any = MemoryReactor()
+        else:
+            probe = reactor
         try:
             serverFromString(probe, endpoint)
         except (ValueError, TypeError, KeyError) as e:
