@@ -4,6 +4,7 @@ Run from the repository root::
 
     python bench/op_costs.py poll [--n 3000] [--rounds 3]   # node CPU per signed poll (real node, HTTP)
     python bench/op_costs.py ack [--n 100] [--rounds 3]     # SQLite writer time per 500-id junk ack
+    python bench/op_costs.py ackmesh [--n 200] [--rounds 1]  # junk acks: solo node against a 3-node mesh
     python bench/op_costs.py all --json bench/results/op_costs.json
 
 ``poll``: one ``twistd meshrelay`` node on 127.0.0.1 (per-address rate limit
@@ -21,6 +22,16 @@ with the soak's 64 MiB cap: first while the junk budget is open (each id becomes
 a junk tombstone), then once it is full (each id is looked up and skipped).
 Printed: milliseconds of CPU per ack operation, the median of ``--rounds``
 fresh stores.  Every other write of the node waits behind such an operation.
+
+``ackmesh``: the same junk acks as signed polls over HTTP (fresh mailbox key,
+500 made-up ids each, sequential on one connection), first to a node without
+peers, then to node ``a`` of a 3-node mesh (``a``, ``b``, ``c``, each linked to
+both others, ``sync.interval`` 5 s).  Printed: CPU per ack (node and
+children) of the solo node, of ``a``, and of ``b`` and ``c``, which get each ack
+pushed by ``a`` and see it in each other's feed; the mesh figures run until
+``b`` and ``c`` have applied every ack and both have pulled from ``a`` and
+from each other once more.  This is where issue 10's ``acks`` attack spends
+the mesh's CPU.
 """
 
 from __future__ import annotations
@@ -123,13 +134,86 @@ def ack_round(n: int) -> dict[str, float]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def ackmesh_round(n: int) -> dict[str, float]:
+    from mesh_bench import Cluster
+
+    cluster = Cluster(
+        ["solo", "a", "b", "c"],
+        [("a", "b"), ("a", "c"), ("b", "c")],
+        {"limits": {"client_rate": 0, "max_stored_bytes": CAP}, "sync": {"interval": 5}},
+    )
+
+    def bodies() -> list[bytes]:
+        out = []
+        for _ in range(n):
+            ids = [os.urandom(32).hex() for _ in range(ACK_IDS)]
+            body = E.make_signed_request(Ed25519PrivateKey.generate(), int(time.time()), os.urandom(16), ids)
+            body["limit"] = 1
+            out.append(E.dumps_json(body))
+        return out
+
+    def send(node: NodeProcess, batch: list[bytes]) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+        for body in batch:
+            conn.request("POST", POLL, body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"junk ack answered {response.status}")
+        conn.close()
+
+    def applied(name: str) -> float:
+        return cluster.gauge_labelled(name, "meshrelay_dm_ack_intake_total", outcome="applied")
+
+    def pulls(name: str) -> float:
+        return cluster.gauge_labelled(name, "meshrelay_sync_pull_total", outcome="ok")
+
+    def wait(predicate: Any, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the mesh did not settle")
+            time.sleep(0.1)
+
+    try:
+        cluster.start()
+        send(cluster["solo"], bodies()[:20])  # warm-up
+        send(cluster["a"], bodies()[:20])
+        wait(lambda: applied("b") >= 20 and applied("c") >= 20)
+        out: dict[str, float] = {}
+        batch = bodies()
+        before = node_cpu(cluster["solo"])
+        send(cluster["solo"], batch)
+        time.sleep(1.0)
+        after = node_cpu(cluster["solo"])
+        out["solo_node_ms"], out["solo_children_ms"] = (1e3 * (after[i] - before[i]) / n for i in (0, 1))
+        batch = bodies()
+        names = ("a", "b", "c")
+        start = {m: node_cpu(cluster[m]) for m in names}
+        base = {m: applied(m) for m in ("b", "c")}
+        send(cluster["a"], batch)
+        wait(lambda: all(applied(m) >= base[m] + n for m in ("b", "c")))
+        marks = {m: pulls(m) for m in ("b", "c")}
+        # Each of b and c pulls both of its peers once more (the feeds that now hold the acks).
+        wait(lambda: all(pulls(m) >= marks[m] + 2 for m in ("b", "c")))
+        for m in ("b", "c"):
+            out[f"{m}_acks_pushed_or_pulled"] = (applied(m) - base[m]) / n
+            out[f"{m}_acks_by_sync"] = cluster.gauge_labelled(m, "meshrelay_sync_items_total", kind="ack") / n
+        for m in names:
+            end = node_cpu(cluster[m])
+            out[f"{m}_node_ms"], out[f"{m}_children_ms"] = (1e3 * (end[i] - start[m][i]) / n for i in (0, 1))
+        return out
+    finally:
+        cluster.stop()
+
+
 def medians(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("poll", "ack", "all"))
+    parser.add_argument("what", choices=("poll", "ack", "ackmesh", "all"))
     parser.add_argument("--n", type=int, default=0, help="operations per round (poll 3000, ack 100)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the figures here")
@@ -155,6 +239,17 @@ def main() -> None:
             f"junk ack of {ACK_IDS} ids, writer CPU per operation: junk budget open {m['budget_open_ms']:.2f} ms, "
             f"full {m['budget_full_ms']:.2f} ms (medians of {args.rounds})"
         )
+    if args.what in ("ackmesh", "all"):
+        rounds = [ackmesh_round(args.n or 200) for _ in range(args.rounds)]
+        m = out["ackmesh"] = medians(rounds)
+        print(f"junk acks of {ACK_IDS} ids over HTTP, CPU per ack (node + children; medians of {args.rounds}):")
+        for name, label in (
+            ("solo", "node without peers"),
+            ("a", "mesh node a (the client's)"),
+            ("b", "peer b"),
+            ("c", "peer c"),
+        ):
+            print(f"  {label:28s} {m[name + '_node_ms']:6.2f} + {m[name + '_children_ms']:6.2f} ms")
     if args.json:
         common.write_json(args.json, out)
 
