@@ -4,7 +4,7 @@ Run from the repository root::
 
     python bench/op_costs.py poll [--n 3000] [--rounds 3]   # node CPU per signed poll (real node, HTTP)
     python bench/op_costs.py ack [--n 100] [--rounds 3]     # SQLite writer time per 500-id junk ack
-    python bench/op_costs.py ackmesh [--n 200] [--rounds 1]  # junk acks: solo node against a 3-node mesh
+    python bench/op_costs.py ackmesh [--n 200] [--rounds 3]  # junk acks: solo node against a 3-node mesh
     python bench/op_costs.py all --json bench/results/op_costs.json
 
 ``poll``: one ``twistd meshrelay`` node on 127.0.0.1 (per-address rate limit
@@ -73,6 +73,16 @@ def poll_bodies(n: int) -> list[bytes]:
     return out
 
 
+def post_polls(conn: http.client.HTTPConnection, bodies: list[bytes]) -> None:
+    """POST each body to the poll route, one after another on ``conn``; each must answer 200."""
+    for body in bodies:
+        conn.request("POST", POLL, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"poll answered {response.status}")
+
+
 def poll_round(n: int) -> dict[str, float]:
     workdir = tempfile.mkdtemp(prefix="meshrelay-opcost-")
     node = NodeProcess(workdir, "a", config={"limits": {"client_rate": 0}})
@@ -80,19 +90,9 @@ def poll_round(n: int) -> dict[str, float]:
         node.start()
         warm, bodies = poll_bodies(200), poll_bodies(n)
         conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
-
-        def post(body: bytes) -> None:
-            conn.request("POST", POLL, body=body, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            response.read()
-            if response.status != 200:
-                raise RuntimeError(f"poll answered {response.status}")
-
-        for body in warm:
-            post(body)
+        post_polls(conn, warm)
         before, t0 = node_cpu(node), time.perf_counter()
-        for body in bodies:
-            post(body)
+        post_polls(conn, bodies)
         seconds, after = time.perf_counter() - t0, node_cpu(node)
         conn.close()
         return {
@@ -154,16 +154,14 @@ def ackmesh_round(n: int) -> dict[str, float]:
 
     def send(node: NodeProcess, batch: list[bytes]) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
-        for body in batch:
-            conn.request("POST", POLL, body=body, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            response.read()
-            if response.status != 200:
-                raise RuntimeError(f"junk ack answered {response.status}")
+        post_polls(conn, batch)
         conn.close()
 
     def applied(name: str) -> float:
         return cluster.gauge_labelled(name, "meshrelay_dm_ack_intake_total", outcome="applied")
+
+    def by_sync(name: str) -> float:
+        return cluster.gauge_labelled(name, "meshrelay_sync_items_total", kind="ack")
 
     def pulls(name: str) -> float:
         return cluster.gauge_labelled(name, "meshrelay_sync_pull_total", outcome="ok")
@@ -191,14 +189,15 @@ def ackmesh_round(n: int) -> dict[str, float]:
         names = ("a", "b", "c")
         start = {m: node_cpu(cluster[m]) for m in names}
         base = {m: applied(m) for m in ("b", "c")}
+        synced = {m: by_sync(m) for m in ("b", "c")}
         send(cluster["a"], batch)
         wait(lambda: all(applied(m) >= base[m] + n for m in ("b", "c")))
         marks = {m: pulls(m) for m in ("b", "c")}
         # Each of b and c pulls both of its peers once more (the feeds that now hold the acks).
         wait(lambda: all(pulls(m) >= marks[m] + 2 for m in ("b", "c")))
         for m in ("b", "c"):
-            out[f"{m}_acks_pushed_or_pulled"] = (applied(m) - base[m]) / n
-            out[f"{m}_acks_by_sync"] = cluster.gauge_labelled(m, "meshrelay_sync_items_total", kind="ack") / n
+            out[f"{m}_acks_applied"] = (applied(m) - base[m]) / n
+            out[f"{m}_acks_by_sync"] = (by_sync(m) - synced[m]) / n
         for m in names:
             end = node_cpu(cluster[m])
             out[f"{m}_node_ms"], out[f"{m}_children_ms"] = (1e3 * (end[i] - start[m][i]) / n for i in (0, 1))
@@ -250,6 +249,11 @@ def main() -> None:
             ("c", "peer c"),
         ):
             print(f"  {label:28s} {m[name + '_node_ms']:6.2f} + {m[name + '_children_ms']:6.2f} ms")
+        for name in ("b", "c"):
+            print(
+                f"  peer {name} applied {m[name + '_acks_applied']:.2f} acks per ack sent, "
+                f"{m[name + '_acks_by_sync']:.2f} of them through sync"
+            )
     if args.json:
         common.write_json(args.json, out)
 
