@@ -147,6 +147,8 @@ class Page:
     more: bool
     #: the envelopes were fetched because the puller lacked them (an ids-first pull)
     lacking: bool = False
+    #: a full-body page from a v2 peer, pulled because the puller lacked nearly all (7.3)
+    full: bool = False
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ from meshrelay.protocol import (
     with_held,
 )
 from meshrelay.relay import Relay
-from meshrelay.store.base import STORAGE_FULL, Cursor, Refused, Store, StoreError
+from meshrelay.store.base import DUPLICATE, STORAGE_FULL, Cursor, Refused, Store, StoreError
 
 __all__ = [
     "PeerError",
@@ -135,6 +135,11 @@ MIN_BACKOFF = 1.0
 THROTTLE_PAUSE = 0.2
 #: bodies requests in flight per peer while pulling a page
 BODIES_INFLIGHT = 4
+#: an ids page of at least this many items, of which the puller lacked at least
+#: FULL_PAGES_LACKING of them, switches it to full-body pages (a catch-up: the
+#: ids and bodies round trips only add work when nearly everything is lacking)
+FULL_PAGES_MIN_ITEMS = 100
+FULL_PAGES_LACKING = 0.9
 #: debounce between space freeing and the refetch of refused replicas
 REFETCH_DELAY = 1.0
 #: remembered refusals read per refetch round
@@ -557,6 +562,10 @@ class SyncPuller:
         self.policy_peer: PolicyPeer | None = None
         #: the v1 page limit of the current run (halved when a v1 page is too large)
         self.run_limit = self.page_limit
+        #: pulling full-body pages from a v2 peer while this node lacks nearly all (a catch-up)
+        self.full_pages = False
+        #: full-body pages pulled from a v2 peer (a catch-up), for tests and status
+        self.full_pages_pulled = 0
         self._sync_call: Any = None
         self._syncing = False
         self._stopped = True
@@ -623,6 +632,8 @@ class SyncPuller:
         self.last_sync_outcome = outcome
         self.last_sync_at = self.clock.seconds()
         self.backoff = 0.0
+        if outcome != "partial":
+            self.full_pages = False
         self._schedule(0 if outcome == "partial" else self.interval)
 
     def _failed(self, f: Failure) -> None:
@@ -631,6 +642,7 @@ class SyncPuller:
             return
         self.last_sync_outcome = "error"
         self.last_sync_at = self.clock.seconds()
+        self.full_pages = False
         self.backoff = min(float(self.interval), max(MIN_BACKOFF, self.backoff * 2))
         # The peer may come back with another version: ask again next run.
         self.features = None
@@ -791,8 +803,23 @@ class SyncPuller:
     def _load_page(self, since: int) -> Deferred[Page]:
         f = self.features
         if f is not None and f.v2:
+            if self.full_pages:
+                return Deferred.fromCoroutine(self._load_full_page(since))
             return Deferred.fromCoroutine(self._load_ids_page(since))
         return Deferred.fromCoroutine(self._load_v1_page(since))
+
+    async def _load_full_page(self, since: int) -> Page:
+        """A full-body page from a v2 peer (7.3: a catch-up), its envelopes taken as lacking.
+
+        The page is byte-bounded by the peer.  The puller goes back to ids
+        pages once a full page brings mostly envelopes it holds (see
+        :meth:`_apply`) or the feed's end.
+        """
+        page = await self._pull(since, self.page_limit)
+        self.full_pages_pulled += 1
+        if not page.more:
+            self.full_pages = False
+        return Page(page.feed, page.envelopes, page.acks, page.next, page.more, lacking=True, full=True)
 
     async def _load_v1_page(self, since: int) -> Page:
         """A v1 page; from a v1-only peer, halve the run's limit while the answer is too large."""
@@ -880,6 +907,13 @@ class SyncPuller:
                     [(m, k, sizes.get((m, k), 0)) for m, k in lacking_envs],
                     [(m, k, sizes.get((m, k), 0)) for m, k in lacking_acks],
                 )
+            listed = len(ids.envelopes) + len(ids.acks)
+            if (
+                ids.more
+                and listed >= FULL_PAGES_MIN_ITEMS
+                and len(lacking_envs) + len(lacking_acks) >= FULL_PAGES_LACKING * listed
+            ):
+                self.full_pages = True
         return Page(ids.feed, envs, acks, ids.next, ids.more, lacking=True)
 
     async def fetch_bodies(
@@ -974,7 +1008,10 @@ class SyncPuller:
             await self.relay.accept_acks(page.acks)
         if page.envelopes:
             self.metrics.sync_items_total.labels(self.url, ENVELOPE).inc(len(page.envelopes))
-            await self.relay.accept_replicas(page.envelopes, peer=self.url, new=page.lacking)
+            results = await self.relay.accept_replicas(page.envelopes, peer=self.url, new=page.lacking)
+            if page.full and sum(r.get("status") == DUPLICATE for r in results) * 2 > len(results):
+                # Mostly held already (a push caught up, or another puller did): ids pages again.
+                self.full_pages = False
 
     # ------------------------------------------------------------------ fetch_remote and refetch
 

@@ -19,7 +19,7 @@ from meshrelay.config import PeerConfig, build_config
 from meshrelay.peers import H_HMAC, H_NONCE, H_TS, H_URL, compute_mac, derive_key
 from meshrelay.protocol import Features
 from meshrelay.relay import NoReplication
-from meshrelay.replication import MAX_FETCH_PAGES, PeerEndpoints, PeerError, PooledHTTPClients, parse_page
+from meshrelay.replication import APPLY_DEPTH, MAX_FETCH_PAGES, PeerEndpoints, PeerError, PooledHTTPClients, parse_page
 from meshrelay.status import PEER_KEYS
 from tests.helpers import Identity, MemNode, Mesh, dump_live, make_config, tkeys
 
@@ -842,6 +842,55 @@ class HostileFeedTests(MeshTestCase):
         self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="bad_signature"), 1)
         self.assertEqual(self.metric("b", "meshrelay_dm_ack_intake_total", outcome="bad_signature"), 1)
 
+    def test_forged_envelopes_in_a_full_page_are_rejected(self) -> None:
+        """A v2 peer that makes the puller switch to full pages cannot plant a forgery through them."""
+        genuine = [Identity().envelope(self.bob, b"g%d" % i, ts=self.now()) for i in range(101)]
+        forged = dict(Identity().envelope(self.bob, b"forged", ts=self.now()), sig=E.b64u_encode(b"\0" * 64))
+        by_id = {e["msg_id"]: e for e in genuine}
+        ids_page = {
+            "ok": True,
+            "feed": "hostile",
+            "items": [
+                {"seq": i + 1, "kind": "envelope", "mailbox": self.bob.pub, "msg_id": e["msg_id"], "size": 400}
+                for i, e in enumerate(genuine[:100])
+            ],
+            "next": 100,
+            "more": True,
+        }
+        full_page = {
+            "ok": True,
+            "feed": "hostile",
+            "items": [{"seq": 101, "envelope": forged}, {"seq": 102, "envelope": genuine[100]}],
+            "next": 102,
+            "more": False,
+        }
+        features = {"ok": True, "versions": [1, 2], "page_bytes": 1 << 20, "max_ids": 5000, "max_bodies": 500}
+
+        class V2Feed(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                request.setHeader(b"Content-Type", b"application/json")
+                if request.path.endswith(b"/features"):
+                    return json.dumps(features).encode()
+                if request.path.endswith(b"/bodies"):
+                    asked = json.loads(request.content.read())["envelopes"]
+                    answer = {"ok": True, "envelopes": [by_id[m] for m in asked], "acks": []}
+                    return json.dumps(dict(answer, gone={"envelopes": [], "acks": []})).encode()
+                return json.dumps(ids_page if b"ids=1" in request.uri else full_page).encode()
+
+        stub = StubTreq(V2Feed())
+        client = self.peer_client("b", "a")
+        client.transport.http = stub
+        client.puller.features = None
+        client.puller.ids_limit = 100
+        self.mesh.links[("b", "a")]._broken = stub  # flushed by settle()
+        client = self.run_sync()
+        self.assertEqual(client.puller.last_sync_outcome, "ok")
+        self.assertEqual(client.puller.full_pages_pulled, 1)
+        self.assertEqual(sorted(self.live("b")), sorted(by_id))
+        self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="bad_signature"), 1)
+
     def test_page_parser(self) -> None:
         """parse_page accepts a well-formed page and refuses more items than asked for."""
         page = parse_page({"ok": True, "feed": "f", "items": [{"seq": 3, "ack": {}}], "next": 3, "more": True}, 0, 1)
@@ -991,6 +1040,93 @@ class IdsFirstTests(MeshTestCase):
         self.assertEqual(self.tombstones("b"), tkeys((self.bob.pub, envs[0]["msg_id"])))
         bodies = [url for m, url in self.mesh.link("b", "a").requests if url.endswith(BODIES)]
         self.assertEqual(len(bodies), 6)  # 5 envelopes and 1 ack, one per request (page_bytes)
+
+
+class FullPagesTests(MeshTestCase):
+    """A catch-up from a v2 peer switches to full-body pages, and back to ids pages (7.3)."""
+
+    names = ("a", "b")
+    sync = {"interval": 600, "page_limit": 40}
+    limits = {"per_mailbox_pending": 1000, "client_rate": 10000, "client_burst": 10000}
+
+    def changes(self) -> list[str]:
+        return [url for m, url in self.mesh.link("b", "a").requests if CHANGES in url]
+
+    def test_a_backlog_is_pulled_in_full_pages(self) -> None:
+        """After an ids page of which B lacked nearly all, B reads full pages: no ids or bodies round trips."""
+        self.mesh.set_mode("a", "b", "down")
+        envs = [self.send("a", b"m%d" % i, sender=Identity()) for i in range(300)]
+        puller = self.peer_client("b", "a").puller
+        puller.ids_limit = 100
+        self.mesh.link("b", "a").requests.clear()
+        self.replication("b").sync_now()
+        self.mesh.settle()
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
+        pages = self.changes()
+        self.assertIn("ids=1", pages[0])
+        # 100 listed by id, then 200 in full pages of 40: five requests without ids=1.
+        self.assertEqual(["ids=1" in url for url in pages[1:]], [False] * 5, pages)
+        self.assertEqual(puller.full_pages_pulled, 5)
+        bodies = [url for m, url in self.mesh.link("b", "a").requests if url.endswith(BODIES)]
+        self.assertEqual(len(bodies), 1)  # the 100 of the first (ids) page only
+        self.assertFalse(puller.full_pages)  # the feed's end: ids pages from the next run on
+        self.mesh.link("b", "a").requests.clear()
+        self.replication("b").sync_now()
+        self.mesh.settle()
+        self.assertTrue(all("ids=1" in url for url in self.changes()), self.changes())
+
+    def test_a_mostly_held_full_page_switches_back_to_ids(self) -> None:
+        """Once a full page brings envelopes B already holds (pushed), B goes back to ids pages."""
+        puller = self.peer_client("b", "a").puller
+        puller.stop()  # B pulls only when told below
+        self.mesh.set_mode("a", "b", "down")
+        missed = [self.send("a", b"m%d" % i, sender=Identity()) for i in range(100)]
+        self.mesh.settle()
+        self.mesh.set_mode("a", "b", "up")
+        pushed = [self.send("a", b"p%d" % i, sender=Identity()) for i in range(300)]
+        self.mesh.settle()
+        self.assertEqual(len(self.live("b")), 300)
+        puller.ids_limit = 100
+        self.mesh.link("b", "a").requests.clear()
+        puller.start()
+        self.mesh.settle()
+        self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in missed + pushed))
+        form = ["ids=1" in url for url in self.changes()]
+        self.assertEqual(form[0], True)
+        self.assertIn(False, form)
+        # At most the pages already asked for (one prefetch, APPLY_DEPTH applying) come in full.
+        self.assertLessEqual(form.count(False), 1 + APPLY_DEPTH, form)
+        self.assertEqual(form[-1], True, form)
+
+    def test_a_small_or_half_held_ids_page_stays_in_ids_mode(self) -> None:
+        """Pages under FULL_PAGES_MIN_ITEMS, or with under 90 % lacking, never switch to full pages."""
+        puller = self.peer_client("b", "a").puller
+        puller.stop()  # B pulls only when told below
+        self.mesh.set_mode("a", "b", "down")
+        for i in range(150):
+            self.send("a", b"m%d" % i, sender=Identity())
+        self.mesh.settle()
+        self.mesh.set_mode("a", "b", "up")
+        puller.ids_limit = 99  # every page all lacking, but one item short
+        puller.start()
+        self.mesh.settle()
+        self.assertEqual(len(self.live("b")), 150)
+        puller.stop()
+        self.mesh.set_mode("a", "b", "down")
+        for i in range(50):
+            self.send("a", b"n%d" % i, sender=Identity())
+        self.mesh.settle()
+        self.mesh.set_mode("a", "b", "up")
+        for i in range(150):
+            self.send("a", b"p%d" % i, sender=Identity())
+        self.mesh.settle()
+        self.assertEqual(len(self.live("b")), 300)
+        puller.ids_limit = 100  # the first page: 50 lacking of 100
+        puller.start()
+        self.mesh.settle()
+        self.assertEqual(len(self.live("b")), 350)
+        self.assertTrue(all("ids=1" in url for url in self.changes()), self.changes())
+        self.assertEqual(puller.full_pages_pulled, 0)
 
 
 class PushQueueBytesTests(MeshTestCase):
