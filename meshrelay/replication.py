@@ -566,6 +566,8 @@ class SyncPuller:
         self.full_pages = False
         #: full-body pages pulled from a v2 peer (a catch-up), for tests and status
         self.full_pages_pulled = 0
+        #: an ids page must list at least this many items to switch to full pages (tests lower it)
+        self.full_pages_min_items = FULL_PAGES_MIN_ITEMS
         self._sync_call: Any = None
         self._syncing = False
         self._stopped = True
@@ -910,7 +912,7 @@ class SyncPuller:
             listed = len(ids.envelopes) + len(ids.acks)
             if (
                 ids.more
-                and listed >= FULL_PAGES_MIN_ITEMS
+                and listed >= self.full_pages_min_items
                 and len(lacking_envs) + len(lacking_acks) >= FULL_PAGES_LACKING * listed
             ):
                 self.full_pages = True

@@ -138,6 +138,13 @@ class MeshMachine(RuleBasedStateMachine):
             return original(objs, **kw).addCallback(seen)
 
         relay.accept_replicas = accept_replicas  # type: ignore[method-assign]
+        # Small ids pages, and the switch to full-body pages (protocol.md 7.3) after any page of
+        # two or more items that were nearly all lacking: both page forms interleave in every run.
+        replication = self.mesh[name].node.replication
+        assert replication is not None
+        for peer in replication.peers:
+            peer.puller.ids_limit = 3
+            peer.puller.full_pages_min_items = 2
 
     def now(self) -> int:
         return int(self.mesh.clock.seconds())
@@ -624,6 +631,8 @@ class MeshMachine(RuleBasedStateMachine):
             if self.clean:
                 # The run ended with every invariant holding: heal the mesh, it must converge.
                 self.heal_and_check()
+            full = sum(p.puller.full_pages_pulled for n in NODES for p in self.mesh[n].node.replication.peers)
+            event("full-body sync pages pulled", "yes" if full else "no")
         finally:
             self.mesh.stop()
             shutil.rmtree(self.dir, ignore_errors=True)
