@@ -64,6 +64,12 @@ class Metrics:
         self.sync_items_total = Counter(
             "meshrelay_sync_items", "Items received through sync", ["peer", "kind"], registry=r
         )
+        self.sync_full_pages_total = Counter(
+            "meshrelay_sync_full_pages",
+            "Changes pages pulled in full-body form from a wire-v2 peer while catching up",
+            ["peer"],
+            registry=r,
+        )
         self.peer_sync_lag = Gauge(
             "meshrelay_peer_sync_lag_seconds",
             "Seconds since the last pull from a peer that reached more: false",
@@ -151,6 +157,7 @@ class Metrics:
         for outcome in ("ok", "error"):
             self.sync_pull_total.labels(peer, outcome)
         self.push_dropped_total.labels(peer)
+        self.sync_full_pages_total.labels(peer)
         self.push_batch_size.labels(peer)
         self.push_queue_depth.labels(peer).set(0)
 

@@ -564,8 +564,6 @@ class SyncPuller:
         self.run_limit = self.page_limit
         #: pulling full-body pages from a v2 peer while this node lacks nearly all (a catch-up)
         self.full_pages = False
-        #: full-body pages pulled from a v2 peer (a catch-up), for tests and status
-        self.full_pages_pulled = 0
         #: an ids page must list at least this many items to switch to full pages (tests lower it)
         self.full_pages_min_items = FULL_PAGES_MIN_ITEMS
         self._sync_call: Any = None
@@ -818,7 +816,7 @@ class SyncPuller:
         :meth:`_apply`) or the feed's end.
         """
         page = await self._pull(since, self.page_limit)
-        self.full_pages_pulled += 1
+        self.metrics.sync_full_pages_total.labels(self.url).inc()
         if not page.more:
             self.full_pages = False
         return Page(page.feed, page.envelopes, page.acks, page.next, page.more, lacking=True, full=True)

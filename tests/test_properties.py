@@ -631,7 +631,11 @@ class MeshMachine(RuleBasedStateMachine):
             if self.clean:
                 # The run ended with every invariant holding: heal the mesh, it must converge.
                 self.heal_and_check()
-            full = sum(p.puller.full_pages_pulled for n in NODES for p in self.mesh[n].node.replication.peers)
+            full = sum(
+                self.mesh[n].metrics.value("meshrelay_sync_full_pages_total", peer=p.url)
+                for n in NODES
+                for p in self.mesh[n].node.replication.peers
+            )
             event("full-body sync pages pulled", "yes" if full else "no")
         finally:
             self.mesh.stop()

@@ -887,7 +887,7 @@ class HostileFeedTests(MeshTestCase):
         self.mesh.links[("b", "a")]._broken = stub  # flushed by settle()
         client = self.run_sync()
         self.assertEqual(client.puller.last_sync_outcome, "ok")
-        self.assertEqual(client.puller.full_pages_pulled, 1)
+        self.assertEqual(self.metric("b", "meshrelay_sync_full_pages_total", peer=Mesh.url("a")), 1)
         self.assertEqual(sorted(self.live("b")), sorted(by_id))
         self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="bad_signature"), 1)
 
@@ -1052,6 +1052,9 @@ class FullPagesTests(MeshTestCase):
     def changes(self) -> list[str]:
         return [url for m, url in self.mesh.link("b", "a").requests if CHANGES in url]
 
+    def full_pages(self) -> float:
+        return self.metric("b", "meshrelay_sync_full_pages_total", peer=Mesh.url("a"))
+
     def test_a_backlog_is_pulled_in_full_pages(self) -> None:
         """After an ids page of which B lacked nearly all, B reads full pages: no ids or bodies round trips."""
         self.mesh.set_mode("a", "b", "down")
@@ -1066,7 +1069,7 @@ class FullPagesTests(MeshTestCase):
         self.assertIn("ids=1", pages[0])
         # 100 listed by id, then 200 in full pages of 40: five requests without ids=1.
         self.assertEqual(["ids=1" in url for url in pages[1:]], [False] * 5, pages)
-        self.assertEqual(puller.full_pages_pulled, 5)
+        self.assertEqual(self.full_pages(), 5)
         bodies = [url for m, url in self.mesh.link("b", "a").requests if url.endswith(BODIES)]
         self.assertEqual(len(bodies), 1)  # the 100 of the first (ids) page only
         self.assertFalse(puller.full_pages)  # the feed's end: ids pages from the next run on
@@ -1126,7 +1129,7 @@ class FullPagesTests(MeshTestCase):
         self.mesh.settle()
         self.assertEqual(len(self.live("b")), 350)
         self.assertTrue(all("ids=1" in url for url in self.changes()), self.changes())
-        self.assertEqual(puller.full_pages_pulled, 0)
+        self.assertEqual(self.full_pages(), 0)
 
 
 class PushQueueBytesTests(MeshTestCase):
