@@ -107,29 +107,32 @@ class CatchUpIntegrationTests(MeshIntegrationTestCase):
     config = {"sync": {"interval": 3600}, "limits": {"per_mailbox_pending": 1000}}
 
     def test_stopped_node_converges_by_sync_after_restart(self) -> None:
-        """Stop C, send 1,000 messages at A, restart C: C's start-up pull brings all of them."""
+        """Stop C, send 1,300 messages at A, restart C: C's start-up pull brings all of them."""
         a, c = self.procs["a"], self.procs["c"]
         self.assertIn(c.stop(), (0, -15))  # twistd re-raises the signal it stopped on
         boxes = [Identity() for _ in range(4)]
         now = int(time.time())
-        envs = [Identity().envelope(boxes[i % 4], b"m%d" % i, ts=now) for i in range(1000)]
+        envs = [Identity().envelope(boxes[i % 4], b"m%d" % i, ts=now) for i in range(1300)]
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(lambda env: a.send(env)[0], envs))
-        self.assertEqual(statuses, [200] * 1000)
+        self.assertEqual(statuses, [200] * 1300)
         self.assertEqual(metric(a, "meshrelay_dm_replication_push_total", peer=c.url, outcome="ok"), 0)
         c.start()
-        wait_for(lambda: sum(count(c, box) for box in boxes) == 1000, 50, "C to catch up", interval=0.5)
+        wait_for(lambda: sum(count(c, box) for box in boxes) == 1300, 50, "C to catch up", interval=0.5)
         self.assertEqual(feed(c, a)[0], {e["msg_id"] for e in envs})
         # Both feeds (A's own deposits, B's replicas of them) were read; with ids-first pulls a body is
-        # fetched only where C still lacked it, so between 1,000 and 2,000 bodies came by sync.
+        # fetched only where C still lacked it, so between 1,300 and 2,600 bodies came by sync. The
+        # first ids page (1,000 items, all lacking, more: true) switched a pull to full pages (7.3).
         for peer in (a, self.procs["b"]):
             wait_for(
                 lambda p=peer: metric(c, "meshrelay_sync_pull_total", peer=p.url, outcome="ok") >= 1,  # type: ignore[misc]
                 30,
                 "both pulls",
             )
-        self.assertLessEqual(1000, metric(c, "meshrelay_sync_items_total", kind="envelope"))
-        self.assertLessEqual(metric(c, "meshrelay_sync_items_total", kind="envelope"), 2000)
+        self.assertLessEqual(1300, metric(c, "meshrelay_sync_items_total", kind="envelope"))
+        self.assertLessEqual(metric(c, "meshrelay_sync_items_total", kind="envelope"), 2600)
+        full = [metric(c, "meshrelay_sync_full_pages_total", peer=p.url) for p in (a, self.procs["b"])]
+        self.assertGreaterEqual(sum(full), 1, full)
 
 
 class KillIntegrationTests(MeshIntegrationTestCase):
