@@ -271,7 +271,12 @@ def split_held(obj: Any) -> tuple[Any, tuple[str, ...]]:
     held, acked = obj["held"], obj.get("ack")
     if not isinstance(held, list) or not isinstance(acked, list):
         raise ValueError("held must be a list of the ack's msg_ids")
-    if len(set(held)) != len(held) or not all(is_msg_id(m) for m in held) or not set(held) <= set(acked):
+    # The ids first: set() of an unhashable item (a list, a dict) would raise TypeError.
+    if (
+        not all(is_msg_id(m) for m in held)
+        or len(set(held)) != len(held)
+        or not set(held) <= {m for m in acked if isinstance(m, str)}
+    ):
         raise ValueError("held must list distinct msg_ids of the ack's own ack list")
     return {k: v for k, v in obj.items() if k != "held"}, tuple(held)
 

@@ -163,6 +163,12 @@ class HeldWireTests(PeerAPITestCase):
             with self.subTest(held=held):
                 result = self.ack_from_peer(dict(base, held=held))
                 self.assertEqual(result, {"status": "rejected", "error": "bad_request"})
+        # Unhashable items (in held, or in the ack list beside a held list): refused the same way,
+        # not a failed request (they once raised TypeError while the held list was checked).
+        for held, ack in (([[ids[0]]], ids), ([{"id": ids[0]}], ids), ([ids[0]], [*ids, [ids[1]]]), ([ids[0]], [{}])):
+            with self.subTest(held=held, ack=ack):
+                result = self.ack_from_peer(dict(base, held=held, ack=ack))
+                self.assertEqual(result, {"status": "rejected", "error": "bad_request"})
         self.assertEqual(dump_live(self.node.store, self.now())["tombstones"], [])
 
     def test_a_forged_ack_with_held_ids_changes_nothing(self) -> None:
