@@ -59,6 +59,10 @@ MAX_INT = 2**53 - 1
 
 #: 64 lowercase hex digits (a msg_id, a peer HMAC)
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
+#: lowercase hex of any length: with every item 64 characters long, one match checks a whole ack list
+_HEX_RUN_RE = re.compile(r"[0-9a-f]*")
+_STR_ONLY = {str}
+_LEN_64 = {64}
 _URL_TO_STD = bytes.maketrans(b"-_", b"+/")
 _STD_TO_URL = bytes.maketrans(b"+/", b"-_")
 
@@ -422,6 +426,19 @@ class PollRequest:
     fetch_remote: bool
 
 
+def _all_hex64(items: list[Any]) -> bool:
+    """Every item is a string of exactly 64 lowercase hex characters.
+
+    Checked in a few C calls rather than one regex match per id: a junk ack
+    of 500 ids is parsed on every node of the mesh, on the reactor thread.
+    """
+    if not items:
+        return True
+    if set(map(type, items)) != _STR_ONLY or set(map(len, items)) != _LEN_64:
+        return False
+    return _HEX_RUN_RE.fullmatch("".join(items)) is not None
+
+
 def _parse_signed(obj: dict[str, Any], err: type[Exception]) -> SignedAck:
     mailbox_key = _decode_field(obj, "mailbox", KEY_LEN, err)
     ts = _int_field(obj, "ts", err)
@@ -432,9 +449,8 @@ def _parse_signed(obj: dict[str, Any], err: type[Exception]) -> SignedAck:
         raise err("ack must be a list of msg_ids")
     if len(ack) > MAX_ACK_IDS:
         raise err(f"at most {MAX_ACK_IDS} ack ids per request")
-    for item in ack:
-        if not isinstance(item, str) or HEX64_RE.fullmatch(item) is None:
-            raise err("each ack id must be 64 lowercase hex characters")
+    if not _all_hex64(ack):
+        raise err("each ack id must be 64 lowercase hex characters")
     return SignedAck(
         mailbox=obj["mailbox"],
         ts=ts,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.trial.unittest import SynchronousTestCase
@@ -230,6 +231,35 @@ class PollParseTests(SynchronousTestCase):
         self.assertTrue(E.verify_signed(req.auth))
         empty = E.parse_poll(self.bob.signed(ts=T0, nonce=b"\x07" * 16))
         self.assertTrue(empty.auth.signed.endswith(b"\n"))
+
+    def test_ack_ids_are_checked_item_by_item(self) -> None:
+        """Each ack id must be its own 64 lowercase hex characters; anything else is refused."""
+        good = [os.urandom(32).hex() for _ in range(3)]
+        self.assertEqual(E.parse_poll(self.bob.signed(ts=T0, ack=good)).auth.ack, tuple(good))
+        self.assertEqual(E.parse_poll(self.bob.signed(ts=T0, ack=[])).auth.ack, ())
+        for bad in (
+            good[0].upper(),  # uppercase
+            good[0][:63],  # short
+            good[0] + "0",  # long
+            good[0][:63] + " ",  # whitespace
+            good[0][:63] + "\u0660",  # a non-ASCII digit
+            good[0] + "," + good[1],  # two valid ids in one item
+            good[0][:62] + "0x",
+        ):
+            body = self.bob.signed(ts=T0, ack=good)
+            body["ack"] = [*good, bad]  # the shape is checked before the signature
+            with self.assertRaises(BadRequest, msg=bad):
+                E.parse_poll(body)
+        for bad_item in (1, None, [good[0]], {"id": good[0]}):
+            body = self.bob.signed(ts=T0, ack=good)
+            body["ack"] = [*good, bad_item]
+            with self.assertRaises(BadRequest, msg=repr(bad_item)):
+                E.parse_poll(body)
+        # Split differently, the same characters are still refused: 64 + 64 is not 32 + 96.
+        body = self.bob.signed(ts=T0, ack=good)
+        body["ack"] = [good[0][:32], good[0][32:] + good[1]]
+        with self.assertRaises(BadRequest):
+            E.parse_poll(body)
 
     def test_defaults(self) -> None:
         """limit defaults to 100, wait to 0, fetch_remote to false, ack to empty."""
