@@ -985,12 +985,15 @@ class SyncPuller:
             envs.extend(answer.envelopes)
             got_acks.extend(answer.acks)
             gone.extend(answer.gone_envelopes)
-            done_e = {e.get("msg_id") for e in answer.envelopes if isinstance(e, dict)} | set(answer.gone_envelopes)
-            done_a = {(a.get("mailbox"), a.get("nonce")) for a in answer.acks if isinstance(a, dict)}
+            # Only string keys count (a hostile peer's list or dict in their place is unhashable;
+            # the items themselves are verified when applied).
+            done_e = {_str_key(e, "msg_id") for e in answer.envelopes} | set(answer.gone_envelopes)
+            done_a = {(_str_key(a, "mailbox"), _str_key(a, "nonce")) for a in answer.acks}
             done_a |= set(answer.gone_acks)
             rest_e = [m for m in msg_ids if m not in done_e]
             rest_a = [k for k in acks if k not in done_a]
             if len(rest_e) + len(rest_a) == len(msg_ids) + len(acks):
+                self.metrics.sync_pull_total.labels(self.url, "error").inc()
                 raise PeerError("bodies answer made no progress")
             msg_ids, acks = rest_e, rest_a
         self.transport.mark(True)
@@ -1074,6 +1077,12 @@ class SyncPuller:
         # A v1-only peer: read the mailboxes' items again (bounded pages).
         for mailbox in dict.fromkeys(r.mailbox for r in rows):
             await self._fetch_mailbox(mailbox)
+
+
+def _str_key(obj: Any, key: str) -> str | None:
+    """``obj[key]`` when ``obj`` is a dict and that is a string, else None."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
 
 
 class PeerClient:

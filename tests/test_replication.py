@@ -891,6 +891,54 @@ class HostileFeedTests(MeshTestCase):
         self.assertEqual(sorted(self.live("b")), sorted(by_id))
         self.assertEqual(self.metric("b", "meshrelay_dm_replica_total", outcome="bad_signature"), 1)
 
+    def test_unhashable_keys_in_a_bodies_answer_fail_the_run_quietly(self) -> None:
+        """A bodies answer whose msg_id or mailbox is a list is a counted sync error, not a traceback."""
+        env = self.alice.envelope(self.bob, b"listed", ts=self.now())
+        ack = dict(Identity().signed(ts=self.now(), ack=[env["msg_id"]]), mailbox=self.bob.pub)
+        answers = {
+            b"/api/mesh/dm/features": {
+                "ok": True,
+                "versions": [1, 2],
+                "page_bytes": 65536,
+                "max_ids": 5000,
+                "max_bodies": 500,
+            },
+            b"/api/mesh/dm/changes": {
+                "ok": True,
+                "feed": "hostile",
+                "items": [
+                    {"seq": 1, "kind": "envelope", "mailbox": self.bob.pub, "msg_id": env["msg_id"], "size": 400},
+                    {"seq": 2, "kind": "ack", "mailbox": self.bob.pub, "nonce": ack["nonce"], "size": 300},
+                ],
+                "next": 2,
+                "more": False,
+            },
+            b"/api/mesh/dm/bodies": {
+                "ok": True,
+                "envelopes": [dict(env, msg_id=[env["msg_id"]])],
+                "acks": [dict(ack, mailbox={"m": 1})],
+                "gone": {"envelopes": [], "acks": []},
+            },
+        }
+
+        class V2Feed(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                request.setHeader(b"Content-Type", b"application/json")
+                return json.dumps(answers[request.path]).encode()
+
+        stub = StubTreq(V2Feed())
+        client = self.peer_client("b", "a")
+        client.transport.http = stub
+        client.puller.features = None
+        self.mesh.links[("b", "a")]._broken = stub  # flushed by settle()
+        errors = self.metric("b", "meshrelay_sync_pull_total", peer=Mesh.url("a"), outcome="error")
+        client = self.run_sync()
+        self.assertEqual(client.puller.last_sync_outcome, "error")
+        self.assertEqual(self.metric("b", "meshrelay_sync_pull_total", peer=Mesh.url("a"), outcome="error"), errors + 1)
+        self.assertEqual(self.live("b"), [])
+
     def test_page_parser(self) -> None:
         """parse_page accepts a well-formed page and refuses more items than asked for."""
         page = parse_page({"ok": True, "feed": "f", "items": [{"seq": 3, "ack": {}}], "next": 3, "more": True}, 0, 1)
