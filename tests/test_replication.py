@@ -724,6 +724,10 @@ class FeedChangeTests(MeshTestCase):
         self.assertEqual((got[0].feed_id, got[0].since), (fresh.store.feed_id, 2))
 
 
+#: what a stand-in wire-v2 peer answers to ``features``
+V2_FEATURES = {"ok": True, "versions": [1, 2], "page_bytes": 65536, "max_ids": 5000, "max_bodies": 500}
+
+
 class HostileFeedTests(MeshTestCase):
     """A peer whose changes feed is malformed or forged cannot crash the puller or plant data."""
 
@@ -741,7 +745,23 @@ class HostileFeedTests(MeshTestCase):
                     return b'{"ok": false, "error": "not_found"}'
                 return answer
 
-        stub = StubTreq(Feed())
+        self.install(StubTreq(Feed()))
+
+    def serve_v2(self, answer: Any) -> None:
+        """Stand in for a wire-v2 peer: ``features`` says v2, any other request gets ``answer(request)``."""
+
+        class V2Peer(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                request.setHeader(b"Content-Type", b"application/json")
+                if request.path.endswith(b"/features"):
+                    return json.dumps(V2_FEATURES).encode()
+                return json.dumps(answer(request)).encode()
+
+        self.install(StubTreq(V2Peer()))
+
+    def install(self, stub: StubTreq) -> None:
         client = self.peer_client("b", "a")
         client.transport.http = stub
         client.puller.features = None  # a new peer behind the same URL: negotiated again
@@ -798,13 +818,6 @@ class HostileFeedTests(MeshTestCase):
         forged_ack = dict(Identity().signed(ts=self.now(), ack=[forged["msg_id"]]), mailbox=self.bob.pub)
         size = len(json.dumps(forged).encode())
         answers = {
-            b"/api/mesh/dm/features": {
-                "ok": True,
-                "versions": [1, 2],
-                "page_bytes": 65536,
-                "max_ids": 5000,
-                "max_bodies": 500,
-            },
             b"/api/mesh/dm/changes": {
                 "ok": True,
                 "feed": "hostile",
@@ -823,18 +836,7 @@ class HostileFeedTests(MeshTestCase):
             },
         }
 
-        class V2Feed(Resource):
-            isLeaf = True
-
-            def render(self, request: Any) -> bytes:
-                request.setHeader(b"Content-Type", b"application/json")
-                return json.dumps(answers[request.path]).encode()
-
-        stub = StubTreq(V2Feed())
-        client = self.peer_client("b", "a")
-        client.transport.http = stub
-        client.puller.features = None
-        self.mesh.links[("b", "a")]._broken = stub  # flushed by settle()
+        self.serve_v2(lambda request: answers[request.path])
         client = self.run_sync()
         self.assertEqual(client.puller.last_sync_outcome, "ok")
         self.assertEqual(client.puller.features.versions, (1, 2))
@@ -864,27 +866,17 @@ class HostileFeedTests(MeshTestCase):
             "next": 102,
             "more": False,
         }
-        features = {"ok": True, "versions": [1, 2], "page_bytes": 1 << 20, "max_ids": 5000, "max_bodies": 500}
 
-        class V2Feed(Resource):
-            isLeaf = True
+        def answer(request: Any) -> Any:
+            if request.path.endswith(b"/bodies"):
+                asked = json.loads(request.content.read())["envelopes"]
+                envelopes = [by_id[m] for m in asked]
+                return {"ok": True, "envelopes": envelopes, "acks": [], "gone": {"envelopes": [], "acks": []}}
+            return ids_page if b"ids=1" in request.uri else full_page
 
-            def render(self, request: Any) -> bytes:
-                request.setHeader(b"Content-Type", b"application/json")
-                if request.path.endswith(b"/features"):
-                    return json.dumps(features).encode()
-                if request.path.endswith(b"/bodies"):
-                    asked = json.loads(request.content.read())["envelopes"]
-                    answer = {"ok": True, "envelopes": [by_id[m] for m in asked], "acks": []}
-                    return json.dumps(dict(answer, gone={"envelopes": [], "acks": []})).encode()
-                return json.dumps(ids_page if b"ids=1" in request.uri else full_page).encode()
-
-        stub = StubTreq(V2Feed())
+        self.serve_v2(answer)
         client = self.peer_client("b", "a")
-        client.transport.http = stub
-        client.puller.features = None
         client.puller.ids_limit = 100
-        self.mesh.links[("b", "a")]._broken = stub  # flushed by settle()
         client = self.run_sync()
         self.assertEqual(client.puller.last_sync_outcome, "ok")
         self.assertEqual(self.metric("b", "meshrelay_sync_full_pages_total", peer=Mesh.url("a")), 1)
@@ -896,13 +888,6 @@ class HostileFeedTests(MeshTestCase):
         env = self.alice.envelope(self.bob, b"listed", ts=self.now())
         ack = dict(Identity().signed(ts=self.now(), ack=[env["msg_id"]]), mailbox=self.bob.pub)
         answers = {
-            b"/api/mesh/dm/features": {
-                "ok": True,
-                "versions": [1, 2],
-                "page_bytes": 65536,
-                "max_ids": 5000,
-                "max_bodies": 500,
-            },
             b"/api/mesh/dm/changes": {
                 "ok": True,
                 "feed": "hostile",
@@ -921,18 +906,7 @@ class HostileFeedTests(MeshTestCase):
             },
         }
 
-        class V2Feed(Resource):
-            isLeaf = True
-
-            def render(self, request: Any) -> bytes:
-                request.setHeader(b"Content-Type", b"application/json")
-                return json.dumps(answers[request.path]).encode()
-
-        stub = StubTreq(V2Feed())
-        client = self.peer_client("b", "a")
-        client.transport.http = stub
-        client.puller.features = None
-        self.mesh.links[("b", "a")]._broken = stub  # flushed by settle()
+        self.serve_v2(lambda request: answers[request.path])
         errors = self.metric("b", "meshrelay_sync_pull_total", peer=Mesh.url("a"), outcome="error")
         client = self.run_sync()
         self.assertEqual(client.puller.last_sync_outcome, "error")
