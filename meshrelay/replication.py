@@ -31,6 +31,7 @@ cap from the peers that offered them (wire-v2.md "Capped replicas converge").
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import socket
@@ -819,7 +820,7 @@ class SyncPuller:
         self.metrics.sync_full_pages_total.labels(self.url).inc()
         if not page.more:
             self.full_pages = False
-        return Page(page.feed, page.envelopes, page.acks, page.next, page.more, lacking=True, full=True)
+        return dataclasses.replace(page, lacking=True, full=True)
 
     async def _load_v1_page(self, since: int) -> Page:
         """A v1 page; from a v1-only peer, halve the run's limit while the answer is too large."""

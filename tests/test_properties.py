@@ -139,7 +139,7 @@ class MeshMachine(RuleBasedStateMachine):
 
         relay.accept_replicas = accept_replicas  # type: ignore[method-assign]
         # Small ids pages, and the switch to full-body pages (protocol.md 7.3) after any page of
-        # two or more items that were nearly all lacking: both page forms interleave in every run.
+        # two or more items that were nearly all lacking: about a quarter of the runs pull both forms.
         replication = self.mesh[name].node.replication
         assert replication is not None
         for peer in replication.peers:

@@ -735,31 +735,29 @@ class HostileFeedTests(MeshTestCase):
     sync = {"interval": 30}
 
     def serve_feed(self, answer: bytes) -> None:
-        class Feed(Resource):
-            isLeaf = True
-
-            def render(self, request: Any) -> bytes:
-                request.setHeader(b"Content-Type", b"application/json")
-                if request.path.endswith(b"/features"):
-                    request.setResponseCode(404)  # a v1 peer: sync pulls v1 pages
-                    return b'{"ok": false, "error": "not_found"}'
-                return answer
-
-        self.install(StubTreq(Feed()))
+        """Stand in for a v1 peer (``features`` is 404, so sync pulls v1 pages) answering ``answer``."""
+        self.stand_in(None, lambda request: answer)
 
     def serve_v2(self, answer: Any) -> None:
         """Stand in for a wire-v2 peer: ``features`` says v2, any other request gets ``answer(request)``."""
+        self.stand_in(V2_FEATURES, lambda request: json.dumps(answer(request)).encode())
 
-        class V2Peer(Resource):
+    def stand_in(self, features: dict[str, Any] | None, body: Any) -> None:
+        """B's peer A replaced by a resource: ``features`` (None: 404), then ``body(request)`` bytes."""
+
+        class Peer(Resource):
             isLeaf = True
 
             def render(self, request: Any) -> bytes:
                 request.setHeader(b"Content-Type", b"application/json")
                 if request.path.endswith(b"/features"):
-                    return json.dumps(V2_FEATURES).encode()
-                return json.dumps(answer(request)).encode()
+                    if features is None:
+                        request.setResponseCode(404)
+                        return b'{"ok": false, "error": "not_found"}'
+                    return json.dumps(features).encode()
+                return body(request)  # type: ignore[no-any-return]
 
-        self.install(StubTreq(V2Peer()))
+        self.install(StubTreq(Peer()))
 
     def install(self, stub: StubTreq) -> None:
         client = self.peer_client("b", "a")
