@@ -59,9 +59,7 @@ MAX_INT = 2**53 - 1
 
 #: 64 lowercase hex digits (a msg_id, a peer HMAC)
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
-#: lowercase hex of any length: with every item 64 characters long, one match checks a whole ack list
-_HEX_RUN_RE = re.compile(r"[0-9a-f]*")
-_STR_ONLY = {str}
+#: the one item length of a valid ack list (``_all_hex64``)
 _LEN_64 = {64}
 _URL_TO_STD = bytes.maketrans(b"-_", b"+/")
 _STD_TO_URL = bytes.maketrans(b"+/", b"-_")
@@ -415,6 +413,19 @@ class SignedAck:
             "sig": self.sig,
         }
 
+    def json_text(self) -> str:
+        """``dumps_json(self.to_json())`` as text, built without the encoder walking the ids.
+
+        Every node stores and pushes each signed ack it applies; for a 500-id
+        ack (issue 10's junk acks) the generic encoder took about 140 us, on
+        the reactor thread, twice per ack.  The ids are 64-hex strings
+        (``_parse_signed``, the only constructor, checked them), so they need
+        no escaping; the other strings go through the encoder.
+        """
+        ids = '"' + '","'.join(self.ack) + '"' if self.ack else ""
+        mailbox, nonce, sig = (_ENCODER.encode(v) for v in (self.mailbox, self.nonce, self.sig))
+        return f'{{"mailbox":{mailbox},"ts":{int(self.ts)},"nonce":{nonce},"ack":[{ids}],"sig":{sig}}}'
+
 
 @dataclass(frozen=True, slots=True)
 class PollRequest:
@@ -434,9 +445,18 @@ def _all_hex64(items: list[Any]) -> bool:
     """
     if not items:
         return True
-    if set(map(type, items)) != _STR_ONLY or set(map(len, items)) != _LEN_64:
+    try:
+        joined = "".join(items)
+    except TypeError:  # an item that is not a string
         return False
-    return _HEX_RUN_RE.fullmatch("".join(items)) is not None
+    if set(map(len, items)) != _LEN_64:
+        return False
+    # Hex that decodes and encodes back to the same text: lowercase, no whitespace (which
+    # fromhex skips), nothing outside ASCII.  About half the time of one regex over the text.
+    try:
+        return bytes.fromhex(joined).hex() == joined
+    except ValueError:
+        return False
 
 
 def _parse_signed(obj: dict[str, Any], err: type[Exception]) -> SignedAck:

@@ -93,7 +93,6 @@ from meshrelay.protocol import (
     PeerError,
     bodies_request,
     bounded_response_cap,
-    dumps_json,
     held_response_cap,
     loads_json,
     parse_bodies,
@@ -1278,7 +1277,7 @@ class Replication:
                 peer.policy_peer.push(policy)
 
     def ack_committed(self, ack: SignedAck, held: Sequence[str]) -> None:
-        text = dumps_json(ack.to_json()).decode("utf-8")
+        text = ack.json_text()
         # v4 (13): the ids this node held go along, to peers known to take them.
         held_text = with_held(text, held)
         for peer in self.peers:

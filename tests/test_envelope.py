@@ -245,6 +245,8 @@ class PollParseTests(SynchronousTestCase):
             good[0][:63] + "\u0660",  # a non-ASCII digit
             good[0] + "," + good[1],  # two valid ids in one item
             good[0][:62] + "0x",
+            " " + good[0][:62] + " ",  # whitespace around whole bytes (which fromhex skips)
+            good[0][:30] + "\t\n" + good[0][:32],
         ):
             body = self.bob.signed(ts=T0, ack=good)
             body["ack"] = [*good, bad]  # the shape is checked before the signature
@@ -260,6 +262,15 @@ class PollParseTests(SynchronousTestCase):
         body["ack"] = [good[0][:32], good[0][32:] + good[1]]
         with self.assertRaises(BadRequest):
             E.parse_poll(body)
+
+    def test_signed_ack_json_text(self) -> None:
+        """A signed ack's stored and pushed text is exactly the generic encoder's, for any ack list."""
+        for n in (0, 1, 2, E.MAX_ACK_IDS):
+            ids = [os.urandom(32).hex() for _ in range(n)]
+            ack = E.parse_poll(self.bob.signed(ts=T0, ack=ids)).auth
+            text = ack.json_text()
+            self.assertEqual(text, E.dumps_json(ack.to_json()).decode("utf-8"))
+            self.assertEqual(E.loads_json(text.encode()), ack.to_json())
 
     def test_defaults(self) -> None:
         """limit defaults to 100, wait to 0, fetch_remote to false, ack to empty."""

@@ -79,7 +79,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from meshrelay.envelope import Envelope, SignedAck, dumps_json
+from meshrelay.envelope import Envelope, SignedAck
 from meshrelay.executor import Executor, InlineExecutor
 from meshrelay.store import migrations
 from meshrelay.store.base import (
@@ -980,7 +980,7 @@ class PostgresStore:
         The same rules as the SQLite store (``sqlite._op_ack``), attested ids (v4) included.
         """
         vouched_ids = frozenset(str(m) for m in attested)
-        body = dumps_json(ack.to_json()).decode("utf-8")
+        body = ack.json_text()
         size = len(body.encode("utf-8"))
         mailbox = ack.mailbox
         caps = self.caps

@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from meshrelay.envelope import Envelope, SignedAck, dumps_json, verify_signature
+from meshrelay.envelope import Envelope, SignedAck, verify_signature
 from meshrelay.executor import Executor, InlineExecutor
 from meshrelay.files import private_dir, private_file
 from meshrelay.store import migrations
@@ -1012,7 +1012,7 @@ class SQLiteStore:
     def apply_ack(
         self, ack: SignedAck, tombstone_expires: int, from_peer: bool = False, attested: Sequence[str] = ()
     ) -> Deferred[AckResult]:
-        body = dumps_json(ack.to_json()).decode("utf-8")
+        body = ack.json_text()
         ids = tuple(dict.fromkeys(ack.ack))
         vouched = tuple(str(m) for m in attested)
         return self._write(("ack", (ack.mailbox, ack.nonce, ids, tombstone_expires, body, from_peer, vouched)))
