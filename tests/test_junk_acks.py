@@ -175,6 +175,58 @@ class JunkAckCostTests(SynchronousTestCase):
         self.assertEqual(rows, sorted([(held_key, T0 + 7200), (junk_key, T0 + 7200)]))
 
 
+class TombstonedTests(SynchronousTestCase):
+    """``_tombstoned`` (which of an ack's ids already have a tombstone) by range scan or id by id."""
+
+    def setUp(self) -> None:
+        from meshrelay.store.sqlite import SQLiteStore
+
+        self.store = SQLiteStore(self.mktemp(), Caps(max_stored_bytes=CAP))
+        self.addCleanup(self.store.close)
+        self.conn = self.store._wconn
+
+    def insert(self, keys: list[bytes]) -> None:
+        self.conn.executemany("INSERT INTO tombstones (digest, expires, junk) VALUES (?, 1, 1)", [(k,) for k in keys])
+
+    def check(self, mailbox: str, asked: dict[bytes, str]) -> set[str]:
+        from meshrelay.store import sqlite as sqlite_store
+
+        present = {d for (d,) in self.conn.execute("SELECT digest FROM tombstones")}
+        expected = {m for k, m in asked.items() if k in present}
+        self.assertEqual(sqlite_store._tombstoned(self.conn, mailbox, asked), expected)
+        return expected
+
+    def ids(self, n: int) -> list[str]:
+        return [os.urandom(32).hex() for _ in range(n)]
+
+    def test_range_scan_and_id_by_id_agree(self) -> None:
+        from meshrelay.store import migrations
+        from meshrelay.store import sqlite as sqlite_store
+
+        bob, other = Identity().pub, Identity().pub
+        ids = self.ids(40)
+        keys = dict(zip(migrations.tombstone_keys(bob, ids), ids, strict=True))
+        self.assertEqual(self.check(bob, keys), set())
+        # Some of the asked ids tombstoned, other ids of the mailbox too, and another mailbox's.
+        self.insert(list(keys)[:10] + migrations.tombstone_keys(bob, self.ids(20)))
+        self.insert(migrations.tombstone_keys(other, ids))
+        self.assertEqual(self.check(bob, keys), set(ids[:10]))
+        # A mailbox with more tombstones than the range scan reads: looked up id by id, same answer.
+        self.patch(sqlite_store, "_RANGE_PER_ID", 0)
+        self.patch(sqlite_store, "_RANGE_SLACK", 5)
+        self.assertEqual(self.check(bob, keys), set(ids[:10]))
+
+    def test_the_last_prefix_is_looked_up_id_by_id(self) -> None:
+        from meshrelay.store import migrations
+
+        top = b"\xff" * migrations.TOMBSTONE_PREFIX_BYTES
+        self.patch(migrations, "tombstone_prefix", lambda mailbox: top)
+        ids = self.ids(6)
+        keys = {top + os.urandom(12): m for m in ids}
+        self.insert(list(keys)[:2] + [b"\xff" * 16])
+        self.assertEqual(self.check("any", keys), set(ids[:2]))
+
+
 class KeyListTests(SynchronousTestCase):
     def test_key_lists_come_in_three_shapes_padded_with_their_last_key(self) -> None:
         from meshrelay.store import sqlite as sqlite_store

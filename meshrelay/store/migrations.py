@@ -85,6 +85,15 @@ def _mailbox_part(mailbox: str) -> tuple[bytes, Any]:
     return hashlib.sha256(mb).digest()[:4], hashlib.sha256(len(mb).to_bytes(4, "big") + mb)
 
 
+#: bytes of a tombstone key that depend on the mailbox alone (``tombstone_key``)
+TOMBSTONE_PREFIX_BYTES = 4
+
+
+def tombstone_prefix(mailbox: str) -> bytes:
+    """The first ``TOMBSTONE_PREFIX_BYTES`` of every tombstone key of ``mailbox``."""
+    return _mailbox_part(mailbox)[0]
+
+
 def tombstone_keys(mailbox: str, msg_ids: list[str]) -> list[bytes]:
     """``[tombstone_key(mailbox, m) for m in msg_ids]``, hashing the mailbox's part once (an ack's ids share it)."""
     head, pair = _mailbox_part(mailbox)

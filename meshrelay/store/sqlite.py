@@ -433,8 +433,40 @@ def _keyed(conn: sqlite3.Connection, keys: dict[bytes, T], sql: str, *params: An
 
 def _extend_tombstones(conn: sqlite3.Connection, keys: dict[bytes, str], expires: int) -> set[str]:
     """Extend the tombstones of ``keys`` (tombstone key -> msg_id) that exist to at least ``expires``; the ids that had one."""
+    if not keys:
+        return set()
     sql = "UPDATE tombstones SET expires = MAX(expires, ?) WHERE digest IN {keys} RETURNING digest"
     return _keyed(conn, keys, sql, expires)
+
+
+#: a mailbox's tombstones read in one range scan (``_tombstoned``) when there are at most this many
+#: per id asked about, plus ``_RANGE_SLACK``; past that, each id is looked up by its key
+_RANGE_PER_ID = 4
+_RANGE_SLACK = 64
+
+
+def _tombstoned(conn: sqlite3.Connection, mailbox: str, keys: dict[bytes, str]) -> set[str]:
+    """The ids of ``keys`` (tombstone key -> msg_id, all of ``mailbox``) that have a tombstone, live or not.
+
+    A mailbox's tombstone keys share their first bytes (``tombstone_prefix``), so
+    its tombstones sit side by side in the table: one range scan finds them all.
+    For a junk ack from a throwaway mailbox it finds none, in one B-tree probe,
+    where looking up each of 500 ids took about 0.45 ms of the writer.  A mailbox
+    with many more tombstones than ids asked about is looked up id by id instead.
+    """
+    if not keys:
+        return set()
+    head = migrations.tombstone_prefix(mailbox)
+    end = int.from_bytes(head, "big") + 1
+    limit = _RANGE_PER_ID * len(keys) + _RANGE_SLACK
+    if end < 1 << (8 * len(head)):
+        rows = conn.execute(
+            "SELECT digest FROM tombstones WHERE digest >= ? AND digest < ? LIMIT ?",
+            (head, end.to_bytes(len(head), "big"), limit + 1),
+        ).fetchall()
+        if len(rows) <= limit:
+            return {keys[d] for (d,) in rows if d in keys}
+    return _keyed(conn, keys, "SELECT digest FROM tombstones WHERE digest IN {keys}")
 
 
 def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, ...]) -> AckResult:
@@ -472,22 +504,24 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
     keys = dict(zip(unique, migrations.tombstone_keys(mailbox, unique), strict=True))
     deleted = [m for m in unique if m in held]
     unheld = [m for m in unique if m not in held]
+    # Which ids already have a tombstone (to extend, not insert): for a junk ack usually none.
+    tombstoned = _tombstoned(conn, mailbox, {keys[m]: m for m in unique})
     if deleted:
         st.count -= len(deleted)
         st.bytes -= sum(held.values())
         # Tombstone what was held (or extend the tombstone it already had).
-        extended = _extend_tombstones(conn, {keys[m]: m for m in deleted}, tombstone_expires)
-        fresh = [(keys[m], tombstone_expires) for m in deleted if m not in extended]
+        _extend_tombstones(conn, {keys[m]: m for m in deleted if m in tombstoned}, tombstone_expires)
+        fresh = [(keys[m], tombstone_expires) for m in deleted if m not in tombstoned]
         conn.executemany("INSERT INTO tombstones (digest, expires, junk) VALUES (?, ?, 0)", fresh)
         st.bytes += TOMBSTONE_BYTES * len(fresh)
     skipped = 0
     vouched = [m for m in unheld if m in attested]
-    if vouched:
+    if any(m in tombstoned for m in vouched):
         # Junk tombstones made real by a peer that held the message: they leave the junk budget.
         sql = "UPDATE tombstones SET junk = 0 WHERE junk = 1 AND digest IN {keys} RETURNING digest"
-        made_real = len(_keyed(conn, {keys[m]: m for m in vouched}, sql))
+        made_real = len(_keyed(conn, {keys[m]: m for m in vouched if m in tombstoned}, sql))
         st.junk -= TOMBSTONE_BYTES * made_real
-    extended = _extend_tombstones(conn, {keys[m]: m for m in unheld}, tombstone_expires) if unheld else set()
+    extended = _extend_tombstones(conn, {keys[m]: m for m in unheld if m in tombstoned}, tombstone_expires)
     rows = []
     for msg_id in unheld:
         if msg_id in extended:
