@@ -839,8 +839,10 @@ class Relay:
             return succeed(list(ack_texts))
 
         def splice(held: set[tuple[str, str]]) -> list[str]:
+            # Junk acks (ids nobody held) are most of what a flood serves: they go out as stored.
+            mailboxes = {mailbox for mailbox, _ in held}
             return [
-                W.with_held(text, [m for m in ids if (mailbox, m) in held])
+                W.with_held(text, [m for m in ids if (mailbox, m) in held]) if mailbox in mailboxes else text
                 for text, (mailbox, ids) in zip(ack_texts, parsed)
             ]
 

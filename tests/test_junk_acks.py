@@ -185,15 +185,21 @@ class TombstonedTests(SynchronousTestCase):
         self.addCleanup(self.store.close)
         self.conn = self.store._wconn
 
-    def insert(self, keys: list[bytes]) -> None:
-        self.conn.executemany("INSERT INTO tombstones (digest, expires, junk) VALUES (?, 1, 1)", [(k,) for k in keys])
+    def insert(self, keys: list[bytes], junk: int = 1) -> None:
+        rows = [(k, junk) for k in keys]
+        self.conn.executemany("INSERT INTO tombstones (digest, expires, junk) VALUES (?, 1, ?)", rows)
 
-    def check(self, mailbox: str, asked: dict[bytes, str]) -> set[str]:
+    def check(self, mailbox: str, asked: dict[bytes, str], real_only: bool = False, computed: bool = True) -> set[str]:
+        """``_tombstoned`` against the table's own answer, with the caller's keys and (``computed``) without."""
         from meshrelay.store import sqlite as sqlite_store
 
-        present = {d for (d,) in self.conn.execute("SELECT digest FROM tombstones")}
+        sql = "SELECT digest FROM tombstones" + (" WHERE junk = 0" if real_only else "")
+        present = {d for (d,) in self.conn.execute(sql)}
         expected = {m for k, m in asked.items() if k in present}
-        self.assertEqual(sqlite_store._tombstoned(self.conn, mailbox, asked), expected)
+        ids, keys = list(asked.values()), {m: k for k, m in asked.items()}
+        self.assertEqual(sqlite_store._tombstoned(self.conn, mailbox, ids, keys, real_only), expected)
+        if computed:
+            self.assertEqual(sqlite_store._tombstoned(self.conn, mailbox, ids, real_only=real_only), expected)
         return expected
 
     def ids(self, n: int) -> list[str]:
@@ -207,14 +213,18 @@ class TombstonedTests(SynchronousTestCase):
         ids = self.ids(40)
         keys = dict(zip(migrations.tombstone_keys(bob, ids), ids, strict=True))
         self.assertEqual(self.check(bob, keys), set())
-        # Some of the asked ids tombstoned, other ids of the mailbox too, and another mailbox's.
-        self.insert(list(keys)[:10] + migrations.tombstone_keys(bob, self.ids(20)))
-        self.insert(migrations.tombstone_keys(other, ids))
+        # Some of the asked ids tombstoned (two of them not junk), other ids of the mailbox too,
+        # and another mailbox's.
+        self.insert(list(keys)[:8] + migrations.tombstone_keys(bob, self.ids(20)))
+        self.insert(list(keys)[8:10], junk=0)
+        self.insert(migrations.tombstone_keys(other, ids), junk=0)
         self.assertEqual(self.check(bob, keys), set(ids[:10]))
+        self.assertEqual(self.check(bob, keys, real_only=True), set(ids[8:10]))
         # A mailbox with more tombstones than the range scan reads: looked up id by id, same answer.
         self.patch(sqlite_store, "_RANGE_PER_ID", 0)
         self.patch(sqlite_store, "_RANGE_SLACK", 5)
         self.assertEqual(self.check(bob, keys), set(ids[:10]))
+        self.assertEqual(self.check(bob, keys, real_only=True), set(ids[8:10]))
 
     def test_the_last_prefix_is_looked_up_id_by_id(self) -> None:
         from meshrelay.store import migrations
@@ -224,7 +234,19 @@ class TombstonedTests(SynchronousTestCase):
         ids = self.ids(6)
         keys = {top + os.urandom(12): m for m in ids}
         self.insert(list(keys)[:2] + [b"\xff" * 16])
-        self.assertEqual(self.check("any", keys), set(ids[:2]))
+        self.assertEqual(self.check("any", keys, computed=False), set(ids[:2]))
+
+    def test_held_tombstones_lists_the_pairs_that_are_not_junk(self) -> None:
+        from meshrelay.store import migrations
+
+        bob, alice = Identity().pub, Identity().pub
+        ids = self.ids(6)
+        self.insert(migrations.tombstone_keys(bob, ids[:2]), junk=0)
+        self.insert(migrations.tombstone_keys(bob, ids[2:4]))
+        self.insert(migrations.tombstone_keys(alice, ids[4:5]), junk=0)
+        pairs = [(bob, m) for m in ids] + [(alice, m) for m in ids] + [(bob, ids[0])]
+        held = self.successResultOf(self.store.held_tombstones(pairs))
+        self.assertEqual(held, {(bob, ids[0]), (bob, ids[1]), (alice, ids[4])})
 
 
 class KeyListTests(SynchronousTestCase):
