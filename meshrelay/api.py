@@ -21,6 +21,7 @@ from meshrelay.relay import Relay
 from meshrelay.web import (
     FALLBACK_ATTR,
     SHARE_KEY_ATTR,
+    Routes,
     answer_refusal,
     body_length,
     install_error_table,
@@ -85,7 +86,7 @@ class ClientAPI:
             raise RateLimited("too many bytes written for this mailbox or sender; slow down")
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return Routes(self.app, self)
 
     def refuse_early(self, request: IRequest, share: str) -> bytes | None:
         """The answer to a long-poll over its address's share, before the routes; None: route the poll.

@@ -36,7 +36,7 @@ from meshrelay.protocol import (
     parse_bodies_request,
 )
 from meshrelay.relay import Relay
-from meshrelay.web import install_error_table, json_response, read_json, request_path
+from meshrelay.web import Routes, install_error_table, json_response, read_json, request_path
 
 CHANGES = CHANGES_PATH.encode()
 
@@ -188,7 +188,7 @@ class PeerAPI:
         return self.limiter
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return Routes(self.app, self)
 
     @peer_route(app, REPLICATE_PATH, ["POST"])
     async def replicate(self, request: IRequest, peer: str) -> bytes:

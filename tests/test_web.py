@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+from klein import Klein
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IRequest
+from twisted.web.server import Site
 
+from meshrelay.errors import BadRequest
+from meshrelay.web import Routes, install_error_table, json_response
 from tests.helpers import Identity, MemNode
 
 
@@ -236,3 +244,99 @@ class ForwardedForTests(SynchronousTestCase):
         self.assertEqual(client_ip(Req("10.0.0.1", b"1.2.3.4, 10.0.0.2"), proxies), "1.2.3.4")
         self.assertEqual(client_ip(Req("10.0.0.1", b"6.6.6.6, 1.2.3.4"), proxies), "1.2.3.4")
         self.assertEqual(client_ip(Req("10.0.0.1", None), proxies), "10.0.0.1")
+
+
+class _RoutesApi:
+    """A small Klein app for RoutesTests: static routes, a converter route, a late answer, a refusal."""
+
+    app = Klein()
+    install_error_table(app)
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+        self.pending: Deferred[None] = Deferred(self.cancel)
+
+    def cancel(self, d: Deferred[None]) -> None:
+        self.cancelled += 1
+
+    @app.route("/static", methods=["POST"])
+    def static(self, request: IRequest) -> bytes:
+        return json_response(request, 200, {"ok": True, "route": "static"})
+
+    @app.route("/later", methods=["GET"])
+    def later(self, request: IRequest) -> Deferred[bytes]:
+        return self.pending.addCallback(lambda _: json_response(request, 200, {"ok": True, "route": "later"}))
+
+    @app.route("/refused", methods=["GET"])
+    def refused(self, request: IRequest) -> bytes:
+        raise BadRequest("not like this")
+
+    @app.route("/item/<name>", methods=["GET"])
+    def item(self, request: IRequest, name: str) -> bytes:
+        return json_response(request, 200, {"ok": True, "route": "item", "name": name})
+
+
+class RoutesTests(SynchronousTestCase):
+    """``Routes``: static routes answered directly, everything else by Klein, with Klein's contract kept."""
+
+    def setUp(self) -> None:
+        self.api = _RoutesApi()
+        self.routes = Routes(self.api.app, self.api)
+        self.site = Site(self.routes)
+        self.klein_calls = 0
+        klein_render = self.routes.klein.render
+
+        def counted(request: IRequest) -> object:
+            self.klein_calls += 1
+            return klein_render(request)
+
+        self.routes.klein.render = counted  # type: ignore[method-assign]
+
+    def request(self, method: str, path: str) -> tuple[Any, StringTransport]:
+        proto = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(f"{method} {path} HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n".encode())
+        return proto, transport
+
+    def answer(self, transport: StringTransport) -> tuple[int, Any]:
+        raw = transport.value()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        return int(head.split(b" ")[1]), json.loads(body) if body else None
+
+    def test_static_routes_are_answered_without_klein(self) -> None:
+        self.assertEqual(self.answer(self.request("POST", "/static")[1]), (200, {"ok": True, "route": "static"}))
+        self.assertEqual(self.klein_calls, 0)
+
+    def test_everything_else_goes_to_klein(self) -> None:
+        cases = [
+            ("GET", "/item/x", 200, "item"),
+            ("POST", "/st%61tic", 200, "static"),  # an encoded spelling of a static path
+            ("GET", "/static", 405, "method_not_allowed"),
+            ("GET", "/nope", 404, "not_found"),
+        ]
+        for n, (method, path, status, what) in enumerate(cases, 1):
+            code, body = self.answer(self.request(method, path)[1])
+            self.assertEqual(code, status, path)
+            self.assertEqual(body.get("route", body.get("error")), what, path)
+            self.assertEqual(self.klein_calls, n)
+
+    def test_a_refusal_is_answered_by_the_error_table(self) -> None:
+        code, body = self.answer(self.request("GET", "/refused")[1])
+        self.assertEqual((code, body["ok"], body["error"]), (400, False, "bad_request"))
+        self.assertEqual(self.klein_calls, 0)
+
+    def test_a_late_answer_is_written_when_it_comes(self) -> None:
+        _, transport = self.request("GET", "/later")
+        self.assertEqual(transport.value(), b"")
+        self.api.pending.callback(None)
+        self.assertEqual(self.answer(transport), (200, {"ok": True, "route": "later"}))
+
+    def test_a_client_that_goes_away_cancels_the_handler(self) -> None:
+        proto, transport = self.request("GET", "/later")
+        proto.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+        self.assertEqual(self.api.cancelled, 1)
+        self.assertEqual(transport.value(), b"")
+        # The handler's CancelledError ends there: nothing is written or logged.
+        self.assertIsNone(self.successResultOf(self.api.pending))
+        self.assertEqual(self.flushLoggedErrors(), [])
