@@ -5,6 +5,7 @@ Run from the repository root::
     python bench/op_costs.py poll [--n 3000] [--rounds 3]   # node CPU per signed poll (real node, HTTP)
     python bench/op_costs.py ack [--n 100] [--rounds 3]     # SQLite writer time per 500-id junk ack
     python bench/op_costs.py ackmesh [--n 200] [--rounds 3]  # junk acks: solo node against a 3-node mesh
+    python bench/op_costs.py requests [--rounds 3]          # node CPU per request: health, refused deposit, 404
     python bench/op_costs.py all --json bench/results/op_costs.json
 
 ``poll``: one ``twistd meshrelay`` node on 127.0.0.1 (per-address rate limit
@@ -32,6 +33,15 @@ pushed by ``a`` and see it in each other's feed; the mesh figures run until
 ``b`` and ``c`` have applied every ack and both have pulled from ``a`` and
 from each other once more.  This is where issue 10's ``acks`` attack spends
 the mesh's CPU.
+
+``requests``: what the node's HTTP path itself costs per request: ``wrk``
+(``apt-get install -y wrk``; 1 thread, 4 keep-alive connections, 3 s a
+round) against one node (per-address rate limit off), for ``GET
+/api/mesh/health`` (the smallest routed answer), a deposit refused as
+``bad_request`` (``{"x": 1}``: read, parsed, refused by the error table) and
+an unknown path (404, answered by Klein's own resource).  Printed: the node's
+CPU per request, the median of ``--rounds``.  Most of a node's requests under
+issue 10's attacks are refusals like these.
 """
 
 from __future__ import annotations
@@ -40,8 +50,10 @@ import argparse
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,6 +112,44 @@ def poll_round(n: int) -> dict[str, float]:
             "children_us": 1e6 * (after[1] - before[1]) / n,
             "polls_per_s": n / seconds,
         }
+    finally:
+        node.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+#: (name, method, path, body) of ``requests``
+REQUESTS = (
+    ("health", "GET", "/api/mesh/health", None),
+    ("refused deposit", "POST", "/api/mesh/dm/send", b'{"x": 1}'),
+    ("unknown path", "GET", "/nope", None),
+)
+
+
+def requests_round(seconds: float = 3.0) -> dict[str, float]:
+    """Node CPU (us) per request of each of ``REQUESTS``, under wrk."""
+    workdir = tempfile.mkdtemp(prefix="meshrelay-opcost-")
+    node = NodeProcess(workdir, "a", config={"limits": {"client_rate": 0}})
+    try:
+        node.start()
+        out: dict[str, float] = {}
+        for name, method, path, body in REQUESTS:
+            script = os.path.join(workdir, "request.lua")
+            with open(script, "w") as fh:
+                fh.write(f'wrk.method = "{method}"\n')
+                if body is not None:
+                    fh.write('wrk.headers["Content-Type"] = "application/json"\n')
+                    fh.write(f"wrk.body = '{body.decode()}'\n")
+            url = f"http://127.0.0.1:{node.port}{path}"
+            command = ["wrk", "-t1", "-c4", "-s", script]
+            subprocess.run([*command, "-d1s", url], capture_output=True, check=True)  # warm-up
+            before = node_cpu(node)
+            done = subprocess.run([*command, f"-d{seconds:g}s", url], capture_output=True, text=True, check=True)
+            after = node_cpu(node)
+            match = re.search(r"(\d+) requests in", done.stdout)
+            if match is None:
+                raise RuntimeError(f"wrk printed no request count: {done.stdout!r}")
+            out[name] = 1e6 * (after[0] - before[0]) / int(match.group(1))
+        return out
     finally:
         node.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -212,7 +262,7 @@ def medians(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("poll", "ack", "ackmesh", "all"))
+    parser.add_argument("what", choices=("poll", "ack", "ackmesh", "requests", "all"))
     parser.add_argument("--n", type=int, default=0, help="operations per round (poll 3000, ack 100)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the figures here")
@@ -254,6 +304,12 @@ def main() -> None:
                 f"  peer {name} applied {m[name + '_acks_applied']:.2f} acks per ack sent, "
                 f"{m[name + '_acks_by_sync']:.2f} of them through sync"
             )
+    if args.what in ("requests", "all"):
+        rounds = [requests_round() for _ in range(args.rounds)]
+        m = out["requests"] = medians(rounds)
+        print(f"node CPU per request (wrk -c4, medians of {args.rounds}):")
+        for name, *_ in REQUESTS:
+            print(f"  {name:16s} {m[name]:6.1f} us   (rounds: {', '.join(f'{r[name]:.0f}' for r in rounds)})")
     if args.json:
         common.write_json(args.json, out)
 
