@@ -9,6 +9,7 @@ from klein import Klein
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -282,7 +283,8 @@ class RoutesTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.api = _RoutesApi()
         self.routes = Routes(self.api.app, self.api)
-        self.site = Site(self.routes)
+        # a fake clock: the channels' idle timeouts must not stay behind on the global reactor
+        self.site = Site(self.routes, reactor=Clock())
         self.klein_calls = 0
         klein_render = self.routes.klein.render
 
