@@ -477,7 +477,7 @@ def answer_refusal(request: IRequest, e: MeshError, agg: Any) -> bytes:
 
 def _answer_error(*args: Any) -> bytes:
     request, failure = _request_failure(args)
-    row = next(r for r in ERROR_TABLE if failure.check(r.kind))
+    row = next(r for r in ERROR_TABLE if isinstance(failure.value, r.kind))
     if row.kind is CancelledError:
         return b""
     e = failure.value
