@@ -513,10 +513,11 @@ class Routes(Resource):
     percent-encoded or trailing-slash spelling, HEAD, a wrong method, an
     unknown path) goes to Klein's own resource, which matches, redirects and
     answers 404 and 405 as before.  For an exact ``(method, path)`` of a static
-    route, Klein's resource spent about 60 us per request on work these routes
+    route, Klein's resource spent 40-55 us per request on work these routes
     never use (URL parts and a werkzeug adapter per request, an ``IKleinRequest``
-    component, the renderable checks): about 45 % of a refused request's cost,
-    and the node's request rate under issue 10's attacks is mostly such requests.
+    component, the renderable checks): about 30 % of a refused request's cost
+    (``bench/op_costs.py requests``), and the node's request rate under issue
+    10's attacks is mostly such requests.
     Here the same endpoint runs as Klein runs it (``execute_endpoint``), with
     Klein's contract kept: the handler's Deferred is cancelled when the client
     goes away, exceptions are answered by :data:`ERROR_TABLE` (the handler every
