@@ -155,6 +155,28 @@ class PushTests(MeshTestCase):
         self.assertTrue(all(n <= 2048 for n in sizes), sizes)
         self.assertEqual(sorted(self.live("b")), sorted(e["msg_id"] for e in envs))
 
+    def test_queue_depth_gauge_counts_what_a_due_pump_left_queued(self) -> None:
+        """Items queued while a pump is due skip the gauge; the pump sets it to what stays queued."""
+        client = self.peer_client("a", "b")
+        client.push.max_body = 2048  # about two envelopes per batch: the pump cannot take them all
+        self.mesh.set_mode("a", "b", "hold")
+        envs = [self.send("a", b"x" * 300 + b"%d" % i, sender=Identity()) for i in range(12)]
+        self.mesh.settle()
+        depth = client.push.depth
+        # push_inflight_max (4) batches went; the rest waits, and the gauge says how many.
+        self.assertEqual(client.push.inflight, 4)
+        self.assertGreater(depth, 0)
+        self.assertEqual(self.metric("a", "meshrelay_dm_replication_queue_depth", peer=Mesh.url("b")), depth)
+        # Queued with no pump due (every lane busy): counted at once.
+        self.send("a", b"late", sender=Identity())
+        self.assertEqual(self.metric("a", "meshrelay_dm_replication_queue_depth", peer=Mesh.url("b")), depth + 1)
+        self.mesh.set_mode("a", "b", "up")
+        self.mesh.link("a", "b").release()
+        self.mesh.settle()
+        self.mesh.advance(1.0, step=0.05)
+        self.assertEqual(self.metric("a", "meshrelay_dm_replication_queue_depth", peer=Mesh.url("b")), 0)
+        self.assertEqual(len(self.live("b")), len(envs) + 1)
+
     def test_client_answer_does_not_wait_for_push(self) -> None:
         """A deposit answers 200 while every peer hangs; nothing is pending on the client side."""
         self.mesh.set_mode("a", "b", "hang")
