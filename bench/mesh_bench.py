@@ -245,6 +245,13 @@ def _stat(pid: int) -> tuple[int, float]:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def node_sys(node: NodeProcess) -> float:
+    """Kernel-mode CPU seconds used so far by a node process itself (loopback sends are charged here)."""
+    assert node.proc is not None
+    with open(f"/proc/{node.proc.pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[12]) / CLK_TCK
+
+
 def node_cpu(node: NodeProcess) -> tuple[float, float]:
     """CPU seconds used so far by a node process, and by its children (store writer, signature verifier)."""
     assert node.proc is not None
@@ -290,11 +297,12 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
             for name in ("solo", "a"):
                 bodies = make_envelopes(args.count)
                 node = cluster[name]
-                before = node_cpu(node)
+                before, sys_before = node_cpu(node), node_sys(node)
                 spies = start_profilers(args.profile and os.path.join(args.profile, f"{name}-{r + 1}"), {name: node})
                 pushes_before = pushes_of_a() if name == "a" else (0.0, 0.0)
                 seconds, failures = await closed_loop(client, node.url + SEND, bodies, args.concurrency, args.rate)
                 if name == "a":
+                    at_last_deposit = node_cpu(node)
                     batches = pushes_of_a()
                     marks = {p: pulls_from_a(p) for p in ("b", "c")}
                     target = cluster.gauge("a", "meshrelay_stored_envelopes")
@@ -311,7 +319,7 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                         )
                 else:
                     await task.deferLater(reactor, 1.0, lambda: None)
-                after = node_cpu(node)
+                after, kernel = node_cpu(node), node_sys(node) - sys_before
                 stop_profilers(spies)
                 done = args.count - failures
                 own, writer = (after[0] - before[0]) / done, (after[1] - before[1]) / done
@@ -320,10 +328,14 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                 pushed = ""
                 if name == "a":
                     requests, items = batches[0] - pushes_before[0], batches[1] - pushes_before[1]
-                    pushed = f"; {requests:.0f} push requests, {items / max(requests, 1):.1f} items each"
+                    tail = sum(after) - sum(at_last_deposit)
+                    pushed = (
+                        f"; {requests:.0f} push requests, {items / max(requests, 1):.1f} items each; "
+                        f"{tail / done * 1e6:.0f} us of it after the last deposit"
+                    )
                 print(
                     f"  round {r + 1} {label}: {(own + writer) * 1e6:7.0f} us CPU per deposit "
-                    f"(node {own * 1e6:.0f} + children {writer * 1e6:.0f}; {done / seconds:.0f} deposits/s, "
+                    f"(node {own * 1e6:.0f}, of it kernel {kernel / done * 1e6:.0f}, + children {writer * 1e6:.0f}; {done / seconds:.0f} deposits/s, "
                     f"{failures} failed{pushed})"
                 )
         solo, mesh = statistics.median(per["solo"]), statistics.median(per["a"])
