@@ -966,8 +966,10 @@ def node_metrics(node: NodeProcess) -> dict[str, Any]:
     return out
 
 
-def _worker_limits(nice: int, idle: bool = False) -> Callable[[], None]:
+def _worker_limits(nice: int, idle: bool = False, cpus: set[int] | None = None) -> Callable[[], None]:
     def pre() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         target = 16384 if hard == resource.RLIM_INFINITY else min(16384, hard)
         if soft < target:
@@ -1037,6 +1039,7 @@ class Phase:
             preexec_fn=_worker_limits(
                 self.args.attack_nice if attack and self.args.attack_sched == "nice" else 0,
                 bool(attack) and self.args.attack_sched == "idle",
+                {int(c) for c in self.args.attack_cpus.split(",")} if attack and self.args.attack_cpus else None,
             ),
         )
         log.close()
@@ -1315,6 +1318,11 @@ def main() -> int:
         default="idle",
         help="attackers as SCHED_IDLE (idle) or at --attack-nice (nice)",
     )
+    p.add_argument(
+        "--attack-cpus",
+        default="",
+        help="confine the attacker processes to these CPUs (comma list; default: any)",
+    )
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--keep", action="store_true", help="keep the nodes' directories and logs")
     # internal: a worker process of a phase
@@ -1347,6 +1355,7 @@ def main() -> int:
         f" {args.max_waiting_polls}, max_connections {args.max_connections}, client_rate {CLIENT_RATE}/s;"
         f" xff mode {args.xff}; attackers "
         + ("SCHED_IDLE" if args.attack_sched == "idle" else f"at nice {args.attack_nice}")
+        + (f" on CPUs {args.attack_cpus}" if args.attack_cpus else "")
         + f"; machine {common.machine_info()}",
         flush=True,
     )
