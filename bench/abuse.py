@@ -32,7 +32,12 @@ wakes), ``--attack-sched nice`` at ``--attack-nice`` (default 10; before
 2026-12-04's third session the only way: at nice 10 the attackers still took
 about 0.8 of the machine's 2 cores and delayed the nodes' wakeups).  Each
 attacker's CPU and achieved request rate are reported either way, so what it
-managed to send is known.
+managed to send is known.  Two more knobs tell the load generators' own
+scheduling from the nodes': ``--attack-cpus 1`` confines the attackers to
+CPU 1 (their kernel work on loopback, which ``SCHED_IDLE`` does not shield,
+then leaves CPU 0 alone), and ``--honest-nice -10`` raises the honest clients'
+process above the nodes (a real client's event loop is not on the nodes'
+cores; needs ``CAP_SYS_NICE``).  Both default to off.
 
 Honest clients (each from its own loopback address, 127.0.1.x): ``--senders``
 senders deposit at ``--honest-rate`` per second each (open loop) at "their"
@@ -1037,7 +1042,7 @@ class Phase:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             preexec_fn=_worker_limits(
-                self.args.attack_nice if attack and self.args.attack_sched == "nice" else 0,
+                (self.args.attack_nice if self.args.attack_sched == "nice" else 0) if attack else self.args.honest_nice,
                 bool(attack) and self.args.attack_sched == "idle",
                 {int(c) for c in self.args.attack_cpus.split(",")} if attack and self.args.attack_cpus else None,
             ),
@@ -1319,6 +1324,12 @@ def main() -> int:
         help="attackers as SCHED_IDLE (idle) or at --attack-nice (nice)",
     )
     p.add_argument(
+        "--honest-nice",
+        type=int,
+        default=0,
+        help="nice value of the honest clients' process (negative needs CAP_SYS_NICE; default 0: as the nodes)",
+    )
+    p.add_argument(
         "--attack-cpus",
         default="",
         help="confine the attacker processes to these CPUs (comma list; default: any)",
@@ -1356,6 +1367,7 @@ def main() -> int:
         f" xff mode {args.xff}; attackers "
         + ("SCHED_IDLE" if args.attack_sched == "idle" else f"at nice {args.attack_nice}")
         + (f" on CPUs {args.attack_cpus}" if args.attack_cpus else "")
+        + (f"; honest clients at nice {args.honest_nice}" if args.honest_nice else "")
         + f"; machine {common.machine_info()}",
         flush=True,
     )
