@@ -22,6 +22,9 @@ client's signing cost is not measured.
   from the first deposit until both peers hold every envelope *and* have each
   pulled A's feed again after the last deposit (so serving the sync of those
   envelopes is included); the figure is median(no peers) / median(2 peers).
+  Each round also prints the node's kernel time and, with peers, the CPU spent
+  after the last deposit (the round's sync).  ``--rate R`` paces both cases at
+  R/s: CPU per deposit depends on batching, so the ratio depends on the load.
 - ``latency``: deposits at A at a fixed open-loop rate (half the sustainable
   rate measured first in the same run unless ``--rate``); for each envelope a
   long-poll waits at B on its own mailbox; latency = B's answer - deposit start.
@@ -238,18 +241,17 @@ async def throughput(reactor: Any, args: argparse.Namespace) -> None:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _stat(pid: int) -> tuple[int, float]:
-    """(parent pid, utime + stime seconds) of a process."""
+def _stat(pid: int) -> tuple[int, float, float]:
+    """(parent pid, utime + stime seconds, stime seconds) of a process."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def node_sys(node: NodeProcess) -> float:
     """Kernel-mode CPU seconds used so far by a node process itself (loopback sends are charged here)."""
     assert node.proc is not None
-    with open(f"/proc/{node.proc.pid}/stat") as fh:
-        return int(fh.read().rsplit(")", 1)[1].split()[12]) / CLK_TCK
+    return _stat(node.proc.pid)[2]
 
 
 def node_cpu(node: NodeProcess) -> tuple[float, float]:
@@ -261,7 +263,7 @@ def node_cpu(node: NodeProcess) -> tuple[float, float]:
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != pid:
             try:
-                ppid, used = _stat(int(entry))
+                ppid, used, _ = _stat(int(entry))
             except (OSError, IndexError, ValueError):
                 continue
             if ppid == pid:
