@@ -65,7 +65,7 @@ from zope.interface import implementer
 
 from meshrelay.config import Config, PeerConfig
 from meshrelay.deferutil import shield
-from meshrelay.envelope import Envelope, SignedAck, strip_v3_fields
+from meshrelay.envelope import Envelope, SignedAck
 from meshrelay.logs import Aggregator
 from meshrelay.metrics import Metrics
 from meshrelay.peernet import PeerEndpointFactory, Route, peer_route
@@ -336,14 +336,12 @@ class PushQueue:
         """Queue one envelope or signed ack (canonical JSON text) for this peer."""
         if self._stopped:
             return
-        queues, queued = self.queues, self.queued_bytes
-        depth = len(queues[ENVELOPE]) + len(queues[ACK])
-        size = len(text)
-        if depth >= self.queue_max or queued[ENVELOPE] + queued[ACK] + size > self.queue_bytes_max:
+        depth = self.depth
+        if depth >= self.queue_max or self.byte_size + len(text) > self.queue_bytes_max:
             self._drop_all(depth + 1)
             return
-        queues[kind].append(text)
-        queued[kind] += size
+        self.queues[kind].append(text)
+        self.queued_bytes[kind] += len(text)
         call = self._pump_call
         if call is not None and call.getTime() <= self.clock.seconds():
             # A pump is due this turn: it takes this item and sets the depth gauge (under load,
@@ -1273,7 +1271,7 @@ class Replication:
     def envelope_committed(self, env: Envelope) -> None:
         text = env.raw
         # v3 (12.5): permit and stamp go only to peers that speak v3; the others get the v1 text.
-        v1_text = strip_v3_fields(text) if env.suffix else text
+        v1_text = env.raw_v1
         for peer in self.peers:
             v3 = peer.policy_peer is not None and peer.policy_peer.speaks_v3
             peer.push.enqueue(ENVELOPE, text if v3 else v1_text)
