@@ -70,6 +70,12 @@ class Metrics:
             ["peer"],
             registry=r,
         )
+        self.sync_echo_left_out_total = Counter(
+            "meshrelay_sync_echo_left_out",
+            "Envelopes left out of feed pages served to a peer known to hold them (wire v5)",
+            ["peer"],
+            registry=r,
+        )
         self.peer_sync_lag = Gauge(
             "meshrelay_peer_sync_lag_seconds",
             "Seconds since the last pull from a peer that reached more: false",
@@ -158,6 +164,7 @@ class Metrics:
             self.sync_pull_total.labels(peer, outcome)
         self.push_dropped_total.labels(peer)
         self.sync_full_pages_total.labels(peer)
+        self.sync_echo_left_out_total.labels(peer)
         self.push_batch_size.labels(peer)
         self.push_queue_depth.labels(peer).set(0)
 

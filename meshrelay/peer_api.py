@@ -8,6 +8,7 @@ read and parsed only then.  Each route decodes, calls one
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
+from meshrelay.echo import is_token
 from meshrelay.envelope import KEY_LEN, MAX_INT, RawJSON, b64u_decode, require_object, strip_v3_fields
 from meshrelay.errors import BadRequest
 from meshrelay.peers import PeerAuthenticator, peer_route
@@ -32,6 +34,7 @@ from meshrelay.protocol import (
     MAX_IDS_LIMIT,
     POLICIES_PATH,
     PROTOCOL_VERSIONS,
+    PUSHED_OK,
     REPLICATE_PATH,
     parse_bodies_request,
 )
@@ -122,6 +125,17 @@ def parse_changes_query(args: dict[bytes, list[bytes]]) -> ChangesQuery:
     return ChangesQuery(since, limit, mailbox, ids)
 
 
+def split_incarnation(args: dict[bytes, list[bytes]]) -> tuple[dict[bytes, list[bytes]], str | None]:
+    """Take the v5 ``inc`` (the caller's incarnation token, docs/protocol.md 14) off a query; malformed is 400."""
+    raw = _query_param(args, b"inc")
+    if raw is None:
+        return args, None
+    token = raw.decode("latin-1")
+    if not is_token(token):
+        raise BadRequest("inc must be an incarnation token (16 bytes, b64u)")
+    return {k: v for k, v in args.items() if k != b"inc"}, token
+
+
 def split_flag(args: dict[bytes, list[bytes]], name: str) -> tuple[dict[bytes, list[bytes]], bool]:
     """Take a flag parameter off a query: v3 ``ext=1`` (envelopes with their permit and stamp),
     v4 ``held=1`` (signed acks with their held list); any other value is 400."""
@@ -192,9 +206,17 @@ class PeerAPI:
 
     @peer_route(app, REPLICATE_PATH, ["POST"])
     async def replicate(self, request: IRequest, peer: str) -> bytes:
+        args, token = split_incarnation(request.args)
+        if args:
+            raise BadRequest("unknown query parameter(s): " + ", ".join(sorted(a.decode("latin-1") for a in args)))
         envelopes = replicate_items(read_json(request))
         results = await self.relay.accept_replicas(envelopes, peer=peer) if envelopes else []
-        return json_response(request, 200, {"ok": True, "results": results})
+        if token is None:
+            return json_response(request, 200, {"ok": True, "results": results})
+        # v5: the pushing process committed these before pushing them; say which process answers.
+        holdings = self.relay.holdings
+        holdings.learn(peer, token, [r["msg_id"] for r in results if r["status"] in PUSHED_OK])
+        return json_response(request, 200, {"ok": True, "results": results, "inc": holdings.token})
 
     @peer_route(app, ACK_PATH, ["POST"])
     async def ack(self, request: IRequest, peer: str) -> bytes:
@@ -223,15 +245,23 @@ class PeerAPI:
     async def changes(self, request: IRequest, peer: str) -> bytes:
         args, ext = split_flag(request.args, "ext")
         args, held = split_flag(args, "held")
+        args, token = split_incarnation(args)
         q = parse_changes_query(args)
+        page = await self.relay.changes(
+            q.since, q.limit, q.mailbox, max_bytes=None if q.ids else self.page_bytes(), ids_only=q.ids
+        )
+        if token is not None and q.mailbox is None:
+            # v5 (docs/protocol.md 14): leave out what this incarnation of the peer is known to hold.
+            kept = self.relay.holdings.leave_out(peer, token, page.items)
+            if len(kept) != len(page.items):
+                self.relay.metrics.sync_echo_left_out_total.labels(peer).inc(len(page.items) - len(kept))
+                page = dataclasses.replace(page, items=kept)
         if q.ids:
-            page = await self.relay.changes(q.since, q.limit, q.mailbox, ids_only=True)
             items: list[dict[str, Any]] = [
                 {"seq": i.seq, "kind": i.kind, "mailbox": i.mailbox, _KEY_NAME[i.kind]: i.key, "size": i.size}
                 for i in page.items
             ]
         else:
-            page = await self.relay.changes(q.since, q.limit, q.mailbox, max_bytes=self.page_bytes())
             # Envelopes keep their v3 fields only for a caller that asked (ext=1, a v3 puller);
             # signed acks get their held list only for one that asked (held=1, a v4 puller).
             texts = [v3_body(item.kind, item.body, ext) for item in page.items]

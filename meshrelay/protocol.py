@@ -55,9 +55,13 @@ DEFAULT_IDS_LIMIT = 1000
 #: entries (envelopes + acks) in one bodies request
 MAX_BODIES = 500
 #: protocol versions this code speaks
-PROTOCOL_VERSIONS = (1, 2, 3, 4)
+PROTOCOL_VERSIONS = (1, 2, 3, 4, 5)
 #: the version whose peers exchange signed acks with their ``held`` list (docs/protocol.md 13)
 HELD_VERSION = 4
+#: the version whose peers leave out of feed pages what the puller is known to hold (docs/protocol.md 14)
+ECHO_VERSION = 5
+#: push results that mean the receiver now holds the envelope (6.1)
+PUSHED_OK = frozenset(("accepted", "duplicate"))
 #: the largest sync.page_bytes a puller accepts from a peer's features
 MAX_PAGE_BYTES = 16 * 1024 * 1024
 #: JSON around the items of a page or bodies answer
@@ -103,6 +107,11 @@ class Features:
     def held(self) -> bool:
         """The peer takes and serves signed acks with their ``held`` list (v4)."""
         return HELD_VERSION in self.versions
+
+    @property
+    def echo(self) -> bool:
+        """The peer takes incarnation tokens and leaves echoes out of its pages (v5)."""
+        return ECHO_VERSION in self.versions
 
 
 V1_ONLY = Features((1,), 0, 0, 0)
@@ -174,7 +183,8 @@ def _page_frame(obj: Any, since: int, limit: int) -> tuple[str, list[Any], int, 
         raise PeerError("changes next must be an integer >= since")
     if type(more) is not bool:
         raise PeerError("changes more must be a boolean")
-    if more and (nxt == since or not items):
+    # A v5 page may leave out every item it covers (docs/protocol.md 14): progress is ``next``.
+    if more and nxt == since:
         raise PeerError("changes answer says more but made no progress")
     return feed, items, nxt, more
 

@@ -23,6 +23,7 @@ from meshrelay import policy as P
 from meshrelay import protocol as W
 from meshrelay.config import Config
 from meshrelay.deferutil import shield
+from meshrelay.echo import PeerHoldings
 from meshrelay.errors import (
     BadPermit,
     BadRequest,
@@ -189,6 +190,8 @@ class Relay:
         #: per-request log lines (cap hits, refusals, peer auth failures...): one per reason per
         #: minute, with counts; the node's APIs share it
         self.log_agg = Aggregator(clock, 60.0)
+        #: v5 (docs/protocol.md 14): this process's incarnation, and what each peer is known to hold
+        self.holdings = PeerHoldings()
         #: the bounds on fetch_remote (coalescing, interval, concurrency, timeout) around replication's
         sync = config.sync
         self.fetch_gate = RemoteFetchGate(

@@ -65,6 +65,7 @@ from zope.interface import implementer
 
 from meshrelay.config import Config, PeerConfig
 from meshrelay.deferutil import shield
+from meshrelay.echo import PeerHoldings, is_token
 from meshrelay.envelope import Envelope, SignedAck
 from meshrelay.logs import Aggregator
 from meshrelay.metrics import Metrics
@@ -77,6 +78,7 @@ from meshrelay.protocol import (
     BODIES_PATH,
     CHANGES_PATH,
     DEFAULT_IDS_LIMIT,
+    ECHO_VERSION,
     FEATURES_PATH,
     HELD_VERSION,
     MAX_BATCH,
@@ -85,6 +87,7 @@ from meshrelay.protocol import (
     MAX_IDS_LIMIT,
     PAGE_OVERHEAD,
     PROTOCOL_VERSIONS,
+    PUSHED_OK,
     REPLICATE_PATH,
     V1_ONLY,
     Features,
@@ -147,7 +150,7 @@ REFETCH_ROUND = 500
 
 _BATCH_OPEN = {ENVELOPE: '{"envelopes":[', ACK: '{"acks":['}
 _BATCH_CLOSE = "]}"
-_OK_RESULTS = {ENVELOPE: ("accepted", "duplicate"), ACK: ("applied",)}
+_OK_RESULTS = {ENVELOPE: PUSHED_OK, ACK: frozenset(("applied",))}
 
 
 class HTTPClient(Protocol):
@@ -273,12 +276,22 @@ class PushQueue:
     log = Logger()
 
     def __init__(
-        self, transport: Transport, config: Config, metrics: Metrics, clock: IReactorTime, log_agg: Aggregator
+        self,
+        transport: Transport,
+        config: Config,
+        metrics: Metrics,
+        clock: IReactorTime,
+        log_agg: Aggregator,
+        holdings: PeerHoldings | None = None,
     ) -> None:
         self.transport = transport
         self.url = transport.url
         self.clock = clock
         self.log_agg = log_agg
+        #: v5 (docs/protocol.md 14): this process's incarnation, and what the peer is known to hold
+        self.holdings = holdings
+        #: whether the peer speaks v5 (set by PeerClient from what its puller negotiated)
+        self.speaks_echo: Callable[[], bool] = lambda: False
         self.reconfigure(config)
         #: when the last request of each kind started (on the injected clock)
         self.last_sent_kind = {ENVELOPE: float("-inf"), ACK: float("-inf")}
@@ -456,8 +469,12 @@ class PushQueue:
         self.inflight += 1
         self.inflight_kind[kind] += 1
         self.last_sent_kind[kind] = self.clock.seconds()
-        path = REPLICATE_PATH if kind == ENVELOPE else ACK_PATH
-        d = self.transport.request("POST", path, body=body)
+        path, query = ACK_PATH, ""
+        if kind == ENVELOPE:
+            path = REPLICATE_PATH
+            if self.holdings is not None and self.speaks_echo():
+                query = "inc=" + self.holdings.token
+        d = self.transport.request("POST", path, query, body)
         d.addCallback(self._answered, kind, len(items))
         d.addErrback(self._failed, kind, items)
         d.addBoth(self._done, kind)
@@ -475,10 +492,15 @@ class PushQueue:
             raise PeerError("push answer does not have one result per item")
         ok_statuses = _OK_RESULTS[kind]
         ok = rejected = errors = 0
+        # v5: the answering process's incarnation, when it gave one (docs/protocol.md 14).
+        token = obj.get("inc") if kind == ENVELOPE and self.holdings is not None else None
+        held: list[str] | None = [] if is_token(token) else None
         for r in results:
             status_text = r.get("status") if isinstance(r, dict) else None
             if status_text in ok_statuses:
                 ok += 1
+                if held is not None and isinstance(r.get("msg_id"), str):
+                    held.append(r["msg_id"])
             elif status_text == "rejected":
                 rejected += 1
             else:
@@ -486,6 +508,8 @@ class PushQueue:
         for outcome, count in (("ok", ok), ("rejected", rejected), ("error", errors)):
             if count:
                 self._pushed[outcome].inc(count)
+        if held and self.holdings is not None:
+            self.holdings.learn(self.url, cast(str, token), held)
         if rejected:
             self.log_agg.emit(
                 self.log,
@@ -701,6 +725,15 @@ class SyncPuller:
         """The peer said it speaks v4: it takes and serves signed acks with their ``held`` list (13)."""
         return HELD_VERSION in self.versions and self.features is not None and self.features.held
 
+    @property
+    def speaks_echo(self) -> bool:
+        """The peer said it speaks v5: it takes incarnation tokens and leaves echoes out (14)."""
+        return ECHO_VERSION in self.versions and self.features is not None and self.features.echo
+
+    def _echo_query(self) -> str:
+        """``&inc=<this process's incarnation>`` for a feed page from a v5 peer (14), else nothing."""
+        return "&inc=" + self.relay.holdings.token if self.speaks_echo else ""
+
     def _downgrade(self) -> None:
         self.log.info("peer {peer} refused a wire v2 request: using v1 with it", peer=self.url)
         self.features = V1_ONLY
@@ -865,7 +898,7 @@ class SyncPuller:
 
     async def _pull(self, since: int, limit: int, mailbox: str | None = None) -> Page:
         """GET one v1 changes page; counts ``sync_pull_total`` (ok/error)."""
-        query = f"since={since}&limit={limit}" + (f"&mailbox={mailbox}" if mailbox else "")
+        query = f"since={since}&limit={limit}" + (f"&mailbox={mailbox}" if mailbox else self._echo_query())
         if self.speaks_v3:
             query += "&ext=1"  # v3: envelopes with their permit and stamp (12.5)
         cap = self._page_cap()
@@ -883,7 +916,7 @@ class SyncPuller:
         return page
 
     async def _pull_ids(self, since: int, limit: int) -> IdsPage:
-        query = f"since={since}&limit={limit}&ids=1"
+        query = f"since={since}&limit={limit}&ids=1" + self._echo_query()
         obj = await self._checked("GET", CHANGES_PATH, query, cap=limit * IDS_ITEM_BYTES + PAGE_OVERHEAD, v2=True)
         try:
             page = parse_ids_page(obj, since, limit)
@@ -1108,8 +1141,9 @@ class PeerClient:
         #: this peer's entry of the running config
         self.peer = peer
         self.transport = Transport(peer, config, http, clock)
-        self.push = PushQueue(self.transport, config, metrics, clock, relay.log_agg)
+        self.push = PushQueue(self.transport, config, metrics, clock, relay.log_agg, relay.holdings)
         self.puller = SyncPuller(self.transport, config, relay, store, metrics, clock, holder)
+        self.push.speaks_echo = lambda: self.puller.speaks_echo
         #: v3: this peer's policy push and pull (set by Replication)
         self.policy_peer: PolicyPeer | None = None
 
@@ -1206,6 +1240,7 @@ class Replication:
         for url in removed:
             client = self._by_url.pop(url)
             client.stop()
+            self.relay.holdings.forget(url)
             if client.policy_peer is not None:
                 client.policy_peer.stop()
             # Its lag gauge reads the stopped puller: gone with the peer (re-made if it comes back).

@@ -246,8 +246,8 @@ class V3Peer(Resource):
 
     ``features`` lists versions 1-3; what a v3 node refuses with 400 (a ``held``
     parameter of ``changes``, a ``held`` key of ``bodies``, a ``held`` list in a
-    pushed ack) is refused the same way and recorded in ``offers`` (a
-    conforming v4 node never sends it any).
+    pushed ack, a v5 ``inc`` parameter) is refused the same way and recorded in
+    ``offers`` (a conforming v4 or v5 node never sends it any).
     """
 
     isLeaf = True
@@ -266,7 +266,7 @@ class V3Peer(Resource):
             ).encode()
         body = request.content.read()
         request.content.seek(0)
-        if b"held" in request.args or b'"held"' in body:
+        if b"held" in request.args or b'"held"' in body or b"inc" in request.args:
             self.offers.append(path.decode())
             return _Answer(400, "bad_request").render(request)
         return self.node.node.resource().render(request)

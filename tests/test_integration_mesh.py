@@ -197,6 +197,10 @@ class KillIntegrationTests(MeshIntegrationTestCase):
         self.assertEqual(live[0], live[2])
         self.assertEqual(live[0] & acked, set())
         self.assertEqual(live[0], sent - acked, self.logs())
+        # All of this with echo suppression (v5) on: A and C, never restarted, left out of each
+        # other's pages what the other pushed or accepted (docs/protocol.md 14).
+        for n, peer in ((a, c), (c, a)):
+            self.assertGreater(metric(n, "meshrelay_sync_echo_left_out_total", peer=peer.url), 0, n.name)
         for box in boxes:
             for node in (a, b, c):
                 status, polled = node.poll(box.poll_body(ts=int(time.time())))

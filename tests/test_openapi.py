@@ -614,7 +614,7 @@ class RealAnswersTests(SynchronousTestCase):
     def test_features(self) -> None:
         """Every documented answer of features is real and matches its schema."""
         n = self.node()
-        self.assertEqual(self.call(n, "GET", FEATURES)[1]["versions"], [1, 2, 3, 4])
+        self.assertEqual(self.call(n, "GET", FEATURES)[1]["versions"], [1, 2, 3, 4, 5])
         self.assertEqual(self.call(n, "GET", FEATURES + "?x=1")[1]["error"], "bad_request")
         self._peer_gate_answers(FEATURES, "GET", None)
         self.assert_all_seen(FEATURES, "GET")

@@ -672,7 +672,7 @@ class WireV2Tests(PeerAPITestCase):
                 200,
                 {
                     "ok": True,
-                    "versions": [1, 2, 3, 4],
+                    "versions": [1, 2, 3, 4, 5],
                     "page_bytes": 1048576,
                     "max_ids": 5000,
                     "max_bodies": 500,

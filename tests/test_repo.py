@@ -61,6 +61,7 @@ LAYERS: dict[str, int] = {
             "ratelimit",
             "replay",
             "fetchgate",
+            "echo",
             "logs",
             "metrics",
             "files",
