@@ -3,7 +3,7 @@
 Run from the repository root (the nodes run this checkout's code)::
 
     python bench/mesh_bench.py throughput [--rounds 3] [--count 3000] [--concurrency 32]
-    python bench/mesh_bench.py cpu        [--rounds 3] [--count 3000] [--concurrency 32] [--interval 30]
+    python bench/mesh_bench.py cpu        [--rounds 3] [--count 3000] [--concurrency 32 | --wrk 32] [--interval 30]
     python bench/mesh_bench.py latency    [--count 2000] [--rate R] [--background 4 | --wrk 4]
     python bench/mesh_bench.py catchup    [--backlog 100000]
     python bench/mesh_bench.py ackprop    [--count 300] [--concurrency 4]
@@ -23,8 +23,13 @@ client's signing cost is not measured.
   pulled A's feed again after the last deposit (so serving the sync of those
   envelopes is included); the figure is median(no peers) / median(2 peers).
   Each round also prints the node's kernel time and, with peers, the CPU spent
-  after the last deposit (the round's sync).  ``--rate R`` paces both cases at
-  R/s: CPU per deposit depends on batching, so the ratio depends on the load.
+  after the last deposit (the round's sync), both peers' CPU and this client's.
+  ``--rate R`` paces both cases at R/s: CPU per deposit depends on batching, so
+  the ratio depends on the load.  ``--wrk N`` sends the deposits with ``wrk
+  -t1 -cN`` (bench/deposit.lua, each pre-signed envelope once) instead of this
+  process's treq client, as the issue measured: this client spends about as
+  much CPU per deposit as the node, and on two cores that CPU is taken from the
+  nodes.
 - ``latency``: deposits at A at a fixed open-loop rate (half the sustainable
   rate measured first in the same run unless ``--rate``); for each envelope a
   long-poll waits at B on its own mailbox; latency = B's answer - deposit start.
@@ -286,15 +291,56 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
     def pulls_from_a(peer: str) -> float:
         return cluster.gauge_labelled(peer, "meshrelay_sync_pull_total", peer=cluster["a"].url, outcome="ok")
 
+    lua = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deposit.lua")
+
+    async def load(url: str, bodies: list[bytes]) -> tuple[float, int]:
+        """Deposit every body once at ``url``: (seconds, failures)."""
+        if not args.wrk:
+            return await closed_loop(client, url + SEND, bodies, args.concurrency, args.rate)
+        path = os.path.join(cluster.base, "cpu-envelopes.txt")
+        with open(path, "wb") as fh:
+            fh.writelines(body + b"\n" for body in bodies)
+        # deposit.lua stops wrk's thread once every envelope is sent (requests still in flight on
+        # other connections are dropped), but wrk itself runs for -d: it is stopped once the node
+        # holds all but at most one envelope per connection, and what it stored is what counts.
+        name = next(n for n in ("solo", "a") if cluster[n].url == url)
+        before = cluster.gauge(name, "meshrelay_stored_envelopes")
+        cmd = ["wrk", "-t1", f"-c{args.wrk}", "-d600s", "-s", lua, url, "--", path, "1"]
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        last = [before, started]
+
+        def finished() -> bool:
+            # All but the dropped in-flight ones stored, or nothing stored for 2 s (refusals count
+            # as failures below).
+            now, stored = time.perf_counter(), cluster.gauge(name, "meshrelay_stored_envelopes")
+            if stored != last[0]:
+                last[:] = [stored, now]
+            return stored >= before + len(bodies) - args.wrk or now - last[1] > 2.0
+
+        try:
+            await wait_until(reactor, finished, 600, 0.1)
+            seconds = last[1] - started
+        finally:
+            proc.kill()
+            proc.wait()
+        stored = cluster.gauge(name, "meshrelay_stored_envelopes") - before
+        return seconds, len(bodies) - int(stored)
+
     try:
         cluster.start()
         per: dict[str, list[float]] = {"solo": [], "a": []}
         print(
-            f"cpu: {args.rounds} rounds x {args.count} deposits, concurrency {args.concurrency}, "
-            f"sync.interval {args.interval}s; CPU = node process + its children (store writer, signature verifier)"
+            f"cpu: {args.rounds} rounds x {args.count} deposits, "
+            + (f"wrk -t1 -c{args.wrk}, " if args.wrk else f"concurrency {args.concurrency}, ")
+            + f"sync.interval {args.interval}s; CPU = node process + its children (store writer, signature verifier)"
         )
         await closed_loop(client, cluster["solo"].url + SEND, make_envelopes(200), args.concurrency)  # warm-up
         await closed_loop(client, cluster["a"].url + SEND, make_envelopes(200), args.concurrency)
+        if args.wrk:
+            # The warm-up's idle keep-alive connections would count toward the node's per-address
+            # connection cap (max_connections_per_address) next to wrk's.
+            await pool.closeCachedConnections()
         for r in range(args.rounds):
             for name in ("solo", "a"):
                 bodies = make_envelopes(args.count)
@@ -302,7 +348,9 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                 before, sys_before = node_cpu(node), node_sys(node)
                 spies = start_profilers(args.profile and os.path.join(args.profile, f"{name}-{r + 1}"), {name: node})
                 pushes_before = pushes_of_a() if name == "a" else (0.0, 0.0)
-                seconds, failures = await closed_loop(client, node.url + SEND, bodies, args.concurrency, args.rate)
+                peers_before = {p: sum(node_cpu(cluster[p])) for p in ("b", "c")} if name == "a" else {}
+                client_before = time.process_time()
+                seconds, failures = await load(node.url, bodies)
                 if name == "a":
                     at_last_deposit = node_cpu(node)
                     batches = pushes_of_a()
@@ -322,6 +370,7 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                 else:
                     await task.deferLater(reactor, 1.0, lambda: None)
                 after, kernel = node_cpu(node), node_sys(node) - sys_before
+                client_used = time.process_time() - client_before
                 stop_profilers(spies)
                 done = args.count - failures
                 own, writer = (after[0] - before[0]) / done, (after[1] - before[1]) / done
@@ -331,14 +380,16 @@ async def cpu(reactor: Any, args: argparse.Namespace) -> None:
                 if name == "a":
                     requests, items = batches[0] - pushes_before[0], batches[1] - pushes_before[1]
                     tail = sum(after) - sum(at_last_deposit)
+                    peers_used = [(sum(node_cpu(cluster[p])) - peers_before[p]) / done * 1e6 for p in ("b", "c")]
                     pushed = (
                         f"; {requests:.0f} push requests, {items / max(requests, 1):.1f} items each; "
-                        f"{tail / done * 1e6:.0f} us of it after the last deposit"
+                        f"{tail / done * 1e6:.0f} us of it after the last deposit; "
+                        f"peers b, c {peers_used[0]:.0f}, {peers_used[1]:.0f} us"
                     )
                 print(
                     f"  round {r + 1} {label}: {(own + writer) * 1e6:7.0f} us CPU per deposit "
                     f"(node {own * 1e6:.0f}, of it kernel {kernel / done * 1e6:.0f}, + children {writer * 1e6:.0f}; {done / seconds:.0f} deposits/s, "
-                    f"{failures} failed{pushed})"
+                    f"{failures} failed{pushed}; this client {client_used / done * 1e6:.0f} us)"
                 )
         solo, mesh = statistics.median(per["solo"]), statistics.median(per["a"])
         # Each round measures both cases within a minute of each other: the ratio of one round is
@@ -624,6 +675,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=0.0, help="deposits/s offered in both cases (default: closed loop)")
     p.add_argument("--linger", type=int, default=None, help="sync.push_linger_ms of the nodes (default: the node's)")
     p.add_argument("--profile", default=None, help="py-spy the measured node in each round; collapsed stacks under DIR")
+    p.add_argument("--wrk", type=int, default=0, help="deposit with wrk -t1 -cN instead of this client (no --rate)")
     p = sub.add_parser("latency")
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--rate", type=float, default=0.0)
