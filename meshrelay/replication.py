@@ -97,6 +97,7 @@ from meshrelay.protocol import (
     bodies_request,
     bounded_response_cap,
     held_response_cap,
+    is_msg_id,
     loads_json,
     parse_bodies,
     parse_features,
@@ -499,7 +500,7 @@ class PushQueue:
             status_text = r.get("status") if isinstance(r, dict) else None
             if status_text in ok_statuses:
                 ok += 1
-                if held is not None and isinstance(r.get("msg_id"), str):
+                if held is not None and is_msg_id(r.get("msg_id")):
                     held.append(r["msg_id"])
             elif status_text == "rejected":
                 rejected += 1

@@ -7,6 +7,7 @@ here.  Nothing known about an earlier incarnation of a peer is used.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -172,3 +173,23 @@ class EchoMeshTests(MeshTestCase):
         self.assertEqual(self.push_count("a", "b", "rejected"), 1)
         self.sync_from("b")
         self.assertEqual(self.left_out("a", "b"), 1)  # the refused one was listed to B
+
+    def test_a_push_answer_teaches_only_well_formed_ids_under_a_well_formed_token(self) -> None:
+        """A peer's answer is untrusted: junk ids (any length) and malformed tokens teach nothing."""
+        push = self.peer_client("a", "b").push
+        holdings = self.mesh["a"].node.relay.holdings
+        b = Mesh.url("b")
+        before = holdings.size(b)
+        results = [
+            {"msg_id": "ab" * 32, "status": "accepted"},
+            {"msg_id": "x" * 5000, "status": "accepted"},
+            {"msg_id": "AB" * 32, "status": "duplicate"},
+            {"msg_id": "cd" * 32, "status": "rejected", "error": "mailbox_full"},
+        ]
+        for token in ("short", 7, None, "+" * 22):
+            answer = {"ok": True, "inc": token, "results": results}
+            push._answered((200, json.dumps(answer).encode()), "envelope", len(results))
+        self.assertEqual(holdings.size(b), before)
+        answer = {"ok": True, "inc": new_token(), "results": results}
+        push._answered((200, json.dumps(answer).encode()), "envelope", len(results))
+        self.assertEqual(holdings.size(b), before + 1)
