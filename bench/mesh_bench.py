@@ -277,6 +277,8 @@ def node_cpu(node: NodeProcess) -> tuple[float, float]:
 
 
 async def cpu(reactor: Any, args: argparse.Namespace) -> None:
+    if args.wrk and not shutil.which("wrk"):
+        raise SystemExit("cpu --wrk: wrk is not installed (apt-get install -y wrk)")
     config = {"limits": BENCH_LIMITS, "sync": {"interval": args.interval}}
     if args.linger is not None:
         config["sync"]["push_linger_ms"] = args.linger

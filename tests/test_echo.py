@@ -162,9 +162,8 @@ class EchoMeshTests(MeshTestCase):
             self.assertEqual(self.left_out(other, lost), 0)
 
     def test_envelopes_refused_at_a_cap_are_listed(self) -> None:
-        self.mesh.replace("b")  # b with a cap of one pending envelope per mailbox
         self.mesh.overrides = {"b": {"limits": {"per_mailbox_pending": 1}}}
-        self.mesh.replace("b")
+        self.mesh.replace("b")  # b with a cap of one pending envelope per mailbox
         self.mesh.settle()
         self.send("a", b"one", sender=Identity())
         self.send("a", b"two", sender=Identity())
