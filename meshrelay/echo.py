@@ -31,6 +31,7 @@ id is listed again: nothing is lost, only work is not saved).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterable
@@ -80,7 +81,6 @@ class PeerHoldings:
         self.max_tokens = max_tokens
         #: peer -> token -> msg_ids (dicts keep insertion order: the oldest first)
         self._held: dict[str, dict[str, dict[str, bool]]] = {}
-        self._count: dict[str, int] = {}
 
     def learn(self, peer: str, token: str, msg_ids: Iterable[str]) -> None:
         """``peer``, at incarnation ``token``, holds these envelopes."""
@@ -88,53 +88,36 @@ class PeerHoldings:
         ids = tokens.get(token)
         if ids is None:
             if len(tokens) >= self.max_tokens:
-                oldest = next(iter(tokens))
-                self._count[peer] -= len(tokens.pop(oldest))
+                del tokens[next(iter(tokens))]
             ids = tokens[token] = {}
-        before = len(ids)
-        for m in msg_ids:
-            ids[m] = True
-        count = self._count.get(peer, 0) + len(ids) - before
+        ids.update(dict.fromkeys(msg_ids, True))
         # Over the bound: drop the oldest ids, oldest incarnation first.
-        while count > self.max_ids:
+        excess = self.size(peer) - self.max_ids
+        while excess > 0:
             first = next(iter(tokens))
-            oldest_ids = tokens[first]
-            excess = count - self.max_ids
-            if excess >= len(oldest_ids):
-                count -= len(oldest_ids)
+            oldest = tokens[first]
+            if excess >= len(oldest):
+                excess -= len(oldest)
                 del tokens[first]
             else:
-                for m in list(_take(oldest_ids, excess)):
-                    del oldest_ids[m]
-                count -= excess
-        self._count[peer] = count
-        if not tokens:
-            del self._held[peer]
-            del self._count[peer]
+                for m in list(itertools.islice(oldest, excess)):
+                    del oldest[m]
+                excess = 0
 
     def leave_out(self, peer: str, token: str, items: list[ItemT]) -> list[ItemT]:
         """A feed page's items for ``peer`` at ``token``, without the envelopes it is known to hold.
 
         Each id left out is forgotten: the peer's cursor moves past it.
         """
-        tokens = self._held.get(peer)
-        ids = tokens.get(token) if tokens is not None else None
+        ids = self._held.get(peer, {}).get(token)
         if not ids:
             return items
-        kept = [i for i in items if i.kind != "envelope" or not ids.pop(i.key, False)]
-        self._count[peer] -= len(items) - len(kept)
-        return kept
+        return [i for i in items if i.kind != "envelope" or not ids.pop(i.key, False)]
 
     def size(self, peer: str) -> int:
-        return self._count.get(peer, 0)
+        """Ids remembered for ``peer``, over all its incarnations."""
+        return sum(len(ids) for ids in self._held.get(peer, {}).values())
 
     def forget(self, peer: str) -> None:
         """A peer left the config."""
         self._held.pop(peer, None)
-        self._count.pop(peer, None)
-
-
-def _take(ids: dict[str, bool], n: int) -> Iterable[str]:
-    it = iter(ids)
-    for _ in range(n):
-        yield next(it)

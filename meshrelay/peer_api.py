@@ -46,6 +46,7 @@ CHANGES = CHANGES_PATH.encode()
 __all__ = ["MAX_BATCH", "MAX_CHANGES_LIMIT", "DEFAULT_CHANGES_LIMIT", "PeerAPI", "parse_changes_query"]
 
 CHANGES_PARAMS = frozenset((b"since", b"limit", b"mailbox", b"ids"))
+POLICY_FEED_PARAMS = frozenset((b"since", b"limit"))
 
 _UINT_RE = re.compile(rb"0|[1-9][0-9]{0,15}")
 
@@ -90,11 +91,16 @@ def _query_param(args: dict[bytes, list[bytes]], name: bytes) -> bytes | None:
     return values[0]
 
 
-def parse_changes_query(args: dict[bytes, list[bytes]]) -> ChangesQuery:
-    """Validate ``since``, ``limit``, ``mailbox`` and ``ids`` of a changes request."""
-    unknown = set(args) - CHANGES_PARAMS
+def refuse_unknown(args: dict[bytes, list[bytes]], allowed: frozenset[bytes]) -> None:
+    """Query strings are closed (docs/protocol.md 10): a parameter not in ``allowed`` is 400."""
+    unknown = set(args) - allowed
     if unknown:
         raise BadRequest("unknown query parameter(s): " + ", ".join(sorted(u.decode("latin-1") for u in unknown)))
+
+
+def parse_changes_query(args: dict[bytes, list[bytes]]) -> ChangesQuery:
+    """Validate ``since``, ``limit``, ``mailbox`` and ``ids`` of a changes request."""
+    refuse_unknown(args, CHANGES_PARAMS)
     raw_ids = _query_param(args, b"ids")
     if raw_ids is not None and raw_ids != b"1":
         raise BadRequest("ids must be 1")
@@ -163,9 +169,7 @@ def v3_body(kind: str, body: str, ext: bool) -> str:
 
 def parse_policy_feed_query(args: dict[bytes, list[bytes]]) -> tuple[int, int]:
     """``since`` and ``limit`` of a policy feed read (v3); anything else is 400."""
-    unknown = set(args) - {b"since", b"limit"}
-    if unknown:
-        raise BadRequest("unknown query parameter(s): " + ", ".join(sorted(u.decode("latin-1") for u in unknown)))
+    refuse_unknown(args, POLICY_FEED_PARAMS)
     since, limit = 0, MAX_POLICIES
     raw_since = _query_param(args, b"since")
     if raw_since is not None:
@@ -207,8 +211,7 @@ class PeerAPI:
     @peer_route(app, REPLICATE_PATH, ["POST"])
     async def replicate(self, request: IRequest, peer: str) -> bytes:
         args, token = split_incarnation(request.args)
-        if args:
-            raise BadRequest("unknown query parameter(s): " + ", ".join(sorted(a.decode("latin-1") for a in args)))
+        refuse_unknown(args, frozenset())
         envelopes = replicate_items(read_json(request))
         results = await self.relay.accept_replicas(envelopes, peer=peer) if envelopes else []
         if token is None:
