@@ -1228,6 +1228,52 @@ class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
         self.addCleanup(reader.close)
         self.assertEqual(reader.execute("PRAGMA cache_size").fetchone()[0], -sqlite_store.READER_CACHE_KIB)
 
+    def test_a_deposit_checks_its_caps_from_the_one_mailbox_index(self) -> None:
+        """Schema 7: envelopes has one index per mailbox (with the sender), and the add check reads only covering indexes."""
+        store = self.make_store()
+        assert isinstance(store, SQLiteStore)
+        conn = store._wconn
+        indexes = {
+            r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'envelopes'")
+        }
+        self.assertEqual(indexes, {"sqlite_autoindex_envelopes_1", "envelopes_by_mailbox", "envelopes_by_expiry"})
+        columns = [r[2] for r in conn.execute("PRAGMA index_info(envelopes_by_mailbox)")]
+        self.assertEqual(columns, ["mailbox", "seq", "expires", "sender"])
+        plan = [
+            r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sqlite_store._ADD_CHECKS, ("0" * 64, "m", T0, "s", b"k"))
+        ]
+        on_envelopes = [step for step in plan if " envelopes " in step]
+        self.assertEqual(len(on_envelopes), 2, plan)
+        self.assertTrue(all("USING COVERING INDEX" in step for step in on_envelopes), plan)
+        self.assertIn("envelopes_by_mailbox (mailbox=?)", " ".join(on_envelopes))
+
+    def test_upgrade_from_schema_6_keeps_counting_each_sender(self) -> None:
+        """A store made at schema 6 gets the new mailbox index; its envelopes still count toward both caps."""
+        bob, alice, dave = Identity(), Identity(), Identity()
+        old = [make_env(alice, bob, b"1"), make_env(alice, bob, b"2"), make_env(dave, bob, b"3")]
+        statements = schema_statements(self.dialect, 6)
+        for seq, env in enumerate(old, 1):
+            statements.append(
+                (
+                    "INSERT INTO envelopes (seq, msg_id, mailbox, sender, expires, size, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (seq, env.msg_id, env.mailbox, env.sender, env.expires, len(env.raw), env.raw),
+                )
+            )
+        statements += [
+            ("UPDATE meta SET value = '3' WHERE key = 'last_seq'", ()),
+            ("UPDATE meta SET value = '3' WHERE key = 'stored_count'", ()),
+            ("UPDATE meta SET value = ? WHERE key = 'stored_bytes'", (str(sum(len(e.raw) for e in old)),)),
+        ]
+        self.raw_sql(statements)
+        store = self.make_store(Caps(per_sender_pending=2, per_mailbox_pending=4))
+        self.assertEqual(store.migrated_from, 6)
+        self.assertEqual(self.add(store, make_env(alice, bob, b"4")), AddResult(SENDER_CAP, pending=2, limit=2))
+        fourth = make_env(dave, bob, b"5")
+        self.assertEqual(self.add(store, fourth).status, ACCEPTED)
+        self.assertEqual(self.add(store, make_env(Identity(), bob, b"6")).status, MAILBOX_FULL)
+        self.assertEqual(self.add(store, old[0]), AddResult(DUPLICATE))
+        self.assertEqual(sorted(self.fetch_ids(store, bob)), sorted([e.msg_id for e in [*old, fourth]]))
+
     def test_a_failing_item_fails_the_page_but_not_its_neighbours(self) -> None:
         """One add of a page failing in SQLite: the call fails with StoreError, the others are stored."""
         metrics = Metrics()

@@ -102,14 +102,16 @@ def wal_keep_bytes(max_stored_bytes: int) -> int:
     return min(WAL_KEEP_BYTES, wal_backstop_pages(max_stored_bytes) * WAL_PAGE)
 
 
-#: dedup, tombstone and both cap counts of a deposit in one statement
+#: dedup, tombstone and both cap counts of a deposit in one statement; both counts come from one scan
+#: of the mailbox's entries in envelopes_by_mailbox, which holds the sender (schema 7)
 #: (parameters: msg_id, mailbox, now, sender, tombstone_key(mailbox, msg_id))
 _ADD_CHECKS = """
 SELECT
     EXISTS (SELECT 1 FROM envelopes WHERE msg_id = ?1),
     EXISTS (SELECT 1 FROM tombstones WHERE digest = ?5 AND expires > ?3),
-    (SELECT COUNT(*) FROM envelopes WHERE mailbox = ?2 AND expires > ?3),
-    (SELECT COUNT(*) FROM envelopes WHERE mailbox = ?2 AND sender = ?4 AND expires > ?3)
+    c.n, c.s
+FROM (SELECT COUNT(*) AS n, COALESCE(SUM(sender = ?4), 0) AS s
+      FROM envelopes WHERE mailbox = ?2 AND expires > ?3) AS c
 """
 
 
