@@ -380,7 +380,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         # entries): with the sender in those entries the same scan counts the sender's too, and
         # every insert updates three B-trees keyed at random instead of four (about 1 WAL page
         # per envelope less at each commit; docs/benchmarks.md, tenth session).  PostgreSQL keeps
-        # its two indexes: its writes are measured on their own (bench/pg_bench.py).
+        # its two indexes: its write path was not measured with one.
         only=(
             ("sqlite", "DROP INDEX envelopes_by_sender"),
             ("sqlite", "DROP INDEX envelopes_by_mailbox"),
