@@ -18,10 +18,8 @@ and exits.
 
 from __future__ import annotations
 
-import gc
 import os
 import pickle
-import struct
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -32,7 +30,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-_HEAD = struct.Struct(">I")
+from meshrelay.childloop import HEAD as _HEAD
+
 #: seconds to wait before starting a new child after one died
 RESPAWN_DELAY = 1.0
 #: seconds a stopping child gets to finish before it is killed
@@ -268,7 +267,7 @@ class ProcessExecutor:
     """
 
     def __init__(self, reactor: Any, what: str, error: Callable[[str], Exception]) -> None:
-        self.child = ChildProcess(reactor, "meshrelay.child", "call_main", [], what, error)
+        self.child = ChildProcess(reactor, "meshrelay.childloop", "call_main", [], what, error)
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return self.child.run((fn, args))
@@ -279,39 +278,3 @@ class ProcessExecutor:
     def stop(self) -> None:
         # The child finishes the job it has, reads EOF and exits; jobs in flight fail.
         self.child.stop()
-
-
-def call_main(argv: list[str]) -> int:
-    """A :class:`ProcessExecutor`'s child: each request is ``(fn, args)``, answered with ``fn(*args)``."""
-
-    def handle(request: Any) -> tuple[str, Any]:
-        fn, args = request
-        try:
-            return ("ok", fn(*args))
-        except Exception as e:
-            return ("error", f"{type(e).__name__}: {e}")
-
-    serve(handle)
-    return 0
-
-
-def serve(handle: Callable[[Any], tuple[str, Any]]) -> None:
-    """The child's loop: each request on stdin is answered with ``handle(request)`` on stdout, until EOF.
-
-    ``handle`` returns ``("ok", value)`` or ``("error", message)``.
-    """
-    # What is loaded now lives as long as the child: no full collection walks it again (a
-    # collection's pause is a pause of every request queued behind it).
-    gc.collect()
-    gc.freeze()
-    inp = sys.stdin.buffer
-    out = sys.stdout.buffer
-    while True:
-        head = inp.read(4)
-        if len(head) < 4:
-            return
-        (n,) = _HEAD.unpack(head)
-        outcome = handle(pickle.loads(inp.read(n)))
-        data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
-        out.write(_HEAD.pack(len(data)) + data)
-        out.flush()

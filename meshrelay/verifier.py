@@ -22,15 +22,11 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
-from meshrelay.envelope import verify_signature
+from meshrelay.envelope import verify_all, verify_signature
 from meshrelay.errors import Unavailable
 from meshrelay.executor import Executor
 
 Item = tuple[bytes, bytes, bytes]
-
-
-def _verify_all(items: list[Item]) -> list[bool]:
-    return [verify_signature(key, sig, msg) for key, sig, msg in items]
 
 
 class Verifier:
@@ -58,7 +54,7 @@ class Verifier:
     def verify_many(self, items: list[Item]) -> Deferred[list[bool]]:
         """One verdict per (key, sig, msg), in order: a page of replicas costs one Deferred, not one each."""
         if self._executor is None or not items:
-            return succeed(_verify_all(items))
+            return succeed(verify_all(items))
         return self._queue(list(items), True)
 
     def _queue(self, items: list[Item], many: bool) -> Deferred[Any]:
@@ -73,7 +69,7 @@ class Verifier:
         batch, self._pending = self._pending, []
         self._inflight += 1
         flat = [item for items, _, _ in batch for item in items]
-        self._executor.run(_verify_all, flat).addBoth(self._done, batch)
+        self._executor.run(verify_all, flat).addBoth(self._done, batch)
 
     def _done(self, result: list[bool] | Failure, batch: list[tuple[list[Item], Deferred[Any], bool]]) -> None:
         self._inflight -= 1

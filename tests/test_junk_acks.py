@@ -191,7 +191,7 @@ class TombstonedTests(SynchronousTestCase):
 
     def check(self, mailbox: str, asked: dict[bytes, str], real_only: bool = False, computed: bool = True) -> set[str]:
         """``_tombstoned`` against the table's own answer, with the caller's keys and (``computed``) without."""
-        from meshrelay.store import sqlite as sqlite_store
+        from meshrelay.store import sqlite_core as sqlite_store
 
         sql = "SELECT digest FROM tombstones" + (" WHERE junk = 0" if real_only else "")
         present = {d for (d,) in self.conn.execute(sql)}
@@ -207,7 +207,7 @@ class TombstonedTests(SynchronousTestCase):
 
     def test_range_scan_and_id_by_id_agree(self) -> None:
         from meshrelay.store import migrations
-        from meshrelay.store import sqlite as sqlite_store
+        from meshrelay.store import sqlite_core as sqlite_store
 
         bob, other = Identity().pub, Identity().pub
         ids = self.ids(40)
@@ -251,7 +251,7 @@ class TombstonedTests(SynchronousTestCase):
 
 class KeyListTests(SynchronousTestCase):
     def test_key_lists_come_in_three_shapes_padded_with_their_last_key(self) -> None:
-        from meshrelay.store import sqlite as sqlite_store
+        from meshrelay.store import sqlite_core as sqlite_store
 
         keys = [bytes([i % 256, i // 256]) for i in range(1100)]
         pieces = list(sqlite_store._key_chunks(keys))

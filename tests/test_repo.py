@@ -68,6 +68,7 @@ LAYERS: dict[str, int] = {
             "deferutil",
             "executor",
             "child",
+            "childloop",
             "store.migrations",
             "policy",
             "contact",
@@ -76,7 +77,19 @@ LAYERS: dict[str, int] = {
         0,
     ),
     **dict.fromkeys(
-        ("store.base", "store.sqlite", "store.writer_process", "store.postgres", "store.backup", "store", "verifier"), 1
+        (
+            "store.base",
+            "store.settle",
+            "store.sqlite_core",
+            "store.sqlite",
+            "store.writer_child",
+            "store.writer_process",
+            "store.postgres",
+            "store.backup",
+            "store",
+            "verifier",
+        ),
+        1,
     ),
     **dict.fromkeys(("relay", "peers", "replication", "policy_sync"), 2),
     **dict.fromkeys(("web", "api", "peer_api", "cors", "inbox", "admin", "status"), 3),

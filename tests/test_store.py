@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshrelay import envelope as E
 from meshrelay.executor import Executor, InlineExecutor
 from meshrelay.metrics import Metrics
-from meshrelay.store import migrations
+from meshrelay.store import migrations, sqlite_core
 from meshrelay.store import sqlite as sqlite_store
 from meshrelay.store.base import (
     ACCEPTED,
@@ -1167,7 +1167,7 @@ class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
     def raw_sql(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
         os.makedirs(self.data_dir, exist_ok=True)
         conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME), isolation_level=None)
-        sqlite_store.register_functions(conn)
+        sqlite_core.register_functions(conn)
         rows: list[tuple[Any, ...]] = []
         try:
             conn.execute("BEGIN")
@@ -1240,7 +1240,7 @@ class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
         columns = [r[2] for r in conn.execute("PRAGMA index_info(envelopes_by_mailbox)")]
         self.assertEqual(columns, ["mailbox", "seq", "expires", "sender"])
         plan = [
-            r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sqlite_store._ADD_CHECKS, ("0" * 64, "m", T0, "s", b"k"))
+            r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sqlite_core._ADD_CHECKS, ("0" * 64, "m", T0, "s", b"k"))
         ]
         on_envelopes = [step for step in plan if " envelopes " in step]
         self.assertEqual(len(on_envelopes), 2, plan)
@@ -1280,14 +1280,14 @@ class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
         store = self.make_store(metrics=metrics)
         bob, alice = Identity(), Identity()
         page = [make_env(alice, bob, b"%d" % i) for i in range(3)]
-        real_add = sqlite_store._add
+        real_add = sqlite_core._add
 
         def failing_add(conn: Any, st: Any, caps: Caps, args: tuple[Any, ...]) -> AddResult:
             if args[0] == page[1].msg_id:
                 conn.execute("INSERT INTO envelopes (seq) VALUES (NULL)")  # violates NOT NULL
             return real_add(conn, st, caps, args)
 
-        self.patch(sqlite_store, "_add", failing_add)
+        self.patch(sqlite_core, "_add", failing_add)
         f = self.failureResultOf(store.add_envelopes(page, T0), StoreError)
         self.assertIn("NOT NULL", f.getErrorMessage())
         self.assertEqual(sorted(self.fetch_ids(store, bob)), sorted([page[0].msg_id, page[2].msg_id]))

@@ -14,10 +14,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshrelay.store import writer_process
+from meshrelay.store import writer_child
 from meshrelay.store.base import Caps
 from meshrelay.store.sqlite import DB_NAME, WriterCore, migrate
-from meshrelay.store.writer_process import _caps_argv, child_main
+from meshrelay.store.writer_child import child_main
+from meshrelay.store.writer_process import _caps_argv
 from meshrelay.tap import MeshrelayService, Options, makeService
 
 
@@ -123,7 +124,7 @@ class StartUpTests(SynchronousTestCase):
     walked every object the process had built (about 65,000 in a node); under issue 10's
     attack soak a node ran one every ten seconds or so, each stopping its reactor for about
     40 ms.  ``gc.freeze`` after start-up leaves those passes the objects made since.  And the
-    writer runs as ``SCHED_BATCH`` (see ``writer_process.no_wakeup_preemption``).
+    writer runs as ``SCHED_BATCH`` (see ``writer_child.no_wakeup_preemption``).
     """
 
     def record(self) -> list[str]:
@@ -159,7 +160,7 @@ class StartUpTests(SynchronousTestCase):
 
     def test_the_writer_child_freezes_what_it_loaded(self) -> None:
         calls = self.record()
-        self.patch(writer_process, "no_wakeup_preemption", lambda: None)
+        self.patch(writer_child, "no_wakeup_preemption", lambda: None)
         self.run_child()
         self.assertEqual(calls, ["collect", "freeze"])
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from meshrelay.config import Config
-from meshrelay.executor import ThreadExecutor
-from meshrelay.store.base import Caps, Store, StoreError
+if TYPE_CHECKING:
+    # Imported where used: the store writer's child process imports this package (for
+    # ``sqlite_core``) and must not load the node's config, web and Twisted modules with it.
+    from meshrelay.config import Config
+    from meshrelay.store.base import Caps, Store
 
 #: reader connections (and threads) per process for the PostgreSQL backend
 READER_THREADS = 3
 
 
 def caps_from(config: Config) -> Caps:
+    from meshrelay.store.base import Caps
+
     lim = config.limits
     return Caps(
         per_sender_pending=lim.per_sender_pending,
@@ -34,6 +38,9 @@ def open_store(config: Config, reactor: Any, metrics: Any = None) -> Store:
 
     Raises :class:`StoreError` with a one-line reason when it cannot be opened.
     """
+    from meshrelay.executor import ThreadExecutor
+    from meshrelay.store.base import StoreError
+
     caps = caps_from(config)
     if config.store.backend == "sqlite":
         from meshrelay.store.sqlite import DB_NAME, SQLiteStore

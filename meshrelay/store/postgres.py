@@ -102,15 +102,14 @@ from meshrelay.store.base import (
     StoreError,
     StoreStats,
     SweepResult,
-    add_each,
     bucket_refusal,
     cut_page,
     fill_bodies,
     junk_budget,
     one_line,
-    settle_batch,
     tombstone_key,
 )
+from meshrelay.store.settle import add_each, settle_batch
 
 T = TypeVar("T")
 
