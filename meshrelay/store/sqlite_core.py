@@ -1,9 +1,10 @@
 """SQLite's write side: the schema migration, the write operations and the group commit.
 
 Everything the store's writer runs lives here, free of Twisted: the writer
-child process (:mod:`meshrelay.store.writer_child`) imports only this
-module, the standard library, the envelope codec and libsodium, so it starts
-in a fraction of the time the node's imports take, and holds less memory.
+child process (:mod:`meshrelay.store.writer_child`) imports this module and
+what it needs (the store's records, the migrations, the envelope codec,
+libsodium) and none of the node's framework, so it starts in a fraction of
+the time the node's imports take, and holds less memory.
 :class:`~meshrelay.store.sqlite.SQLiteStore` (the reactor side) hands
 batches of these operations to the writer thread or process, or runs them
 inline.
