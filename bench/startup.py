@@ -33,6 +33,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import child_pids
 
 from meshrelay import envelope as E
 from tests.harness import NodeProcess, http_request
@@ -45,17 +48,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as fh:
-                out.extend(int(c) for c in fh.read().split())
-        except OSError:
-            pass
-    return out
 
 
 def role(pid: int) -> str:
@@ -71,16 +63,7 @@ def one_round(base: str) -> dict[str, float]:
     launched = time.perf_counter()
     node.start(wait=False)
     try:
-        while True:
-            try:
-                status, _ = http_request(node.port, "GET", "/api/mesh/health", timeout=5)
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            if time.perf_counter() - launched > 60:
-                raise RuntimeError("the node did not start in 60 s:\n" + node.tail_log())
-            time.sleep(0.005)
+        node.wait_ready(60, interval=0.005)
         health = time.perf_counter() - launched
         status, answer = http_request(node.port, "POST", "/api/mesh/dm/send", body, timeout=60)
         deposit = time.perf_counter() - launched
@@ -88,7 +71,7 @@ def one_round(base: str) -> dict[str, float]:
             raise RuntimeError(f"the first deposit was answered {status}: {answer}")
         assert node.proc is not None
         memory = {"node": rss_kib(node.proc.pid) / 1024.0}
-        for child in children(node.proc.pid):
+        for child in child_pids(node.proc.pid):
             memory[role(child)] = memory.get(role(child), 0.0) + rss_kib(child) / 1024.0
         return {"health": health, "deposit": deposit, **{f"rss_{k}": v for k, v in memory.items()}}
     finally:

@@ -165,7 +165,8 @@ class NodeProcess:
             self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 30.0, interval: float = 0.05) -> None:
+        """Until the node answers its health check (polled every ``interval`` s)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -176,7 +177,7 @@ class NodeProcess:
                     return
             except OSError:
                 pass
-            time.sleep(0.05)
+            time.sleep(interval)
         raise RuntimeError(f"node {self.name} did not become ready in {timeout}s:\n{self.tail_log()}")
 
     def tail_log(self, lines: int = 40) -> str:

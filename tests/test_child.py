@@ -23,6 +23,14 @@ from tests.test_verifier import signed_items
 pytestmark = pytest.mark.integration
 
 
+def start_executor(case: TestCase) -> child.ProcessExecutor:
+    """A started ProcessExecutor on a real child, stopped when ``case`` ends."""
+    executor = child.ProcessExecutor(reactor, "test helper", Unavailable)
+    executor.start()
+    case.addCleanup(executor.child.stop)
+    return executor
+
+
 def explode(message: str) -> None:
     raise ValueError(message)
 
@@ -31,9 +39,7 @@ class ProcessExecutorTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self.executor = child.ProcessExecutor(reactor, "test helper", Unavailable)
-        self.executor.start()
-        self.addCleanup(self.executor.child.stop)
+        self.executor = start_executor(self)
 
     @inlineCallbacks
     def test_jobs_run_in_the_child_in_order(self) -> Any:
@@ -153,9 +159,7 @@ class BigFramesTests(TestCase):
 
     @inlineCallbacks
     def test_frames_larger_than_the_pipe_arrive_whole_and_in_order(self) -> Any:
-        executor = child.ProcessExecutor(reactor, "test helper", Unavailable)
-        executor.start()
-        self.addCleanup(executor.child.stop)
+        executor = start_executor(self)
         sizes = [300_000, 10, 200_000, 1, 150_000, 70_000, 5]
         answers = [executor.run(echo, b"x" * n) for n in sizes]
         got = []
@@ -186,9 +190,7 @@ class LeanChildTests(TestCase):
     @inlineCallbacks
     def test_the_verifier_child_runs_without_the_node_modules(self) -> Any:
         """A real verifier child, after a verification: what it has loaded (asked with a job of its own)."""
-        executor = child.ProcessExecutor(reactor, "test helper", Unavailable)
-        executor.start()
-        self.addCleanup(executor.child.stop)
+        executor = start_executor(self)
         self.assertEqual((yield executor.run(verify_all, signed_items(2))), [True, False])
         loaded = yield executor.run(eval, "sorted(__import__('sys').modules)")
         self.assertIn("meshrelay.envelope", loaded)
