@@ -2,7 +2,8 @@
 
 Writes go through one writer (a child process by default, see
 ``writer_process.py``, or a thread) that commits many operations per
-transaction (group commit): an operation is queued, the writer takes
+transaction (group commit; the operations and the commit itself are in
+``sqlite_core.py``, which imports no Twisted): an operation is queued, the writer takes
 everything queued so far, runs each atomically (inside a savepoint when it
 writes more than once), commits once, and only then fires each operation's
 Deferred.  While one batch commits, the next one fills, so the batch size
