@@ -9,10 +9,11 @@ With no ``--data-dir`` it fills a fresh one with ``bench/fill_store.py``
 Then, ``--starts`` times: start ``twistd -n meshrelay`` on it and measure
 start-up time = from process start (``Popen``) to the first 200 from
 ``GET /api/mesh/health`` (polled every 5 ms), and the node's RSS (VmRSS from
-``/proc/PID/status``, summed over the node and its store writer process) right after start-up; stop it with SIGTERM.  After the
+``/proc/PID/status``, summed over the node and its child processes: the store writer and the
+signature verifier) right after start-up; stop it with SIGTERM.  After the
 last start it also measures RSS after ``--polls`` polls (distinct mailboxes,
 ``limit=100``, no acks, so each returns ~100 KiB) and ``--deposits`` deposits,
-and the peak (VmHWM, summed over the same processes).  It checks that the node reports the filled count
+and the peak (VmHWM, summed over the same processes), and prints the last figure by process.  It checks that the node reports the filled count
 (``meshrelay_stored_envelopes``) and that polls return the stored envelopes.
 
 Targets (issue 2): start-up < 5 s, RSS < 150 MB.
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         deposit_s = time.monotonic() - t0
         rss_after_deposits = common.tree_rss_mb(server.pid)
         peak_rss = common.tree_rss_mb(server.pid, "VmHWM")
+        by_process = common.rss_by_process(server.pid)
         server.stop()
 
         report.update(
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 "deposit_s": round(deposit_s, 2),
                 "rss_after_deposits_mb": round(rss_after_deposits, 1),
                 "peak_rss_mb": round(peak_rss, 1),
+                "rss_by_process_mb": by_process,
                 "problems": problems,
             }
         )
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             f"RSS after {args.deposits} deposits:      {report['rss_after_deposits_mb']:.1f} MB "
             f"(peak {report['peak_rss_mb']:.1f} MB)"
         )
+        print("  of it, by process: " + ", ".join(f"{k} {v:.1f} MB" for k, v in by_process.items()))
         for prob in problems:
             print(f"PROBLEM: {prob}")
         common.write_json(args.out, report)

@@ -94,6 +94,20 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def rss_by_process(pid: int) -> dict[str, float]:
+    """VmRSS (MB) of a node and of each child by its role (store writer, verifier)."""
+    out = {"node": round(rss_mb(pid), 1)}
+    for child in child_pids(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as fh:
+                cmd = fh.read().decode(errors="replace")
+            role = "writer" if "writer" in cmd else "verifier" if "child" in cmd else f"child {child}"
+            out[role] = round(out.get(role, 0.0) + rss_mb(child), 1)
+        except OSError:
+            continue
+    return out
+
+
 def tree_rss_mb(pid: int, key: str = "VmRSS") -> float:
     """RSS of ``pid`` plus its living children (``key="VmHWM"``: the sum of their peaks)."""
     total = proc_status(pid)[key] / 1024.0

@@ -23,8 +23,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import nacl.bindings
-import nacl.exceptions
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
 )
@@ -40,6 +38,10 @@ from meshrelay.errors import (
     Stale,
     TooLarge,
 )
+from meshrelay.sigcheck import KEY_LEN as KEY_LEN
+from meshrelay.sigcheck import SIG_LEN as SIG_LEN
+from meshrelay.sigcheck import verify_all as verify_all
+from meshrelay.sigcheck import verify_signature as verify_signature
 
 ENVELOPE_DOMAIN = "meshrelay/envelope/v1"
 POLL_DOMAIN = "meshrelay/poll/v1"
@@ -48,8 +50,6 @@ ENVELOPE_FIELDS = frozenset(("v", "msg_id", "mailbox", "sender", "ts", "ttl", "c
 ACK_FIELDS = frozenset(("mailbox", "ts", "nonce", "ack", "sig"))
 POLL_FIELDS = ACK_FIELDS | {"limit", "wait", "fetch_remote"}
 
-KEY_LEN = 32
-SIG_LEN = 64
 NONCE_LEN = 16
 MAX_ACK_IDS = 500
 MAX_POLL_LIMIT = 100
@@ -329,34 +329,6 @@ def parse_envelope(obj: Any, max_message_bytes: int) -> Envelope:
         signed=signed,
         ct_size=len(ciphertext),
     )
-
-
-def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
-    """Ed25519-verify ``signature`` over ``message``; False on any failure.
-
-    libsodium (through PyNaCl) does the check: measured here it is about twice
-    as fast as OpenSSL through ``cryptography`` (46 vs 102 us), and its cffi
-    call releases the GIL, so verification on the verifier thread really runs
-    beside the reactor on the second core (two threads: 41k/s against 11k/s).
-    libsodium is the stricter of the two (it refuses small-order keys and
-    non-canonical signatures); a valid signature verifies under both.
-    """
-    if len(public_key) != KEY_LEN or len(signature) != SIG_LEN:
-        return False
-    try:
-        nacl.bindings.crypto_sign_open(signature + message, public_key)
-    except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
-        return False
-    return True
-
-
-def verify_all(items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
-    """:func:`verify_signature` of each ``(public_key, signature, message)``: the verifier's batch.
-
-    It runs in the verifier child process (it travels there by name), which
-    imports this module and no Twisted.
-    """
-    return [verify_signature(key, sig, msg) for key, sig, msg in items]
 
 
 def verify_envelope(env: Envelope) -> bool:

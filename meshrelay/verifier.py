@@ -22,9 +22,9 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
-from meshrelay.envelope import verify_all, verify_signature
 from meshrelay.errors import Unavailable
 from meshrelay.executor import Executor
+from meshrelay.sigcheck import verify_all, verify_signature
 
 Item = tuple[bytes, bytes, bytes]
 

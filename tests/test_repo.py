@@ -55,6 +55,7 @@ LAYERS: dict[str, int] = {
             "meshrelay",
             "errors",
             "envelope",
+            "sigcheck",
             "protocol",
             "config",
             "fairness",
