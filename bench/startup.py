@@ -35,25 +35,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import child_pids
+from common import rss_by_process
 
 from meshrelay import envelope as E
 from tests.harness import NodeProcess, http_request
 from tests.helpers import Identity
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def role(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as fh:
-        cmd = fh.read().decode(errors="replace")
-    return "writer" if "writer" in cmd else "verifier" if "childloop" in cmd or "meshrelay.child" in cmd else "other"
 
 
 def one_round(base: str) -> dict[str, float]:
@@ -70,9 +56,7 @@ def one_round(base: str) -> dict[str, float]:
         if status != 200:
             raise RuntimeError(f"the first deposit was answered {status}: {answer}")
         assert node.proc is not None
-        memory = {"node": rss_kib(node.proc.pid) / 1024.0}
-        for child in child_pids(node.proc.pid):
-            memory[role(child)] = memory.get(role(child), 0.0) + rss_kib(child) / 1024.0
+        memory = rss_by_process(node.proc.pid)
         return {"health": health, "deposit": deposit, **{f"rss_{k}": v for k, v in memory.items()}}
     finally:
         node.stop()
