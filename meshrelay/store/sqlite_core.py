@@ -102,10 +102,11 @@ def register_functions(conn: sqlite3.Connection) -> None:
 #: page cache of a reader connection, KiB
 READER_CACHE_KIB = 8_000
 #: page cache of the writer's connection, KiB (an upper bound: SQLite fills it only as pages are used).
-#: Every insert updates three indexes at places spread over them (msg_id, mailbox, sender); at a
-#: hundred thousand envelopes those indexes alone outgrow 8 MiB, and each miss is a read of the
-#: file.  A 100k catch-up (bench/mesh_bench.py catchup) spent 101-102 us per envelope in the
-#: children with 64 MiB against 104-108 with 8 MiB (docs/benchmarks.md, fourth session).
+#: Every insert updates indexes at places spread over them (msg_id and the mailbox index; before
+#: schema 7 also the sender index); at a hundred thousand envelopes those indexes alone outgrow
+#: 8 MiB, and each miss is a read of the file.  A 100k catch-up (bench/mesh_bench.py catchup) spent
+#: 101-102 us per envelope in the children with 64 MiB against 104-108 with 8 MiB (docs/benchmarks.md,
+#: fourth session, with the three indexes of schema 6).
 WRITER_CACHE_KIB = 65_536
 
 
