@@ -24,7 +24,6 @@ until its writer child is ready.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -45,7 +44,7 @@ from tests.helpers import Identity
 def one_round(base: str) -> dict[str, float]:
     node = NodeProcess(base, f"n{len(os.listdir(base))}")
     now = int(time.time())
-    body = json.loads(E.dumps_json(E.make_envelope(Identity().key, Identity().pub, os.urandom(200), now, 3600)))
+    body = E.dumps_json(E.make_envelope(Identity().key, Identity().pub, os.urandom(200), now, 3600))
     launched = time.perf_counter()
     node.start(wait=False)
     try:
