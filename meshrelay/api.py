@@ -21,12 +21,14 @@ from meshrelay.relay import Relay
 from meshrelay.web import (
     FALLBACK_ATTR,
     SHARE_KEY_ATTR,
+    HeldAnswers,
     Routes,
-    answer_refusal,
     body_length,
     install_error_table,
     json_response,
+    log_refusal,
     read_json,
+    refusal_response,
 )
 
 
@@ -61,8 +63,11 @@ class ClientAPI:
         peer_count: Callable[[], int] = lambda: 0,
         client_limiter: Any = None,
         deposit_limiter: Any = None,
+        held: HeldAnswers | None = None,
     ) -> None:
         self.relay = relay
+        #: where early over-share refusals wait out their hold (None: answered at once)
+        self.held = held
         self.peer_count = peer_count
         #: used only on a listener whose address means nothing (NodeRoot charges the address otherwise)
         self.client_limiter = client_limiter
@@ -88,7 +93,7 @@ class ClientAPI:
     def resource(self) -> Any:
         return Routes(self.app, self)
 
-    def refuse_early(self, request: IRequest, share: str) -> bytes | None:
+    def refuse_early(self, request: IRequest, share: str) -> bytes | int | None:
         """The answer to a long-poll over its address's share, before the routes; None: route the poll.
 
         Called by :class:`~meshrelay.web.NodeRoot` for a poll that passed the per-address
@@ -98,7 +103,9 @@ class ClientAPI:
         ``Retry-After``, metrics and log line) but without Klein's routing, the coroutine and
         the error handler: what a flood of such polls costs the reactor per request (issue 10).
         Anything else (a bad content type, body or shape, a poll that acks or does not wait) is
-        routed, and answered there.
+        routed, and answered there.  The refusal is counted and logged at once, and answered
+        after the relay's hold (``limits.over_share_hold``, at most the poll's ``wait``) through
+        ``held`` (``NOT_DONE_YET`` then).
         """
         relay = self.relay
         if not relay.share_full(share):
@@ -107,8 +114,14 @@ class ClientAPI:
             obj = read_json(request)
         except MeshError:
             return None
-        refusal = relay.refuse_over_share(obj, share)
-        return None if refusal is None else answer_refusal(request, refusal, relay.log_agg)
+        found = relay.refuse_over_share(obj, share)
+        if found is None:
+            return None
+        refusal, hold = found
+        log_refusal(request, refusal, relay.log_agg)
+        if self.held is None:
+            return refusal_response(request, refusal)
+        return self.held.answer(request, hold, lambda: refusal_response(request, refusal))
 
     def _answer(self, request: IRequest, d: Deferred[dict[str, Any]]) -> Deferred[bytes]:
         return d.addCallback(lambda result: json_response(request, 200, result))

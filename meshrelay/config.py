@@ -135,6 +135,10 @@ class LimitsConfig:
     max_connections_per_address: int = field(default=64, metadata=_range(0))
     #: long-polls one address may have waiting (0 = no per-address cap)
     max_waiting_polls_per_address: int = field(default=32, metadata=_range(0))
+    #: seconds a long-poll over its address's share is held before its 429 (at most its own
+    #: ``wait``; 0 = answer at once): a client that re-sends such polls as soon as they are
+    #: refused gets a few answers a minute per connection instead of hundreds a second
+    over_share_hold: int = field(default=10, metadata=_range(0, 30))
     #: deposit body bytes per second per address (0 = unlimited), and the burst allowed
     deposit_bytes_rate: int = field(default=32768, metadata=_range(0))
     deposit_bytes_burst: int = field(default=262144, metadata=_range(256))

@@ -110,6 +110,11 @@ class Metrics:
             "meshrelay_stored_tombstones", "Tombstones stored, as of the last expiry sweep", registry=r
         )
         self.waiting_polls = Gauge("meshrelay_waiting_polls", "Long-polls waiting", registry=r)
+        self.held_refusals = Gauge(
+            "meshrelay_held_refusals",
+            "Refusals held back before they are answered (limits.over_share_hold)",
+            registry=r,
+        )
         self.expired_total = Counter("meshrelay_expired", "Rows removed by the expiry sweeper", ["kind"], registry=r)
         self.refused_total = Counter(
             "meshrelay_http_refused", "Requests refused before routing", ["reason"], registry=r

@@ -38,7 +38,7 @@ from meshrelay.store import caps_from, open_store
 from meshrelay.store.base import Store
 from meshrelay.store.migrations import LATEST_VERSION
 from meshrelay.verifier import Verifier
-from meshrelay.web import MeshSite, NodeRoot, body_caps_for
+from meshrelay.web import HeldAnswers, MeshSite, NodeRoot, body_caps_for
 
 
 @dataclass
@@ -123,11 +123,14 @@ class Node(Service):
             lim.trusted_proxies, lim.ipv4_prefix, lim.ipv6_prefix, config.node.listen_address_means_nothing
         )
         self._policies.append(self.address_policy)
+        #: early over-share refusals waiting out limits.over_share_hold (released at stop)
+        self.held = HeldAnswers(reactor, lim.max_waiting_polls, self.metrics.held_refusals)
         self.client_api = ClientAPI(
             self.relay,
             peer_count=lambda: len(self.config.peers),
             client_limiter=self.client_limiter,
             deposit_limiter=self.deposit_limiter,
+            held=self.held,
         )
         self.peer_limiter = RateLimiter(lim.peer_rate, lim.peer_burst, reactor)
         #: mailbox-filtered changes (a peer's fetch_remote) draw from this budget, not peer_limiter
@@ -240,6 +243,7 @@ class Node(Service):
         cors = CorsPolicy(config.web.cors_origins)
         for resource in self._cors:
             resource.cors = cors
+        self.held.max_held = lim.max_waiting_polls
         self.sweeper.interval = config.node.sweep_interval
         self.peer_auth.reconfigure(config)
         for peer in config.peers:
@@ -344,6 +348,7 @@ class Node(Service):
             swept = self._swept
             self.sweeper.stop()
         self.verifier.stop()
+        self.held.release_all()
         self.relay.log_agg.stop()
         # A sweep in flight (several write transactions) ends before the store closes.
         d = swept.addBoth(lambda _: self.store.close() if self.store is not None else None)

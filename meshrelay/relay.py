@@ -680,8 +680,9 @@ class Relay:
         if refusal is not None:
             raise refusal
 
-    def refuse_over_share(self, obj: Any, client: str) -> MeshError | None:
-        """The refusal of a long-poll over its address's share, decided with no Deferred; None: serve it as usual.
+    def refuse_over_share(self, obj: Any, client: str) -> tuple[MeshError, int] | None:
+        """The refusal of a long-poll over its address's share, decided with no Deferred, and how
+        long it may be held before it is answered; None: serve it as usual.
 
         The cheap path of docs/protocol.md 4.4 step 8 for a flood of long-polls from one address:
         a poll with ``wait > 0`` and no ``ack`` from an address whose share of waiting polls is
@@ -690,6 +691,10 @@ class Relay:
         Deferred machinery :meth:`poll` runs (issue 10: about 200 such refusals a second per
         node, each of which the node's reactor serves before the next honest request).  A body
         that is not a poll of that kind is left to :meth:`poll` (its shape errors included).
+
+        The hold is ``min(wait, limits.over_share_hold)`` seconds (4.4 step 8): a client that
+        re-sends refused long-polls at once is answered a few times a minute, not hundreds of
+        times a second, and such refusals stop coming in bursts.
         """
         if not self.share_full(client):
             return None
@@ -700,9 +705,10 @@ class Relay:
         if req.wait <= 0 or req.auth.ack:
             return None
         refusal = self._share_refusal(client)
-        if refusal is not None:
-            self.metrics.polls_total.labels(refusal.code).inc()
-        return refusal
+        if refusal is None:
+            return None
+        self.metrics.polls_total.labels(refusal.code).inc()
+        return refusal, min(req.wait, self.limits.over_share_hold)
 
     def _unregister(self, waiter: _Waiter) -> None:
         group = self._waiters.get(waiter.mailbox)

@@ -465,14 +465,82 @@ ERROR_TABLE: tuple[_ErrorRow, ...] = (
 )
 
 
-def answer_refusal(request: IRequest, e: MeshError, agg: Any) -> bytes:
-    """The answer to a refusal, logged (aggregated) as the error table logs it; for a route that refuses without raising."""
+def log_refusal(request: IRequest, e: MeshError, agg: Any) -> None:
+    """Log (aggregated) a refusal as the error table logs it."""
     row = ERROR_TABLE[0]
     if e.code not in _LOGGED_BY_RELAY:
         detail = " ".join(e.detail.split())[:200]
         fields = {"path": _shown_path(request), "status": e.status, "code": e.code, "detail": detail}
         note_refusal(agg, row.log_key.format(code=e.code), row.log_fmt, row.level, **fields)
+
+
+def refusal_response(request: IRequest, e: MeshError) -> bytes:
+    """The protocol's answer to a refusal: status, error body and (a 429) ``Retry-After``."""
     return json_response(request, e.status, e.body(), e.retry_after)
+
+
+def answer_refusal(request: IRequest, e: MeshError, agg: Any) -> bytes:
+    """The answer to a refusal, logged (aggregated) as the error table logs it; for a route that refuses without raising."""
+    log_refusal(request, e, agg)
+    return refusal_response(request, e)
+
+
+class HeldAnswers:
+    """Answers held back a while before they are sent: a tarpit for refusals a client re-sends at once.
+
+    :meth:`answer` holds a request's answer ``seconds`` on the clock (one timer), then writes
+    it; the request keeps its connection meanwhile, so the per-address connection cap bounds
+    what one address holds.  At most ``max_held`` are held at a time (past that, answered at
+    once).  A client that goes away ends its hold (no answer, no timer left);
+    :meth:`release_all` answers every held request now (the node stopping).
+    """
+
+    def __init__(self, clock: Any, max_held: int, gauge: Any = None) -> None:
+        self.clock = clock
+        self.max_held = max_held
+        #: a prometheus Gauge of the answers held now, or None
+        self.gauge = gauge
+        self._held: dict[IRequest, tuple[Any, Callable[[], bytes]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def answer(self, request: IRequest, seconds: float, body: Callable[[], bytes]) -> bytes | int:
+        """``body()`` now, or after ``seconds`` (then ``NOT_DONE_YET`` now): what ``render`` returns."""
+        if seconds <= 0 or len(self._held) >= self.max_held:
+            return body()
+        call = self.clock.callLater(seconds, self._send, request)
+        self._held[request] = (call, body)
+        self._changed()
+        request.notifyFinish().addErrback(lambda _: self._drop(request))  # type: ignore[attr-defined]
+        return server.NOT_DONE_YET
+
+    def _send(self, request: IRequest) -> None:
+        entry = self._held.pop(request, None)
+        if entry is None:
+            return
+        self._changed()
+        request.write(entry[1]())
+        request.finish()
+
+    def _drop(self, request: IRequest) -> None:
+        entry = self._held.pop(request, None)
+        if entry is not None:
+            if entry[0].active():
+                entry[0].cancel()
+            self._changed()
+
+    def release_all(self) -> None:
+        """Answer every held request now."""
+        for request in list(self._held):
+            call = self._held[request][0]
+            if call.active():
+                call.cancel()
+            self._send(request)
+
+    def _changed(self) -> None:
+        if self.gauge is not None:
+            self.gauge.set(len(self._held))
 
 
 def _answer_error(*args: Any) -> bytes:
@@ -627,7 +695,7 @@ class NodeRoot(Resource):
         deposit_limiter: Any = None,
         metrics: Any = None,
         log_agg: Any = None,
-        early: Callable[[IRequest, str], bytes | None] | None = None,
+        early: Callable[[IRequest, str], bytes | int | None] | None = None,
     ) -> None:
         super().__init__()
         self.metrics = metrics

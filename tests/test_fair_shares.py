@@ -264,7 +264,8 @@ class AddressPolicyTests(SynchronousTestCase):
 
 
 class WaitingShareTests(SiteTestCase):
-    limits = {"max_waiting_polls": 100}
+    # over-share refusals answered at once here; their hold is HeldRefusalTests'
+    limits = {"max_waiting_polls": 100, "over_share_hold": 0}
     #: one address's share of waiting polls
     share = 32
 
@@ -390,7 +391,7 @@ class WaitingShareTests(SiteTestCase):
 
 
 class SmallWaitingPoolTests(WaitingShareTests):
-    limits = {"max_waiting_polls": 10}
+    limits = {"max_waiting_polls": 10, "over_share_hold": 0}
     share = 5
 
     def test_one_address_cannot_hold_every_waiting_poll(self) -> None:
@@ -398,6 +399,117 @@ class SmallWaitingPoolTests(WaitingShareTests):
         self.assertEqual([self.long_poll("192.0.2.66") for _ in range(5)], [b""] * 5)
         self.assertEqual(status_of(self.long_poll("192.0.2.66")), 429)
         self.assertEqual(self.long_poll("198.51.100.7"), b"")
+        self.n.clock.advance(30)
+
+
+class HeldRefusalTests(SiteTestCase):
+    """limits.over_share_hold: an early over-share refusal is answered only after its hold (a tarpit).
+
+    Issue 10's long-poll attacker re-sends each refused long-poll a second later: three
+    addresses made each node refuse about 200 a second, in bursts that honest requests queued
+    behind.  Held for ``min(wait, over_share_hold)`` seconds, each of its connections gets a
+    few answers a minute.
+    """
+
+    limits = {"max_waiting_polls": 10}
+    share = 5
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.assertEqual(
+            [self.exchange("192.0.2.66", self.long_poll_request(30)) for _ in range(self.share)], [b""] * self.share
+        )
+
+    def long_poll_request(self, wait: int) -> bytes:
+        return http_post("/api/mesh/dm/poll", Identity().poll_body(ts=self.now(), wait=wait))
+
+    def held(self) -> float:
+        return self.n.metrics.sample("meshrelay_held_refusals") or 0.0
+
+    def send(self, wait: int = 30, host: str = "192.0.2.66") -> tuple[Any, StringTransport]:
+        conn = self.connect(host)
+        assert conn is not None
+        conn[0].dataReceived(self.long_poll_request(wait))
+        return conn
+
+    def test_an_over_share_long_poll_is_answered_after_the_hold(self) -> None:
+        """Counted and logged at once, answered 429 (with Retry-After) after over_share_hold (10 s)."""
+        rate_limited = {"outcome": "rate_limited"}
+        before = self.n.metrics.sample("meshrelay_dm_poll_total", rate_limited) or 0.0
+        _, transport = self.send(wait=30)
+        _, second = self.send(wait=30)
+        self.assertEqual((transport.value(), second.value()), (b"", b""))
+        self.assertEqual(self.held(), 2)
+        self.assertEqual(self.n.metrics.sample("meshrelay_dm_poll_total", rate_limited), before + 2)
+        # logged as any refusal, when it is decided: the first line at once, the second counted
+        self.assertEqual(self.n.relay.log_agg.pending("refused:rate_limited"), 1)
+        self.n.clock.advance(9.9)
+        self.assertEqual(transport.value(), b"")
+        self.n.clock.advance(0.1)
+        answer = transport.value()
+        self.assertEqual((status_of(answer), error_of(answer)), (429, "rate_limited"))
+        self.assertIn(b"Retry-After: 1\r\n", answer)
+        self.assertEqual(status_of(second.value()), 429)
+        self.assertEqual(self.held(), 0)
+        # the address's waiting polls were not touched; another address still waits
+        self.assertEqual(self.n.relay.waiting, self.share)
+        self.assertEqual(self.exchange("198.51.100.7", self.long_poll_request(30)), b"")
+        self.n.clock.advance(30)
+
+    def test_the_hold_is_at_most_the_polls_wait(self) -> None:
+        """A poll that asked to wait 3 s is answered after 3 s, not 10."""
+        _, transport = self.send(wait=3)
+        self.n.clock.advance(2.9)
+        self.assertEqual(transport.value(), b"")
+        self.n.clock.advance(0.1)
+        self.assertEqual(status_of(transport.value()), 429)
+        self.n.clock.advance(30)
+
+    def test_a_client_that_goes_away_ends_its_hold(self) -> None:
+        """The connection closed while held: no answer, no timer left, the gauge back to 0."""
+        proto, transport = self.send()
+        timers = len(self.n.clock.getDelayedCalls())
+        self.assertEqual(self.held(), 1)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.open.remove(proto)
+        self.assertEqual(self.held(), 0)
+        self.assertEqual(len(self.n.clock.getDelayedCalls()), timers - 1)
+        self.n.clock.advance(10)
+        self.assertEqual(transport.value(), b"")
+        self.n.clock.advance(30)
+
+    def test_at_most_max_waiting_polls_are_held(self) -> None:
+        """Node-wide at most max_waiting_polls (10) refusals are held; past that they are answered at once."""
+        held = [self.send() for _ in range(10)]
+        self.assertEqual(self.held(), 10)
+        self.assertEqual([t.value() for _, t in held], [b""] * 10)
+        _, transport = self.send()
+        self.assertEqual(status_of(transport.value()), 429)
+        self.n.clock.advance(10)
+        self.assertEqual([status_of(t.value()) for _, t in held], [429] * 10)
+        self.assertEqual(self.held(), 0)
+        self.n.clock.advance(30)
+
+    def test_stopping_the_node_answers_the_held_refusals(self) -> None:
+        """A node that stops answers what it holds at once (no timer left behind)."""
+        _, transport = self.send()
+        self.n.stop()
+        self.addCleanup(setattr, self.n, "stop", lambda: None)  # stopped once
+        self.assertEqual(status_of(transport.value()), 429)
+        self.assertEqual(self.held(), 0)
+
+    def test_the_hold_follows_a_reload(self) -> None:
+        """over_share_hold is read live: after a reload to 0 an over-share long-poll is answered at once."""
+        cfg = build_config(
+            {
+                "node": {"data_dir": self.n.config.node.data_dir, "public_url": "http://a.test"},
+                "limits": {"client_rate": 0, **self.limits, "over_share_hold": 0},
+            }
+        )
+        self.n.node.reconfigure(cfg)
+        _, transport = self.send()
+        self.assertEqual(status_of(transport.value()), 429)
+        self.assertEqual(self.held(), 0)
         self.n.clock.advance(30)
 
 
