@@ -449,6 +449,7 @@ class HeldRefusalTests(SiteTestCase):
         answer = transport.value()
         self.assertEqual((status_of(answer), error_of(answer)), (429, "rate_limited"))
         self.assertIn(b"Retry-After: 1\r\n", answer)
+        self.assertIn(b"Access-Control-Allow-Origin: *\r\n", answer)
         self.assertEqual(status_of(second.value()), 429)
         self.assertEqual(self.held(), 0)
         # the address's waiting polls were not touched; another address still waits
