@@ -66,8 +66,8 @@ class ClientAPI:
         held: HeldAnswers | None = None,
     ) -> None:
         self.relay = relay
-        #: where early over-share refusals wait out their hold (None: answered at once)
-        self.held = held
+        #: where early over-share refusals wait out their hold (by default none is held)
+        self.held = held if held is not None else HeldAnswers(relay.clock, 0)
         self.peer_count = peer_count
         #: used only on a listener whose address means nothing (NodeRoot charges the address otherwise)
         self.client_limiter = client_limiter
@@ -119,8 +119,6 @@ class ClientAPI:
             return None
         refusal, hold = found
         log_refusal(request, refusal, relay.log_agg)
-        if self.held is None:
-            return refusal_response(request, refusal)
         return self.held.answer(request, hold, lambda: refusal_response(request, refusal))
 
     def _answer(self, request: IRequest, d: Deferred[dict[str, Any]]) -> Deferred[bytes]:

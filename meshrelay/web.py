@@ -502,9 +502,6 @@ class HeldAnswers:
         self.gauge = gauge
         self._held: dict[IRequest, tuple[Any, Callable[[], bytes]]] = {}
 
-    def __len__(self) -> int:
-        return len(self._held)
-
     def answer(self, request: IRequest, seconds: float, body: Callable[[], bytes]) -> bytes | int:
         """``body()`` now, or after ``seconds`` (then ``NOT_DONE_YET`` now): what ``render`` returns."""
         if seconds <= 0 or len(self._held) >= self.max_held:
