@@ -99,9 +99,13 @@ class Node(Service):
         threads = config.node.verify_threads
         if verifier is None:
             if config.node.verifier == "process":
-                verifier = Verifier(ProcessExecutor(reactor, "signature verifier", Unavailable), max_inflight=2)
+                verifier = Verifier(
+                    ProcessExecutor(reactor, "signature verifier", Unavailable), max_inflight=2, clock=reactor
+                )
             elif threads:
-                verifier = Verifier(ThreadExecutor(reactor, threads, "meshrelay-verify"), max_inflight=threads)
+                verifier = Verifier(
+                    ThreadExecutor(reactor, threads, "meshrelay-verify"), max_inflight=threads, clock=reactor
+                )
             else:
                 verifier = Verifier()
         self.verifier = verifier

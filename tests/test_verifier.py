@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import envelope as E
 from meshrelay.errors import Unavailable
-from meshrelay.verifier import Verifier
+from meshrelay.verifier import INLINE_INTERVAL, INLINE_MAX_BYTES, Verifier
 from tests.helpers import Identity
 from tests.test_store import ManualExecutor
 
@@ -81,3 +83,62 @@ class VerifierTests(SynchronousTestCase):
         single = verifier.verify(*items[0])
         pool.release()
         self.failureResultOf(single, Unavailable)
+
+
+class IdleInlineTests(SynchronousTestCase):
+    """With a clock, an idle verifier checks one small signature on the reactor, not too often."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pool = HeldExecutor()
+        self.verifier = Verifier(self.pool, clock=self.clock)
+        self.items = signed_items(6)
+
+    def test_an_idle_verifier_checks_a_small_signature_on_the_reactor(self) -> None:
+        """Nothing in flight: the verdict is there at once (no job), forged or not."""
+        self.assertTrue(self.successResultOf(self.verifier.verify(*self.items[0])))
+        self.clock.advance(INLINE_INTERVAL)
+        self.assertFalse(self.successResultOf(self.verifier.verify(*self.items[1])))
+        self.assertEqual(self.pool.jobs, [])
+        self.assertEqual(self.verifier.inline_checks, 2)
+
+    def test_a_second_check_within_the_interval_goes_to_the_executor(self) -> None:
+        """At most one check per INLINE_INTERVAL on the reactor: a burst goes to the child."""
+        first = self.verifier.verify(*self.items[0])
+        second = self.verifier.verify(*self.items[1])
+        self.assertTrue(self.successResultOf(first))
+        self.assertNoResult(second)
+        self.assertEqual(len(self.pool.jobs), 1)
+        self.pool.release()
+        self.assertFalse(self.successResultOf(second))
+
+    def test_while_a_batch_is_in_flight_everything_queues(self) -> None:
+        """A job in flight (or waiting) means load: the next requests join the next batch."""
+        self.clock.advance(INLINE_INTERVAL)
+        self.verifier.inline_interval = 0.0
+        group = self.verifier.verify_many(self.items[:2])  # a group always goes to the executor
+        waiting = self.verifier.verify(*self.items[2])
+        self.assertNoResult(waiting)
+        self.assertEqual(len(self.pool.jobs), 1)
+        self.pool.release()
+        self.assertEqual(self.successResultOf(group), [True, False])
+        self.pool.release()
+        self.assertTrue(self.successResultOf(waiting))
+        self.assertEqual(self.verifier.inline_checks, 0)
+
+    def test_a_big_message_always_goes_to_the_executor(self) -> None:
+        """Over INLINE_MAX_BYTES (a 500-id ack is about 34 KB) the check is the child's, idle or not."""
+        key = Ed25519PrivateKey.generate()
+        msg = b"x" * (INLINE_MAX_BYTES + 1)
+        d = self.verifier.verify(key.public_key().public_bytes_raw(), key.sign(msg), msg)
+        self.assertNoResult(d)
+        self.pool.release()
+        self.assertTrue(self.successResultOf(d))
+
+    def test_without_a_clock_nothing_is_checked_on_the_reactor(self) -> None:
+        """The executor-only behaviour (tests, callers that pass no clock) is unchanged."""
+        verifier = Verifier(self.pool)
+        d = verifier.verify(*self.items[0])
+        self.assertNoResult(d)
+        self.pool.release()
+        self.assertTrue(self.successResultOf(d))
