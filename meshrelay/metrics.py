@@ -115,6 +115,11 @@ class Metrics:
             "Refusals held back before they are answered (limits.over_share_hold)",
             registry=r,
         )
+        self.signature_checks_inline_total = Counter(
+            "meshrelay_signature_checks_inline",
+            "Signatures checked on the reactor because the verifier was idle (node.verifier)",
+            registry=r,
+        )
         self.expired_total = Counter("meshrelay_expired", "Rows removed by the expiry sweeper", ["kind"], registry=r)
         self.refused_total = Counter(
             "meshrelay_http_refused", "Requests refused before routing", ["reason"], registry=r

@@ -98,14 +98,12 @@ class Node(Service):
         self.store = store_factory(config, reactor, self.metrics)
         threads = config.node.verify_threads
         if verifier is None:
+            # an idle verifier checks a small signature on the reactor (meshrelay.verifier)
+            inline = {"clock": reactor, "inline_counter": self.metrics.signature_checks_inline_total}
             if config.node.verifier == "process":
-                verifier = Verifier(
-                    ProcessExecutor(reactor, "signature verifier", Unavailable), max_inflight=2, clock=reactor
-                )
+                verifier = Verifier(ProcessExecutor(reactor, "signature verifier", Unavailable), 2, **inline)
             elif threads:
-                verifier = Verifier(
-                    ThreadExecutor(reactor, threads, "meshrelay-verify"), max_inflight=threads, clock=reactor
-                )
+                verifier = Verifier(ThreadExecutor(reactor, threads, "meshrelay-verify"), threads, **inline)
             else:
                 verifier = Verifier()
         self.verifier = verifier

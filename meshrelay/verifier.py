@@ -53,6 +53,7 @@ class Verifier:
         max_inflight: int = 1,
         clock: IReactorTime | None = None,
         inline_interval: float = INLINE_INTERVAL,
+        inline_counter: Any = None,
     ) -> None:
         self._executor = executor
         self._max_inflight = max(1, max_inflight)
@@ -63,6 +64,8 @@ class Verifier:
         self._inline_after = 0.0
         #: signatures checked on the reactor while an executor was there
         self.inline_checks = 0
+        #: a metric counted with each (``meshrelay_signature_checks_inline``), or None
+        self.inline_counter = inline_counter
         #: waiting groups: (items, deferred, whether it wants the whole list or one verdict)
         self._pending: list[tuple[list[Item], Deferred[Any], bool]] = []
 
@@ -89,6 +92,8 @@ class Verifier:
             return False
         self._inline_after = now + self.inline_interval
         self.inline_checks += 1
+        if self.inline_counter is not None:
+            self.inline_counter.inc()
         return True
 
     def verify_many(self, items: list[Item]) -> Deferred[list[bool]]:

@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshrelay import envelope as E
 from meshrelay.errors import Unavailable
+from meshrelay.metrics import Metrics
 from meshrelay.verifier import INLINE_INTERVAL, INLINE_MAX_BYTES, Verifier
 from tests.helpers import Identity
 from tests.test_store import ManualExecutor
@@ -91,8 +92,12 @@ class IdleInlineTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.pool = HeldExecutor()
-        self.verifier = Verifier(self.pool, clock=self.clock)
+        self.metrics = Metrics()
+        self.verifier = Verifier(self.pool, clock=self.clock, inline_counter=self.metrics.signature_checks_inline_total)
         self.items = signed_items(6)
+
+    def inline_metric(self) -> float:
+        return float(self.metrics.registry.get_sample_value("meshrelay_signature_checks_inline_total") or 0)
 
     def test_an_idle_verifier_checks_a_small_signature_on_the_reactor(self) -> None:
         """Nothing in flight: the verdict is there at once (no job), forged or not."""
@@ -101,6 +106,7 @@ class IdleInlineTests(SynchronousTestCase):
         self.assertFalse(self.successResultOf(self.verifier.verify(*self.items[1])))
         self.assertEqual(self.pool.jobs, [])
         self.assertEqual(self.verifier.inline_checks, 2)
+        self.assertEqual(self.inline_metric(), 2)
 
     def test_a_second_check_within_the_interval_goes_to_the_executor(self) -> None:
         """At most one check per INLINE_INTERVAL on the reactor: a burst goes to the child."""
@@ -125,6 +131,7 @@ class IdleInlineTests(SynchronousTestCase):
         self.pool.release()
         self.assertTrue(self.successResultOf(waiting))
         self.assertEqual(self.verifier.inline_checks, 0)
+        self.assertEqual(self.inline_metric(), 0)
 
     def test_a_big_message_always_goes_to_the_executor(self) -> None:
         """Over INLINE_MAX_BYTES (a 500-id ack is about 34 KB) the check is the child's, idle or not."""
