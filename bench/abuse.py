@@ -7,6 +7,7 @@ Run from the repository root (the nodes run this checkout's code)::
     python bench/abuse.py --seconds 8 --scale 0.1          # a smoke run of the tool
     python bench/abuse.py --only acks --seconds 30         # one attack alone
     python bench/abuse.py --each --seconds 30 --seed 10    # phase A, then each attack alone: contributions
+    python bench/abuse.py --minutes 2 --seed 10 --trace    # also: where honest deposits wait inside the nodes
 
 One invocation runs a no-attack phase and one or more attack phases, each on
 three *fresh* ``twistd meshrelay`` nodes (new data directories, so one phase's
@@ -76,6 +77,12 @@ and the xff attacker sends from 127.0.0.1 what ``$proxy_add_x_forwarded_for``
 would pass on: junk followed by its real address; ``--xff direct`` sends the
 junk alone (a proxy that passes the header through unchanged); ``--xff skip``
 trusts no proxy and skips the attack.
+
+``--trace`` loads ``bench/trace_node.py`` into every node (a prelude; it changes nothing the
+node does) and prints, per node and phase, the honest deposits' time inside the node by segment
+(read, checks, wait for a writer slot, writer, answer; p50/p99/p99.9) and the node's reactor
+lateness (how late a 5 ms timer fires): what of the honest tail is the node's own, and what is
+the wait before the reactor reads a request or outside the node.
 
 At the end it prints, per phase, the honest success rate and p99 latencies,
 every node's data directory (the sum of its files' sizes) against the cap
@@ -175,6 +182,8 @@ ATTACK_ADDR = {
 #: the fetch_remote attacker fills its mailbox from these (each has its own deposit byte budget)
 FETCH_REMOTE_FILL = [f"127.0.2.{i}" for i in range(1, 9)]
 LOG_REFUSED = "peer request refused"
+#: this directory (bench/), where trace_node.py is
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class BoundEndpoints:
@@ -987,6 +996,41 @@ def _worker_limits(nice: int, idle: bool = False, cpus: set[int] | None = None) 
     return pre
 
 
+class TracedNode(NodeProcess):
+    """A node with ``bench/trace_node.py`` loaded (``--trace``): its figures go to ``trace.json``."""
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        i = cmd.index("-c")
+        cmd[i + 1] = f"import sys; sys.path.insert(0, {HERE!r}); import trace_node; " + cmd[i + 1]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env["MESHRELAY_TRACE_OUT"] = self.trace_path
+        env["MESHRELAY_TRACE_SOURCES"] = HONEST_BASE
+        return env
+
+    @property
+    def trace_path(self) -> str:
+        return os.path.join(self.dir, "trace.json")
+
+
+def trace_figures(path: str) -> dict[str, Any] | None:
+    """Percentiles (ms) of a traced node's deposit segments and loop lag (``bench/trace_node.py``)."""
+    try:
+        with open(path) as fh:
+            raw = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    out: dict[str, Any] = {"deposits": raw["deposits"]}
+    for name, values in [*raw["segments"].items(), ("loop_lag", raw["loop_lag"])]:
+        out[name] = (
+            {f"p{p:g}": round(1000 * common.percentile(values, p), 2) for p in (50, 99, 99.9)} if values else None
+        )
+    return out
+
+
 class Phase:
     """One phase, run by the orchestrator: fresh nodes, the honest process, one process per attack."""
 
@@ -1003,7 +1047,8 @@ class Phase:
 
     def start_nodes(self) -> None:
         config = node_config(self.args)
-        self.nodes = {n: NodeProcess(self.workdir, n, config=config) for n in NAMES}
+        kind = TracedNode if self.args.trace else NodeProcess
+        self.nodes = {n: kind(self.workdir, n, config=config) for n in NAMES}
         for n, p in self.nodes.items():
             p.peers = [{"url": self.nodes[o].url, "secret": link_secret(n, o)} for o in NAMES if o != n]
             p.peers.append({"url": self.sink.url, "secret": HOSTILE_SECRET})
@@ -1173,6 +1218,8 @@ class Phase:
                 "rows": rows[n],
                 **{k: v for k, v in metrics[n].items()},
             }
+            if isinstance(p, TracedNode):
+                nodes[n]["trace"] = trace_figures(p.trace_path)
         counts: Counter[str] = Counter(honest["counts"])
         fr_lat: list[float] = []
         for r in attackers.values():
@@ -1217,6 +1264,20 @@ def verdicts(base: dict[str, Any], attack: dict[str, Any]) -> list[tuple[str, st
             )
         )
     return out
+
+
+def print_traces(phases: list[dict[str, Any]]) -> None:
+    """--trace: each node's part of the honest deposits' latency, and its reactor's lateness (ms)."""
+    names = ("read", "checks", "slot", "writer", "answer", "node", "loop_lag")
+    print("\nhonest deposits inside each node (--trace; ms, p50/p99/p99.9 of each segment; bench/trace_node.py)")
+    print(f"phase            node  deposits  {'  '.join(f'{n:>17s}' for n in names)}")
+    for ph in phases:
+        for n, f in ph["nodes"].items():
+            t = f.get("trace")
+            if not t:
+                continue
+            cells = ["/".join(f"{t[k][p]:g}" for p in ("p50", "p99", "p99.9")) if t.get(k) else "-" for k in names]
+            print(f"{ph['label']:15s} {n:4s}  {t['deposits']:8d}  {'  '.join(f'{c:>17s}' for c in cells)}")
 
 
 def print_report(phases: list[dict[str, Any]]) -> bool:
@@ -1267,6 +1328,8 @@ def print_report(phases: list[dict[str, Any]]) -> bool:
                 f"{ph['label']:15s} attacker {name:12s}: {w['requests_per_s']:7.1f} req/s, CPU {pr['cpu_percent']} %"
                 f" of a core, loop lag p50 / p99 {pr['loop_lag_p50_ms']} / {pr['loop_lag_p99_ms']} ms"
             )
+    if any(f.get("trace") for ph in phases for f in ph["nodes"].values()):
+        print_traces(phases)
     ok = True
     for attack in phases[1:]:
         if attack["counts"]:
@@ -1336,6 +1399,11 @@ def main() -> int:
     )
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--keep", action="store_true", help="keep the nodes' directories and logs")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="load bench/trace_node.py into the nodes: print where the honest deposits' time goes in each node",
+    )
     # internal: a worker process of a phase
     p.add_argument("--role", choices=("honest", "attack"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
