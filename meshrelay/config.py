@@ -133,6 +133,9 @@ class LimitsConfig:
     ipv6_prefix: int = field(default=64, metadata=_range(16, 128))
     #: open connections one address may hold on a listener (0 = no per-address cap)
     max_connections_per_address: int = field(default=64, metadata=_range(0))
+    #: an address refused at that cap has its new connections dropped by the kernel (a socket
+    #: filter on the listeners, Linux) until it holds half its cap or fewer: meshrelay.synblock
+    drop_at_connection_cap: bool = True
     #: long-polls one address may have waiting (0 = no per-address cap)
     max_waiting_polls_per_address: int = field(default=32, metadata=_range(0))
     #: seconds a long-poll over its address's share is held before its 429 (at most its own

@@ -120,6 +120,12 @@ class Metrics:
             "Signatures checked on the reactor because the verifier was idle (node.verifier)",
             registry=r,
         )
+        self.blocked_networks = Gauge(
+            "meshrelay_blocked_networks",
+            "Address networks at their connection cap whose new connections the kernel drops "
+            "(limits.drop_at_connection_cap)",
+            registry=r,
+        )
         self.expired_total = Counter("meshrelay_expired", "Rows removed by the expiry sweeper", ["kind"], registry=r)
         self.refused_total = Counter(
             "meshrelay_http_refused", "Requests refused before routing", ["reason"], registry=r

@@ -204,6 +204,7 @@ class Node(Service):
             max_connections_per_address=lim.max_connections_per_address,
             policy=policy,
             log_agg=self.relay.log_agg,
+            drop_at_cap=lim.drop_at_connection_cap,
         )
         self._sites.append((site, max_connections))
         return site
@@ -242,6 +243,9 @@ class Node(Service):
             if per_address:
                 per_address = min(per_address, max(1, site.max_connections // 2))
             site.max_connections_per_address = per_address
+            # keys may have changed (prefixes, trusted proxies) and caps too: block again from scratch
+            site.synblock.enabled = lim.drop_at_connection_cap
+            site.synblock.clear()
         cors = CorsPolicy(config.web.cors_origins)
         for resource in self._cors:
             resource.cors = cors

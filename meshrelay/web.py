@@ -30,6 +30,7 @@ from meshrelay.errors import DEFAULT_RETRY_AFTER, RETRY_AFTER_BY_CODE, MeshError
 from meshrelay.fairness import AddressPolicy, request_key
 from meshrelay.protocol import ACK_PATH, CHANGES_PATH, PEER_PATHS, REPLICATE_PATH, dumps_json, loads_json
 from meshrelay.store.base import StoreError
+from meshrelay.synblock import SynBlock, listening_sockets
 
 log = Logger()
 
@@ -295,6 +296,7 @@ class MeshSite(server.Site):
         max_connections_per_address: int = 0,
         policy: AddressPolicy | None = None,
         log_agg: Any = None,
+        drop_at_cap: bool = False,
     ) -> None:
         # No API takes HTML form posts: no parsing of POST bodies as forms (it builds an
         # email.message each time: tens of microseconds; and the API answers a form 415).
@@ -316,6 +318,13 @@ class MeshSite(server.Site):
         self.policy = policy if policy is not None else AddressPolicy()
         #: share key -> open connections (only keys with at least one)
         self.connections_by_address: dict[str, int] = {}
+        #: keys refused at their cap whose new connections the kernel drops (meshrelay.synblock)
+        self.synblock = SynBlock(
+            lambda: listening_sockets(self.reactor, self),
+            getattr(metrics, "blocked_networks", None),
+            self._synblock_failed,
+        )
+        self.synblock.enabled = drop_at_cap
 
     def _refuse(self, reason: str) -> None:
         note_refusal(self.log_agg, reason, "refused a connection ({reason})", reason=reason)
@@ -329,6 +338,8 @@ class MeshSite(server.Site):
         key = self.policy.connection_key(addr) if self.max_connections_per_address else None
         if key is not None and self.connections_by_address.get(key, 0) >= self.max_connections_per_address:
             self._refuse("max_connections_per_address")
+            # Its next connections cost nothing: the kernel drops them until one of its own closes.
+            self.synblock.block(key)
             return None
         channel = super().buildProtocol(addr)
         if channel is not None:
@@ -350,6 +361,18 @@ class MeshSite(server.Site):
                 self.connections_by_address[key] = left
             else:
                 self.connections_by_address.pop(key, None)
+            # Hysteresis: unblocked only once it holds half its cap or less.  Unblocking at the
+            # first close let the SYNs its client had queued complete at once: a burst of
+            # refusals each time one of its connections ended, every few seconds for a client
+            # that keeps its connections busy (long-polls), and the reactor stood still meanwhile.
+            if key in self.synblock and left <= self.max_connections_per_address // 2:
+                self.synblock.unblock(key)
+
+    def _synblock_failed(self, why: str) -> None:
+        log.warn(
+            "cannot drop the connections of addresses at their cap in the kernel ({why}): refusing them instead",
+            why=why,
+        )
 
     def log(self, request: http.Request) -> None:
         if self.access_log:
