@@ -246,6 +246,8 @@ class ProtocolDocTests(SynchronousTestCase):
         for section in ("limits", "sync"):
             for f in dataclasses.fields(cfg_mod._SECTIONS[section]):
                 default = '""' if f.default == "" else str(f.default)
+                if isinstance(f.default, bool):
+                    default = default.lower()  # as TOML writes it
                 shown = f"`{default}`" if isinstance(f.default, str) else default
                 self.assertIn(f"| `{section}.{f.name}` | {shown} |", table, f"{section}.{f.name}")
 

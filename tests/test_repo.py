@@ -74,6 +74,7 @@ LAYERS: dict[str, int] = {
             "policy",
             "contact",
             "peernet",
+            "synblock",
         ),
         0,
     ),
