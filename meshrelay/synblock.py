@@ -2,7 +2,7 @@
 
 A connection over ``limits.max_connections_per_address`` is accepted and
 closed at once (:class:`meshrelay.web.MeshSite`).  That costs the node about
-70-90 us of CPU each, most of it in the kernel (accept, close, the FIN
+65-100 us of CPU each, half of it or more in the kernel (accept, close, the FIN
 exchange), and a client that reconnects the moment it is closed makes the
 node do it hundreds of times a second (issue 10's ``idle`` attacker: about 350
 refusals a second per node).  So once an address's share key has been refused
@@ -13,10 +13,11 @@ is retried by its own kernel after 1, 2, 4... seconds), and they cost the node
 nothing.  When that key holds half its cap or fewer connections again, it is
 taken out of the filter and its next connections are accepted as before (not
 at the first close: the SYNs its client had waiting would then all complete
-at once and be refused in one burst, each time one of its connections ended).  Connections already open, from that address or any other, are not
-touched: a filter applies to the listening socket, and the sockets it accepts
-only drop packets from networks that were blocked when they were accepted
-(never their own peer's, which was not).
+at once and be refused in one burst, each time one of its connections ended).
+Connections already open, from that address or any other, are not touched: a
+filter applies to the listening socket, and the sockets it accepts only drop
+packets from networks that were blocked when they were accepted (never their
+own peer's, which was not).
 
 Bounded: at most :data:`MAX_BLOCKED` networks (past that, connections are
 refused as before), IPv6 networks only down to /64 (a longer prefix is refused

@@ -62,9 +62,8 @@ class Verifier:
         self._clock = clock
         self.inline_interval = inline_interval
         self._inline_after = 0.0
-        #: signatures checked on the reactor while an executor was there
-        self.inline_checks = 0
-        #: a metric counted with each (``meshrelay_signature_checks_inline``), or None
+        #: counted with each signature checked on the reactor while an executor was there
+        #: (``meshrelay_signature_checks_inline``), or None
         self.inline_counter = inline_counter
         #: waiting groups: (items, deferred, whether it wants the whole list or one verdict)
         self._pending: list[tuple[list[Item], Deferred[Any], bool]] = []
@@ -91,7 +90,6 @@ class Verifier:
         if now < self._inline_after:
             return False
         self._inline_after = now + self.inline_interval
-        self.inline_checks += 1
         if self.inline_counter is not None:
             self.inline_counter.inc()
         return True
