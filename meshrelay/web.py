@@ -338,7 +338,7 @@ class MeshSite(server.Site):
         key = self.policy.connection_key(addr) if self.max_connections_per_address else None
         if key is not None and self.connections_by_address.get(key, 0) >= self.max_connections_per_address:
             self._refuse("max_connections_per_address")
-            # Its next connections cost nothing: the kernel drops them until one of its own closes.
+            # Its next connections cost nothing: the kernel drops them until it holds half its cap.
             self.synblock.block(key)
             return None
         channel = super().buildProtocol(addr)
