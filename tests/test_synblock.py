@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import select
 import socket
 import sys
-import tempfile
 from typing import Any
 
 import pytest
@@ -206,7 +206,9 @@ class NodeTests(TestCase):
     def test_an_address_at_its_cap_is_dropped_by_the_kernel(self) -> None:
         if not sys.platform.startswith("linux"):
             raise SkipTest("socket filters are a Linux feature")
-        node = NodeProcess(tempfile.mkdtemp(), "a", config={"limits": {"max_connections_per_address": 3}})
+        base = self.mktemp()
+        os.makedirs(base)
+        node = NodeProcess(base, "a", config={"limits": {"max_connections_per_address": 3}})
         node.start()
         self.addCleanup(node.stop)
         held = []
