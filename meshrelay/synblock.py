@@ -148,12 +148,13 @@ class SynBlock:
         sockets: Callable[[], list[socket.socket]],
         gauge: Any = None,
         failed: Callable[[str], None] | None = None,
+        enabled: bool = True,
     ) -> None:
         self.sockets = sockets
         self.gauge = gauge
         self.failed = failed
         #: the operator's choice (limits.drop_at_connection_cap)
-        self.enabled = True
+        self.enabled = enabled
         #: the kernel refused a filter once: nothing more is tried
         self.broken = False
         #: key -> its network, in the order blocked

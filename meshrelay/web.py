@@ -323,8 +323,8 @@ class MeshSite(server.Site):
             lambda: listening_sockets(self.reactor, self),
             getattr(metrics, "blocked_networks", None),
             self._synblock_failed,
+            enabled=drop_at_cap,
         )
-        self.synblock.enabled = drop_at_cap
 
     def _refuse(self, reason: str) -> None:
         note_refusal(self.log_agg, reason, "refused a connection ({reason})", reason=reason)
