@@ -6,7 +6,8 @@
     python -m meshrelay.migrate --config meshrelay.toml      # node.data_dir -> store.dsn / dsn_file
 
 What is copied: envelopes and acks with their ``seq``, tombstones (by their
-16-byte key, schema 6), sync cursors, unexpired nonces, and the feed id, so
+16-byte key, schema 6; the ids a mailbox's first junk ack keeps in its row,
+schema 8, become junk tombstones), sync cursors, unexpired nonces, and the feed id, so
 peers that follow this node's ``changes`` feed carry on from their cursors.
 ``last_seq`` becomes at least the source's, so a ``seq`` is never handed out
 twice.  The stored totals are counted again on the target, a tombstone at
@@ -42,6 +43,7 @@ from meshrelay.config import ConfigError, load_config, read_secret_file
 from meshrelay.store import migrations
 from meshrelay.store.sqlite import DB_NAME
 from meshrelay.store.sqlite import migrate as sqlite_migrate
+from meshrelay.store.sqlite_core import register_functions
 
 DEFAULT_CHUNK = 2000
 
@@ -59,6 +61,8 @@ class Table:
     verify: bool = True
     #: key columns that are not text (ordered as numbers or bytes on both sides, no collation)
     plain_keys: tuple[str, ...] = ("seq",)
+    #: where the SQLite side's rows are read, when not from the table of that name
+    source: str = ""
 
     def key_of(self, row: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(row[self.columns.index(k)] for k in self.key)
@@ -67,8 +71,11 @@ class Table:
 TABLES = (
     Table("envelopes", ("seq",), ("seq", "msg_id", "mailbox", "sender", "expires", "size", "body")),
     Table("acks", ("seq",), ("seq", "mailbox", "nonce", "expires", "body", "size", "junk")),
-    # keyed by tombstone_key(mailbox, msg_id) since schema 6: 16 bytes, BLOB and BYTEA both order bytewise
-    Table("tombstones", ("digest",), ("digest", "expires", "junk"), plain_keys=("digest",)),
+    # keyed by tombstone_key(mailbox, msg_id) since schema 6: 16 bytes, BLOB and BYTEA both order bytewise;
+    # read from the source with the ids of its compact junk acks (schema 8: ``_all_tombstones``)
+    Table(
+        "tombstones", ("digest",), ("digest", "expires", "junk"), plain_keys=("digest",), source="temp.all_tombstones"
+    ),
     Table("peer_cursors", ("peer",), ("peer", "feed_id", "since", "synced_at")),
     Table("nonces", ("scope", "nonce"), ("scope", "nonce", "expires"), verify=False),
 )
@@ -81,14 +88,44 @@ def _one_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- reading both sides
 
 
+def _all_tombstones(conn: sqlite3.Connection) -> None:
+    """Collect the source's tombstones into the temporary table ``all_tombstones``: its rows, and the ids of its compact junk acks.
+
+    From schema 8 a SQLite store's first junk ack of a mailbox keeps its ids in
+    its own row instead of tombstone rows (``sqlite_core._op_ack``), and the
+    deposit check reads them there; PostgreSQL keeps a tombstone row per id,
+    so those ids are copied as junk tombstones (the ack's expiry).  The table
+    lives in the connection's temporary database: the source file is not
+    written.
+    """
+    register_functions(conn)
+    conn.execute("DROP TABLE IF EXISTS temp.all_tombstones")
+    conn.execute(
+        "CREATE TEMP TABLE all_tombstones (digest BLOB NOT NULL PRIMARY KEY, expires INTEGER NOT NULL, "
+        "junk INTEGER NOT NULL) WITHOUT ROWID"
+    )
+    conn.execute(
+        "INSERT INTO temp.all_tombstones (digest, expires, junk) SELECT digest, expires, junk FROM main.tombstones"
+    )
+    conn.execute(
+        f"INSERT INTO temp.all_tombstones (digest, expires, junk) "
+        f"SELECT {migrations.SQLITE_TOMBSTONE_KEY}(a.mailbox, j.value), a.expires, 1 "
+        "FROM main.acks AS a, json_each(a.body, '$.ack') AS j "
+        "WHERE a.junk = 1 AND a.seq = (SELECT MIN(seq) FROM main.acks WHERE mailbox = a.mailbox) "
+        "AND j.type = 'text' "
+        "ON CONFLICT (digest) DO UPDATE SET expires = MAX(expires, excluded.expires), junk = MIN(junk, excluded.junk)"
+    )
+
+
 def _sqlite_page(conn: sqlite3.Connection, t: Table, after: tuple[Any, ...] | None, n: int) -> list[tuple[Any, ...]]:
     cols = ", ".join(t.columns)
     keys = ", ".join(t.key)
+    name = t.source or t.name
     if after is None:
-        return conn.execute(f"SELECT {cols} FROM {t.name} ORDER BY {keys} LIMIT ?", (n,)).fetchall()
+        return conn.execute(f"SELECT {cols} FROM {name} ORDER BY {keys} LIMIT ?", (n,)).fetchall()
     marks = ", ".join("?" * len(t.key))
     return conn.execute(
-        f"SELECT {cols} FROM {t.name} WHERE ({keys}) > ({marks}) ORDER BY {keys} LIMIT ?", (*after, n)
+        f"SELECT {cols} FROM {name} WHERE ({keys}) > ({marks}) ORDER BY {keys} LIMIT ?", (*after, n)
     ).fetchall()
 
 
@@ -153,6 +190,7 @@ def _all_rows(
 
 def content_sqlite(conn: sqlite3.Connection) -> dict[str, Any]:
     """Everything ``migrate-store`` copies, as plain data (for comparisons)."""
+    _all_tombstones(conn)
     out: dict[str, Any] = {t.name: _all_rows(_sqlite_page, conn, t) for t in TABLES}
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     out["feed_id"] = meta.get("feed_id")
@@ -250,6 +288,11 @@ class Migrator:
                 raise MigrationError(f"cannot upgrade the SQLite store at {path}: {_one_line(e)}") from e
         # One read transaction: the whole run copies one consistent snapshot.
         conn.execute("BEGIN")
+        try:
+            _all_tombstones(conn)
+        except sqlite3.Error as e:
+            conn.close()
+            raise MigrationError(f"cannot read the SQLite store at {path}: {_one_line(e)}") from e
         return conn
 
     def _migrate(self, src: sqlite3.Connection, dst: Any, postgres: ModuleType) -> Report:

@@ -128,22 +128,81 @@ class JunkAckCostTests(SynchronousTestCase):
         self.statements: list[str] = []
         self.store._wconn.set_trace_callback(self.statements.append)
 
-    def junk_ack(self, ids: int = IDS) -> None:
+    def junk_ack(self, ids: int = IDS, owner: Identity | None = None, ts: int = 0) -> list[str]:
         from meshrelay import envelope as E
         from tests.helpers import T0
 
-        ack = E.parse_signed_ack(Identity().signed(ts=T0, ack=[os.urandom(32).hex() for _ in range(ids)]))
+        listed = [os.urandom(32).hex() for _ in range(ids)]
+        ack = E.parse_signed_ack((owner or Identity()).signed(ts=T0 + ts, ack=listed))
         self.successResultOf(self.store.apply_ack(ack, T0 + 3600))
+        return listed
+
+    def tombstone_rows(self) -> int:
+        return int(self.store._wconn.execute("SELECT count(*) FROM tombstones").fetchone()[0])
 
     def test_a_junk_ack_runs_a_few_statements_and_one_insert_per_new_tombstone(self) -> None:
+        """A mailbox's second junk ack: a tombstone row per id, written by few statements."""
+        owner = Identity()
+        self.junk_ack(owner=owner)
         del self.statements[:]
         before = self.store.stats().bytes
-        self.junk_ack()
-        made = (self.store.stats().bytes - before) // TOMBSTONE_BYTES
+        self.junk_ack(owner=owner, ts=1)
+        made = self.tombstone_rows()
+        self.assertGreater(made, 0)
+        self.assertEqual(self.store.stats().bytes - before, made * TOMBSTONE_BYTES)
         inserts = [s for s in self.statements if s.startswith("INSERT INTO tombstones")]
         self.assertGreater(len(inserts), 0)
         self.assertLessEqual(len(inserts), made)
         self.assertLessEqual(len(self.statements) - len(inserts), 15)
+
+    def test_a_mailboxs_first_junk_ack_is_one_row_and_still_stops_its_ids(self) -> None:
+        """Schema 8: the first junk ack of a mailbox writes its own row and no tombstone rows, and its ids stay dead.
+
+        A deposit or a replica of a listed id is refused as a duplicate while
+        the ack lives, and one it did not list is not.  Only the ack's text is
+        accounted.
+        """
+        from meshrelay import envelope as E
+        from meshrelay.store.base import ACCEPTED, DUPLICATE
+        from tests.helpers import T0
+
+        bob, alice = Identity(), Identity()
+        envs = [E.parse_envelope(alice.envelope(bob, b"late %d" % i, ts=T0, ttl=7200), 8192) for i in range(4)]
+        listed = [e.msg_id for e in envs[:3]] + [os.urandom(32).hex() for _ in range(IDS - 3)]
+        ack = E.parse_signed_ack(bob.signed(ts=T0, ack=listed))
+        del self.statements[:]
+        result = self.successResultOf(self.store.apply_ack(ack, T0 + 3600))
+        self.assertEqual((result.deleted, result.new, result.stored, result.skipped), ((), True, True, 0))
+        self.assertEqual([s for s in self.statements if "INTO tombstones" in s], [])
+        self.assertEqual(self.tombstone_rows(), 0)
+        (size, junk) = self.store._wconn.execute("SELECT size, junk FROM acks").fetchone()
+        self.assertEqual((self.store.stats().bytes, junk), (size, 1))
+        self.assertLess(size, IDS * TOMBSTONE_BYTES)
+
+        def status(d: object) -> str:
+            return str(self.successResultOf(d).status)  # type: ignore[arg-type]
+
+        self.assertEqual(status(self.store.add_envelope(envs[0], T0)), DUPLICATE)
+        (replica,) = self.successResultOf(self.store.add_envelopes([envs[1]], T0, peer="http://peer"))
+        self.assertEqual(replica.status, DUPLICATE)
+        self.assertEqual(status(self.store.add_envelope(envs[3], T0)), ACCEPTED)
+        # once the ack has expired its ids are no longer stopped, as its tombstones would no longer
+        self.assertEqual(status(self.store.add_envelope(envs[2], T0 + 3600)), ACCEPTED)
+
+    def test_a_mailboxs_later_acks_do_not_hide_its_first(self) -> None:
+        """The first junk ack's ids stay dead after the mailbox acks again, with ids of its own (rows)."""
+        from meshrelay import envelope as E
+        from meshrelay.store.base import DUPLICATE
+        from tests.helpers import T0
+
+        bob, alice = Identity(), Identity()
+        first, second = (E.parse_envelope(alice.envelope(bob, b"%d" % i, ts=T0), 8192) for i in range(2))
+        for n, env in enumerate((first, second)):
+            ack = E.parse_signed_ack(bob.signed(ts=T0 + n, ack=[env.msg_id]))
+            self.successResultOf(self.store.apply_ack(ack, T0 + 3600))
+        self.assertEqual(self.tombstone_rows(), 1)  # the second ack's: the first is the mailbox's row
+        for env in (first, second):
+            self.assertEqual(self.successResultOf(self.store.add_envelope(env, T0)).status, DUPLICATE)
 
     def test_past_the_junk_budget_a_junk_ack_runs_a_few_statements(self) -> None:
         while self.store.stats().bytes + IDS * TOMBSTONE_BYTES < junk_budget(Caps(max_stored_bytes=CAP)):

@@ -209,6 +209,26 @@ class MigrateStoreTests(SynchronousTestCase):
             self.assertEqual(result_of(pg.add_envelope(e, T0)), AddResult(DUPLICATE))
         self.assertEqual(result_of(pg.add_envelope(make_env(alice, bob, b"new"), T0)).status, "accepted")
 
+    def test_a_compact_junk_acks_ids_become_tombstones_in_postgresql(self) -> None:
+        """Schema 8: the ids a SQLite store keeps in a mailbox's first junk ack are junk tombstones after the move."""
+        data_dir = self.mktemp()
+        store = SQLiteStore(data_dir, Caps())
+        store.start()
+        bob, alice = Identity(), Identity()
+        early = [make_env(alice, bob, b"early %d" % i) for i in range(3)]
+        ack = make_ack(bob, [e.msg_id for e in early] + ["ab" * 32])
+        result_of(store.apply_ack(ack, tomb(ack)))
+        self.assertEqual(result_of(store.tombstone_count()), 0)  # the ids are in the ack's row
+        result_of(store.close())
+        code, out, err = run_main("--from", data_dir, "--to", self.dsn)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("4 tombstones", out)
+        self.assertEqual(sqlite_content(data_dir), pg_content(self.dsn))
+        pg = self.open_pg()
+        for e in early:
+            self.assertEqual(result_of(pg.add_envelope(e, T0)), AddResult(DUPLICATE))
+        self.assertEqual(result_of(pg.add_envelope(make_env(alice, bob, b"new"), T0)).status, "accepted")
+
     def test_refuses_a_target_that_holds_another_store(self) -> None:
         """A database already used by a PostgreSQL node is not overwritten."""
         pg = self.open_pg()

@@ -31,6 +31,9 @@ TOMBSTONE_BYTES_V6 = {"sqlite": 72, "postgresql": 160}
 COMPACT_TOMBSTONES_VERSION = 6
 #: the migration after which a SQLite store has one envelope index per mailbox (with the sender)
 MAILBOX_INDEX_VERSION = 7
+#: the version after which a SQLite store's tombstones include the ids listed in a mailbox's oldest
+#: ack when it is junk (a mailbox's first ack that deleted nothing writes no tombstone rows)
+COMPACT_JUNK_ACK_VERSION = 8
 
 DIALECTS: dict[str, dict[str, str]] = {
     "sqlite": {
@@ -386,6 +389,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             ("sqlite", "DROP INDEX envelopes_by_mailbox"),
             ("sqlite", "CREATE INDEX envelopes_by_mailbox ON envelopes (mailbox, seq, expires, sender)"),
         ),
+    ),
+    Migration(
+        COMPACT_JUNK_ACK_VERSION,
+        "SQLite: a mailbox's first junk ack keeps its ids in its own row, without tombstone rows",
+        (),
+        # No table changes: the rows of schema 7 keep their meaning, and the deposit check of
+        # schema 8 reads a mailbox's oldest junk ack as well (``sqlite_core._ADD_CHECKS``).  The
+        # version only stops an older meshrelay, whose check does not, from opening such a store
+        # and letting through a message acked by such an ack.  PostgreSQL is unchanged.
     ),
 )
 

@@ -75,12 +75,19 @@ def wal_keep_bytes(max_stored_bytes: int) -> int:
 
 
 #: dedup, tombstone and both cap counts of a deposit in one statement; both counts come from one scan
-#: of the mailbox's entries in envelopes_by_mailbox, which holds the sender (schema 7)
+#: of the mailbox's entries in envelopes_by_mailbox, which holds the sender (schema 7).  An id is
+#: tombstoned by a live tombstone row, or by being listed in the mailbox's oldest ack row when that
+#: ack is junk: a mailbox's first ack that deleted nothing keeps its ids there instead of in
+#: tombstone rows (schema 8, ``_op_ack``); at most one ack body is read, and only for such mailboxes.
 #: (parameters: msg_id, mailbox, now, sender, tombstone_key(mailbox, msg_id))
 _ADD_CHECKS = """
 SELECT
     EXISTS (SELECT 1 FROM envelopes WHERE msg_id = ?1),
-    EXISTS (SELECT 1 FROM tombstones WHERE digest = ?5 AND expires > ?3),
+    EXISTS (SELECT 1 FROM tombstones WHERE digest = ?5 AND expires > ?3)
+    OR EXISTS (SELECT 1 FROM acks AS f WHERE f.mailbox = ?2
+               AND f.seq = (SELECT MIN(seq) FROM acks WHERE mailbox = ?2)
+               AND f.expires > ?3 AND f.junk = 1
+               AND EXISTS (SELECT 1 FROM json_each(f.body, '$.ack') WHERE value = ?1)),
     c.n, c.s
 FROM (SELECT COUNT(*) AS n, COALESCE(SUM(sender = ?4), 0) AS s
       FROM envelopes WHERE mailbox = ?2 AND expires > ?3) AS c
@@ -452,11 +459,26 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
             (mailbox, listed),
         ).fetchall()
     )
-    keys = dict(zip(unique, migrations.tombstone_keys(mailbox, unique), strict=True))
     deleted = [m for m in unique if m in held]
     unheld = [m for m in unique if m not in held]
+    vouched = [m for m in unheld if m in attested]
     # Which ids already have a tombstone (to extend, not insert): for a junk ack usually none.
-    tombstoned = _tombstoned(conn, mailbox, unique, keys)
+    tombstoned = _tombstoned(conn, mailbox, unique)
+    # A mailbox's first ack, when it deleted nothing and nothing of it is vouched for, keeps its ids
+    # in its own row (junk, within the junk budget), and no tombstone row is written for them: the
+    # deposit check (``_ADD_CHECKS``) reads the mailbox's oldest ack when it is junk.  A 500-id junk
+    # ack from a throwaway key (issue 10) is then one row, not 500 index entries (schema 8).
+    compact = (
+        not deleted
+        and not vouched
+        and st.bytes + size <= caps.max_stored_bytes
+        and st.junk + size <= budget
+        and conn.execute("SELECT 1 FROM acks WHERE mailbox = ? LIMIT 1", (mailbox,)).fetchone() is None
+    )
+    # (a compact ack of a mailbox without tombstones needs no key at all)
+    keys = (
+        {} if compact and not tombstoned else dict(zip(unique, migrations.tombstone_keys(mailbox, unique), strict=True))
+    )
     if deleted:
         st.count -= len(deleted)
         st.bytes -= sum(held.values())
@@ -466,7 +488,6 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
         conn.executemany("INSERT INTO tombstones (digest, expires, junk) VALUES (?, ?, 0)", fresh)
         st.bytes += TOMBSTONE_BYTES * len(fresh)
     skipped = 0
-    vouched = [m for m in unheld if m in attested]
     if any(m in tombstoned for m in vouched):
         # Junk tombstones made real by a peer that held the message: they leave the junk budget.
         sql = "UPDATE tombstones SET junk = 0 WHERE junk = 1 AND digest IN {keys} RETURNING digest"
@@ -474,7 +495,7 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
         st.junk -= TOMBSTONE_BYTES * made_real
     extended = _extend_tombstones(conn, {keys[m]: m for m in unheld if m in tombstoned}, tombstone_expires)
     rows = []
-    for msg_id in unheld:
+    for msg_id in () if compact else unheld:
         if msg_id in extended:
             continue
         real = msg_id in attested
@@ -494,7 +515,7 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
         conn.execute(
             "DELETE FROM refused WHERE mailbox = ? AND msg_id IN (SELECT value FROM json_each(?))", (mailbox, listed)
         )
-    if conn.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (mailbox, nonce)).fetchone():
+    if not compact and conn.execute("SELECT 1 FROM acks WHERE mailbox = ? AND nonce = ?", (mailbox, nonce)).fetchone():
         return AckResult(deleted=tuple(deleted), new=False, skipped=skipped)
     junk = 0 if deleted or vouched_any else 1
     if st.bytes + size > caps.max_stored_bytes or (junk and st.junk + size > budget):
