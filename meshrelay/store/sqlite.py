@@ -56,7 +56,17 @@ from meshrelay.store.settle import settle_batch, settle_items
 
 # The write side (re-exported: the names the rest of the code and the tools know this module by).
 from meshrelay.store.sqlite_core import DB_NAME as DB_NAME
-from meshrelay.store.sqlite_core import MAX_SEQ, BatchOutcome, T, WriteOp, _add_args, _keyed, _meta_get, _tombstoned
+from meshrelay.store.sqlite_core import (
+    MAX_SEQ,
+    BatchOutcome,
+    T,
+    WriteOp,
+    _add_args,
+    _keyed,
+    _meta_get,
+    _tombstoned,
+    acked_in_rows,
+)
 from meshrelay.store.sqlite_core import READER_CACHE_KIB as READER_CACHE_KIB
 from meshrelay.store.sqlite_core import TOMBSTONE_BYTES as TOMBSTONE_BYTES
 from meshrelay.store.sqlite_core import WRITER_CACHE_KIB as WRITER_CACHE_KIB
@@ -500,6 +510,9 @@ class SQLiteStore:
                 keys = {tombstone_key(mb, m): (mb, m) for mb, m in unstored}
                 dead = _keyed(conn, keys, "SELECT digest FROM tombstones WHERE expires > ? AND digest IN {keys}", now)
                 lack_env = [pair for pair in unstored if pair not in dead]
+                # and ids a mailbox's first junk ack keeps in its row (schema 8)
+                dead = acked_in_rows(conn, lack_env, now)
+                lack_env = [pair for pair in lack_env if pair not in dead]
             if ack_list:
                 rows = conn.execute(_LACKING_ACKS, {"items": json.dumps(ack_list)})
                 lack_ack = [ack_list[i] for (i,) in rows]

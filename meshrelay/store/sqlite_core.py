@@ -94,6 +94,32 @@ FROM (SELECT COUNT(*) AS n, COALESCE(SUM(sender = ?4), 0) AS s
 """
 
 
+#: the mailboxes of a JSON array whose oldest ack is live junk, with that ack's text (schema 8: a
+#: mailbox's first junk ack keeps its ids in its row; see ``_ADD_CHECKS``)
+_OLDEST_JUNK_ACKS = """
+SELECT f.mailbox, f.body FROM json_each(:mailboxes) AS j
+JOIN acks AS f ON f.mailbox = j.value AND f.seq = (SELECT MIN(seq) FROM acks WHERE mailbox = j.value)
+WHERE f.junk = 1 AND f.expires > :now
+"""
+
+
+def acked_in_rows(conn: sqlite3.Connection, pairs: Sequence[tuple[str, str]], now: int) -> set[tuple[str, str]]:
+    """The ``(mailbox, msg_id)`` pairs listed in their mailbox's oldest ack while it is live junk (schema 8).
+
+    Those ids have no tombstone row and are dead all the same: the deposit check
+    (``_ADD_CHECKS``) refuses them.  One index probe per distinct mailbox, and one
+    ack text parsed per mailbox whose oldest ack is junk.
+    """
+    if not pairs:
+        return set()
+    mailboxes = sorted({mb for mb, _ in pairs})
+    listed: dict[str, frozenset[str]] = {}
+    for mailbox, body in conn.execute(_OLDEST_JUNK_ACKS, {"mailboxes": json.dumps(mailboxes), "now": now}):
+        ids = json.loads(body).get("ack", [])
+        listed[mailbox] = frozenset(m for m in ids if isinstance(m, str))
+    return {(mb, m) for mb, m in pairs if m in listed.get(mb, ())}
+
+
 def _sql_tombstone_key(mailbox: object, msg_id: object) -> bytes | None:
     """``tombstone_key`` as a SQL function (NULL unless both are text)."""
     if isinstance(mailbox, str) and isinstance(msg_id, str):
