@@ -464,7 +464,9 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
     cap.  The signed ack of held mail is recorded when it fits the storage
     cap; when it does not, it is applied but not recorded (``stored=False``).
     An ack relayed by a peer (``from_peer``) has a second junk share that
-    clients cannot fill (see ``junk_budget``).
+    clients cannot fill (see ``junk_budget``).  A mailbox's first ack, when it
+    is junk and fits, writes no tombstone rows: its stored row stands for its
+    ids (schema 8, see ``_ADD_CHECKS``).
     """
     mailbox, nonce, ids, tombstone_expires, body = args[:5]
     from_peer = bool(args[5]) if len(args) > 5 else False
@@ -488,8 +490,6 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
     deleted = [m for m in unique if m in held]
     unheld = [m for m in unique if m not in held]
     vouched = [m for m in unheld if m in attested]
-    # Which ids already have a tombstone (to extend, not insert): for a junk ack usually none.
-    tombstoned = _tombstoned(conn, mailbox, unique)
     # A mailbox's first ack, when it deleted nothing and nothing of it is vouched for, keeps its ids
     # in its own row (junk, within the junk budget), and no tombstone row is written for them: the
     # deposit check (``_ADD_CHECKS``) reads the mailbox's oldest ack when it is junk.  A 500-id junk
@@ -501,10 +501,16 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
         and st.junk + size <= budget
         and conn.execute("SELECT 1 FROM acks WHERE mailbox = ? LIMIT 1", (mailbox,)).fetchone() is None
     )
+
+    def key_list() -> dict[str, bytes]:
+        return dict(zip(unique, migrations.tombstone_keys(mailbox, unique), strict=True))
+
     # (a compact ack of a mailbox without tombstones needs no key at all)
-    keys = (
-        {} if compact and not tombstoned else dict(zip(unique, migrations.tombstone_keys(mailbox, unique), strict=True))
-    )
+    keys = {} if compact else key_list()
+    # Which ids already have a tombstone (to extend, not insert): for a junk ack usually none.
+    tombstoned = _tombstoned(conn, mailbox, unique, keys)
+    if tombstoned and not keys:
+        keys = key_list()
     if deleted:
         st.count -= len(deleted)
         st.bytes -= sum(held.values())
