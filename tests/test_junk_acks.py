@@ -212,6 +212,27 @@ class JunkAckCostTests(SynchronousTestCase):
         self.junk_ack()
         self.assertLessEqual(len(self.statements), 15)
 
+    def test_past_the_junk_budget_every_id_is_counted_as_skipped(self) -> None:
+        """Past the budget: every id without a tombstone counts as skipped, an id listed twice once."""
+        from meshrelay import envelope as E
+        from tests.helpers import T0
+
+        while self.store.stats().bytes + IDS * TOMBSTONE_BYTES < junk_budget(Caps(max_stored_bytes=CAP)):
+            self.junk_ack()
+        self.junk_ack()
+        owner = Identity()
+        self.junk_ack(owner=owner)  # the mailbox's first ack: not stored (the budget is spent)
+        ids = [os.urandom(32).hex() for _ in range(IDS)]
+        result = self.successResultOf(
+            self.store.apply_ack(E.parse_signed_ack(owner.signed(ts=T0 + 1, ack=ids)), T0 + 3600)
+        )
+        self.assertEqual((result.skipped, result.stored), (IDS, False))
+        twice = ids[:3] + ids[:2]
+        result = self.successResultOf(
+            self.store.apply_ack(E.parse_signed_ack(owner.signed(ts=T0 + 2, ack=twice)), T0 + 3600)
+        )
+        self.assertEqual(result.skipped, 3)
+
     def test_ids_listed_twice_are_applied_once(self) -> None:
         """A held id and a made-up id, each listed twice: one delete, two tombstones, both extended by a later ack."""
         from meshrelay import envelope as E
