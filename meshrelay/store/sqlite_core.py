@@ -531,10 +531,11 @@ def _op_ack(conn: sqlite3.Connection, st: _Batch, caps: Caps, args: tuple[Any, .
     extended = _extend_tombstones(conn, {keys[m]: m for m in unheld if m in tombstoned}, tombstone_expires)
     rows = []
     listed_once = len(unique) == len(ids)
-    if not (compact or deleted or vouched or room) and listed_once:
-        # No room for any of them (the state of a node under a junk flood): count, no loop.
+    # No room for any of them (the state of a node under a junk flood): count them, no loop.
+    counted = listed_once and not (compact or deleted or vouched or room)
+    if counted:
         skipped = sum(1 for m in unheld if m not in extended) if extended else len(unheld)
-    for msg_id in () if compact or not (deleted or vouched or room) and listed_once else unheld:
+    for msg_id in () if compact or counted else unheld:
         if msg_id in extended:
             continue
         real = msg_id in attested
