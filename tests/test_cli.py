@@ -39,6 +39,11 @@ def run_cli(*args: str, stdin: bytes | None = None, timeout: float = 60.0) -> su
     )
 
 
+def _default_sigint() -> None:
+    """In a child before exec: SIGINT back to its default, whatever this process inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class CLIAgainstNodeTests(SynchronousTestCase):
     def setUp(self) -> None:
         # One node per test (trial has no setUpClass); it starts in well under a second.
@@ -208,6 +213,9 @@ class CLIAgainstNodeTests(SynchronousTestCase):
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             env=env,
+            # Ctrl-C's default: a suite started as a background job (`cmd &` without job control,
+            # as a CI wrapper may) passes SIGINT down ignored, and Python keeps it ignored.
+            preexec_fn=_default_sigint,
         )
         try:
             # Send once watch's long-poll is waiting, so the wake-up path is what delivers it.
