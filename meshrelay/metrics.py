@@ -120,6 +120,12 @@ class Metrics:
             "Signatures checked on the reactor because the verifier was idle (node.verifier)",
             registry=r,
         )
+        self.store_reads_skipped_total = Counter(
+            "meshrelay_store_reads_skipped",
+            "Store reads answered from what the node knows, by reason: empty_mailbox, feed_end (SQLite)",
+            ["reason"],
+            registry=r,
+        )
         self.blocked_networks = Gauge(
             "meshrelay_blocked_networks",
             "Address networks at their connection cap whose new connections the kernel drops "

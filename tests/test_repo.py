@@ -83,6 +83,7 @@ LAYERS: dict[str, int] = {
             "store.base",
             "store.settle",
             "store.sqlite_core",
+            "store.emptiness",
             "store.sqlite",
             "store.writer_child",
             "store.writer_process",

@@ -42,6 +42,7 @@ from meshrelay.store.base import (
     junk_budget,
     tombstone_key,
 )
+from meshrelay.store.emptiness import EmptyMailboxes
 from meshrelay.store.sqlite import DB_NAME, SQLiteStore
 from tests.helpers import T0, Identity, dump_live
 from tests.pgtest import create_schema, requires_pg
@@ -1216,6 +1217,97 @@ class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
         self.assertEqual([i.body for i in page.items], [first.raw])
         self.assertEqual([i.kind for i in rest.items], ["envelope", "ack"])
         self.assertEqual(len(calls), 1)
+
+    def test_a_mailbox_read_empty_is_answered_from_memory_until_an_add(self) -> None:
+        """fetch and count of a mailbox a read found empty need no read, until an add to it is sent."""
+        metrics = Metrics()
+        store = self.make_store(metrics=metrics)
+        skipped = metrics.store_reads_skipped_total.labels("empty_mailbox")
+        bob, carol, alice = Identity(), Identity(), Identity()
+        reads: list[int] = []
+        plain_read = store._read
+        store._read = lambda fn: (reads.append(1), plain_read(fn))[1]
+        self.assertEqual(self.fetch_ids(store, bob), [])
+        self.assertEqual(self.fetch_ids(store, bob), [])
+        self.assertEqual(self.successResultOf(store.count(bob.pub, T0)), 0)
+        self.assertEqual((len(reads), skipped._value.get()), (1, 2))
+        self.add(store, make_env(alice, carol, b"to carol"))  # another mailbox: bob stays known empty
+        self.assertEqual(self.fetch_ids(store, bob), [])
+        env = make_env(alice, bob, b"to bob")
+        self.add(store, env)
+        self.assertEqual(self.fetch_ids(store, bob), [env.msg_id])
+        self.assertEqual(self.successResultOf(store.count(bob.pub, T0)), 1)
+        self.assertEqual(len(reads), 3)
+        # acked away: the next read finds it empty again, and is remembered
+        self.ack(store, make_ack(bob, [env.msg_id]))
+        self.assertEqual(self.fetch_ids(store, bob), [])
+        self.assertEqual(self.fetch_ids(store, bob), [])
+        self.assertEqual(len(reads), 4)
+
+    def test_a_read_that_began_while_an_add_was_in_flight_is_not_remembered(self) -> None:
+        """An add sent and not yet committed when an empty read began: the mailbox is not known empty."""
+        writer = ManualExecutor()
+        store = self.make_store(writer=writer)
+        bob, alice = Identity(), Identity()
+        env = make_env(alice, bob, b"in flight")
+        added = store.add_envelope(env, T0)
+        self.assertEqual(self.fetch_ids(store, bob), [])  # read before the add commits
+        writer.release()
+        self.assertEqual(self.successResultOf(added).status, ACCEPTED)
+        self.assertEqual(self.fetch_ids(store, bob), [env.msg_id])
+        # a failed add leaves nothing in flight either
+        self.assertEqual(self.fetch_ids(store, Identity()), [])
+
+    def test_an_add_sent_during_a_read_is_not_hidden_by_it(self) -> None:
+        """A read that found nothing, with an add to its mailbox sent while it ran, is not remembered."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        env = make_env(alice, bob, b"racing")
+
+        sent: list[int] = []
+
+        def between() -> None:
+            if not sent:
+                sent.append(1)
+                self.add(store, env)
+
+        store.between_statements = between
+        self.assertEqual(self.fetch_ids(store, bob), [])  # the read's snapshot is older than the add
+        store.between_statements = None
+        self.assertEqual(sent, [1])
+        self.assertEqual(self.fetch_ids(store, bob), [env.msg_id])
+
+    def test_the_mailboxes_known_empty_are_bounded(self) -> None:
+        """EmptyMailboxes keeps the most recently used ``limit`` mailboxes and forgets the rest."""
+        known = EmptyMailboxes(limit=2)
+        for mailbox in ("a", "b", "c"):
+            known.end_read(mailbox, known.begin_read(mailbox), True)
+        self.assertEqual(len(known), 2)
+        self.assertFalse(known.known_empty("a"))
+        self.assertTrue(known.known_empty("b"))  # now the most recent: c goes first
+        known.end_read("d", known.begin_read("d"), True)
+        self.assertEqual([m for m in "abcd" if known.known_empty(m)], ["b", "d"])
+        known.end_read("e", known.begin_read("e"), False)  # found mail: not remembered
+        self.assertFalse(known.known_empty("e"))
+        pending = known.begin_read("f")
+        known.forget_all()
+        known.end_read("f", pending, True)
+        self.assertEqual([m for m in "bdf" if known.known_empty(m)], [])
+
+    def test_a_changes_page_past_the_last_seq_needs_no_read(self) -> None:
+        """changes(since >= the last committed seq) answers an empty page without reading."""
+        metrics = Metrics()
+        store = self.make_store(metrics=metrics)
+        skipped = metrics.store_reads_skipped_total.labels("feed_end")
+        bob, alice = Identity(), Identity()
+        self.add(store, make_env(alice, bob, b"one"))
+        last = store._seq
+        for since in (last, last + 1, 2**70):
+            page = self.successResultOf(store.changes(since, 10, T0))
+            self.assertEqual((page.items, page.next, page.more, page.feed), ([], since, False, store.feed_id))
+        self.assertEqual(skipped._value.get(), 3)
+        page = self.successResultOf(store.changes(last - 1, 10, T0))
+        self.assertEqual((len(page.items), page.next, skipped._value.get()), (1, last, 3))
 
     def test_a_page_of_replicas_is_one_write_operation(self) -> None:
         """add_envelopes crosses to the writer as one operation, whatever the page's length."""

@@ -52,6 +52,7 @@ from meshrelay.store.base import (
     fill_bodies,
     tombstone_key,
 )
+from meshrelay.store.emptiness import EmptyMailboxes
 from meshrelay.store.settle import settle_batch, settle_items
 
 # The write side (re-exported: the names the rest of the code and the tools know this module by).
@@ -192,6 +193,9 @@ class SQLiteStore:
         #: called after each statement they run (a test commits writes there)
         self.between_statements: Callable[[], None] | None = None
         self._hooked: sqlite3.Connection | None = None
+        #: mailboxes a read found empty with no add sent since: polls of them need no read
+        #: (only this process adds to a SQLite store; see emptiness.py)
+        self.empty_mailboxes = EmptyMailboxes()
 
     @property
     def caps(self) -> Caps:
@@ -265,6 +269,8 @@ class SQLiteStore:
     def _write(self, op: WriteOp) -> Deferred[Any]:
         if self._closed:
             return fail(StoreError("the store is closed"))
+        if callable(op):
+            self.empty_mailboxes.forget_all()  # a test's raw operation: it may add anything
         d: Deferred[Any] = Deferred()
         self._pending.append((op, d))
         if self._inflight < self._depth and not self._firing:
@@ -364,7 +370,9 @@ class SQLiteStore:
         is verified before dedup; a replica only when it is not a duplicate.
         With ``peer``, a cap refusal is remembered (see ``refused``).
         """
-        return self._write(("add", _add_args(env, now, verify, peer))).addCallback(self._count_forgotten)
+        return self._adding([env.mailbox], ("add", _add_args(env, now, verify, peer))).addCallback(
+            self._count_forgotten
+        )
 
     def add_envelopes(
         self, envs: Sequence[Envelope], now: int, verify: str | None = None, peer: str | None = None
@@ -373,7 +381,17 @@ class SQLiteStore:
         if not envs:
             return succeed([])
         items = [_add_args(env, now, verify, peer) for env in envs]
-        return self._write(("add_many", (items,))).addCallback(self._settle_many)
+        return self._adding([env.mailbox for env in envs], ("add_many", (items,))).addCallback(self._settle_many)
+
+    def _adding(self, mailboxes: list[str], op: WriteOp) -> Deferred[Any]:
+        """Send an operation that adds envelopes to ``mailboxes``; they are no longer known empty."""
+        self.empty_mailboxes.adding(mailboxes)
+
+        def answered(result: Any) -> Any:
+            self.empty_mailboxes.added(mailboxes)
+            return result
+
+        return self._write(op).addBoth(answered)
 
     def _settle_many(self, outcomes: list[tuple[bool, Any]]) -> list[AddResult]:
         return [self._count_forgotten(r) for r in settle_items(outcomes, self._metrics, self.log)]
@@ -441,6 +459,10 @@ class SQLiteStore:
     # ------------------------------------------------------------------ reads
 
     def fetch(self, mailbox: str, now: int, limit: int) -> Deferred[tuple[list[str], bool]]:
+        if self.empty_mailboxes.known_empty(mailbox):
+            self._skipped("empty_mailbox")
+            return succeed(([], False))
+
         def q(conn: sqlite3.Connection) -> tuple[list[str], bool]:
             rows = conn.execute(
                 "SELECT body FROM envelopes WHERE mailbox = ? AND expires > ? ORDER BY seq LIMIT ?",
@@ -448,7 +470,7 @@ class SQLiteStore:
             ).fetchall()
             return [r[0] for r in rows[:limit]], len(rows) > limit
 
-        return self._read(q)
+        return self._read_mailbox(mailbox, q, lambda found: not found[0])
 
     def tombstone_count(self) -> Deferred[int]:
         """Tombstone rows stored (expired ones not yet swept included: they still take space)."""
@@ -459,13 +481,37 @@ class SQLiteStore:
         return self._read(q)
 
     def count(self, mailbox: str, now: int) -> Deferred[int]:
+        if self.empty_mailboxes.known_empty(mailbox):
+            self._skipped("empty_mailbox")
+            return succeed(0)
+
         def q(conn: sqlite3.Connection) -> int:
             (n,) = conn.execute(
                 "SELECT COUNT(*) FROM envelopes WHERE mailbox = ? AND expires > ?", (mailbox, now)
             ).fetchone()
             return int(n)
 
-        return self._read(q)
+        return self._read_mailbox(mailbox, q, lambda n: n == 0)
+
+    def _skipped(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.store_reads_skipped_total.labels(reason).inc()
+
+    def _read_mailbox(
+        self, mailbox: str, fn: Callable[[sqlite3.Connection], T], empty: Callable[[T], bool]
+    ) -> Deferred[T]:
+        """``_read(fn)`` of one mailbox's live envelopes; ``empty(result)``: it found none."""
+        read = self.empty_mailboxes.begin_read(mailbox)
+
+        def seen(result: T) -> T:
+            self.empty_mailboxes.end_read(mailbox, read, empty(result))
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            self.empty_mailboxes.end_read(mailbox, read, False)
+            return failure
+
+        return self._read(fn).addCallbacks(seen, failed)
 
     def changes(
         self,
@@ -482,6 +528,12 @@ class SQLiteStore:
         move ``next`` past an envelope the first one missed.
         """
         feed = self.feed_id
+        if since >= self._seq:
+            # Past the last seq this process has seen committed: nothing to read (a feed write
+            # committed but not yet answered makes this an earlier snapshot, which a puller
+            # cannot tell apart; only this process writes a SQLite store).
+            self._skipped("feed_end")
+            return succeed(ChangesPage(feed=feed, items=[], next=since, more=False))
         query = _changes_sql(mailbox is not None, ids_only, max_bytes is not None)
         args: dict[str, Any] = {"since": min(since, MAX_SEQ), "now": now, "mb": mailbox, "n": limit + 1}
         args["max"] = max_bytes
