@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python bench/op_costs.py poll [--n 3000] [--rounds 3]   # node CPU per signed poll (real node, HTTP)
+    python bench/op_costs.py poll [--n 3000] [--rounds 3] [--rate R]  # node CPU per signed poll (real node, HTTP)
     python bench/op_costs.py ack [--n 100] [--rounds 3]     # SQLite writer time per 500-id junk ack
     python bench/op_costs.py ackmesh [--n 200] [--rounds 3]  # junk acks: solo node against a 3-node mesh
     python bench/op_costs.py requests [--rounds 3]          # node CPU per request: health, refused deposit, 404
@@ -13,9 +13,13 @@ off), one client sending signed polls (``limit=1``, no wait) from a fresh
 throwaway key each, one at a time on a keep-alive connection: the smallest
 request that makes the node use both of its children (the signature in the
 verifier, the nonce claim in the store's writer) and a reader thread (the
-mailbox).  Printed: the node's own CPU and its children's per poll (from
-/proc), and polls per second; the median of ``--rounds``.  This is the cost a
-flood of valid polls (issue 10's ``nonce`` attack) has per request.
+mailbox).  Then as many polls from one key, each with a fresh nonce: an empty
+mailbox polled again and again, the shape of issue 10's ``nonce`` attack and of
+a client that polls an empty mailbox (a SQLite node answers it from memory
+after the first read).  ``--rate R`` sends R polls a second instead of as fast
+as they are answered (a node's cost per request is higher when each request
+wakes it alone).  Printed: the node's own CPU and its children's per poll (from
+/proc), and polls per second; the median of ``--rounds``.
 
 ``ack``: the store writer's operation for one signed ack of 500 made-up ids
 (what issue 10's ``acks`` attack sends), on a real SQLite store in this process
@@ -76,42 +80,49 @@ ACK_IDS = E.MAX_ACK_IDS
 CAP = 64 << 20
 
 
-def poll_bodies(n: int) -> list[bytes]:
+def poll_bodies(n: int, key: Ed25519PrivateKey | None = None) -> list[bytes]:
+    """Signed polls (``limit`` 1, no wait): from a fresh key each, or all from ``key`` (fresh nonces)."""
     out = []
     for _ in range(n):
-        body = E.make_signed_request(Ed25519PrivateKey.generate(), int(time.time()), os.urandom(16), [])
+        signer = key if key is not None else Ed25519PrivateKey.generate()
+        body = E.make_signed_request(signer, int(time.time()), os.urandom(16), [])
         body["limit"] = 1
         out.append(E.dumps_json(body))
     return out
 
 
-def post_polls(conn: http.client.HTTPConnection, bodies: list[bytes]) -> None:
-    """POST each body to the poll route, one after another on ``conn``; each must answer 200."""
-    for body in bodies:
+def post_polls(conn: http.client.HTTPConnection, bodies: list[bytes], rate: float = 0.0) -> None:
+    """POST each body to the poll route, one after another on ``conn`` (at most ``rate`` a second
+    when it is not 0); each must answer 200."""
+    t0 = time.perf_counter()
+    for i, body in enumerate(bodies):
         conn.request("POST", POLL, body=body, headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         response.read()
         if response.status != 200:
             raise RuntimeError(f"poll answered {response.status}")
+        if rate:
+            time.sleep(max(0.0, t0 + (i + 1) / rate - time.perf_counter()))
 
 
-def poll_round(n: int) -> dict[str, float]:
+def poll_round(n: int, rate: float = 0.0) -> dict[str, float]:
     workdir = tempfile.mkdtemp(prefix="meshrelay-opcost-")
     node = NodeProcess(workdir, "a", config={"limits": {"client_rate": 0}})
     try:
         node.start()
-        warm, bodies = poll_bodies(200), poll_bodies(n)
         conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
-        post_polls(conn, warm)
-        before, t0 = node_cpu(node), time.perf_counter()
-        post_polls(conn, bodies)
-        seconds, after = time.perf_counter() - t0, node_cpu(node)
+        post_polls(conn, poll_bodies(200))
+        out: dict[str, float] = {}
+        # fresh keys (each poll reads its mailbox), then one key (an empty mailbox polled again and again)
+        for prefix, bodies in (("", poll_bodies(n)), ("same_", poll_bodies(n, Ed25519PrivateKey.generate()))):
+            before, t0 = node_cpu(node), time.perf_counter()
+            post_polls(conn, bodies, rate)
+            seconds, after = time.perf_counter() - t0, node_cpu(node)
+            out[prefix + "node_us"] = 1e6 * (after[0] - before[0]) / n
+            out[prefix + "children_us"] = 1e6 * (after[1] - before[1]) / n
+            out[prefix + "polls_per_s"] = n / seconds
         conn.close()
-        return {
-            "node_us": 1e6 * (after[0] - before[0]) / n,
-            "children_us": 1e6 * (after[1] - before[1]) / n,
-            "polls_per_s": n / seconds,
-        }
+        return out
     finally:
         node.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -265,20 +276,25 @@ def main() -> None:
     parser.add_argument("what", choices=("poll", "ack", "ackmesh", "requests", "all"))
     parser.add_argument("--n", type=int, default=0, help="operations per round (poll 3000, ack 100)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=0.0, help="poll: polls a second (default: as fast as answered)")
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
     out: dict[str, Any] = {"machine": common.machine_info()}
     if args.what in ("poll", "all"):
-        rounds = [poll_round(args.n or 3000) for _ in range(args.rounds)]
+        rounds = [poll_round(args.n or 3000, args.rate) for _ in range(args.rounds)]
         m = out["poll"] = medians(rounds)
-        for r in rounds:
+        pace = f"at {args.rate:g}/s" if args.rate else "sequential"
+        for what, prefix in (("fresh key", ""), ("one key", "same_")):
+            for r in rounds:
+                print(
+                    f"  poll round ({what}): node {r[prefix + 'node_us']:.0f} us + children "
+                    f"{r[prefix + 'children_us']:.0f} us, {r[prefix + 'polls_per_s']:.0f}/s"
+                )
             print(
-                f"  poll round: node {r['node_us']:.0f} us + children {r['children_us']:.0f} us, {r['polls_per_s']:.0f}/s"
+                f"signed poll ({what}, {pace}): node {m[prefix + 'node_us']:.0f} us + children "
+                f"{m[prefix + 'children_us']:.0f} us CPU per poll; {m[prefix + 'polls_per_s']:.0f} polls/s "
+                f"(medians of {args.rounds})"
             )
-        print(
-            f"signed poll (fresh key, sequential): node {m['node_us']:.0f} us + children "
-            f"{m['children_us']:.0f} us CPU per poll; {m['polls_per_s']:.0f} polls/s (medians of {args.rounds})"
-        )
     if args.what in ("ack", "all"):
         rounds = [ack_round(args.n or 100) for _ in range(args.rounds)]
         m = out["ack"] = medians(rounds)
