@@ -1244,6 +1244,15 @@ class SQLiteStoreTests(FirstContactStoreBehaviour, SynchronousTestCase):
         self.assertEqual(self.fetch_ids(store, bob), [])
         self.assertEqual(len(reads), 4)
 
+    def test_a_fetch_of_no_messages_from_a_mailbox_with_mail_is_not_remembered_as_empty(self) -> None:
+        """fetch(limit=0) of a mailbox with mail finds no bodies but more: the mailbox is not empty."""
+        store = self.make_store()
+        bob, alice = Identity(), Identity()
+        env = make_env(alice, bob, b"held")
+        self.add(store, env)
+        self.assertEqual(self.successResultOf(store.fetch(bob.pub, T0, 0)), ([], True))
+        self.assertEqual(self.fetch_ids(store, bob), [env.msg_id])
+
     def test_a_read_that_began_while_an_add_was_in_flight_is_not_remembered(self) -> None:
         """An add sent and not yet committed when an empty read began: the mailbox is not known empty."""
         writer = ManualExecutor()

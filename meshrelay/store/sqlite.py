@@ -470,7 +470,7 @@ class SQLiteStore:
             ).fetchall()
             return [r[0] for r in rows[:limit]], len(rows) > limit
 
-        return self._read_mailbox(mailbox, q, lambda found: not found[0])
+        return self._read_mailbox(mailbox, q, lambda found: not found[0] and not found[1])
 
     def tombstone_count(self) -> Deferred[int]:
         """Tombstone rows stored (expired ones not yet swept included: they still take space)."""
