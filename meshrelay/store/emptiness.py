@@ -27,7 +27,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
-#: mailboxes remembered as empty: about 100 bytes each
+#: mailboxes remembered as empty: about 165 bytes each (the 43-character key, 92 bytes, and its slot,
+#: 73 bytes, measured with tracemalloc), so about 1.3 MiB when full
 DEFAULT_LIMIT = 8192
 
 
